@@ -1,0 +1,59 @@
+"""The `retrieval` command line: a thin typer layer over the library (each group lives in its own module)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+
+from retrieval.errors import RetrievalError
+
+app = typer.Typer(
+    name="retrieval",
+    help=(
+        "Metric-learning retrieval: train a Siamese tower on labelled images, index its embeddings with Faiss, "
+        "query similar images, classify from a few examples and measure it all.\n\n"
+        "Add --debug (or set RETRIEVAL_DEBUG=1) to see tracebacks."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    # Each module adds its commands/groups to `app`.
+    from retrieval.cli import data  # noqa: F401
+    for name in ("train", "index", "evaluate", "quickstart"):
+        try:
+            __import__(f"retrieval.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"retrieval.cli.{name}":
+                raise
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("RETRIEVAL_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        debug = True
+    try:
+        # standalone mode: typer reports usage errors itself (exit 2) and turns Ctrl-C into "Aborted!".
+        app(args=argv, prog_name="retrieval")
+    except RetrievalError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception as e:  # an unexpected failure (a bug): one line unless --debug
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)

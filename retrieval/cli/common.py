@@ -1,0 +1,37 @@
+"""Options and helpers shared by the CLI modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from retrieval.data.specs import SPEC_HELP
+
+DataRootOption = typer.Option(
+    None, "--root", envvar="RETRIEVAL_DATA_ROOT",
+    help="Data root for MNIST/Fashion-MNIST (default: ~/.cache/retrieval/data).",
+    show_default=False,
+)
+SpecHelp = f"Dataset spec: {SPEC_HELP}."
+ClassesOption = typer.Option(None, "--classes", help="Keep only these classes (comma-separated names, e.g. 0,4,5,8).")
+ExcludeOption = typer.Option(None, "--exclude", help="Drop these classes (comma-separated names).")
+SubsetOption = typer.Option(None, "--subset", help="Take a seeded random subset of this many images.")
+SeedOption = typer.Option(0, "--seed", help="Seed for every random choice.")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def root_or_default(root: Optional[Path]) -> Path:
+    from retrieval.data.specs import default_data_root
+
+    return Path(root) if root else default_data_root()

@@ -1,0 +1,100 @@
+"""Turn an arbitrary picture into an MNIST-like 28x28 uint8 image (white ink on black, the MNIST recipe)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from retrieval.errors import RetrievalError
+
+# Refuse pictures over this many pixels before decoding them (decompression bombs); overridable.
+MAX_PIXELS = int(os.environ.get("RETRIEVAL_MAX_PIXELS", 40_000_000))
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
+PREPROCESSING = "mnist-28x28: gray, invert light background, crop ink, fit 20x20, centre of mass in 28x28"
+
+
+def _to_gray(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> float32 grey levels in 0..255 (alpha composited onto a contrasting background)."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img.convert("F") if img.mode.startswith("I;16") else img, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        return np.zeros_like(a) if hi <= lo else (a - lo) * (255.0 / (hi - lo))
+    if img.mode in ("LA", "RGBA", "PA"):
+        rgba = img.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        gray = np.asarray(rgba.convert("L"), dtype=np.float32)
+        opaque = alpha > 0.5
+        # Strokes drawn on a transparent canvas: put them on the background that contrasts with them.
+        ink_is_dark = opaque.any() and gray[opaque].mean() < 128
+        background = 255.0 if ink_is_dark else 0.0
+        return gray * alpha + background * (1.0 - alpha)
+    return np.asarray(img.convert("L"), dtype=np.float32)
+
+
+def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
+    """The MNIST recipe: white-on-black, ink cropped, fitted into 20x20, centred by mass in 28x28 (uint8)."""
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise RetrievalError(f"{source}: {w}x{h} pixels is over the pixel budget of {MAX_PIXELS:,}")
+    gray = _to_gray(img)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    if background > 127:  # light background: ink is dark, invert to MNIST's white-on-black
+        gray = 255.0 - gray
+        background = 255.0 - background
+    ink = np.clip(gray - background, 0, None)
+    peak = float(ink.max())
+    if peak <= 0:
+        raise RetrievalError(f"{source}: no ink found (the picture is a single flat colour)")
+    ink *= 255.0 / peak
+    ys, xs = np.nonzero(ink > 0.1 * 255.0)
+    ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    ch, cw = ink.shape
+    scale = 20.0 / max(ch, cw)
+    nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
+    fitted = Image.fromarray(ink.astype(np.float32), mode="F").resize((nw, nh), Image.Resampling.LANCZOS)
+    fitted = np.clip(np.asarray(fitted), 0, 255)
+    total = fitted.sum()
+    if total <= 0:
+        raise RetrievalError(f"{source}: no ink left after resizing")
+    yy, xx = np.mgrid[0:nh, 0:nw]
+    cy, cx = (yy * fitted).sum() / total, (xx * fitted).sum() / total
+    top = int(np.clip(round(14 - cy), 0, 28 - nh))
+    left = int(np.clip(round(14 - cx), 0, 28 - nw))
+    out = np.zeros((28, 28), dtype=np.float32)
+    out[top : top + nh, left : left + nw] = fitted
+    return torch.from_numpy(np.rint(out).astype(np.uint8))
+
+
+def load_image_file(path: str | os.PathLike) -> torch.Tensor:
+    """Open an image file safely (pixel budget checked before decoding) and preprocess it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RetrievalError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise RetrievalError(f"{path}: empty file, expected an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise RetrievalError(f"{path}: {w}x{h} pixels is over the pixel budget of {MAX_PIXELS:,}")
+                img = ImageOps.exif_transpose(img)
+                img.load()
+    except RetrievalError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RetrievalError(f"{path}: over the pixel budget (decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise RetrievalError(f"{path}: not a readable image (unknown format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RetrievalError(f"{path}: cannot decode image ({e})") from None
+    return preprocess_image(img, source=str(path))

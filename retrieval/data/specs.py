@@ -1,0 +1,253 @@
+"""Dataset specs (`mnist:train`, `fashion-mnist:test`, `idx:DIR`, `folder:DIR`) -> an in-memory ImageDataset."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from retrieval.data.fetch import (
+    DATASETS,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    dataset_dir,
+    dataset_files_present,
+    fetch_dataset,
+)
+from retrieval.data.idx import read_idx_pair
+from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
+from retrieval.errors import RetrievalError, UsageError
+
+SPEC_HELP = (
+    "mnist:train, mnist:test, fashion-mnist:train, fashion-mnist:test, "
+    "idx:DIR (one IDX image/label pair in DIR) or folder:DIR (DIR/<label>/*.png|jpg|...)"
+)
+
+
+def default_data_root() -> Path:
+    """$RETRIEVAL_DATA_ROOT, else $XDG_CACHE_HOME/retrieval/data, else ~/.cache/retrieval/data."""
+    if os.environ.get("RETRIEVAL_DATA_ROOT"):
+        return Path(os.environ["RETRIEVAL_DATA_ROOT"]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "retrieval" / "data"
+
+
+@dataclass
+class ImageDataset:
+    """uint8 images (N, 28, 28), int64 labels indexing `classes`, and where each image came from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    sources: list[str]
+    spec: str
+    preprocessing: str = "none (MNIST-format IDX)"
+    filters: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def label_names(self) -> list[str]:
+        return [self.classes[i] for i in self.labels.tolist()]
+
+    def select(self, positions: Sequence[int] | torch.Tensor) -> "ImageDataset":
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        return ImageDataset(
+            images=self.images[pos],
+            labels=self.labels[pos],
+            classes=self.classes,
+            sources=[self.sources[i] for i in pos.tolist()],
+            spec=self.spec,
+            preprocessing=self.preprocessing,
+            filters=dict(self.filters),
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+        return {name: n for name, n in zip(self.classes, counts) if n > 0}
+
+    def describe(self) -> dict:
+        x = self.images.float() / 255.0
+        return {
+            "spec": self.spec,
+            "filters": self.filters,
+            "images": len(self),
+            "image_size": list(self.images.shape[1:]),
+            "classes": len(self.class_counts()),
+            "per_class": self.class_counts(),
+            "pixel_mean": round(float(x.mean()), 6) if len(self) else None,
+            "pixel_std": round(float(x.std()), 6) if len(self) > 1 else None,
+        }
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    if ":" not in spec:
+        raise UsageError(f"dataset spec {spec!r} has no kind; expected {SPEC_HELP}")
+    kind, rest = spec.split(":", 1)
+    return kind.strip().lower(), rest
+
+
+def _load_builtin(name: str, split: str, root: Path, fetch: bool, log) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if split not in ("train", "test"):
+        raise UsageError(f"dataset spec {name}:{split}: split must be 'train' or 'test'")
+    if not dataset_files_present(name, root):
+        if not fetch:
+            raise RetrievalError(f"{name} is not in {root}; run `retrieval data fetch {name}`")
+        log(f"{name} not found in {root}; fetching it")
+        fetch_dataset(name, root, log=log)
+    folder = dataset_dir(root, name)
+    if split == "train":
+        images, labels = read_idx_pair(folder / TRAIN_IMAGES, folder / TRAIN_LABELS)
+    else:
+        images, labels = read_idx_pair(folder / TEST_IMAGES, folder / TEST_LABELS)
+    return images, labels, list(DATASETS[name].classes)
+
+
+_IDX_IMAGES = re.compile(r"(.*)idx3-ubyte(\.gz)?$")
+
+
+def _load_idx_dir(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    if not folder.is_dir():
+        raise RetrievalError(f"idx:{folder}: folder not found")
+    pairs = []
+    for img in sorted(folder.iterdir()):
+        m = _IDX_IMAGES.match(img.name)
+        if not m:
+            continue
+        prefix = m.group(1)
+        stem = prefix[: -len("images-")] if prefix.endswith("images-") else prefix
+        candidates = [p for p in folder.iterdir() if re.match(re.escape(stem) + r"(labels-)?idx1-ubyte(\.gz)?$", p.name)]
+        if candidates:
+            pairs.append((img, sorted(candidates)[0]))
+    if len(pairs) != 1:
+        found = ", ".join(p[0].name for p in pairs) or "none"
+        raise RetrievalError(
+            f"idx:{folder}: expected exactly one pair of *idx3-ubyte[.gz] / *idx1-ubyte[.gz] files, found {found}"
+        )
+    images, labels = read_idx_pair(*pairs[0])
+    classes = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+    return images, labels, classes
+
+
+def _class_sort_key(name: str):
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def _load_folder(folder: Path, log) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    if not folder.is_dir():
+        raise RetrievalError(f"folder:{folder}: folder not found")
+    class_dirs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                        key=lambda d: _class_sort_key(d.name))
+    if not class_dirs:
+        raise RetrievalError(f"folder:{folder}: no class sub-folders; expected {folder}/<label>/*.png")
+    classes = [d.name for d in class_dirs]
+    images, labels, sources, skipped = [], [], [], []
+    for label, d in enumerate(class_dirs):
+        for path in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(f"{path} (not an image extension)")
+                continue
+            try:
+                images.append(load_image_file(path))
+            except RetrievalError as e:
+                skipped.append(str(e))
+                continue
+            labels.append(label)
+            sources.append(str(path))
+    for msg in skipped:
+        log(f"warning: skipped {msg}")
+    if not images:
+        raise RetrievalError(f"folder:{folder}: no readable images in {len(classes)} class folder(s)")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes, sources
+
+
+def _as_name_list(values) -> list[str] | None:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    return [str(v).strip() for v in values]
+
+
+def load_dataset(
+    spec: str,
+    root: str | os.PathLike | None = None,
+    classes: Sequence[str | int] | str | None = None,
+    exclude: Sequence[str | int] | str | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    fetch: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ImageDataset:
+    """Load the images a spec names, keep/exclude classes (by name), then take a seeded subset of `subset` images."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    root = Path(root) if root is not None else default_data_root()
+    kind, rest = _split_spec(spec)
+    preprocessing = "none (MNIST-format IDX)"
+    if kind in DATASETS:
+        images, labels, names = _load_builtin(kind, rest.strip().lower(), root, fetch, log)
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        split = rest.strip().lower()
+        sources = [f"{kind}:{split}[{i}]" for i in range(len(labels))]
+    elif kind == "idx":
+        images, labels, names = _load_idx_dir(Path(rest).expanduser())
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        sources = [f"idx:{rest}[{i}]" for i in range(len(labels))]
+    elif kind == "folder":
+        images, labels, names, sources = _load_folder(Path(rest).expanduser(), log)
+        preprocessing = PREPROCESSING
+    else:
+        raise UsageError(f"unknown dataset spec {spec!r}; expected {SPEC_HELP}")
+    ds = ImageDataset(images, labels, names, sources, spec, preprocessing)
+
+    keep, drop = _as_name_list(classes), _as_name_list(exclude)
+    mask = torch.ones(len(ds), dtype=torch.bool)
+    for option, wanted in (("classes", keep), ("exclude", drop)):
+        if wanted is None:
+            continue
+        unknown = [c for c in wanted if c not in names]
+        if unknown:
+            raise UsageError(f"--{option}: {', '.join(unknown)} not among the classes of {spec} ({', '.join(names)})")
+        ids = torch.tensor([names.index(c) for c in wanted], dtype=torch.int64)
+        hit = torch.isin(ds.labels, ids)
+        mask &= hit if option == "classes" else ~hit
+    filters = {}
+    if keep is not None:
+        filters["classes"] = keep
+    if drop is not None:
+        filters["exclude"] = drop
+    if not bool(mask.all()):
+        ds = ds.select(torch.nonzero(mask).flatten())
+    if subset is not None:
+        if subset <= 0:
+            raise UsageError(f"--subset must be a positive number of images, got {subset}")
+        if subset < len(ds):
+            g = torch.Generator().manual_seed(seed)
+            ds = ds.select(torch.randperm(len(ds), generator=g)[:subset].sort().values)
+        filters.update(subset=subset, seed=seed)
+    if len(ds) == 0:
+        raise RetrievalError(f"{spec}: no images left after filtering ({filters})")
+    ds.filters = filters
+    return ds
+
+
+_ITEM = re.compile(r"^(?P<spec>[a-z-]+:.+)\[(?P<pos>\d+)\]$")
+
+
+def parse_item_spec(text: str) -> tuple[str, int] | None:
+    """`mnist:test[123]` -> ("mnist:test", 123); anything else -> None."""
+    m = _ITEM.match(text)
+    if not m:
+        return None
+    kind = m.group("spec").split(":", 1)[0]
+    if kind not in DATASETS and kind != "idx":
+        return None
+    return m.group("spec"), int(m.group("pos"))

@@ -1,0 +1,70 @@
+"""Towers: one shared-weight network mapping a 28x28 image to an L2-normalised embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval.errors import UsageError
+
+# MNIST pixel statistics; the tower normalises its own input so callers pass images scaled to [0, 1].
+PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
+
+
+class Tower(nn.Module):
+    """Backbone + L2 normalisation. Records its architecture name and embedding size for compatibility checks."""
+
+    def __init__(self, arch: str, backbone: nn.Module, embedding_size: int):
+        super().__init__()
+        self.arch = arch
+        self.embedding_size = embedding_size
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float (N, 1, 28, 28) in [0, 1] -> (N, embedding_size), unit L2 norm."""
+        return F.normalize(self.backbone((x - PIXEL_MEAN) / PIXEL_STD).float(), dim=1)
+
+    def describe(self) -> dict:
+        return {"tower": self.arch, "embedding_size": self.embedding_size}
+
+
+def seed_backbone() -> nn.Module:
+    """The classic tower of the original Siamese MNIST write-up, layer for layer (512-d output)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 64, 7), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 5), nn.ReLU(inplace=True),
+        nn.Conv2d(128, 256, 5), nn.ReLU(inplace=True),
+        nn.Flatten(), nn.Linear(2304, 512), nn.ReLU(inplace=True),
+    )
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def default_backbone(embedding_size: int) -> nn.Module:
+    """A small batch-norm CNN, cheap on CPU: most work happens at 14x14 and 7x7."""
+    return nn.Sequential(
+        *_conv_bn(1, 32), nn.MaxPool2d(2),
+        *_conv_bn(32, 32), nn.MaxPool2d(2),
+        *_conv_bn(32, 64), *_conv_bn(64, 64),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(64, embedding_size),
+    )
+
+
+TOWERS = ("seed", "default")
+
+
+def build_tower(name: str, embedding_size: int | None = None) -> Tower:
+    if name == "seed":
+        if embedding_size not in (None, 512):
+            raise UsageError(f"tower 'seed' has a fixed 512-d embedding, got embedding_size={embedding_size}")
+        return Tower("seed", seed_backbone(), 512)
+    if name == "default":
+        size = 64 if embedding_size is None else int(embedding_size)
+        if size <= 0:
+            raise UsageError(f"embedding_size must be positive, got {size}")
+        return Tower("default", default_backbone(size), size)
+    raise UsageError(f"unknown tower {name!r}; expected one of: {', '.join(TOWERS)}")
