@@ -27,7 +27,7 @@ app = typer.Typer(
 def _register() -> None:
     # Each module adds its commands/groups to `app`.
     from retrieval.cli import data  # noqa: F401
-    for name in ("train", "index", "evaluate", "quickstart"):
+    for name in ("train", "index", "evaluate", "fewshot", "quickstart"):
         try:
             __import__(f"retrieval.cli.{name}")
         except ModuleNotFoundError as e:
