@@ -1,0 +1,206 @@
+"""Few-shot episodes: sampling, classification with known answers, validation, and the `retrieval fewshot` CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from retrieval.errors import UsageError
+from retrieval.fewshot import (
+    Episodes,
+    classify_episodes,
+    evaluate_fewshot,
+    pixel_embeddings,
+    sample_episodes,
+    summarise,
+)
+
+
+def _clusters(n_classes: int, per_class: list[int] | int, dim: int = 16, noise: float = 0.05, seed: int = 0):
+    """Unit embeddings around orthogonal class centres (far apart compared with the noise)."""
+    rng = np.random.default_rng(seed)
+    sizes = per_class if isinstance(per_class, list) else [per_class] * n_classes
+    labels = np.repeat(np.arange(n_classes), sizes)
+    x = np.eye(dim, dtype=np.float32)[labels] + noise * rng.standard_normal((len(labels), dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
+
+
+def test_sampling_is_deterministic_and_valid():
+    labels = np.repeat(np.arange(6), [20, 31, 25, 40, 21, 22])
+    a = sample_episodes(labels, ways=4, shots=3, queries=5, episodes=300, seed=7)
+    b = sample_episodes(labels, ways=4, shots=3, queries=5, episodes=300, seed=7)
+    c = sample_episodes(labels, ways=4, shots=3, queries=5, episodes=300, seed=8)
+    for name in ("classes", "support", "query"):
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    assert not np.array_equal(a.support, c.support)
+    assert a.support.shape == (300, 4, 3) and a.query.shape == (300, 4, 5) and a.classes.shape == (300, 4)
+    for e in range(300):
+        assert len(set(a.classes[e])) == 4  # distinct classes per episode
+        positions = np.concatenate([a.support[e].ravel(), a.query[e].ravel()])
+        assert len(set(positions.tolist())) == len(positions)  # no image used twice in an episode
+        for w in range(4):
+            assert (labels[a.support[e, w]] == a.classes[e, w]).all()
+            assert (labels[a.query[e, w]] == a.classes[e, w]).all()
+    # every class and every image of a class gets drawn (uniform sampling, not a fixed prefix)
+    assert set(a.classes.ravel().tolist()) == set(range(6))
+    used = np.unique(np.concatenate([a.support.ravel(), a.query.ravel()]))
+    assert len(used) == len(labels)
+
+
+def test_well_separated_clusters_are_classified_perfectly():
+    emb, labels = _clusters(6, 30)
+    for method, k in (("prototype", 1), ("knn", 1), ("knn", 3)):
+        results = evaluate_fewshot(emb, labels, ways=5, shots=[1, 5], queries=10, episodes=200, method=method, k=k)
+        assert [r.shots for r in results] == [1, 5]
+        for r in results:
+            assert r.accuracy == 1.0 and r.ci95 == 0.0 and r.episodes == 200 and r.ways == 5
+
+
+def test_overlapping_clusters_score_below_one_and_more_shots_help():
+    emb, labels = _clusters(5, 60, dim=8, noise=0.9, seed=1)
+    one, five = evaluate_fewshot(emb, labels, ways=5, shots=[1, 5], queries=10, episodes=300, seed=3)
+    assert 0.2 < one.accuracy < five.accuracy < 1.0
+    assert 0 < five.ci95 < one.ci95
+
+
+def test_prototype_and_knn_known_answers():
+    """2-D unit vectors at given angles; way 0's query at 85 deg is nearer way 1's prototype (50 deg) than its
+    own (45 deg, mean of 0 and 90 deg), but nearest to its own support image at 90 deg."""
+    angles = np.radians([0, 90, 50, 50, 85, 50])  # support w0, support w0, support w1 x2, query w0, query w1
+    emb = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    ep = Episodes(classes=np.array([[0, 1]]), support=np.array([[[0, 1], [2, 3]]]), query=np.array([[[4], [5]]]))
+    assert classify_episodes(emb, ep, "prototype").tolist() == [0.5]
+    assert classify_episodes(emb, ep, "knn", k=1).tolist() == [1.0]
+    assert classify_episodes(emb, ep, "knn", k=2).tolist() == [1.0]  # 1 vote each: larger summed similarity wins
+    assert classify_episodes(emb, ep, "knn", k=3).tolist() == [0.5]  # two votes for way 1
+    # scale does not matter: embeddings are compared by cosine similarity
+    assert classify_episodes(emb * np.array([[3.0], [0.5], [2], [1], [7], [1]], dtype=np.float32), ep,
+                             "knn", k=1).tolist() == [1.0]
+
+
+def test_summary_mean_and_confidence_interval():
+    r = summarise(np.array([1.0, 0.5, 0.75, 0.75]), ways=2, shots=1, queries=2, method="prototype")
+    assert r.accuracy == pytest.approx(0.75)
+    assert r.std == pytest.approx(math.sqrt(0.03125))
+    assert r.ci95 == pytest.approx(1.96 * math.sqrt(0.03125) / 2)
+
+
+def test_results_do_not_depend_on_other_shot_counts_and_are_deterministic():
+    emb, labels = _clusters(5, 40, dim=8, noise=0.8, seed=2)
+    both = evaluate_fewshot(emb, labels, ways=3, shots=[1, 5], queries=5, episodes=100, seed=11)
+    again = evaluate_fewshot(emb, labels, ways=3, shots=[1, 5], queries=5, episodes=100, seed=11)
+    alone = evaluate_fewshot(emb, labels, ways=3, shots=5, queries=5, episodes=100, seed=11)
+    other = evaluate_fewshot(emb, labels, ways=3, shots=5, queries=5, episodes=100, seed=12)
+    assert both == again
+    assert both[1] == alone[0]
+    assert other[0].accuracy != alone[0].accuracy
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(ways=6), "--ways 6 is more than the 5 class(es) available"),
+        (dict(ways=1), "--ways must be an integer >= 2"),
+        (dict(shots=0), "--shots must be an integer >= 1"),
+        (dict(shots=[1, 0]), "--shots must be an integer >= 1"),
+        (dict(queries=0), "--queries must be an integer >= 1"),
+        (dict(episodes=0), "--episodes must be an integer >= 1"),
+        (dict(shots=8, queries=5), "'c3' has 12"),
+        (dict(method="svm"), "--method must be one of prototype, knn"),
+        (dict(method="knn", k=4, shots=1), "--k must be between 1 and ways * shots = 3"),
+        (dict(seed=-1), "--seed must be a non-negative integer"),
+    ],
+)
+def test_impossible_settings_fail_clearly(kwargs, message):
+    emb, labels = _clusters(5, [20, 20, 20, 12, 20])
+    args = dict(ways=3, shots=1, queries=5, episodes=10, class_names=[f"c{i}" for i in range(5)]) | kwargs
+    with pytest.raises(UsageError) as e:
+        evaluate_fewshot(emb, labels, **args)
+    assert message in str(e.value)
+
+
+def test_pixel_embeddings_are_unit_rows():
+    images = np.random.default_rng(0).integers(0, 256, size=(10, 28, 28), dtype=np.uint8)
+    emb = pixel_embeddings(images)
+    assert emb.shape == (10, 784) and emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+# --- the CLI, on real MNIST test images -------------------------------------------------------------------------
+
+def _run(argv, capsys):
+    from retrieval.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def untrained_checkpoint(tmp_path_factory):
+    from retrieval.checkpoint import save_checkpoint
+    from retrieval.towers import build_tower
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tower"
+    save_checkpoint(path, build_tower("default", 32))
+    return path
+
+
+def test_cli_json_is_deterministic(data_root, untrained_checkpoint, capsys):
+    argv = ["fewshot", "--checkpoint", str(untrained_checkpoint), "--data", "mnist:test", "--root", str(data_root),
+            "--classes", "0,4,5", "--ways", "3", "--shots", "1,3", "--queries", "4", "--episodes", "40",
+            "--seed", "5", "--json"]
+    code, out, _ = _run(argv, capsys)
+    assert code == 0
+    rows = json.loads(out)
+    assert [sorted(r) for r in rows] == [["accuracy", "ci95", "episodes", "shots", "ways"]] * 2
+    assert [(r["ways"], r["shots"], r["episodes"]) for r in rows] == [(3, 1, 40), (3, 3, 40)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["ci95"] >= 0 for r in rows)
+    assert _run(argv, capsys)[1] == out  # same seed, same figures
+
+    code, out_knn, _ = _run(argv + ["--method", "knn", "--k", "3"], capsys)
+    assert code == 0 and [r["shots"] for r in json.loads(out_knn)] == [1, 3]
+    code, _, err = _run(argv + ["--method", "knn", "--k", "4"], capsys)  # 3 ways x 1 shot: only 3 neighbours
+    assert code == 2 and "--k must be between 1 and ways * shots = 3 for 1-shot" in err
+
+
+def test_cli_pixels_table_and_single_json(data_root, capsys):
+    base = ["fewshot", "--checkpoint", "pixels", "--data", "mnist:test", "--root", str(data_root),
+            "--classes", "0,4,5,8", "--ways", "4", "--queries", "5", "--episodes", "50"]
+    code, out, _ = _run(base + ["--shots", "5", "--json"], capsys)
+    assert code == 0
+    row = json.loads(out)
+    assert isinstance(row, dict) and row["shots"] == 5 and row["ways"] == 4 and 0.5 < row["accuracy"] < 1.0
+    code, out, _ = _run(base + ["--shots", "1,5"], capsys)
+    assert code == 0
+    assert "raw pixels" in out and "shots" in out and len([ln for ln in out.splitlines() if "±" in ln]) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ways", "5"], "--ways 5 is more than the 4 class(es) available"),
+        (["--shots", "1,two"], "--shots expects comma-separated integers"),
+        (["--shots", "900", "--queries", "15"], "'5' has 892"),
+        (["--episodes", "0"], "--episodes must be an integer >= 1"),
+        (["--method", "nearest"], "--method must be one of prototype, knn"),
+    ],
+)
+def test_cli_bad_values_exit_2(data_root, capsys, extra, message):
+    argv = ["fewshot", "--checkpoint", "pixels", "--data", "mnist:test", "--root", str(data_root),
+            "--classes", "0,4,5,8", "--ways", "4", "--shots", "1", "--episodes", "5"] + extra
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err
+
+
+def test_cli_missing_checkpoint_exit_1(data_root, tmp_path, capsys):
+    code, out, err = _run(["fewshot", "--checkpoint", str(tmp_path / "nothing"), "--data", "mnist:test",
+                           "--root", str(data_root), "--ways", "4"], capsys)
+    assert code == 1 and out == "" and "checkpoint not found" in err
