@@ -1,0 +1,252 @@
+"""Queries: the Python API (Searcher, predict_labels), `retrieval query`, grids, and pictures of digits drawn with
+Pillow. Real towers (untrained, seeded), real Faiss, real MNIST subsets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from retrieval.checkpoint import save_checkpoint
+from retrieval.cli import main
+from retrieval.data.preprocess import load_image_file
+from retrieval.data.specs import load_dataset
+from retrieval.errors import RetrievalError, UsageError
+from retrieval.grid import GridCell, GridRow, SourceImages, query_grid_rows, render_grid
+from retrieval.index import build_index_folder, load_index, update_index_meta
+from retrieval.query import UNKNOWN, Searcher, predict_labels, resolve_query_inputs
+from retrieval.towers import build_tower
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("qruns")
+    torch.manual_seed(0)
+    save_checkpoint(base / "a" / "best", build_tower("default"))
+    torch.manual_seed(1)
+    save_checkpoint(base / "b" / "best", build_tower("default"))
+    return base
+
+
+@pytest.fixture(scope="module")
+def index_dir(run_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qindex") / "ix"
+    build_index_folder(run_dir / "a", ["mnist:test"], folder, subset=250, seed=0, log=lambda m: None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def indexed():
+    return load_dataset("mnist:test", subset=250, seed=0)
+
+
+def draw_digit(path: Path, strokes, size=(160, 200), width=14, mode="RGB") -> Path:
+    """Black strokes on a white canvas, like a digit written on paper."""
+    img = Image.new(mode, size, "white")
+    draw = ImageDraw.Draw(img)
+    for line in strokes:
+        draw.line(line, fill="black", width=width, joint="curve")
+    img.save(path)
+    return path
+
+
+SEVEN = [[(30, 40), (130, 40), (70, 170)]]
+ONE = [[(80, 30), (80, 175)]]
+FOUR = [[(100, 170), (100, 30), (30, 120), (135, 120)]]
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), captured.out, captured.err
+
+
+# -- label prediction ----------------------------------------------------------------------------------------------
+def test_predict_labels_majority_ties_and_threshold():
+    labels = np.array([
+        [1, 2, 2, 1, 3],   # 2 votes each for 1 and 2: 1 has the smaller summed distance (0.1+0.4 vs 0.2+0.3 = equal)
+        [4, 5, 5, 4, 5],   # majority 5 despite 4 being nearest
+        [7, 8, -1, -1, -1],  # a 1-1 tie: label 7 is nearer
+        [-1, -1, -1, -1, -1],
+        [6, 6, 6, 6, 6],
+    ])
+    dist = np.array([
+        [0.1, 0.2, 0.3, 0.45, 0.5],
+        [0.1, 0.2, 0.3, 0.4, 0.5],
+        [0.2, 0.3, np.inf, np.inf, np.inf],
+        [np.inf] * 5,
+        [0.9, 0.95, 1.0, 1.0, 1.1],
+    ])
+    assert predict_labels(labels, dist).tolist() == [2, 5, 7, -1, 6]  # row 0: 0.5 vs 0.55 summed -> 2
+    assert predict_labels(labels, dist, max_distance=0.5).tolist() == [2, 5, 7, -1, -1]
+    # equal summed distances: the label holding the nearest neighbour wins
+    assert predict_labels(np.array([[3, 4, 4, 3]]), np.array([[0.1, 0.2, 0.3, 0.4]])).tolist() == [3]
+
+
+# -- Python API ----------------------------------------------------------------------------------------------------
+def test_searcher_on_dataset_items_and_tensors(index_dir, indexed):
+    searcher = Searcher.open(index_dir)
+    pos = [0, 17, 99]
+    results = searcher.query([indexed.sources[p] for p in pos], k=4)
+    for p, r in zip(pos, results):
+        assert r.ok and r.true_label == indexed.classes[int(indexed.labels[p])]
+        assert r.neighbors[0].source == indexed.sources[p] and r.neighbors[0].distance < 1e-3
+        assert r.neighbors[0].id == p  # ids are positions in the build order
+        assert [n.distance for n in r.neighbors] == sorted(n.distance for n in r.neighbors)
+        assert r.label in searcher.index.classes and len(r.neighbors) == 4
+    same = searcher.query_images(indexed.images[pos], k=4)
+    assert [[n.id for n in r.neighbors] for r in same] == [[n.id for n in r.neighbors] for r in results]
+    emb = searcher.embed(indexed.images[pos])
+    assert emb.shape == (3, 64) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_searcher_k_limits(index_dir, indexed):
+    searcher = Searcher.open(index_dir)
+    with pytest.raises(UsageError):
+        searcher.query([indexed.sources[0]], k=0)
+    k, note = searcher.effective_k(1000)
+    assert k == 250 and "larger than the index (250 items)" in note
+    (r,) = searcher.query([indexed.sources[0]], k=1000)
+    assert len(r.neighbors) == 250 and len({n.id for n in r.neighbors}) == 250
+
+
+def test_threshold_marks_unknown(index_dir, indexed):
+    far = Searcher.open(index_dir, max_distance=0.0)
+    inside, outside = far.query([indexed.sources[3], "mnist:train[0]"], k=3)
+    assert inside.label != UNKNOWN  # distance 0 to itself
+    assert outside.label == UNKNOWN and len(outside.neighbors) == 3
+    update_index_meta(index_dir, calibration={"max_distance": 0.0})
+    try:
+        assert Searcher.open(index_dir).max_distance == 0.0
+        assert Searcher.open(index_dir, max_distance=5.0).query(["mnist:train[0]"], k=3)[0].label != UNKNOWN
+    finally:
+        update_index_meta(index_dir, calibration=None)
+    with pytest.raises(UsageError):
+        Searcher.open(index_dir, max_distance=-1)
+
+
+def test_resolve_inputs(tmp_path):
+    draw_digit(tmp_path / "a.png", SEVEN)
+    (tmp_path / "sub").mkdir()
+    draw_digit(tmp_path / "sub" / "b.jpg", ONE)
+    (tmp_path / "sub" / "notes.txt").write_text("not an image")
+    (tmp_path / "sub" / "bad.png").write_text("text named .png")
+    inputs = resolve_query_inputs([str(tmp_path), "mnist:test[5]", "mnist:test[99999]", str(tmp_path / "nope.png")])
+    names = [(Path(q.name).name, q.error is None) for q in inputs]
+    assert names == [("a.png", True), ("b.jpg", True), ("bad.png", False), ("mnist:test[5]", True),
+                     ("mnist:test[99999]", False), ("nope.png", False)]
+    assert "out of range" in inputs[4].error and "not found" in inputs[5].error
+    assert inputs[3].true_label == "1"  # mnist:test[5] is a 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (only,) = resolve_query_inputs([str(empty)])
+    assert "no image files" in only.error
+
+
+def test_other_tower_is_refused(index_dir, run_dir):
+    with pytest.raises(RetrievalError, match="is not the tower this index was built with"):
+        Searcher.open(index_dir, checkpoint=run_dir / "b")
+
+
+# -- pictures drawn with Pillow ------------------------------------------------------------------------------------
+def test_drawn_digit_is_embedded_and_answered(tmp_path, index_dir, capsys):
+    png = draw_digit(tmp_path / "seven.png", SEVEN)
+    image = load_image_file(png)
+    assert image.dtype == torch.uint8 and image.shape == (28, 28)
+    assert image[0].sum() == 0 and image.max() == 255  # white ink on black with an empty border, like MNIST
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--k", "5", "--json", png)
+    assert code == 0, err
+    (answer,) = json.loads(out)
+    assert answer["query"] == str(png) and answer["label"] in load_index(index_dir).classes
+    assert len(answer["neighbors"]) == 5
+    assert set(answer["neighbors"][0]) == {"id", "label", "distance", "source"}
+    dists = [n["distance"] for n in answer["neighbors"]]
+    assert dists == sorted(dists) and dists[0] > 0
+
+
+def test_few_shot_prototypes_from_drawings(tmp_path, run_dir, capsys):
+    """The few-shot feature: a folder of a few labelled pictures per new class -> prototype index -> queries."""
+    shots = tmp_path / "shots"
+    for label, strokes in (("seven", SEVEN), ("one", ONE), ("four", FOUR)):
+        (shots / label).mkdir(parents=True)
+        draw_digit(shots / label / "x.png", strokes)
+    draw_digit(shots / "seven" / "y.png", [[(25, 50), (135, 45), (60, 175)]], width=10)
+    code, out, err = run_cli(capsys, "index", "build", "--checkpoint", run_dir / "a", "--data", f"folder:{shots}",
+                             "--prototypes", "--out", tmp_path / "protos")
+    assert code == 0, err
+    index = load_index(tmp_path / "protos")
+    assert sorted(index.sources) == ["prototype:four (1 image)", "prototype:one (1 image)",
+                                     "prototype:seven (2 images)"]
+    # a class with one picture has that picture's embedding as prototype: querying it answers its class
+    code, out, err = run_cli(capsys, "query", "--index", tmp_path / "protos", "--k", "1", "--json",
+                             shots / "one" / "x.png", shots / "four" / "x.png")
+    assert code == 0, err
+    answers = json.loads(out)
+    assert [a["label"] for a in answers] == ["one", "four"]
+    assert all(a["neighbors"][0]["distance"] < 1e-3 for a in answers)
+    # k above the 3 prototypes: the whole index, with a note
+    code, out, err = run_cli(capsys, "query", "--index", tmp_path / "protos", shots / "one" / "x.png")
+    assert code == 0 and "larger than the index (3 items)" in err and out.count("prototype:") == 3
+
+
+# -- the query command ------------------------------------------------------------------------------------------
+def test_cli_text_output_and_unreadable_image(tmp_path, index_dir, indexed, capsys):
+    good = draw_digit(tmp_path / "one.png", ONE, mode="L")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:60])  # a truncated PNG
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--k", "2", good, broken, indexed.sources[7])
+    assert code == 1
+    assert f"{good} -> " in out and f"{indexed.sources[7]} -> " in out and "broken.png" not in out
+    assert "(true label" in out and out.count("distance") == 4
+    assert f"error: {broken}" in err and "1 of 3 queries could not be answered" in err
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--json", good, broken)
+    assert code == 1
+    answers = json.loads(out)
+    assert answers[0]["label"] is not None and answers[1]["label"] is None and "error" in answers[1]
+
+
+def test_cli_bad_options_and_files(tmp_path, index_dir, run_dir, capsys):
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--k", "0", "mnist:test[0]")
+    assert code == 2 and "--k" in err
+    code, out, err = run_cli(capsys, "query", "--index", tmp_path / "nothing", "mnist:test[0]")
+    assert code == 1 and err.strip() == f"error: index folder not found: {tmp_path / 'nothing'}"
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--checkpoint", run_dir / "b", "mnist:test[0]")
+    assert code == 1 and "is not the tower this index was built with" in err and out == ""
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--grid", tmp_path / "g.jpg", "mnist:test[0]")
+    assert code == 2 and "expected a .png" in err
+
+
+def test_grid_png(tmp_path, index_dir, indexed, capsys):
+    png = draw_digit(tmp_path / "four.png", FOUR)
+    out_png = tmp_path / "grid.png"
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--k", "4", "--grid", out_png,
+                             png, indexed.sources[1], indexed.sources[2])
+    assert code == 0, err
+    with Image.open(out_png) as img:
+        assert img.format == "PNG" and img.width > img.height > 150  # 3 rows of 1 query + 4 neighbours
+        assert np.asarray(img.convert("L")).std() > 10  # something drawn
+
+
+def test_render_grid_is_reusable(tmp_path, indexed):
+    """The grid API takes any rows: e.g. the worst failures of an evaluation, with missing pictures."""
+    sources = SourceImages()
+    assert torch.equal(sources.get(indexed.sources[4]), indexed.images[4])
+    assert sources.get("prototype:3 (5 images)") is None and sources.get(str(tmp_path / "gone.png")) is None
+    rows = [
+        GridRow(GridCell(indexed.images[i], f"query {i}", "#cf222e"),
+                [GridCell(sources.get(indexed.sources[j]), f"n{j}") for j in range(3)] + [GridCell(None, "gone")])
+        for i in range(5)
+    ]
+    assert render_grid(rows, tmp_path / "failures.png", title="worst failures", max_rows=3) == 3
+    with Image.open(tmp_path / "failures.png") as img:
+        assert img.format == "PNG"
+    with pytest.raises(RetrievalError, match="nothing to draw"):
+        render_grid([], tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
+    assert query_grid_rows([], sources) == []
