@@ -1,0 +1,250 @@
+"""Pair verification (the original Siamese task) and the distance threshold that turns lookups into "unknown".
+
+Pairs are drawn as in the original write-up's BalancedMNISTPair: for every class c and j < pairs_per_class, one
+same pair (the j-th image of c, the image a random 1..100 places later in c) and one different pair (the j-th
+image of c, the j-th image of a random other class). The write-up draws offsets 0..100, so 1 in 101 of its
+"same" pairs is an image with itself; we start at 1. Positions wrap around classes smaller than that.
+
+A pair is scored by the pair head's P(same) when the checkpoint has one, else by the embedding distance; we
+report ROC AUC (rank-based, ties averaged) and the accuracy at the best threshold.
+
+Calibration picks the nearest-neighbour distance threshold t maximising the F1 score of "the nearest neighbour
+has the query's label", where a query counts as answered only when its nearest neighbour is within t. Queries of
+classes the index lacks are never right, so including some teaches t where "unknown" should start.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from retrieval.errors import RetrievalError, UsageError
+
+MAX_OFFSET = 100  # the write-up's `random.randint(0, 100)` distance between the two images of a same pair
+
+
+@dataclass
+class Pairs:
+    """Positions into a dataset: pair i is (first[i], second[i]); same[i] says whether the labels agree."""
+
+    first: np.ndarray
+    second: np.ndarray
+    same: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.same)
+
+
+def balanced_pairs(labels, pairs_per_class: int = 500, seed: int = 0) -> Pairs:
+    """pairs_per_class same and pairs_per_class different pairs per class (see the module docstring)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if pairs_per_class <= 0:
+        raise UsageError(f"--pairs-per-class must be positive, got {pairs_per_class}")
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise RetrievalError(f"pair verification needs at least 2 classes, the data has {len(present)}")
+    members = {int(c): np.flatnonzero(labels == c) for c in present}
+    small = [str(c) for c, m in members.items() if len(m) < 2]
+    if small:
+        raise RetrievalError(f"pair verification needs at least 2 images per class; class(es) {', '.join(small)} have 1")
+    rng = np.random.default_rng(seed)
+    j = np.arange(pairs_per_class)
+    first, second, same = [], [], []
+    for c in present.tolist():
+        own = members[c]
+        offsets = rng.integers(1, MAX_OFFSET + 1, size=pairs_per_class)
+        others = rng.integers(0, len(present) - 1, size=pairs_per_class)
+        others = present[others + (others >= np.searchsorted(present, c))]  # any class but c, uniformly
+        anchor = own[j % len(own)]
+        first += [anchor, anchor]
+        second.append(own[(j + offsets) % len(own)])
+        second.append(np.array([members[int(o)][i % len(members[int(o)])] for i, o in zip(j, others)], np.int64))
+        same += [np.ones(pairs_per_class, bool), np.zeros(pairs_per_class, bool)]
+    return Pairs(np.concatenate(first), np.concatenate(second), np.concatenate(same))
+
+
+def roc_auc(scores, positive) -> float:
+    """Area under the ROC curve of `scores` (higher = more likely positive): the Mann-Whitney U statistic with
+    average ranks for ties, divided by n_pos * n_neg."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise RetrievalError("ROC AUC needs both same and different pairs")
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    # average rank (1-based) of each group of equal scores
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    group_rank = (starts + 1 + ends) / 2.0
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(group_rank, ends - starts)
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def best_threshold(scores, positive) -> tuple[float, float]:
+    """(accuracy, threshold) of the rule "positive when score >= threshold" that classifies most pairs right.
+
+    Thresholds lie halfway between consecutive distinct scores (or just beyond the extremes)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    if len(scores) == 0:
+        raise RetrievalError("no pairs to score")
+    order = np.argsort(-scores, kind="stable")
+    s, p = scores[order], positive[order]
+    last_of_group = np.r_[s[1:] != s[:-1], True]
+    # accepting everything down to the end of each group of equal scores
+    tp = np.cumsum(p)[last_of_group]
+    accepted = np.flatnonzero(last_of_group) + 1
+    correct = tp + ((len(p) - accepted) - (p.sum() - tp))  # true positives + true negatives
+    correct = np.r_[len(p) - p.sum(), correct]  # accepting nothing
+    best = int(np.argmax(correct))
+    values = s[last_of_group]
+    if best == 0:
+        threshold = values[0] + max(1e-6, abs(values[0]) * 1e-6)
+    elif best == len(values):
+        threshold = values[-1]
+    else:
+        threshold = (values[best - 1] + values[best]) / 2.0
+    return float(correct[best] / len(p)), float(threshold)
+
+
+@dataclass
+class Verification:
+    pairs: int
+    same_pairs: int
+    different_pairs: int
+    score: str  # "pair head" or "distance"
+    rule: str
+    threshold: float
+    accuracy: float
+    roc_auc: float
+    pairs_per_class: int
+    seed: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def verify_pairs(first_emb, second_emb, same, head: torch.nn.Module | None = None, *,
+                 pairs_per_class: int = 0, seed: int = 0) -> Verification:
+    """Score embedding pairs (pair head P(same) if given, else Euclidean distance) and measure verification."""
+    a = torch.as_tensor(np.asarray(first_emb, dtype=np.float32))
+    b = torch.as_tensor(np.asarray(second_emb, dtype=np.float32))
+    same = np.asarray(same, dtype=bool)
+    if head is not None:
+        device = next(head.parameters()).device
+        with torch.inference_mode():
+            prob = head.same_probability(a.to(device), b.to(device)).float().cpu().numpy().astype(np.float64)
+        accuracy, threshold = best_threshold(prob, same)
+        auc = roc_auc(prob, same)
+        score, rule = "pair head", "same when P(same) >= threshold"
+    else:
+        dist = torch.linalg.vector_norm(a - b, dim=1).numpy().astype(np.float64)
+        accuracy, neg_threshold = best_threshold(-dist, same)
+        auc = roc_auc(-dist, same)
+        threshold = -neg_threshold
+        score, rule = "distance", "same when distance <= threshold"
+    return Verification(
+        pairs=len(same), same_pairs=int(same.sum()), different_pairs=int((~same).sum()), score=score, rule=rule,
+        threshold=threshold, accuracy=accuracy, roc_auc=auc, pairs_per_class=pairs_per_class, seed=seed,
+    )
+
+
+def evaluate_pairs(checkpoint, dataset, pairs_per_class: int = 500, seed: int = 0, *, batch_size: int = 1024,
+                   device="cpu", progress: bool = False) -> Verification:
+    """Balanced pairs from `dataset` (an ImageDataset), embedded by the checkpoint's tower, verified."""
+    from retrieval.embed import embed_images
+
+    pairs = balanced_pairs(dataset.labels.numpy(), pairs_per_class, seed)
+    used, inverse = np.unique(np.r_[pairs.first, pairs.second], return_inverse=True)
+    emb = embed_images(checkpoint.tower, dataset.images[torch.from_numpy(used)], batch_size=batch_size,
+                       device=device, progress=progress)
+    a, b = emb[inverse[: len(pairs)]], emb[inverse[len(pairs):]]
+    return verify_pairs(a, b, pairs.same, checkpoint.head, pairs_per_class=pairs_per_class, seed=seed)
+
+
+# -- calibration of the "unknown" threshold ------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    max_distance: float
+    f1: float
+    precision: float  # of the answered queries, the fraction whose nearest neighbour has their label
+    recall: float  # of the queries whose nearest neighbour has their label, the fraction answered
+    n_answered: int
+    n_queries: int
+    n_correct: int  # queries whose nearest neighbour has their label (at any distance)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def calibrate_threshold(nn_distances, nn_correct) -> Calibration:
+    """The threshold t maximising F1 of "answered (distance <= t) and right" (see the module docstring).
+
+    t lies halfway between the last accepted distance and the next one (the largest distance when all are
+    accepted)."""
+    d = np.asarray(nn_distances, dtype=np.float64)
+    ok = np.asarray(nn_correct, dtype=bool)
+    keep = np.isfinite(d)
+    d, ok = d[keep], ok[keep]
+    if len(d) == 0:
+        raise RetrievalError("no query has a nearest neighbour; nothing to calibrate")
+    total_correct = int(ok.sum())
+    if total_correct == 0:
+        raise RetrievalError("no query's nearest neighbour has its label; a threshold cannot help (wrong tower?)")
+    order = np.argsort(d, kind="stable")
+    d, ok = d[order], ok[order]
+    last_of_group = np.r_[d[1:] != d[:-1], True]
+    tp = np.cumsum(ok)[last_of_group]
+    answered = np.flatnonzero(last_of_group) + 1
+    f1 = 2.0 * tp / (answered + total_correct)
+    best = int(np.argmax(f1))
+    values = d[last_of_group]
+    threshold = values[best] if best == len(values) - 1 else (values[best] + values[best + 1]) / 2.0
+    return Calibration(
+        max_distance=float(threshold),
+        f1=float(f1[best]),
+        precision=float(tp[best] / answered[best]),
+        recall=float(tp[best] / total_correct),
+        n_answered=int(answered[best]),
+        n_queries=len(d),
+        n_correct=total_correct,
+    )
+
+
+def calibrate_index(folder, query_spec: str, *, root=None, classes=None, exclude=None, subset=None, seed: int = 0,
+                    batch_size: int = 1024, device="cpu", checkpoint=None, store: bool = True,
+                    log: Callable[[str], None] | None = None) -> tuple[Calibration, dict]:
+    """Embed `query_spec` with the index's tower, calibrate the threshold on nearest neighbours (own entries left
+    out), and store it in the index metadata (unless store=False). Returns the calibration and the stored record."""
+    from retrieval.index import update_index_meta
+    from retrieval.metrics import index_search, load_index_queries, nearest_neighbors
+
+    iq = load_index_queries(folder, query_spec, root=root, classes=classes, exclude=exclude, subset=subset,
+                            seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint, log=log)
+    dist, ids = nearest_neighbors(iq.embeddings, index_search(iq.index), 1, iq.self_ids)
+    correct = iq.index.labels_of(ids[:, 0]) == iq.labels
+    cal = calibrate_threshold(dist[:, 0], correct)
+    outside = iq.labels >= len(iq.index.classes)
+    record = {
+        **cal.to_json(),
+        "queries": query_spec,
+        "filters": iq.dataset.filters,
+        "classes_not_in_index": iq.missing_classes,
+        "rejected_not_in_index": int((dist[outside, 0] > cal.max_distance).sum()),
+        "queries_not_in_index": int(outside.sum()),
+        "left_out_own_entries": int((iq.self_ids >= 0).sum()),
+        "index_count": len(iq.index),
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    if store:
+        update_index_meta(os.fspath(folder), calibration=record)
+    return cal, record
