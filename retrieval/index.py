@@ -13,6 +13,7 @@ Writers hold `retrieval.fsutil.exclusive_lock(folder)`, so two builds into one f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import os
@@ -214,7 +215,13 @@ class EmbeddingIndex:
             )
         if len(q) == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        scores, ids = self.index.search(q, k)
+        if len(q) < faiss.omp_get_max_threads():
+            # Faiss parallelises over queries: a lone query gains nothing from a thread team, and on a busy
+            # machine waking one costs more than the search (measured in benchmarks/index.py).
+            with _omp_threads(1):
+                scores, ids = self.index.search(q, k)
+        else:
+            scores, ids = self.index.search(q, k)
         scores = np.where(ids >= 0, scores, 0.0)  # Faiss pads with -1 ids and +-FLT_MAX scores
         if self.metric == "ip":
             dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * scores))
@@ -265,15 +272,25 @@ class EmbeddingIndex:
         return self.meta["classes"].index(name)
 
 
+@contextlib.contextmanager
+def _omp_threads(n: int):
+    """Run Faiss with n OpenMP threads inside the block (the setting is per calling thread in OpenMP)."""
+    before = faiss.omp_get_max_threads()
+    if n == before:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def _add_with_ids(index: faiss.Index, x: np.ndarray, ids: np.ndarray) -> None:
-    if _is_hnsw(index) and faiss.omp_get_max_threads() > 1:
+    if _is_hnsw(index):
         # HNSW inserts in parallel in a nondeterministic order; one thread gives the same graph every time.
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
+        with _omp_threads(1):
             index.add_with_ids(x, ids)
-        finally:
-            faiss.omp_set_num_threads(threads)
     else:
         index.add_with_ids(x, ids)
 
