@@ -1,9 +1,24 @@
-"""Training objectives: pytorch-metric-learning losses/miners configured by name, and the Siamese pair head."""
+"""Training objectives: pytorch-metric-learning losses/miners configured by name, and the Siamese pair head.
+
+An objective maps a batch of embeddings and labels to a scalar loss:
+- MetricLossObjective wraps a real PML loss and an optional PML miner (triplet, contrastive, multi-similarity);
+- PairObjective is the classic Siamese verification objective: for every anchor one same-class and one
+  other-class partner from the batch, |f(a) - f(b)| -> PairHead -> cross-entropy.
+Both expose `.head` (the trainable module saved with the tower, or None) and `.describe()` for checkpoint metadata.
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from typing import Any, Mapping
+
 import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import distances, losses, miners
 from torch import nn
+
+from retrieval.errors import UsageError
 
 
 class PairHead(nn.Module):
@@ -19,3 +34,166 @@ class PairHead(nn.Module):
     @torch.no_grad()
     def same_probability(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.forward(a, b).float().softmax(dim=1)[:, 1]
+
+
+class MetricLossObjective(nn.Module):
+    """A PML loss fed by an optional PML miner: loss(emb, labels, miner(emb, labels))."""
+
+    head = None
+
+    def __init__(self, name: str, loss: nn.Module, miner: nn.Module | None = None, settings: dict | None = None):
+        super().__init__()
+        self.name = name
+        self.loss = loss
+        self.miner = miner
+        self.settings = settings or {}
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, indices)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "loss": type(self.loss).__name__,
+            "miner": type(self.miner).__name__ if self.miner is not None else None,
+            **self.settings,
+        }
+
+
+def balanced_pairs(labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every anchor, one uniformly drawn same-class partner and one other-class partner within the batch.
+
+    Returns (anchors, partners, same) as index/label tensors on labels' device; anchors without a same-class
+    (or other-class) partner in the batch contribute no such pair. Randomness comes from `generator` (CPU) only.
+    """
+    cpu_labels = labels.detach().to("cpu")
+    n = len(cpu_labels)
+    same = cpu_labels[:, None] == cpu_labels[None, :]
+    eye = torch.eye(n, dtype=torch.bool)
+    noise = torch.rand((n, n), generator=generator)
+    anchors, partners, targets = [], [], []
+    for mask, target in ((same & ~eye, 1), (~same, 0)):
+        has = mask.any(dim=1)
+        # argmax of uniform noise restricted to the allowed partners = a uniform choice among them
+        choice = torch.where(mask, noise, torch.full_like(noise, -1.0)).argmax(dim=1)
+        idx = torch.nonzero(has).flatten()
+        anchors.append(idx)
+        partners.append(choice[idx])
+        targets.append(torch.full((len(idx),), target, dtype=torch.long))
+    device = labels.device
+    return torch.cat(anchors).to(device), torch.cat(partners).to(device), torch.cat(targets).to(device)
+
+
+class PairObjective(nn.Module):
+    """Cross-entropy of the pair head on balanced positive/negative pairs drawn on the fly from the batch."""
+
+    name = "pair"
+
+    def __init__(self, head: PairHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
+        if generator is None:
+            raise ValueError("the pair objective needs a generator to draw its pairs reproducibly")
+        a, b, target = balanced_pairs(labels, generator)
+        if len(a) == 0:
+            raise UsageError("pair objective: a batch has no image pairs; use a larger batch")
+        logits = self.head(embeddings[a], embeddings[b])
+        return F.cross_entropy(logits.float(), target)
+
+    def describe(self) -> dict:
+        return {"name": "pair", "loss": "CrossEntropyLoss", "miner": None, "head": "|a-b| -> Linear -> 2 logits",
+                "pairs": "per anchor one same-class and one other-class partner from the batch"}
+
+
+# Objective name -> (PML loss class, default loss kwargs, default miner name)
+LOSSES: dict[str, tuple[type, dict, str]] = {
+    "triplet": (losses.TripletMarginLoss, {"margin": 0.2}, "semihard"),
+    "contrastive": (losses.ContrastiveLoss, {}, "pair-margin"),
+    "multi-similarity": (losses.MultiSimilarityLoss, {}, "multi-similarity"),
+}
+# Miner name -> (objectives it serves, PML class, fixed kwargs)
+MINERS: dict[str, tuple[tuple[str, ...], type, dict]] = {
+    "semihard": (("triplet",), miners.TripletMarginMiner, {"type_of_triplets": "semihard"}),
+    "hard": (("triplet",), miners.TripletMarginMiner, {"type_of_triplets": "hard"}),
+    "all": (("triplet",), miners.TripletMarginMiner, {"type_of_triplets": "all"}),
+    "batch-hard": (("triplet",), miners.BatchHardMiner, {}),
+    "pair-margin": (("contrastive",), miners.PairMarginMiner, {}),
+    "multi-similarity": (("multi-similarity",), miners.MultiSimilarityMiner, {}),
+}
+DISTANCES = {"cosine": distances.CosineSimilarity, "euclidean": distances.LpDistance}
+
+
+def _accepted_kwargs(cls: type) -> list[str]:
+    """Named keyword parameters of cls.__init__ and of the PML base classes it forwards **kwargs to."""
+    names: list[str] = []
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is nn.Module or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "mat_based_loss"):
+                names.append(p.name)
+    return list(dict.fromkeys(names))
+
+
+def _construct(cls: type, kwargs: Mapping[str, Any], key: str) -> nn.Module:
+    accepted = _accepted_kwargs(cls)
+    for name in kwargs:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"{key}.{name}: {cls.__name__} has no argument '{name}'{hint}; it takes: {', '.join(accepted)}")
+    kwargs = dict(kwargs)
+    if "distance" in kwargs:  # config files name a distance; PML wants an object
+        name = kwargs["distance"]
+        if name not in DISTANCES:
+            raise UsageError(f"{key}.distance: expected one of {', '.join(DISTANCES)}, got {name!r}")
+        kwargs["distance"] = DISTANCES[name]()
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UsageError(f"{key}: cannot build {cls.__name__}({kwargs}): {e}") from None
+
+
+def build_objective(
+    name: str,
+    embedding_size: int,
+    miner: str = "",
+    loss_args: Mapping[str, Any] | None = None,
+    miner_args: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Objective by name: triplet | contrastive | multi-similarity (PML loss + miner) or pair (PairHead + CE).
+
+    `miner` "" picks the objective's default miner and "none" trains on all pairs/triplets of the batch;
+    `loss_args` / `miner_args` are keyword arguments for the PML classes (`distance` may be "cosine" or
+    "euclidean"); for triplet the miner's margin follows the loss's margin unless given.
+    """
+    loss_args, miner_args = dict(loss_args or {}), dict(miner_args or {})
+    if name == "pair":
+        if miner not in ("", "none") or loss_args or miner_args:
+            raise UsageError("objective 'pair' takes no miner, loss_args or miner_args (its loss is cross-entropy)")
+        return PairObjective(PairHead(embedding_size))
+    if name not in LOSSES:
+        raise UsageError(f"unknown objective {name!r}; expected one of: {', '.join([*LOSSES, 'pair'])}")
+    loss_cls, loss_defaults, default_miner = LOSSES[name]
+    loss_kwargs = {**loss_defaults, **loss_args}
+    loss = _construct(loss_cls, loss_kwargs, "objective.loss_args")
+    miner_name = miner or default_miner
+    miner_module, miner_kwargs = None, {}
+    if miner_name != "none":
+        if miner_name not in MINERS or name not in MINERS[miner_name][0]:
+            valid = [m for m, (objs, _, _) in MINERS.items() if name in objs] + ["none"]
+            raise UsageError(f"objective.miner: {miner_name!r} does not work with {name}; expected one of: {', '.join(valid)}")
+        _, miner_cls, fixed = MINERS[miner_name]
+        miner_kwargs = dict(fixed)
+        if miner_cls is miners.TripletMarginMiner and "margin" not in miner_args:
+            miner_kwargs["margin"] = loss_kwargs.get("margin", 0.05)
+        miner_kwargs.update(miner_args)
+        miner_module = _construct(miner_cls, miner_kwargs, "objective.miner_args")
+    elif miner_args:
+        raise UsageError("objective.miner_args given but objective.miner is 'none'")
+    settings = {"miner_name": miner_name, "loss_args": loss_kwargs, "miner_args": miner_kwargs}
+    return MetricLossObjective(name, loss, miner_module, settings)

@@ -39,18 +39,20 @@ def seed_backbone() -> nn.Module:
     )
 
 
-def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 def default_backbone(embedding_size: int) -> nn.Module:
-    """A small batch-norm CNN, cheap on CPU: most work happens at 14x14 and 7x7."""
+    """A small batch-norm CNN built for CPU speed: strided convolutions instead of pooling and no 28x28 feature
+    maps (the stem goes straight to 14x14), so memory-bound work stays small; the flattened 7x7 map keeps where
+    strokes are, which matters for digits. About 3.1M multiply-adds per image (the PML example network: 12M)."""
     return nn.Sequential(
-        *_conv_bn(1, 32), nn.MaxPool2d(2),
-        *_conv_bn(32, 32), nn.MaxPool2d(2),
-        *_conv_bn(32, 64), *_conv_bn(64, 64),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(64, embedding_size),
+        *_conv_bn(1, 32, kernel=5, stride=2),  # 28 -> 14
+        *_conv_bn(32, 64, stride=2),  # 14 -> 7
+        *_conv_bn(64, 64),  # 7 -> 7
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, embedding_size),
     )
 
 

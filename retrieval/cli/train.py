@@ -1,0 +1,81 @@
+"""`retrieval train`: train a Siamese tower from a config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from retrieval.cli import app
+from retrieval.cli.common import DataRootOption, log
+
+
+@app.command("train")
+def train_command(
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Config file (TOML; YAML with PyYAML), e.g. configs/mnist-default.toml.",
+        show_default=False,
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Run folder (default: runs/<config name>/).", show_default=False,
+    ),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs.", show_default=False),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
+    overrides: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a config key, typed like its default; repeatable: --set optimizer.lr=0.01",
+        show_default=False,
+    ),
+    subset: Optional[int] = typer.Option(
+        None, "--subset", help="Train on a seeded subset of this many images (sets data.subset), for small runs.",
+        show_default=False,
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the interrupted run in the run folder exactly where it stopped.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a run folder that holds a run."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="CPU threads (default: all cores available to this process).", show_default=False,
+    ),
+    root: Optional[Path] = DataRootOption,
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (epoch lines are still logged)."),
+) -> None:
+    """Train a tower with the config's objective; write checkpoints `best` and `last`, metrics.jsonl and the
+    resolved config to the run folder, then print the folder.
+
+    Ctrl-C saves `last` and the training state (exit code 130); `--resume` then continues bit for bit.
+    """
+    from retrieval.errors import UsageError
+    from retrieval.train import TrainingInterrupted, train
+
+    if config is None and not (resume and out is not None):
+        raise UsageError("--config is required (only --resume --out RUN can reuse the run's own config)")
+    sets = list(overrides or [])
+    if epochs is not None:
+        sets.append(f"train.epochs={epochs}")
+    if subset is not None:
+        sets.append(f"data.subset={subset}")
+    try:
+        run = train(config, out, device=device, resume=resume, log=log, overrides=sets, data_root=root,
+                    overwrite=overwrite, progress=not no_progress, threads=threads)
+    except TrainingInterrupted as e:
+        log(f"interrupted: {e.message}")
+        if e.saved:
+            log(f"continue with: retrieval train --resume --out {e.run_dir}")
+        raise typer.Exit(130)
+    _summary(run)
+    print(run)
+
+
+def _summary(run: Path) -> None:
+    import json
+
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    records = [json.loads(line) for line in metrics.read_text("utf-8").splitlines() if line.strip()]
+    best = [r for r in records if r.get("best")]
+    if best:
+        b = best[-1]
+        log(f"best epoch {b['epoch']}: val precision@1 {b['val_precision_at_1']:.4f}, MAP@R {b['val_map_at_r']:.4f} "
+            f"-> {run / 'best.safetensors'}")
