@@ -66,14 +66,16 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     makers = {"default": lambda: build_tower("default"), "seed": lambda: build_tower("seed"), "pml-example": pml_example_tower}
     towers = {name: makers[name]().to(device).eval() for name in args.towers.split(",")}
-    n = max(args.images, max(batch_sizes))
+    n_max = max(args.images, max(batch_sizes))
     pool = load_dataset("mnist:test", log=lambda m: None).images
-    images = pool.repeat((n + len(pool) - 1) // len(pool), 1, 1)[:n].contiguous()
+    all_images = pool.repeat((n_max + len(pool) - 1) // len(pool), 1, 1)[:n_max].contiguous()
 
     rows = []  # (threads, batch size, {tower: median images/s})
     for t in threads:
         torch.set_num_threads(t)
         for bs in batch_sizes:
+            images = all_images[: max(args.images, bs)]  # at least one full batch
+            n = len(images)
             for tower in towers.values():  # warm-up (allocator, kernels, cudnn autotune)
                 time_embedding(tower, images[: min(bs, n)], bs, device)
             samples = {name: [] for name in towers}
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
             print(f"threads {t}  batch {bs:5d}  {cells}", file=sys.stderr, flush=True)
 
     names = list(towers)
+    sizes = ", ".join(f"{name} {sum(p.numel() for p in t.parameters()):,} parameters ({t.embedding_size}-d)"
+                      for name, t in towers.items())
+    print(f"towers: {sizes}")
     ratio = "default" in towers and "pml-example" in towers
     header = "| torch threads | batch | " + " | ".join(f"{n} img/s" for n in names) + (" | default / PML |" if ratio else " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -105,9 +110,9 @@ def main(argv=None) -> int:
             f"## Embedding throughput ({dt.date.today().isoformat()}, {args.device})",
             "",
             f"Machine: {machine()}. `benchmarks/embed.py --device {args.device} --batch-sizes {args.batch_sizes} "
-            f"--threads {args.threads} --images {n} --repeats {args.repeats}`: images/s through `embed_images` "
+            f"--threads {args.threads} --images {args.images} --repeats {args.repeats}`: images/s through `embed_images` "
             "(uint8 -> float -> tower, inference mode), median of the repeats, towers interleaved; untrained "
-            "weights (speed does not depend on them).",
+            f"weights (speed does not depend on them). Towers: {sizes}.",
             "",
             table,
             "",

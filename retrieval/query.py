@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.index import EmbeddingIndex, load_index, load_index_tower
+from retrieval.index import EmbeddingIndex, default_batch_size, load_index, load_index_tower
 
 UNKNOWN = "unknown"
 
@@ -182,20 +182,20 @@ class Searcher:
     """An index with the tower that built it: embeds query images and answers nearest-neighbour queries."""
 
     def __init__(self, index: EmbeddingIndex, tower, device="cpu", max_distance: float | None = None,
-                 batch_size: int = 1024):
+                 batch_size: int | None = None):
         if max_distance is not None and not max_distance >= 0:
             raise UsageError(f"--max-distance must be a distance >= 0, got {max_distance}")
         self.index = index
         self.tower = tower
         self.device = torch.device(device)
-        self.batch_size = batch_size
+        self.batch_size = batch_size if batch_size is not None else default_batch_size(self.device)
         if max_distance is None:
             max_distance = (index.meta.get("calibration") or {}).get("max_distance")
         self.max_distance = None if max_distance is None else float(max_distance)
 
     @classmethod
     def open(cls, folder: str | os.PathLike, device="cpu", checkpoint=None, max_distance: float | None = None,
-             batch_size: int = 1024) -> "Searcher":
+             batch_size: int | None = None) -> "Searcher":
         """Load the index in `folder` and its tower (the metadata's checkpoint, or `checkpoint` with the same
         fingerprint)."""
         index = load_index(folder)

@@ -274,6 +274,13 @@ def test_cli_errors_are_one_line(tmp_path, runs, capsys):
     code, out, err = run_cli(capsys, "index", "build", "--checkpoint", tmp_path / "nockpt", "--data", "mnist:test",
                              "--out", tmp_path / "new")
     assert code == 1 and "checkpoint not found" in err and "Traceback" not in err
+    (tmp_path / "file").write_text("a file, not a folder")
+    code, out, err = run_cli(capsys, "index", "build", "--checkpoint", runs["a"], "--data", "mnist:test",
+                             "--out", tmp_path / "file" / "ix")
+    assert code == 1 and "cannot create output folder" in err and out == ""
+    code, out, err = run_cli(capsys, "index", "build", "--checkpoint", runs["a"], "--data", "mnist:test",
+                             "--out", tmp_path / "new", "--metric", "cosine")
+    assert code == 2 and "--metric" in err and not (tmp_path / "new").exists()
 
 
 def test_prototype_index(tmp_path, runs, embedded, test_subset):

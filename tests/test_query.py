@@ -220,6 +220,10 @@ def test_cli_bad_options_and_files(tmp_path, index_dir, run_dir, capsys):
     assert code == 1 and "is not the tower this index was built with" in err and out == ""
     code, out, err = run_cli(capsys, "query", "--index", index_dir, "--grid", tmp_path / "g.jpg", "mnist:test[0]")
     assert code == 2 and "expected a .png" in err
+    (tmp_path / "file").write_text("a file, not a folder")
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--grid", tmp_path / "file" / "g.png",
+                             "mnist:test[0]")
+    assert code == 1 and "cannot create --grid folder" in err and out == ""
 
 
 def test_grid_png(tmp_path, index_dir, indexed, capsys):

@@ -20,7 +20,10 @@ index_app = typer.Typer(
 app.add_typer(index_app, name="index")
 
 DataOption = typer.Option(..., "--data", help=f"{SpecHelp} Repeat --data to combine several.")
-BatchSizeOption = typer.Option(1024, "--batch-size", min=1, help="Images per embedding batch.")
+BatchSizeOption = typer.Option(
+    None, "--batch-size", min=1, help="Images per embedding batch (default: 256 on CPU, 4096 on a GPU).",
+    show_default=False,
+)
 DeviceOption = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (cuda when available).")
 
 
@@ -64,7 +67,7 @@ def build(
         help="Store one vector per class (the re-normalised mean embedding) instead of every image: few-shot "
              "classification from a folder:DIR of a few labelled pictures per class.",
     ),
-    batch_size: int = BatchSizeOption,
+    batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
     root: Optional[Path] = DataRootOption,
     classes: Optional[str] = ClassesOption,
@@ -98,7 +101,7 @@ def add(
         help="Use this checkpoint instead of the one named in the index metadata (it must hold the same tower: "
              "the fingerprints must match).",
     ),
-    batch_size: int = BatchSizeOption,
+    batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
     root: Optional[Path] = DataRootOption,
     classes: Optional[str] = ClassesOption,
@@ -186,17 +189,24 @@ def query(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
     ),
-    batch_size: int = BatchSizeOption,
+    batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
     root: Optional[Path] = DataRootOption,
 ) -> None:
     """Find the nearest indexed images of each query and predict its label (majority of the k neighbours).
 
-    Pictures of your own are turned into MNIST-style 28x28 images first (grey, inverted when light, cropped,
-    centred). Unreadable inputs are reported and the others still answered; the exit code is then 1.
+    Pictures of your own become MNIST-style 28x28 images first (grey, inverted when light, cropped, centred).
+
+    Unreadable inputs are reported and the others still answered; the exit code is then 1.
     """
     from retrieval.query import Searcher, format_result, resolve_query_inputs
 
+    if grid is not None:  # fail before answering anything, not after
+        from retrieval.fsutil import ensure_writable_dir
+
+        if grid.suffix.lower() != ".png":
+            raise UsageError(f"--grid {grid}: expected a .png file name")
+        ensure_writable_dir(grid.parent, "--grid folder")
     searcher = Searcher.open(index, device=resolve_device(device), checkpoint=checkpoint,
                              max_distance=max_distance, batch_size=batch_size)
     k_used, note = searcher.effective_k(k)
