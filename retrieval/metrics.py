@@ -32,6 +32,22 @@ Search = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
 """queries float32 (n, d), k -> (distances float32 (n, k) ascending, ids int64 (n, k)); missing: id -1, inf."""
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
+METRIC_DEFINITIONS = (
+    "Neighbours: the references ordered by distance (ties by id); a query whose own image is a reference has "
+    "that entry left out (leave-one-out). R = number of references with the query's label (not counting its "
+    "own entry).",
+    "recall@k: fraction of queries with at least one reference of their label among their k nearest "
+    "(Recall@K of the metric-learning literature).",
+    "precision@k: mean fraction of the k nearest references that have the query's label.",
+    "MAP@R: mean over queries of (1/R) x the sum, over the ranks i <= R holding the query's label, of "
+    "precision@i (pytorch-metric-learning's mean_average_precision_at_r).",
+    "R-precision: mean fraction of the R nearest references that have the query's label.",
+    "1-NN accuracy (per class): fraction of a class's queries whose nearest reference has their label "
+    "(= recall@1 = precision@1).",
+    "Confusion matrix: query class (rows) against the class of the nearest reference (columns).",
+    "Queries with R = 0 (no other reference of their class) are left out of every average (counted as lone), "
+    "as pytorch-metric-learning's AccuracyCalculator does.",
+)
 # Elements of a (queries x references) block handled at once: bounds memory at ~100 MB per block.
 _BLOCK_ELEMENTS = 1 << 23
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -113,10 +129,18 @@ class ExactSearch:
         self.ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(self.ids) != n:
             raise ValueError(f"{len(self.ids)} ids for {n} reference embeddings")
-        # [r, |r|^2] against [-2q, 1] gives |r|^2 - 2 q.r in one matrix product: the squared distance minus |q|^2,
-        # which is the same along a row, so it orders the references.
-        norms = (self.references.astype(np.float64) ** 2).sum(1, keepdims=True).astype(np.float32)
-        self._augmented_t = np.ascontiguousarray(np.concatenate([self.references, norms], axis=1).T)
+        # Distances are computed as |q|^2 + |r|^2 - 2 q.r (a matrix product). Its float32 rounding error grows with
+        # the norms, so both sides are first centred on the references' mean (distances do not change): embeddings
+        # bunched in one region then get the precision of direct differences, and the order Faiss gives.
+        # (The centre is rounded to multiples of 1/64, so data on a coarse grid stays exact: equal distances stay
+        # equal, and ties keep their order by id.)
+        self._center = (np.round(self.references.mean(axis=0, dtype=np.float64) * 64) / 64).astype(np.float32) \
+            if n else None
+        centred = self.references - self._center if n else self.references
+        # [r, |r|^2] against [-2q, 1] gives |r|^2 - 2 q.r in one product: the squared distance minus |q|^2, which
+        # is the same along a row, so it orders the references.
+        norms = (centred.astype(np.float64) ** 2).sum(1, keepdims=True).astype(np.float32)
+        self._augmented_t = np.ascontiguousarray(np.concatenate([centred, norms], axis=1).T)
 
     def __len__(self) -> int:
         return len(self.references)
@@ -136,6 +160,7 @@ class ExactSearch:
         if n_ref == 0 or len(q) == 0:
             return dist, ids
         kk = min(k, n_ref)
+        q = q - self._center
         q_aug = np.concatenate([-2.0 * q, np.ones((len(q), 1), np.float32)], axis=1)
         q_norms = (q.astype(np.float64) ** 2).sum(1).astype(np.float32)
         rows = int(np.clip(_BLOCK_ELEMENTS // 2 // n_ref, 1, 256))
@@ -425,13 +450,13 @@ def _source_key(source: str) -> str:
 
 
 def load_index_queries(folder, query_spec: str, *, root=None, classes=None, exclude=None, subset=None,
-                       seed: int = 0, batch_size: int = 1024, device="cpu", checkpoint=None,
+                       seed: int = 0, batch_size: int | None = None, device="cpu", checkpoint=None,
                        log: Callable[[str], None] | None = None) -> IndexQueries:
     """Load the index in `folder` and its tower, load and embed the query spec, match labels by class name and
     find each query's own entry in the index (by source) for leave-one-out."""
     from retrieval.data.specs import load_dataset
     from retrieval.embed import embed_images
-    from retrieval.index import load_index, load_index_tower
+    from retrieval.index import default_batch_size, load_index, load_index_tower
 
     log = log or (lambda msg: None)
     index = load_index(folder)
@@ -439,8 +464,8 @@ def load_index_queries(folder, query_spec: str, *, root=None, classes=None, excl
         raise RetrievalError(f"the index in {folder} is empty")
     ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
     ds = load_dataset(query_spec, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed, log=log)
-    emb = embed_images(ckpt.tower, ds.images, batch_size=batch_size, device=device, progress=True,
-                       desc="embedding queries")
+    emb = embed_images(ckpt.tower, ds.images, batch_size=batch_size or default_batch_size(device), device=device,
+                       progress=True, desc="embedding queries")
     all_classes = list(index.classes)
     missing = [c for c in ds.class_counts() if c not in all_classes]
     all_classes += missing
@@ -452,7 +477,7 @@ def load_index_queries(folder, query_spec: str, *, root=None, classes=None, excl
 
 
 def evaluate_index(folder, query_spec: str, ks: Sequence[int] = DEFAULT_KS, *, root=None, classes=None,
-                   exclude=None, subset=None, seed: int = 0, batch_size: int = 1024, device="cpu",
+                   exclude=None, subset=None, seed: int = 0, batch_size: int | None = None, device="cpu",
                    checkpoint=None, log: Callable[[str], None] | None = None) -> tuple[RetrievalMetrics, IndexQueries]:
     """Retrieval metrics of the images of `query_spec` against the index in `folder` (see the module docstring).
 

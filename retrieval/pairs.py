@@ -158,15 +158,16 @@ def verify_pairs(first_emb, second_emb, same, head: torch.nn.Module | None = Non
     )
 
 
-def evaluate_pairs(checkpoint, dataset, pairs_per_class: int = 500, seed: int = 0, *, batch_size: int = 1024,
+def evaluate_pairs(checkpoint, dataset, pairs_per_class: int = 500, seed: int = 0, *, batch_size: int | None = None,
                    device="cpu", progress: bool = False) -> Verification:
     """Balanced pairs from `dataset` (an ImageDataset), embedded by the checkpoint's tower, verified."""
     from retrieval.embed import embed_images
+    from retrieval.index import default_batch_size
 
     pairs = balanced_pairs(dataset.labels.numpy(), pairs_per_class, seed)
     used, inverse = np.unique(np.r_[pairs.first, pairs.second], return_inverse=True)
-    emb = embed_images(checkpoint.tower, dataset.images[torch.from_numpy(used)], batch_size=batch_size,
-                       device=device, progress=progress)
+    emb = embed_images(checkpoint.tower, dataset.images[torch.from_numpy(used)],
+                       batch_size=batch_size or default_batch_size(device), device=device, progress=progress)
     a, b = emb[inverse[: len(pairs)]], emb[inverse[len(pairs):]]
     return verify_pairs(a, b, pairs.same, checkpoint.head, pairs_per_class=pairs_per_class, seed=seed)
 
@@ -221,7 +222,7 @@ def calibrate_threshold(nn_distances, nn_correct) -> Calibration:
 
 
 def calibrate_index(folder, query_spec: str, *, root=None, classes=None, exclude=None, subset=None, seed: int = 0,
-                    batch_size: int = 1024, device="cpu", checkpoint=None, store: bool = True,
+                    batch_size: int | None = None, device="cpu", checkpoint=None, store: bool = True,
                     log: Callable[[str], None] | None = None) -> tuple[Calibration, dict]:
     """Embed `query_spec` with the index's tower, calibrate the threshold on nearest neighbours (own entries left
     out), and store it in the index metadata (unless store=False). Returns the calibration and the stored record."""

@@ -1,0 +1,228 @@
+"""`retrieval evaluate`, `retrieval evaluate-pairs`, `retrieval calibrate`: how good is a tower and its index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from retrieval.cli import app
+from retrieval.cli.common import (
+    ClassesOption, DataRootOption, ExcludeOption, SeedOption, SpecHelp, SubsetOption, log, print_json,
+    root_or_default,
+)
+from retrieval.cli.index import BatchSizeOption, DeviceOption, resolve_device
+from retrieval.errors import UsageError
+
+IndexOption = typer.Option(..., "--index", help="Index folder (from `retrieval index build`).")
+QueriesOption = typer.Option(
+    ..., "--queries",
+    help=f"Query images, as a dataset spec ({SpecHelp[len('Dataset spec: '):]}) Labels are matched to the "
+         "index's classes by name.",
+)
+IndexCheckpointOption = typer.Option(
+    None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
+)
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--k expects comma-separated positive integers like 1,2,4,8,16; got {text!r}") from None
+    if not ks or min(ks) <= 0:
+        raise UsageError(f"--k expects comma-separated positive integers like 1,2,4,8,16; got {text!r}")
+    return sorted(set(ks))
+
+
+def _describe_queries(iq) -> str:
+    ds = iq.dataset
+    text = f"{ds.spec}" + (f" {ds.filters}" if ds.filters else "") + f": {len(ds):,} images"
+    own = int((iq.self_ids >= 0).sum())
+    if own:
+        text += f", {own:,} of them in the index (left out of their own neighbours)"
+    return text
+
+
+@app.command("evaluate")
+def evaluate(
+    index: Path = IndexOption,
+    queries: str = QueriesOption,
+    k: str = typer.Option("1,2,4,8,16", "--k", help="The k of recall@k and precision@k, comma-separated."),
+    json_out: bool = typer.Option(
+        False, "--json",
+        help='Print JSON: {"n_queries", "n_references", "recall@1", ..., "precision@1", ..., "map@r", '
+             '"r_precision", "per_class": {...}, ...}.',
+    ),
+    report: Optional[Path] = typer.Option(
+        None, "--report",
+        help="Also write a report folder: metrics.json, summary.md, recall_at_k.png, confusion_matrix.png, "
+             "failures.png (worst failures beside their neighbours), embeddings_pca.png. A previous report there "
+             "is replaced.",
+    ),
+    classes: Optional[str] = ClassesOption,
+    exclude: Optional[str] = ExcludeOption,
+    subset: Optional[int] = SubsetOption,
+    seed: int = SeedOption,
+    root: Optional[Path] = DataRootOption,
+    checkpoint: Optional[Path] = IndexCheckpointOption,
+    batch_size: Optional[int] = BatchSizeOption,
+    device: str = DeviceOption,
+) -> None:
+    """Retrieval metrics of query images against an index: embed the queries with the index's tower, find their nearest indexed images, score the labels.
+
+    Neighbours: the indexed images ordered by distance (ties by id). A query whose own image is in the index (same source, e.g. --queries equal to an indexed spec) has that entry left out (leave-one-out). R = number of indexed images with the query's label (not counting its own entry).
+
+    recall@k: fraction of queries with at least one image of their label among their k nearest (Recall@K of the metric-learning literature).
+
+    precision@k: mean fraction of the k nearest that have the query's label.
+
+    MAP@R: mean over queries of (1/R) x the sum, over the ranks i <= R holding the query's label, of precision@i. R-precision: mean fraction of the R nearest with the query's label. Both as pytorch-metric-learning's AccuracyCalculator defines them, and equal to its values.
+
+    Per class: 1-NN accuracy (the nearest neighbour has the query's label), MAP@R, R-precision; and the confusion matrix of the nearest neighbour's class. Queries of classes the index lacks (R = 0) are left out of the averages and counted as lone.
+
+    Exact (Flat) indexes are searched exactly over their stored vectors; approximate ones (HNSW, IVF, PQ) with their own search, as their users get it.
+
+    Example: retrieval evaluate --index indexes/run-mnist-train --queries mnist:test --report reports/mnist-test
+    """
+    from retrieval.metrics import evaluate_index
+
+    ks = parse_ks(k)
+    if report is not None:
+        from retrieval.reports import check_report_target
+
+        check_report_target(report)
+    data_root = root_or_default(root)
+    metrics, iq = evaluate_index(
+        index, queries, ks, root=data_root, classes=classes, exclude=exclude, subset=subset, seed=seed,
+        batch_size=batch_size, device=resolve_device(device), checkpoint=checkpoint, log=log,
+    )
+    if iq.missing_classes:
+        log(f"note: the index has no images of class(es) {', '.join(iq.missing_classes)}: "
+            f"{metrics.n_lone:,} lone queries are left out of the averages")
+    meta = iq.index.meta
+    context = {
+        "index": str(index),
+        "index_description": f"{meta['factory']}, metric {meta['metric']}, {len(iq.index):,} vectors, "
+                             f"{len(iq.index.classes)} classes",
+        "tower": f"{meta['tower'].get('name')} ({meta['tower'].get('fingerprint', '')[:12]}) "
+                 f"{meta['tower'].get('checkpoint', '')}",
+        "queries": _describe_queries(iq),
+    }
+    if report is not None:
+        from retrieval.reports import write_report
+
+        written = write_report(report, metrics, iq, context, root=data_root, seed=seed, log=log)
+        log(f"wrote {report}/ ({', '.join(p.name for p in written)})")
+    if json_out:
+        print_json({**metrics.to_json(), "index": str(index), "queries": queries,
+                    "left_out_own_entries": int((iq.self_ids >= 0).sum())})
+        return
+    print(f"index       {index}  ({context['index_description']})")
+    print(f"queries     {context['queries']}")
+    if metrics.n_lone:
+        print(f"lone        {metrics.n_lone:,} queries without another indexed image of their class (left out)")
+    width = max(7, *(len(f"{x:.4f}") for x in metrics.recall.values()))
+    print(f"{'k':<12}" + "".join(f"{kk:>{width + 2}}" for kk in metrics.ks))
+    print(f"{'recall@k':<12}" + "".join(f"{metrics.recall[kk]:>{width + 2}.4f}" for kk in metrics.ks))
+    print(f"{'precision@k':<12}" + "".join(f"{metrics.precision[kk]:>{width + 2}.4f}" for kk in metrics.ks))
+    print(f"{'MAP@R':<12}{metrics.map_at_r:>{width + 2}.4f}")
+    print(f"{'R-precision':<12}{metrics.r_precision:>{width + 2}.4f}")
+    if metrics.per_class:
+        name_width = max(5, *(len(c) for c in metrics.per_class))
+        print(f"per class:\n  {'class':<{name_width}}  {'queries':>8}  {'1-NN acc':>8}  {'MAP@R':>7}  {'R-prec':>7}")
+        for name, row in metrics.per_class.items():
+            print(f"  {name:<{name_width}}  {row['queries']:>8,}  {row['nn_accuracy']:>8.4f}  {row['map@r']:>7.4f}"
+                  f"  {row['r_precision']:>7.4f}")
+
+
+@app.command("evaluate-pairs")
+def evaluate_pairs(
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="A training run folder (its best, else last checkpoint) or a .safetensors file."
+    ),
+    data: str = typer.Option(..., "--data", help=SpecHelp),
+    pairs_per_class: int = typer.Option(500, "--pairs-per-class", min=1,
+                                        help="Same pairs per class; as many different pairs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the pair draw (and of --subset)."),
+    json_out: bool = typer.Option(
+        False, "--json",
+        help='Print JSON: {"pairs", "same_pairs", "different_pairs", "score", "rule", "threshold", "accuracy", '
+             '"roc_auc", "pairs_per_class", "seed"}.',
+    ),
+    classes: Optional[str] = ClassesOption,
+    exclude: Optional[str] = ExcludeOption,
+    subset: Optional[int] = SubsetOption,
+    root: Optional[Path] = DataRootOption,
+    batch_size: Optional[int] = BatchSizeOption,
+    device: str = DeviceOption,
+) -> None:
+    """Pair verification, the original Siamese task: are two images of the same class?
+
+    Pairs are drawn as in the original write-up (BalancedMNISTPair): for each class and j < --pairs-per-class, a same pair (the j-th image of the class and the one a random 1..100 places later) and a different pair (the j-th image and the j-th image of a random other class). The draw depends only on --seed.
+
+    A checkpoint trained with the pair head scores a pair by the head's P(same); any other by the distance between the two embeddings. Reported: ROC AUC (rank-based, ties count half), and the accuracy at the best threshold with that threshold.
+    """
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.data.specs import load_dataset
+    from retrieval.pairs import evaluate_pairs as run
+
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, device=dev)
+    ds = load_dataset(data, root=root_or_default(root), classes=classes, exclude=exclude, subset=subset, seed=seed,
+                      log=log)
+    result = run(ckpt, ds, pairs_per_class, seed, batch_size=batch_size, device=dev, progress=True)
+    if json_out:
+        print_json(result.to_json())
+        return
+    print(f"checkpoint  {ckpt.path}")
+    print(f"data        {ds.spec}" + (f" {ds.filters}" if ds.filters else "") + f": {len(ds):,} images")
+    print(f"pairs       {result.pairs:,} ({result.same_pairs:,} same, {result.different_pairs:,} different; "
+          f"{pairs_per_class} per class, seed {seed})")
+    print(f"scored by   {result.score}")
+    print(f"ROC AUC     {result.roc_auc:.4f}")
+    print(f"accuracy    {result.accuracy:.4f}  ({result.rule}, threshold {result.threshold:.4f})")
+
+
+@app.command("calibrate")
+def calibrate(
+    index: Path = IndexOption,
+    queries: str = QueriesOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Measure and print, but do not store the threshold."),
+    json_out: bool = typer.Option(False, "--json", help="Print the stored calibration record as JSON."),
+    classes: Optional[str] = ClassesOption,
+    exclude: Optional[str] = ExcludeOption,
+    subset: Optional[int] = SubsetOption,
+    seed: int = SeedOption,
+    root: Optional[Path] = DataRootOption,
+    checkpoint: Optional[Path] = IndexCheckpointOption,
+    batch_size: Optional[int] = BatchSizeOption,
+    device: str = DeviceOption,
+) -> None:
+    """Choose the distance beyond which `retrieval query` answers "unknown", and store it in the index.
+
+    For each query image, its nearest indexed image (its own entry left out) is either of its class (right) or not. The threshold t maximises F1 of "answered and right", where a query is answered when its nearest neighbour is within t: precision = right answered / answered, recall = right answered / right. Queries of classes the index lacks are never right, so include some (e.g. --queries mnist:test on an index built with --exclude) to learn where "unknown" should begin.
+
+    Stored as meta.json "calibration" {"max_distance", "f1", "queries", "created", ...}; `retrieval query --max-distance` overrides it.
+    """
+    from retrieval.pairs import calibrate_index
+
+    cal, record = calibrate_index(
+        index, queries, root=root_or_default(root), classes=classes, exclude=exclude, subset=subset, seed=seed,
+        batch_size=batch_size, device=resolve_device(device), checkpoint=checkpoint, store=not dry_run, log=log,
+    )
+    if json_out:
+        print_json(record)
+    else:
+        print(f"index         {index}")
+        print(f"queries       {queries}: {cal.n_queries:,} images, {cal.n_correct:,} with a nearest neighbour of "
+              "their class")
+        if record["queries_not_in_index"]:
+            print(f"unknown       {record['queries_not_in_index']:,} queries of classes the index lacks "
+                  f"({', '.join(record['classes_not_in_index'])}); {record['rejected_not_in_index']:,} of them "
+                  "answered unknown at this threshold")
+        print(f"max distance  {cal.max_distance:.4f}")
+        print(f"F1            {cal.f1:.4f}  (precision {cal.precision:.4f}, recall {cal.recall:.4f}; "
+              f"{cal.n_answered:,} of {cal.n_queries:,} answered)")
+    log("not stored (--dry-run)" if dry_run else f"stored in {Path(index) / 'meta.json'}")

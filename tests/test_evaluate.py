@@ -1,0 +1,301 @@
+"""`retrieval evaluate`, `evaluate-pairs`, `calibrate` and reports on real MNIST subsets, real towers and real
+Faiss indexes, checked against pytorch-metric-learning's AccuracyCalculator."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrieval.checkpoint import load_checkpoint, save_checkpoint
+from retrieval.cli import main
+from retrieval.data.specs import load_dataset
+from retrieval.embed import embed_images, images_to_input
+from retrieval.index import build_index_folder, load_index
+from retrieval.metrics import evaluate_index
+from retrieval.objectives import PairHead
+from retrieval.towers import build_tower
+
+QUIET = {"log": lambda msg: None}
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), captured.out, captured.err
+
+
+def pml(queries, query_labels, references=None, reference_labels=None) -> dict:
+    from pytorch_metric_learning.utils import common_functions
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    common_functions.LOGGER.setLevel(logging.ERROR)
+    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+                              device=torch.device("cpu"))
+    return calc.get_accuracy(queries, query_labels, references, reference_labels)
+
+
+def assert_matches_pml(values: dict, expected: dict) -> None:
+    assert abs(values["precision@1"] - expected["precision_at_1"]) < 1e-6
+    assert abs(values["map@r"] - expected["mean_average_precision_at_r"]) < 1e-6
+    assert abs(values["r_precision"] - expected["r_precision"]) < 1e-6
+
+
+def stored_vectors(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    index = load_index(folder)
+    inner = faiss.downcast_index(index.index.index)
+    return inner.reconstruct_n(0, inner.ntotal), index.labels, index.classes
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_root):
+    """An untrained default tower (seeded): neighbours are far from perfect, so metrics are not trivially 1."""
+    base = tmp_path_factory.mktemp("eval-run")
+    torch.manual_seed(0)
+    save_checkpoint(base / "best", build_tower("default"))
+    return base
+
+
+@pytest.fixture(scope="module")
+def index_dir(run_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval-index") / "ix"
+    build_index_folder(run_dir, ["mnist:train"], folder, subset=600, seed=0, **QUIET)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data_root):
+    """A small tower trained for a few dozen steps (pytorch-metric-learning multi-similarity loss) on digits
+    0-4 only: enough for digits it never saw to land away from the ones it did."""
+    from pytorch_metric_learning import losses, miners
+
+    torch.manual_seed(0)
+    ds = load_dataset("mnist:train", classes="0,1,2,3,4", subset=1000, seed=0)
+    tower = build_tower("default", 32)
+    optimizer = torch.optim.Adam(tower.parameters(), 2e-3)
+    loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+    generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small batches: one thread is faster, and much faster on a busy machine
+    try:
+        tower.train()
+        for _ in range(40):
+            batch = torch.randint(len(ds), (64,), generator=generator)
+            emb = tower(images_to_input(ds.images[batch]))
+            loss = loss_fn(emb, ds.labels[batch], miner(emb, ds.labels[batch]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    base = tmp_path_factory.mktemp("trained-run")
+    save_checkpoint(base / "best", tower.eval())
+    return base
+
+
+# -- evaluate ---------------------------------------------------------------------------------------------------
+def test_evaluate_json_equals_accuracy_calculator(index_dir, run_dir, capsys):
+    code, out, err = run_cli(capsys, "evaluate", "--index", index_dir, "--queries", "mnist:test", "--subset", 300,
+                             "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["n_queries"] == 300 and result["n_references"] == 600
+    assert {f"recall@{k}" for k in (1, 2, 4, 8, 16)} <= set(result)
+    assert {f"precision@{k}" for k in (1, 2, 4, 8, 16)} <= set(result)
+    assert result["left_out_own_entries"] == 0
+    assert 0.3 < result["recall@1"] < 1.0  # an untrained tower: far from perfect, far from chance
+    assert result["recall@1"] == result["precision@1"] <= result["recall@16"]
+    assert set(result["per_class"]) == {str(d) for d in range(10)}
+    assert sum(row["queries"] for row in result["per_class"].values()) == 300
+    # the same embeddings through pytorch-metric-learning
+    refs, ref_labels, classes = stored_vectors(index_dir)
+    ds = load_dataset("mnist:test", subset=300, seed=0)
+    queries = embed_images(load_checkpoint(run_dir).tower, ds.images)
+    query_labels = np.array([classes.index(name) for name in ds.label_names()])
+    assert_matches_pml(result, pml(queries, query_labels, refs, ref_labels))
+    confusion = np.array(result["confusion_matrix"]["counts"])
+    assert confusion.sum() == 300 and np.trace(confusion) == round(result["recall@1"] * 300)
+
+
+def test_evaluate_leaves_each_indexed_query_out(index_dir, capsys):
+    # the indexed images themselves: each query's own entry must not count as its neighbour
+    code, out, err = run_cli(capsys, "evaluate", "--index", index_dir, "--queries", "mnist:train", "--subset", 600,
+                             "--k", "1,5", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["left_out_own_entries"] == 600
+    assert result["recall@1"] < 0.99 and "recall@5" in result and "recall@2" not in result
+    refs, ref_labels, _ = stored_vectors(index_dir)
+    assert_matches_pml(result, pml(refs, ref_labels))  # PML's own leave-one-out (queries = references)
+
+
+def test_evaluate_text_table_and_class_names(tmp_path, run_dir, capsys):
+    # an index of digits 3 and 5 only: query labels are matched by name, other digits are lone
+    folder = tmp_path / "ix35"
+    build_index_folder(run_dir, ["mnist:train"], folder, classes="5,3", subset=200, seed=0, **QUIET)
+    code, out, err = run_cli(capsys, "evaluate", "--index", folder, "--queries", "mnist:test", "--classes", "3,5,7",
+                             "--subset", 150)
+    assert code == 0, err
+    assert "recall@k" in out and "MAP@R" in out and "R-precision" in out
+    assert "lone" in out and "7" in err  # digit 7 is not in the index
+    metrics, iq = evaluate_index(folder, "mnist:test", classes="3,5,7", subset=150, **QUIET)
+    assert iq.missing_classes == ["7"]
+    assert set(metrics.per_class) == {"3", "5"}
+    names = np.array(iq.dataset.label_names())
+    assert metrics.n_lone == int((names == "7").sum()) > 0
+    scored = names != "7"
+    assert [iq.classes[c] for c in metrics.query_labels[scored]] == names[scored].tolist()
+
+
+def test_report_folder(index_dir, tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    code, out, err = run_cli(capsys, "evaluate", "--index", index_dir, "--queries", "mnist:test", "--subset", 200,
+                             "--report", out_dir, "--json")
+    assert code == 0, err
+    names = {p.name for p in out_dir.iterdir()}
+    assert names == {"metrics.json", "summary.md", "recall_at_k.png", "confusion_matrix.png", "failures.png",
+                     "embeddings_pca.png"}
+    saved = json.loads((out_dir / "metrics.json").read_text())
+    printed = json.loads(out)
+    assert saved["map@r"] == printed["map@r"] and saved["per_class"] == printed["per_class"]
+    for png in out_dir.glob("*.png"):
+        with Image.open(png) as img:
+            assert img.format == "PNG" and img.size[0] > 200 and img.size[1] > 200
+    summary = (out_dir / "summary.md").read_text()
+    assert "| recall@k |" in summary and "MAP@R" in summary and "![failures.png](failures.png)" in summary
+    # a second run replaces the report; a folder holding anything else is refused, untouched
+    code, _, err = run_cli(capsys, "evaluate", "--index", index_dir, "--queries", "mnist:test", "--subset", 100,
+                           "--report", out_dir)
+    assert code == 0, err
+    assert json.loads((out_dir / "metrics.json").read_text())["n_queries"] == 100
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "evaluate", "--index", index_dir, "--queries", "mnist:test", "--subset", 100,
+                           "--report", other)
+    assert code == 2 and "notes.txt" in err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_approximate_index_is_searched_by_faiss(tmp_path, run_dir):
+    folder = tmp_path / "hnsw"
+    build_index_folder(run_dir, ["mnist:train"], folder, factory="HNSW16", subset=400, seed=0, **QUIET)
+    approx, _ = evaluate_index(folder, "mnist:test", subset=100, **QUIET)
+    flat = tmp_path / "flat"
+    build_index_folder(run_dir, ["mnist:train"], flat, subset=400, seed=0, **QUIET)
+    exact, _ = evaluate_index(flat, "mnist:test", subset=100, **QUIET)
+    assert approx.n_references == exact.n_references == 400
+    assert abs(approx.recall[1] - exact.recall[1]) <= 0.05
+    assert approx.map_at_r <= exact.map_at_r + 0.02
+
+
+def test_evaluate_bad_input(index_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "evaluate", "--index", tmp_path / "missing", "--queries", "mnist:test")
+    assert code == 1 and "index folder not found" in err
+    for bad in ("0,1", "a,b", ","):
+        code, _, err = run_cli(capsys, "evaluate", "--index", index_dir, "--queries", "mnist:test", "--k", bad)
+        assert code == 2 and "--k" in err
+    code, _, err = run_cli(capsys, "evaluate", "--index", index_dir, "--queries", "nope:x")
+    assert code == 2 and "nope:x" in err
+
+
+def test_help_defines_the_metrics(capsys):
+    code, out, _ = run_cli(capsys, "evaluate", "--help")
+    assert code == 0
+    for word in ("recall@k", "precision@k", "MAP@R", "R-precision", "leave-one-out", "1-NN accuracy"):
+        assert word in out
+
+
+# -- pair verification ------------------------------------------------------------------------------------------
+def test_evaluate_pairs_by_distance_is_seeded(run_dir, capsys):
+    args = ["evaluate-pairs", "--checkpoint", run_dir, "--data", "mnist:test", "--pairs-per-class", 30, "--json"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["pairs"] == 600 and first["same_pairs"] == first["different_pairs"] == 300
+    assert first["score"] == "distance" and first["rule"].startswith("same when distance <=")
+    assert 0.6 < first["roc_auc"] <= 1.0 and 0.55 < first["accuracy"] <= 1.0 and first["threshold"] > 0
+    assert json.loads(run_cli(capsys, *args)[1]) == first
+    other = json.loads(run_cli(capsys, *args[:-1], "--seed", 1, "--json")[1])
+    assert other["seed"] == 1 and other["roc_auc"] != first["roc_auc"]
+    code, out, _ = run_cli(capsys, *args[:-1])
+    assert "ROC AUC" in out and "threshold" in out
+
+
+def test_evaluate_pairs_uses_the_pair_head(tmp_path, capsys):
+    torch.manual_seed(0)
+    tower = build_tower("default", 16)
+    head = PairHead(16)
+    with torch.no_grad():  # P(same) falls with |f(a) - f(b)|: a head that behaves like a distance
+        head.linear.weight.copy_(torch.stack([torch.full((16,), 4.0), torch.full((16,), -4.0)]))
+        head.linear.bias.zero_()
+    save_checkpoint(tmp_path / "pair" / "best", tower, head=head)
+    code, out, err = run_cli(capsys, "evaluate-pairs", "--checkpoint", tmp_path / "pair", "--data", "mnist:test",
+                             "--classes", "0,1,2", "--pairs-per-class", 20, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["score"] == "pair head" and 0 < result["threshold"] < 1 and result["pairs"] == 120
+    assert result["roc_auc"] > 0.6
+
+
+def test_evaluate_pairs_needs_two_classes(run_dir, capsys):
+    code, _, err = run_cli(capsys, "evaluate-pairs", "--checkpoint", run_dir, "--data", "mnist:test", "--classes",
+                           "3", "--pairs-per-class", 5)
+    assert code == 1 and "2 classes" in err
+
+
+# -- calibration ------------------------------------------------------------------------------------------------
+def query_labels(capsys, folder, items) -> list[str]:
+    code, out, err = run_cli(capsys, "query", "--index", folder, "-k", 1, "--json", *items)
+    assert code == 0, err
+    return [r["label"] for r in json.loads(out)]
+
+
+def test_calibration_makes_an_unseen_class_unknown(trained_run, tmp_path, capsys):
+    folder = tmp_path / "digits0-4"
+    build_index_folder(trained_run, ["mnist:train"], folder, classes="0,1,2,3,4", subset=1000, seed=0, **QUIET)
+    test = load_dataset("mnist:test")
+    names = np.array(test.label_names())
+    calibration = {s for s in load_dataset("mnist:test", subset=500, seed=0).sources}
+    # query images the calibration does not see
+    unseen = [f"mnist:test[{i}]" for i in range(len(test)) if f"mnist:test[{i}]" not in calibration]
+    sevens = [s for s in unseen if names[int(s[11:-1])] == "7"][:40]
+    known = [s for s in unseen if names[int(s[11:-1])] in "01234"][:40]
+    assert "unknown" not in query_labels(capsys, folder, sevens)  # no threshold yet: every 7 gets a digit
+
+    code, out, err = run_cli(capsys, "calibrate", "--index", folder, "--queries", "mnist:test", "--subset", 500,
+                             "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["calibration"] == record
+    assert record["queries"] == "mnist:test" and record["created"] and record["n_queries"] == 500
+    assert record["max_distance"] > 0 and 0.5 < record["f1"] <= 1
+    assert record["classes_not_in_index"] == ["5", "6", "7", "8", "9"]
+
+    labels = query_labels(capsys, folder, sevens)
+    assert labels.count("unknown") >= 0.8 * len(sevens)
+    answered = query_labels(capsys, folder, known)
+    truth = [names[int(item[11:-1])] for item in known]
+    assert sum(a == t for a, t in zip(answered, truth)) >= 0.75 * len(known)
+
+
+def test_calibrate_dry_run_and_errors(index_dir, tmp_path, capsys):
+    before = (index_dir / "meta.json").read_text()
+    code, out, err = run_cli(capsys, "calibrate", "--index", index_dir, "--queries", "mnist:test", "--subset", 100,
+                             "--dry-run")
+    assert code == 0, err
+    assert "max distance" in out and "F1" in out and "not stored" in err
+    assert (index_dir / "meta.json").read_text() == before
+    code, _, err = run_cli(capsys, "calibrate", "--index", tmp_path / "nothing", "--queries", "mnist:test")
+    assert code == 1 and "index folder not found" in err
