@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from safetensors import SafetensorError
@@ -39,6 +38,7 @@ from retrieval.config import config_diff, load_config, resolve_config
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.fsutil import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir, exclusive_lock, read_json
+from retrieval.metrics import retrieval_metrics
 from retrieval.objectives import build_objective
 from retrieval.towers import Tower, build_tower
 
@@ -178,46 +178,6 @@ class BatchAugment:
     def describe(self) -> dict:
         return {"degrees": self.degrees, "translate": self.translate, "scale": list(self.scale),
                 "shear": self.shear, "group": self.group, "kernel": "torchvision.transforms.v2.functional.affine"}
-
-
-# ------------------------------------------------------------------------------------------------ validation
-@torch.no_grad()
-def retrieval_scores(queries: torch.Tensor, query_labels: torch.Tensor, refs: torch.Tensor | None = None,
-                     ref_labels: torch.Tensor | None = None, chunk: int = 1024) -> dict[str, float]:
-    """precision@1 and MAP@R of unit-norm `queries` against `refs` by inner product.
-
-    With refs None the queries are their own references, leave-one-out (each query's own row is excluded).
-    R for a query is the number of references of its label (minus itself when leave-one-out); queries with R = 0
-    are skipped. MAP@R is the mean over queries of (1/R) sum_{i<=R} precision@i * relevant(i) (Musgrave et al.).
-    """
-    loo = refs is None
-    refs, ref_labels = (queries, query_labels) if loo else (refs, ref_labels)
-    queries, refs = queries.float(), refs.float()
-    query_labels, ref_labels = query_labels.long(), ref_labels.long()
-    counts = torch.bincount(ref_labels, minlength=int(max(ref_labels.max(), query_labels.max())) + 1)
-    r_all = counts[query_labels] - (1 if loo else 0)
-    max_r = int(r_all.max()) if len(r_all) else 0
-    if max_r == 0:
-        return {"precision_at_1": float("nan"), "map_at_r": float("nan"), "queries": 0}
-    p1_sum, ap_sum, n = 0.0, 0.0, 0
-    ranks = torch.arange(1, max_r + 1, device=queries.device, dtype=torch.float32)
-    for start in range(0, len(queries), chunk):
-        q = queries[start : start + chunk]
-        sims = q @ refs.T
-        if loo:
-            rows = torch.arange(len(q), device=q.device)
-            sims[rows, rows + start] = -float("inf")
-        top = sims.topk(max_r, dim=1).indices
-        rel = (ref_labels[top] == query_labels[start : start + chunk, None]).float()
-        r = r_all[start : start + chunk].float()
-        keep = r > 0
-        within = (ranks[None, :] <= r[:, None]).float()
-        prec = rel.cumsum(1) / ranks[None, :]
-        ap = (prec * rel * within).sum(1) / r.clamp(min=1)
-        p1_sum += float(rel[keep, 0].sum())
-        ap_sum += float(ap[keep].sum())
-        n += int(keep.sum())
-    return {"precision_at_1": p1_sum / n, "map_at_r": ap_sum / n, "queries": n}
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -362,9 +322,8 @@ class Trainer:
         """Index the on-device uint8 images, scale to [0, 1] and augment: the whole data path of a step."""
         x = self.images[positions].unsqueeze(1).float().div_(255.0)
         x = self.augment(x, generator)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.labels[positions]
+        # channels-last: faster convolutions on CUDA and with oneDNN on CPU (~20% per step measured here)
+        return x.contiguous(memory_format=torch.channels_last), self.labels[positions]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Forward (bf16 autocast on CUDA), objective, backward, optimizer and scheduler step; returns the loss."""
@@ -376,24 +335,28 @@ class Trainer:
         else:
             emb = self.tower(x)
         loss = self.objective(emb.float(), y, generator)
-        if not torch.isfinite(loss):
-            raise RetrievalError(
-                f"training diverged: loss is {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; "
-                "lower optimizer.lr or change the objective's settings"
-            )
+        if self.device.type == "cpu":
+            self._check_finite(float(loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         return loss.detach()
 
+    def _check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise RetrievalError(
+                f"training diverged: loss is {loss} at epoch {self.epoch + 1}, step {self.step + 1}; "
+                "lower optimizer.lr or change the objective's settings"
+            )
+
     # -- validation ----------------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
         if self.val_images is None or len(self.val_images) == 0:
             return {}
-        emb = torch.from_numpy(embed_images(self.tower, self.val_images, device=self.device))
-        scores = retrieval_scores(emb, self.val_labels.to("cpu"))
-        return {"val_precision_at_1": scores["precision_at_1"], "val_map_at_r": scores["map_at_r"]}
+        emb = embed_images(self.tower, self.val_images, device=self.device)
+        scores = retrieval_metrics(emb, self.val_labels.numpy(), ks=(1,))  # leave-one-out within the slice
+        return {"val_precision_at_1": scores.precision[1], "val_map_at_r": scores.map_at_r}
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Path:
@@ -426,6 +389,7 @@ class Trainer:
                         self._loss_sum += loss
                         if self.device.type == "cpu" or self.step % 20 == 0:  # .item() syncs a GPU: not every step
                             self._running_loss = float(loss)
+                            self._check_finite(self._running_loss)
                         self._epoch_steps += 1
                         dt = time.perf_counter() - t0
                         self._epoch_seconds += dt
@@ -438,7 +402,9 @@ class Trainer:
                                                   loss, self))
                         if stop.requested:
                             raise KeyboardInterrupt
+                    consistent = False  # validation and checkpoints: a forced stop here keeps the older state
                     self._end_epoch(bar)
+                    consistent = True
                     if stop.requested:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -467,7 +433,7 @@ class Trainer:
         ips = self._epoch_steps * self.sampler.batch_size / max(self._epoch_seconds, 1e-9)
         last = self.history[-1] if self.history else {}
         val = f" val MAP@R {last['val_map_at_r']:.4f}" if "val_map_at_r" in last else ""
-        return f"epoch {self.epoch + 1}/{self.epochs} loss {self._running_loss:.4f} lr {lr:.2e} {ips:,.0f} img/s{val}"
+        return f"epoch {min(self.epoch + 1, self.epochs)}/{self.epochs} loss {self._running_loss:.4f} lr {lr:.2e} {ips:,.0f} img/s{val}"
 
     def _end_epoch(self, bar) -> None:
         record = {
@@ -701,7 +667,7 @@ def train(
             for old in [*out.glob("state*"), *out.glob("last.*"), *out.glob("best.*"), out / "metrics.jsonl"]:
                 old.unlink(missing_ok=True)
         with _cpu_threads(dev, threads):
-            trainer = _build_trainer(cfg, out, dev, log, data_root, progress, on_step)
+            trainer = build_trainer(cfg, out, dev, log, data_root, progress, on_step)
             if not resume:
                 atomic_write_json(out / "config.json", cfg)
             where = f"{dev.type}" + (f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else "")
@@ -712,7 +678,10 @@ def train(
     return out
 
 
-def _build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log, data_root, progress: bool, on_step) -> Trainer:
+def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, data_root=None, progress: bool = True,
+                  on_step: Callable[[StepInfo], None] | None = None) -> Trainer:
+    """Everything a resolved config describes: data (on `dev`), validation slice, seeded tower, objective,
+    sampler, augmentation, optimizer and schedule, composed into a Trainer that writes to `out`."""
     from retrieval.data import load_dataset
 
     d, seed = cfg["data"], cfg["seed"]
@@ -732,10 +701,8 @@ def _build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log, data_root,
         tower = build_tower(cfg["tower"]["name"], embedding_size)
         o = cfg["objective"]
         objective = build_objective(o["name"], tower.embedding_size, o["miner"], o["loss_args"], o["miner_args"])
-    tower.to(dev)
+    tower.to(dev, memory_format=torch.channels_last)
     objective.to(dev)
-    if dev.type == "cuda":
-        tower.to(memory_format=torch.channels_last)
     sampler = build_sampler(cfg, train_labels)
     params = list(tower.parameters()) + list(objective.parameters())
     optimizer, scheduler = build_optimizer(cfg, params, len(sampler))
