@@ -80,8 +80,9 @@ def _as_unit_float32(x, what: str = "embeddings") -> np.ndarray:
 def _unwrapped(index: faiss.Index) -> list[faiss.Index]:
     """The index and the indexes it wraps (pre-transforms, id maps), outermost first."""
     chain = [faiss.downcast_index(index)]
-    while isinstance(chain[-1], (faiss.IndexPreTransform, faiss.IndexIDMap)):
-        chain.append(faiss.downcast_index(chain[-1].index))
+    while isinstance(chain[-1], (faiss.IndexPreTransform, faiss.IndexIDMap, faiss.IndexRefine)):
+        inner = chain[-1].base_index if isinstance(chain[-1], faiss.IndexRefine) else chain[-1].index
+        chain.append(faiss.downcast_index(inner))
     return chain
 
 
@@ -130,13 +131,17 @@ def _is_hnsw(index: faiss.Index) -> bool:
 
 
 def default_search_params(factory: str, index: faiss.Index) -> str:
-    """Sensible query-time settings: probe 1/16 of IVF lists (at least 8), HNSW efSearch 64."""
-    inner = _unwrapped(index)[-1]
+    """Sensible query-time settings: probe 1/16 of IVF lists (at least 8), HNSW efSearch 64, and re-rank 4k
+    candidates exactly for a refined index (",RFlat")."""
+    chain = _unwrapped(index)
+    inner, params = chain[-1], []
     if isinstance(inner, faiss.IndexIVF):
-        return f"nprobe={min(int(inner.nlist), max(8, int(inner.nlist) // 16))}"
-    if isinstance(inner, faiss.IndexHNSW):
-        return "efSearch=64"
-    return ""
+        params.append(f"nprobe={min(int(inner.nlist), max(8, int(inner.nlist) // 16))}")
+    elif isinstance(inner, faiss.IndexHNSW):
+        params.append("efSearch=64")
+    if any(isinstance(part, faiss.IndexRefine) for part in chain):
+        params.append("k_factor_rf=4")
+    return ",".join(params)
 
 
 def apply_search_params(index: faiss.Index, params: str) -> None:
@@ -434,7 +439,7 @@ def read_index_meta(folder: str | os.PathLike) -> dict:
     meta = read_json(path, "index metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise RetrievalError(f"{path} is not retrieval index metadata (format {FORMAT!r} expected)")
-    required = ("files", "factory", "metric", "dimension", "count", "classes", "tower")
+    required = ("files", "factory", "metric", "dimension", "count", "classes")
     missing = [k for k in required if k not in meta]
     files = meta.get("files")
     if not missing and not (isinstance(files, dict) and isinstance(files.get("faiss"), str) and isinstance(files.get("items"), str)):

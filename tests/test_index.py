@@ -68,7 +68,7 @@ def built_index(tmp_path, runs, name="idx", subset=200, **kw) -> Path:
 
 
 # -- in-memory index --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat", "IVF4,PQ8x4"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF4,Flat", "IVF4,PQ8x4", "IVF4,PQ8x4,RFlat"])
 def test_build_save_load_returns_identical_neighbours(tmp_path, embedded, test_subset, factory):
     _, emb = embedded
     index = build_index(emb, test_subset.labels.numpy(), test_subset.classes, test_subset.sources,
