@@ -162,6 +162,9 @@ def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache
             files = _image_files(path)
             if not files:
                 inputs.append(QueryInput(text, error=f"{path}: no image files in this folder"))
+            others = sum(1 for p in path.rglob("*") if p.is_file()) - len(files)
+            if others and log:
+                log(f"note: {path}: skipped {others} file(s) without an image extension or hidden")
             targets = [str(p) for p in files]
         elif path.exists():
             targets = [text]

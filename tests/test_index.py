@@ -354,7 +354,7 @@ def test_kill_9_during_build_keeps_previous_index(tmp_path, runs, embedded):
 
 def test_two_builds_into_one_folder(tmp_path, runs):
     folder = built_index(tmp_path, runs, subset=200)
-    proc = _start_paused_build(runs, folder, seconds=3, subset=120)
+    proc = _start_paused_build(runs, folder, seconds=6, subset=120)
     _wait_for_pause(proc)
     # the paused build holds the folder: a second build fails at once, clearly, without touching it
     with pytest.raises(RetrievalError, match="is being written by another process"):
