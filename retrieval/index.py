@@ -130,7 +130,7 @@ def _is_hnsw(index: faiss.Index) -> bool:
     )
 
 
-def default_search_params(factory: str, index: faiss.Index) -> str:
+def default_search_params(index: faiss.Index) -> str:
     """Sensible query-time settings: probe 1/16 of IVF lists (at least 8), HNSW efSearch 64, and re-rank 4k
     candidates exactly for a refined index (",RFlat")."""
     chain = _unwrapped(index)
@@ -345,7 +345,7 @@ def build_index(
     _train(sub, factory, x, seed, log)
     index = faiss.IndexIDMap2(sub)
     if search_params is None:
-        search_params = default_search_params(factory, index)
+        search_params = default_search_params(index)
     apply_search_params(index, search_params)
     ids = np.arange(len(x), dtype=np.int64)
     _add_with_ids(index, x, ids)

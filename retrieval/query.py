@@ -12,7 +12,6 @@ the index metadata, or `max_distance`), a query whose nearest neighbour is farth
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -293,7 +292,3 @@ def format_result(result: QueryResult, max_distance: float | None = None) -> str
     for rank, n in enumerate(result.neighbors, 1):
         lines.append(f"  {rank:3d}. id {n.id:<8d} label {n.label:<10s} distance {n.distance:.4f}  {n.source}")
     return "\n".join(lines)
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
