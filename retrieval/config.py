@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
         "scale": [0.9, 1.1],  # random zoom range
         "shear": 0.0,  # random shear in [-shear, shear] degrees
         "group": 8,  # images sharing one random affine (the transform is applied per group, on the device)
+        "elastic": 0.0,  # elastic distortion: smooth random warp of each image by at most this many pixels (0: off)
+        "dihedral_classes": False,  # class expansion: each class slot turned by one of the square's 8 symmetries,
+        # (class, symmetry) counting as a class of its own (for towers meant to generalise to unseen classes)
     },
 }
 
@@ -298,6 +301,8 @@ def validate(config: dict, source: str = "config") -> dict:
         raise fail("augment.scale", "[low, high] with 0 < low <= high")
     if get(config, "augment.group") < 1:
         raise fail("augment.group", "a positive integer")
+    if not 0 <= get(config, "augment.elastic") <= 7:
+        raise fail("augment.elastic", "a displacement in pixels between 0 and 7")
     return config
 
 
