@@ -80,6 +80,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if p.suffix == ".json":
         p = p.with_suffix(".safetensors")
     elif p.suffix != ".safetensors":
+        if p.is_file():  # e.g. a pickled .pt/.pth: never unpickled, since loading a pickle can run code
+            raise RetrievalError(f"{path} is not a retrieval checkpoint: expected NAME.safetensors with NAME.json "
+                                 "beside it (pickled checkpoints are refused, never loaded)")
         p = p.with_name(p.name + ".safetensors")
     if not p.is_file():
         raise RetrievalError(f"checkpoint not found: {path}")

@@ -16,6 +16,8 @@ from retrieval.errors import RetrievalError
 
 def ensure_writable_dir(path: Path, what: str = "output folder") -> Path:
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RetrievalError(f"{what} {path} is a file, expected a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
