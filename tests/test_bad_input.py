@@ -4,6 +4,8 @@ end of this module."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +28,36 @@ from retrieval.towers import build_tower
 
 
 
-def cli(*args, env=None, timeout=300, data_root=None):
-    full_env = {**os.environ, **(env or {})}
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args, env=None, data_root=None) -> Result:
+    """Run the real CLI entry point in this process (exit code, stdout and stderr captured)."""
+    from retrieval.cli import main
+
+    env = dict(env or {})
     if data_root is not None:
-        full_env["RETRIEVAL_DATA_ROOT"] = str(data_root)
-    return subprocess.run([sys.executable, "-m", "retrieval", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
+        env["RETRIEVAL_DATA_ROOT"] = str(data_root)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def assert_clean_failure(result, code: int, *needles: str):

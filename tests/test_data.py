@@ -279,11 +279,9 @@ def test_flat_image_is_refused():
 
 
 def test_pixel_budget_refused_before_decoding(tmp_path, monkeypatch):
-    from retrieval.data import preprocess
-
     path = tmp_path / "big.png"
     Image.new("L", (300, 300), 255).save(path)
-    monkeypatch.setattr(preprocess, "MAX_PIXELS", 50_000)
+    monkeypatch.setenv("RETRIEVAL_MAX_PIXELS", "50000")
     with pytest.raises(RetrievalError, match="big.png: 300x300 pixels is over the pixel budget"):
         load_image_file(path)
 
