@@ -204,3 +204,67 @@ def test_cli_missing_checkpoint_exit_1(data_root, tmp_path, capsys):
     code, out, err = _run(["fewshot", "--checkpoint", str(tmp_path / "nothing"), "--data", "mnist:test",
                            "--root", str(data_root), "--ways", "4"], capsys)
     assert code == 1 and out == "" and "checkpoint not found" in err
+
+
+# --- the trainer's few-shot features (augment.dihedral_classes, augment.elastic) --------------------------------
+
+def test_dihedral_classes_turn_each_group_and_relabel():
+    import torch
+
+    from retrieval.train import DihedralClasses
+
+    x = torch.rand(12, 1, 28, 28)
+    y = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    out, labels = DihedralClasses(group=4)(x, y, torch.Generator().manual_seed(3))
+    assert torch.equal(labels // 8, y)
+    symmetries = labels % 8
+    for g in range(3):  # one symmetry per group (a class slot of the sampler), so positives stay positives
+        assert len(set(symmetries[g * 4:(g + 1) * 4].tolist())) == 1
+    for i in range(12):
+        assert torch.equal(out[i], DihedralClasses.apply(x[i], int(symmetries[i])))
+    # the 8 symmetries are distinct on an asymmetric image, and 4 quarter turns / 2 mirrors are the identity
+    img = torch.arange(16.0).view(1, 4, 4)
+    assert len({tuple(DihedralClasses.apply(img, s).flatten().tolist()) for s in range(8)}) == 8
+    assert torch.equal(DihedralClasses.apply(DihedralClasses.apply(img, 4), 4), img)
+    again = DihedralClasses(group=4)(x, y, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], out) and torch.equal(again[1], labels)
+
+
+def test_elastic_warp_is_seeded_small_and_off_at_zero():
+    import torch
+
+    from retrieval.train import ElasticAugment
+
+    x = torch.zeros(2, 1, 28, 28)
+    x[:, :, 10:18, 13:15] = 1.0  # a vertical bar
+    assert ElasticAugment(0.0)(x, torch.Generator()) is x
+    assert torch.allclose(ElasticAugment(1e-6)(x, torch.Generator().manual_seed(0)), x, atol=1e-4)
+    a = ElasticAugment(2.0)(x, torch.Generator().manual_seed(0))
+    b = ElasticAugment(2.0)(x, torch.Generator().manual_seed(0))
+    c = ElasticAugment(2.0)(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a[0], a[1])
+    # at most 2 pixels of displacement: nothing lands far from the bar
+    far = torch.ones(28, 28, dtype=torch.bool)
+    far[7:21, 10:18] = False
+    assert float(a[:, 0][:, far].abs().max()) == 0.0 and float(a.sum()) > 0.5 * float(x.sum())
+
+
+def test_trainer_uses_dihedral_classes_and_elastic(data_root, tmp_path):
+    import torch
+
+    from retrieval.config import resolve_config
+    from retrieval.train import build_trainer, make_generator
+
+    cfg = resolve_config({"data": {"exclude": ["0", "4", "5", "8"], "subset": 400, "val_size": 80},
+                          "train": {"epochs": 1, "batch_size": 32}, "sampler": {"m": 8},
+                          "augment": {"dihedral_classes": True, "elastic": 1.5}})
+    trainer = build_trainer(cfg, tmp_path, torch.device("cpu"), log=lambda m: None, data_root=data_root,
+                            progress=False)
+    positions = trainer.sampler.epoch_batches(0)[0]
+    x, y = trainer.make_batch(positions, make_generator(0, "step", 0, 0))
+    assert x.shape == (32, 1, 28, 28) and torch.equal(y // 8, trainer.labels[positions])
+    assert len(set((y % 8).tolist())) > 1
+    loss = trainer.train_step(x, y, make_generator(0, "step", 0, 0))
+    assert torch.isfinite(loss)
+    with pytest.raises(UsageError, match="augment.elastic"):
+        resolve_config({"augment": {"elastic": 9.0}})
