@@ -13,9 +13,11 @@ papers report:
 - Each is averaged over the queries; queries with R = 0 (no other reference of their class) are left out of the
   averages and counted as `lone`.
 
-Only as many neighbours as needed are looked at (max(R, k), per query). `ExactSearch` finds them exactly without
-Faiss's k-heap (slow at the depths MAP@R needs): distances block by block, a sampled threshold, then a sort of
-the few candidates per query.
+Only as deep as needed (max(R, k) per query). With reference embeddings the search is exact and needs no
+neighbour lists (`_ranked_stats`): distances block by block (one matrix product), the entries below a sampled
+threshold, and per query two sorts of values only (its class, the others), merged into the ranks of its class's
+references. With a search callable (an approximate index) the metrics come from its neighbour lists, fetched
+in chunks at that depth. `ExactSearch` is the exact search as such a callable (ordered by (distance, id)).
 """
 
 from __future__ import annotations
@@ -80,17 +82,17 @@ def _candidate_thresholds(key: np.ndarray, k: int) -> np.ndarray | None:
     stride = 8
     sample = key[:, ::stride]
     expected = k / stride
-    rank = min(sample.shape[1], int(math.ceil(expected * 1.1 + 3.0 * math.sqrt(expected))) + 2)
+    rank = min(sample.shape[1], int(math.ceil(expected + 3.0 * math.sqrt(expected))) + 2)
     return np.partition(sample, rank - 1, axis=1)[:, rank - 1]
 
 
-def _smallest_rows(key: np.ndarray, offsets: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of `key` (B, N) plus its offset: positions of the k smallest values in (value, position)
-    order, and those values clamped at 0 (float32 (B, k)).
+def _smallest_rows(key: np.ndarray, offsets: np.ndarray, k: int) -> np.ndarray:
+    """For each row of `key` (B, N) plus its offset, the k smallest values (clamped at 0) in (value, position)
+    order, packed as uint64 (float bits << 32 | position): non-negative floats order like their bit patterns, so
+    one integer sort orders by value, then position.
 
     Exact: every entry <= the row's threshold is a candidate, and a row with fewer than k candidates takes all
-    its columns. Candidates are packed as (float bits << 32 | position): non-negative floats order like their
-    bit patterns, so one integer sort orders by value, then position.
+    its columns.
     """
     n_rows, n = key.shape
     thresholds = _candidate_thresholds(key, k)
@@ -103,7 +105,7 @@ def _smallest_rows(key: np.ndarray, offsets: np.ndarray, k: int) -> tuple[np.nda
         if cols is None or len(cols) < k:
             values, cols = row + offsets[i], all_cols
         else:
-            values, cols = row[cols], cols.astype(np.uint64)
+            values, cols = row[cols], cols.view(np.uint64)  # non-negative int64: the same bits
             values += offsets[i]
         np.maximum(values, 0.0, out=values)
         comp = values.view(np.uint32).astype(np.uint64)
@@ -111,9 +113,15 @@ def _smallest_rows(key: np.ndarray, offsets: np.ndarray, k: int) -> tuple[np.nda
         comp |= cols
         comp.sort()
         packed[i] = comp[:k]
-    positions = (packed & _LOW32).astype(np.int64)
-    values = (packed >> np.uint64(32)).astype(np.uint32).view(np.float32)
-    return positions, values
+    return packed
+
+
+def _unpack_positions(packed: np.ndarray) -> np.ndarray:
+    return (packed & _LOW32).astype(np.int64)
+
+
+def _unpack_values(packed: np.ndarray) -> np.ndarray:
+    return (packed >> np.uint64(32)).astype(np.uint32).view(np.float32)
 
 
 class ExactSearch:
@@ -146,6 +154,13 @@ class ExactSearch:
         return len(self.references)
 
     def __call__(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        positions, squared = self.positions(queries, k)
+        dist = np.sqrt(squared)
+        ids = np.where(positions >= 0, self.ids[positions], -1) if len(self.ids) else positions
+        return dist, ids
+
+    def positions(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like calling it, but positions (0..n-1, -1 past the end) and squared distances: the cheaper form."""
         q = _as_embeddings(queries, "query embeddings")
         k = int(k)
         if k <= 0:
@@ -155,43 +170,45 @@ class ExactSearch:
             raise RetrievalError(
                 f"query embeddings have dimension {q.shape[1]}, references {self.references.shape[1]}"
             )
-        dist = np.full((len(q), k), np.inf, dtype=np.float32)
-        ids = np.full((len(q), k), -1, dtype=np.int64)
-        if n_ref == 0 or len(q) == 0:
-            return dist, ids
         kk = min(k, n_ref)
+        if kk < k or len(q) == 0:
+            positions = np.full((len(q), k), -1, dtype=np.int64)
+            squared = np.full((len(q), k), np.inf, dtype=np.float32)
+        if n_ref == 0 or len(q) == 0:
+            return positions, squared
         q = q - self._center
         q_aug = np.concatenate([-2.0 * q, np.ones((len(q), 1), np.float32)], axis=1)
         q_norms = (q.astype(np.float64) ** 2).sum(1).astype(np.float32)
         rows = int(np.clip(_BLOCK_ELEMENTS // 2 // n_ref, 1, 256))
+        packed = np.empty((len(q), kk), np.uint64)
         for s in range(0, len(q), rows):
             key = q_aug[s : s + rows] @ self._augmented_t
-            pos, d2 = _smallest_rows(key, q_norms[s : s + rows], kk)
-            dist[s : s + rows, :kk] = np.sqrt(d2)
-            ids[s : s + rows, :kk] = self.ids[pos]
-        return dist, ids
+            packed[s : s + rows] = _smallest_rows(key, q_norms[s : s + rows], kk)
+        if kk == k:
+            return _unpack_positions(packed), _unpack_values(packed)
+        positions[:, :kk] = _unpack_positions(packed)
+        squared[:, :kk] = _unpack_values(packed)
+        return positions, squared
 
 
-class _LabelLookup:
-    """Reference id -> label (-1 for id -1)."""
+class _PositionLookup:
+    """Reference id -> position in the reference arrays (-1 for id -1 or an unknown id)."""
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray):
-        self.labels = labels
-        self.dense = len(ids) == 0 or np.array_equal(ids, np.arange(len(ids)))
+    def __init__(self, ids: np.ndarray):
+        self.n = len(ids)
+        self.dense = np.array_equal(ids, np.arange(len(ids)))
         if not self.dense:
             self.order = np.argsort(ids, kind="stable")
             self.sorted_ids = ids[self.order]
 
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
+    def __call__(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        if self.dense and ids.size and 0 <= ids.min() and ids.max() < len(self.labels):
-            return self.labels[ids]
         if self.dense:
-            ok = (ids >= 0) & (ids < len(self.labels))
-            return np.where(ok, self.labels[np.where(ok, ids, 0)] if len(self.labels) else -1, -1)
-        at = np.clip(np.searchsorted(self.sorted_ids, ids), 0, len(self.sorted_ids) - 1)
-        ok = (self.sorted_ids[at] == ids) & (ids >= 0)
-        return np.where(ok, self.labels[self.order[at]], -1)
+            return np.where((ids >= 0) & (ids < self.n), ids, -1)
+        if self.n == 0:
+            return np.full(ids.shape, -1, np.int64)
+        at = np.clip(np.searchsorted(self.sorted_ids, ids), 0, self.n - 1)
+        return np.where((self.sorted_ids[at] == ids) & (ids >= 0), self.order[at], -1)
 
 
 def drop_self(dist: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -271,6 +288,154 @@ def _parse_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return ks
 
 
+class _QueryStats:
+    """Per-query results filled by the two neighbour paths."""
+
+    def __init__(self, n: int, ks: tuple[int, ...]):
+        self.ks = ks
+        self.m = ks[-1]  # neighbours kept per query (reports, calibration)
+        self.hits = np.zeros((n, len(ks)), bool)
+        self.prec = np.zeros((n, len(ks)), np.float64)
+        self.rprec = np.full(n, np.nan)
+        self.ap = np.full(n, np.nan)
+        self.nb_pos = np.full((n, self.m), -1, np.int64)
+        self.nb_dist = np.full((n, self.m), np.inf, np.float32)
+
+
+def _list_stats(stats: _QueryStats, rows: np.ndarray, q, ql, label_at, self_pos, relevant, find, *, squared: bool,
+                bar=None) -> None:
+    """Metrics from neighbour lists: `find(queries, k)` -> (positions, distances or squared distances)."""
+    ks, m = stats.ks, stats.m
+    depth = np.maximum(relevant[rows], ks[-1])
+    order = rows[np.argsort(depth, kind="stable")]
+    depth = np.maximum(relevant[order], ks[-1])
+    budget = _BLOCK_ELEMENTS // 4  # neighbour-list entries per chunk of queries
+    start = 0
+    while start < len(order):
+        # queries sorted by depth: the chunk's last query needs the deepest search
+        end = min(len(order), start + max(1, budget // int(depth[start])))
+        while end - start > 1 and (end - start) * int(depth[end - 1]) > budget:
+            end = start + max(1, (end - start) // 2)
+        idx = order[start:end]
+        d = int(depth[start:end].max())
+        if (self_pos[idx] >= 0).any():
+            pos, dist = find(q[idx], d + 1)
+            dist, pos = drop_self(dist, pos, self_pos[idx])
+        else:
+            pos, dist = find(q[idx], d)
+        rel = label_at[pos] == ql[idx, None]
+        for j, k in enumerate(ks):
+            stats.hits[idx, j] = rel[:, :k].any(axis=1)
+            stats.prec[idx, j] = np.count_nonzero(rel[:, :k], axis=1) / k
+        r = relevant[idx]
+        rel &= np.arange(d)[None, :] < r[:, None]  # only the first R ranks count from here on
+        # precision@i at each relevant rank i: (relevant so far) / i, summed by one matrix-vector product
+        hits_so_far = np.cumsum(rel, axis=1, dtype=np.float64)
+        hits_so_far *= rel
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stats.rprec[idx] = np.where(r > 0, np.count_nonzero(rel, axis=1) / r, np.nan)
+            stats.ap[idx] = np.where(r > 0, (hits_so_far @ (1.0 / np.arange(1, d + 1))) / r, np.nan)
+        stats.nb_pos[idx] = pos[:, :m]
+        stats.nb_dist[idx] = np.sqrt(dist[:, :m]) if squared else dist[:, :m]
+        if bar is not None:
+            bar.update(len(idx))
+        start = end
+
+
+_FINITE_MAX = np.float32(np.finfo(np.float32).max)
+
+
+def _ranked_stats(stats: _QueryStats, q, ql, references, rl, self_pos, relevant, bar=None) -> None:
+    """Metrics by exact search without neighbour lists: only the ranks of each query's references of its class.
+
+    References are grouped by class, so a query's same-class references are one slice of its distance row. The
+    candidates (entries <= a sampled threshold above the depth-th smallest, as in ExactSearch) are split into
+    that class and the rest; each side is sorted by value alone, and the rank of the t-th same-class reference
+    is t + the number of others closer. Only a value tie across the two sides needs ids to order it: such
+    queries are returned for the neighbour-list path. The first m neighbours come from the candidates at or
+    below the m-th smallest value, sorted by (value, id).
+    """
+    ks, m = stats.ks, stats.m
+    kmax = ks[-1]
+    ks_arr = np.array(ks)
+    order = np.argsort(rl, kind="stable")  # references grouped by class
+    exact = ExactSearch(references[order])
+    n_ref = len(order)
+    counts = np.bincount(rl, minlength=int(ql.max(initial=0)) + 1)
+    starts = np.cumsum(counts) - counts
+    inverse = np.empty(n_ref, np.int64)
+    inverse[order] = np.arange(n_ref)
+    self_sorted = np.where(self_pos >= 0, inverse[np.maximum(self_pos, 0)], -1) if n_ref else self_pos
+    qc = q - exact._center
+    q_aug = np.concatenate([-2.0 * qc, np.ones((len(q), 1), np.float32)], axis=1)
+    q_norms = (qc.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    block = int(np.clip(_BLOCK_ELEMENTS // 2 // max(n_ref, 1), 1, 256))
+    by_class = np.argsort(ql, kind="stable")
+    group_starts = np.flatnonzero(np.r_[True, ql[by_class][1:] != ql[by_class][:-1]]) if len(q) else []
+    group_ends = np.r_[group_starts[1:], len(q)] if len(q) else []
+    for g0, g1 in zip(group_starts, group_ends):
+        c = int(ql[by_class[g0]])
+        lo, hi = (int(starts[c]), int(starts[c] + counts[c])) if c < len(counts) else (0, 0)
+        members = by_class[g0:g1]
+        for b0 in range(0, len(members), block):
+            rows = members[b0 : b0 + block]
+            key = q_aug[rows] @ exact._augmented_t
+            own = self_sorted[rows]
+            has_own = own >= 0
+            key[np.flatnonzero(has_own), own[has_own]] = np.inf  # a query is not its own neighbour
+            depth = int(np.maximum(relevant[rows], kmax).max())
+            thresholds = _candidate_thresholds(key, min(depth, n_ref))
+            for i, row_index in enumerate(rows.tolist()):
+                row = key[i]
+                need = min(max(int(relevant[row_index]), kmax), n_ref - int(has_own[i]))
+                t = _FINITE_MAX if thresholds is None else min(thresholds[i], _FINITE_MAX)
+                cols = np.flatnonzero(row <= t)
+                if len(cols) < need:  # the sampled threshold fell short: take every column
+                    cols = np.flatnonzero(row <= _FINITE_MAX)
+                values = row[cols]
+                values += q_norms[row_index]
+                np.maximum(values, 0.0, out=values)
+                a, b = np.searchsorted(cols, (lo, hi))  # cols ascend: the same-class slice is cols[a:b]
+                pos_cols, pos_values = cols[a:b], values[a:b]
+                neg_cols, neg_values = np.concatenate([cols[:a], cols[b:]]), np.concatenate([values[:a], values[b:]])
+                p_sorted = np.sort(pos_values)
+                n_sorted = np.sort(neg_values)
+                # merge the two sorted runs (a stable sort of two runs is linear): ranks of same-class references,
+                # counting others with an equal value as farther for now
+                merged = np.argsort(np.concatenate([p_sorted, n_sorted]), kind="stable")
+                ranks = np.flatnonzero(merged < len(p_sorted)) + 1
+                closer = ranks - np.arange(1, len(ranks) + 1)
+                tied = np.flatnonzero(n_sorted[np.minimum(closer, len(n_sorted) - 1)] == p_sorted) \
+                    if len(n_sorted) else closer[:0]
+                for value in np.unique(p_sorted[tied]) if len(tied) else ():
+                    # equal distances: order by reference id (Faiss's order), as the neighbour lists do
+                    slots = np.flatnonzero(p_sorted == value)
+                    p_ids = np.sort(order[pos_cols[pos_values == value]])
+                    n_ids = np.sort(order[neg_cols[neg_values == value]])
+                    ranks[slots] += np.searchsorted(n_ids, p_ids)
+                r = int(relevant[row_index])
+                stats.hits[row_index] = (ranks[0] <= ks_arr) if len(ranks) else False
+                stats.prec[row_index] = np.searchsorted(ranks, ks_arr, "right") / ks_arr
+                if r > 0:
+                    within = int(np.searchsorted(ranks, r, "right"))
+                    stats.rprec[row_index] = within / r
+                    stats.ap[row_index] = float(np.sum(np.arange(1, within + 1) / ranks[:within])) / r
+                # first m neighbours: candidates at or below the m-th smallest value, by (value, original position)
+                firsts = np.sort(np.concatenate([p_sorted[:m], n_sorted[:m]]))
+                if len(firsts) == 0:
+                    continue
+                u = firsts[min(m, len(firsts)) - 1]
+                first = values <= u
+                original = order[cols[first]]
+                packed = (values[first].view(np.uint32).astype(np.uint64) << np.uint64(32)) | original.astype(np.uint64)
+                packed.sort()
+                top = packed[:m]
+                stats.nb_pos[row_index, : len(top)] = _unpack_positions(top)
+                stats.nb_dist[row_index, : len(top)] = np.sqrt(_unpack_values(top))
+            if bar is not None:
+                bar.update(len(rows))
+
+
 def retrieval_metrics(
     queries,
     query_labels,
@@ -301,23 +466,25 @@ def retrieval_metrics(
             query_self_ids = np.arange(len(q), dtype=np.int64)
     if reference_labels is None:
         raise ValueError("reference_labels are required")
-    if search is None:
-        search = ExactSearch(references, ids=reference_ids)
-        n_ref = len(search)
-        ref_ids = search.ids
-    else:
-        ref_ids = None if reference_ids is None else np.asarray(reference_ids, dtype=np.int64).reshape(-1)
-        n_ref = len(np.asarray(reference_labels).reshape(-1))
-        if ref_ids is None:
-            ref_ids = np.arange(n_ref, dtype=np.int64)
-    rl = _as_labels(reference_labels, n_ref, "reference labels")
+    rl = _as_labels(reference_labels, len(np.asarray(reference_labels).reshape(-1)), "reference labels")
+    ref_ids = np.arange(len(rl), dtype=np.int64) if reference_ids is None else \
+        np.asarray(reference_ids, dtype=np.int64).reshape(-1)
     if len(ref_ids) != len(rl):
         raise ValueError(f"{len(ref_ids)} reference ids for {len(rl)} reference labels")
-    label_of = _LabelLookup(ref_ids, rl)
+    position_of = _PositionLookup(ref_ids)
+    # Everything below works on positions in the reference arrays (-1: no neighbour).
+    if search is None:
+        references = _as_embeddings(references, "reference embeddings")
+        if len(references) != len(rl):
+            raise RetrievalError(f"reference labels: {len(rl)} labels for {len(references)} embeddings")
+    n_ref = len(rl)
+    label_at = np.append(rl, -1)  # label_at[-1] == -1: "no neighbour"
+    id_at = np.append(ref_ids, -1)
     self_ids = (np.full(len(q), -1, np.int64) if query_self_ids is None
                 else np.asarray(query_self_ids, dtype=np.int64).reshape(-1))
     if len(self_ids) != len(q):
         raise ValueError(f"{len(self_ids)} self ids for {len(q)} queries")
+    self_pos = position_of(self_ids)
 
     n_classes = max(int(ql.max(initial=-1)), int(rl.max(initial=-1))) + 1
     if classes is None:
@@ -326,57 +493,28 @@ def retrieval_metrics(
     if n_classes > len(classes):
         raise ValueError(f"labels go up to {n_classes - 1} but only {len(classes)} class names were given")
     counts = np.bincount(rl, minlength=len(classes))
-    own_counted = (self_ids >= 0) & (label_of(self_ids) == ql)
+    own_counted = (self_pos >= 0) & (label_at[self_pos] == ql)
     relevant = counts[ql] - own_counted.astype(np.int64)
 
-    kmax = ks[-1]
-    m = kmax  # neighbours kept per query for reports
-    depth = np.maximum(relevant, kmax)
-    needs_self = self_ids >= 0
-    order = np.argsort(depth, kind="stable")
-    nb_ids = np.full((len(q), m), -1, np.int64)
-    nb_dist = np.full((len(q), m), np.inf, np.float32)
-    hits = np.zeros((len(q), len(ks)), bool)
-    prec = np.zeros((len(q), len(ks)), np.float64)
-    rprec = np.full(len(q), np.nan)
-    ap = np.full(len(q), np.nan)
-
+    stats = _QueryStats(len(q), ks)
     from tqdm import tqdm
 
     bar = tqdm(total=len(q), desc="neighbours", unit="query", disable=not progress, leave=False)
-    budget = _BLOCK_ELEMENTS // 4  # neighbour-list entries per chunk of queries
-    start = 0
-    while start < len(q):
-        # queries sorted by depth: the chunk's last query needs the deepest search
-        end = min(len(q), start + max(1, budget // int(depth[order[start]])))
-        while end - start > 1 and (end - start) * int(depth[order[end - 1]]) > budget:
-            end = start + max(1, (end - start) // 2)
-        idx = order[start:end]
-        d = int(depth[idx].max())
-        if needs_self[idx].any():
-            dist, ids = search(q[idx], d + 1)
-            dist, ids = drop_self(dist, ids, self_ids[idx])
+    try:
+        if search is None:
+            _ranked_stats(stats, q, ql, references, rl, self_pos, relevant, bar)
         else:
-            dist, ids = search(q[idx], d)
-        rel = label_of(ids) == ql[idx, None]
-        for j, k in enumerate(ks):
-            hits[idx, j] = rel[:, :k].any(axis=1)
-            prec[idx, j] = np.count_nonzero(rel[:, :k], axis=1) / k
-        r = relevant[idx]
-        rel &= np.arange(d)[None, :] < r[:, None]  # only the first R ranks count from here on
-        # precision@i at each relevant rank i: (relevant so far) / i, summed by one matrix-vector product
-        hits_so_far = np.cumsum(rel, axis=1, dtype=np.int32)
-        hits_so_far *= rel
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rprec[idx] = np.where(r > 0, np.count_nonzero(rel, axis=1) / r, np.nan)
-            ap[idx] = np.where(r > 0, (hits_so_far @ (1.0 / np.arange(1, d + 1))) / r, np.nan)
-        nb_ids[idx] = ids[:, :m]
-        nb_dist[idx] = dist[:, :m]
-        bar.update(len(idx))
-        start = end
-    bar.close()
+            def find(x, k):
+                dist, ids = search(x, k)
+                return position_of(ids), dist
 
-    nb_labels = label_of(nb_ids)
+            _list_stats(stats, np.arange(len(q)), q, ql, label_at, self_pos, relevant, find, squared=False, bar=bar)
+    finally:
+        bar.close()
+    hits, prec, rprec, ap, nb_pos, nb_dist = stats.hits, stats.prec, stats.rprec, stats.ap, stats.nb_pos, stats.nb_dist
+
+    nb_labels = label_at[nb_pos]
+    nb_ids = id_at[nb_pos]
     scored = relevant > 0
     n_scored = int(scored.sum())
 
@@ -418,16 +556,22 @@ def retrieval_metrics(
 
 
 # -- queries against an index folder (what `retrieval evaluate` and `retrieval calibrate` run) --------------------
-def index_search(index) -> Search:
-    """The search to evaluate an EmbeddingIndex with: for an exact (Flat) index, ExactSearch over its stored
-    vectors (the same neighbours, found faster at MAP@R depths than Faiss's k-heap); otherwise the index's own
-    (approximate) search, which is what its users get."""
+def index_vectors(index) -> np.ndarray | None:
+    """The stored vectors of an exact (Flat) EmbeddingIndex, in the order of index.ids; None for approximate
+    indexes (their search is what their users get, so that is what gets evaluated)."""
     import faiss
 
     inner = faiss.downcast_index(index.index.index) if hasattr(index.index, "index") else None
     if isinstance(inner, faiss.IndexFlat) and inner.ntotal == len(index.ids):
-        return ExactSearch(inner.reconstruct_n(0, inner.ntotal), ids=index.ids)
-    return index.search
+        return inner.reconstruct_n(0, inner.ntotal)
+    return None
+
+
+def index_search(index) -> Search:
+    """Exact search over a Flat index's vectors (the same neighbours, found faster than Faiss's k-heap at MAP@R
+    depths), else the index's own search."""
+    vectors = index_vectors(index)
+    return index.search if vectors is None else ExactSearch(vectors, ids=index.ids)
 
 
 @dataclass
@@ -486,8 +630,9 @@ def evaluate_index(folder, query_spec: str, ks: Sequence[int] = DEFAULT_KS, *, r
     ks = _parse_ks(ks)
     iq = load_index_queries(folder, query_spec, root=root, classes=classes, exclude=exclude, subset=subset,
                             seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint, log=log)
+    vectors = index_vectors(iq.index)
     metrics = retrieval_metrics(
-        iq.embeddings, iq.labels, search=index_search(iq.index), reference_labels=iq.index.labels,
+        iq.embeddings, iq.labels, vectors, iq.index.labels, search=None if vectors is not None else iq.index.search,
         reference_ids=iq.index.ids, query_self_ids=iq.self_ids, ks=ks, classes=iq.classes, progress=True,
     )
     return metrics, iq

@@ -129,6 +129,29 @@ def test_bad_inputs_raise_clear_errors():
         retrieval_metrics(line(0, 1), [0], line(1), [0])
 
 
+@pytest.mark.parametrize("kind", ["integer", "random"])
+def test_rank_path_equals_neighbour_list_path(kind):
+    # the exact path (ranks without neighbour lists) against the same search through neighbour lists
+    rng = np.random.default_rng(2)
+    if kind == "integer":  # distance ties everywhere, broken by id
+        refs = rng.integers(-1, 2, (900, 4)).astype(np.float32)
+    else:
+        refs = unit(rng.standard_normal((900, 8)))
+    labels = rng.integers(0, 6, 900)
+    queries, query_labels = refs[:200], labels[:200].copy()
+    query_labels[:10] = 7  # a class no reference has
+    self_ids = np.where(np.arange(200) % 3 == 0, np.arange(200), -1)  # some queries are references
+    a = retrieval_metrics(queries, query_labels, refs, labels, query_self_ids=self_ids, classes=list("abcdefgh"))
+    b = retrieval_metrics(queries, query_labels, search=ExactSearch(refs), reference_labels=labels,
+                          query_self_ids=self_ids, classes=list("abcdefgh"))
+    np.testing.assert_array_equal(a.neighbor_ids, b.neighbor_ids)
+    # (float32 |q|^2 + |r|^2 - 2 q.r: a distance of ~0 comes out within ~1e-3 of 0)
+    np.testing.assert_allclose(a.neighbor_distances, b.neighbor_distances, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(a.average_precision, b.average_precision, rtol=1e-12)
+    assert a.to_json()["recall@16"] == b.to_json()["recall@16"] and a.precision == b.precision
+    assert a.n_lone == 10 and a.r_precision == pytest.approx(b.r_precision, rel=1e-12)
+
+
 # -- ExactSearch agrees with Faiss ----------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [1, 7, 60, 500])
 def test_exact_search_matches_faiss_order_including_ties(k):
