@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -171,7 +172,7 @@ class BatchAugment:
             out.append(TF.affine(
                 chunk, angle=a * self.degrees, translate=[tx * self.translate * w, ty * self.translate * h],
                 scale=lo + (s + 1) / 2 * (hi - lo), shear=[sh * self.shear, 0.0],
-                interpolation=TF.InterpolationMode.BILINEAR, fill=0.0,
+                interpolation=TF.InterpolationMode.BILINEAR,  # uncovered pixels are 0 (background)
             ))
         return torch.cat(out)
 
@@ -718,7 +719,19 @@ def train(
         cfg = _as_config(config, overrides)
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg["name"]
     dev = resolve_device(device)
+    created = not out.exists()
     ensure_writable_dir(out, "run folder")
+    try:
+        _train_in(out, cfg, dev, resume, overwrite, log, data_root, progress, on_step, threads)
+    except BaseException:
+        if created and out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)  # failed before writing anything: leave no empty run folder
+        raise
+    return out
+
+
+def _train_in(out: Path, cfg: dict, dev: torch.device, resume: bool, overwrite: bool, log: Log, data_root,
+              progress: bool, on_step, threads: int | None) -> None:
     with exclusive_lock(out):
         if resume:
             if not (out / "state.json").is_file():
@@ -743,7 +756,6 @@ def train(
                 f"{len(trainer.images):,} images ({len(trainer.val_labels) if trainer.val_labels is not None else 0:,} "
                 f"for validation), {trainer.epochs} epochs x {trainer.steps_per_epoch} steps on {where} -> {out}")
             trainer.run(resume=resume)
-    return out
 
 
 def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, data_root=None, progress: bool = True,
@@ -753,8 +765,12 @@ def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, d
     from retrieval.data import load_dataset
 
     d, seed = cfg["data"], cfg["seed"]
-    ds = load_dataset(d["spec"], root=data_root, classes=d["classes"] or None, exclude=d["exclude"] or None,
-                      subset=d["subset"] or None, seed=seed, log=log)
+    try:
+        ds = load_dataset(d["spec"], root=data_root, classes=d["classes"] or None, exclude=d["exclude"] or None,
+                          subset=d["subset"] or None, seed=seed, log=log)
+    except RetrievalError as e:  # the data layer names CLI options; say which config section it came from
+        raise type(e)(f"config [data]: {e}".replace("--classes", "data.classes").replace("--exclude", "data.exclude")
+                      .replace("--subset", "data.subset")) from None
     val_size = d["val_size"]
     if val_size and val_size > len(ds) // 5:
         capped = len(ds) // 5

@@ -246,6 +246,10 @@ def test_resume_refuses_a_different_config(tmp_path, data_root):
               threads=1)
     with pytest.raises(RetrievalError, match="no training state"):
         train(cfg, tmp_path / "fresh", resume=True, log=quiet, data_root=data_root, threads=1)
+    assert not (tmp_path / "fresh").exists()  # nothing written, no empty run folder left behind
+    with pytest.raises(UsageError, match=r"data\.classes: x not among the classes"):
+        train(tiny(data={"classes": ["1", "x"]}), tmp_path / "bad", log=quiet, data_root=data_root, threads=1)
+    assert not (tmp_path / "bad").exists()
 
 
 # ------------------------------------------------------------------------------------------ config errors

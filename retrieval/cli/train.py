@@ -24,7 +24,7 @@ def train_command(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
     overrides: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a config key, typed like its default; repeatable: --set optimizer.lr=0.01",
-        show_default=False,
+        show_default=False, metavar="KEY=VALUE",
     ),
     subset: Optional[int] = typer.Option(
         None, "--subset", help="Train on a seeded subset of this many images (sets data.subset), for small runs.",
