@@ -13,11 +13,11 @@ papers report:
 - Each is averaged over the queries; queries with R = 0 (no other reference of their class) are left out of the
   averages and counted as `lone`.
 
-Only as deep as needed (max(R, k) per query). With reference embeddings the search is exact and needs no
-neighbour lists (`_ranked_stats`): distances block by block (one matrix product), the entries below a sampled
-threshold, and per query two sorts of values only (its class, the others), merged into the ranks of its class's
-references. With a search callable (an approximate index) the metrics come from its neighbour lists, fetched
-in chunks at that depth. `ExactSearch` is the exact search as such a callable (ordered by (distance, id)).
+Only as deep as needed (max(R, k) per query). With reference embeddings the search is exact and keeps no
+neighbour lists (`_ranked_stats`): distances block by block (one matrix product), per query only the entries
+below a sampled threshold, two sorts of values alone (its class, the others) merged into the ranks of its
+class's references. With a search callable (an approximate index) the metrics come from its neighbour lists,
+fetched in chunks at that depth. `ExactSearch` is the exact search as such a callable (ordered by (distance, id)).
 """
 
 from __future__ import annotations
@@ -345,14 +345,39 @@ def _list_stats(stats: _QueryStats, rows: np.ndarray, q, ql, label_at, self_pos,
 _FINITE_MAX = np.float32(np.finfo(np.float32).max)
 
 
+def _distance_blocks(q_aug: np.ndarray, augmented_t: np.ndarray, blocks):
+    """Yield (label, rows, q_aug[rows] @ augmented_t) for each (label, rows) block, computing the next block's
+    matrix product in a helper thread while the caller works on the current one (the product releases the GIL),
+    with the BLAS library held to one thread: on two cores the product and the per-query work then each get one,
+    instead of BLAS threads spinning against the caller."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn (a pytorch-metric-learning need)
+        import contextlib
+
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(limits=1, user_api="blas")
+    with limits, ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i, (label, rows) in enumerate(blocks):
+            if pending is None:
+                pending = pool.submit(np.matmul, q_aug[rows], augmented_t)
+            key = pending.result()
+            pending = pool.submit(np.matmul, q_aug[blocks[i + 1][1]], augmented_t) if i + 1 < len(blocks) else None
+            yield label, rows, key
+
+
 def _ranked_stats(stats: _QueryStats, q, ql, references, rl, self_pos, relevant, bar=None) -> None:
     """Metrics by exact search without neighbour lists: only the ranks of each query's references of its class.
 
     References are grouped by class, so a query's same-class references are one slice of its distance row. The
     candidates (entries <= a sampled threshold above the depth-th smallest, as in ExactSearch) are split into
-    that class and the rest; each side is sorted by value alone, and the rank of the t-th same-class reference
-    is t + the number of others closer. Only a value tie across the two sides needs ids to order it: such
-    queries are returned for the neighbour-list path. The first m neighbours come from the candidates at or
+    that class and the rest; each side is sorted by value alone (cheaper than sorting (value, id) pairs) and the
+    two runs merged: the rank of the t-th same-class reference is t + the number of others closer. A value tie
+    across the two sides is then ordered by id, as Faiss does. The first m neighbours are the candidates at or
     below the m-th smallest value, sorted by (value, id).
     """
     ks, m = stats.ks, stats.m
@@ -373,67 +398,64 @@ def _ranked_stats(stats: _QueryStats, q, ql, references, rl, self_pos, relevant,
     by_class = np.argsort(ql, kind="stable")
     group_starts = np.flatnonzero(np.r_[True, ql[by_class][1:] != ql[by_class][:-1]]) if len(q) else []
     group_ends = np.r_[group_starts[1:], len(q)] if len(q) else []
-    for g0, g1 in zip(group_starts, group_ends):
-        c = int(ql[by_class[g0]])
+    blocks = [(int(ql[by_class[g0]]), by_class[g0:g1][b0 : b0 + block])
+              for g0, g1 in zip(group_starts, group_ends) for b0 in range(0, g1 - g0, block)]
+    for c, rows, key in _distance_blocks(q_aug, exact._augmented_t, blocks):
         lo, hi = (int(starts[c]), int(starts[c] + counts[c])) if c < len(counts) else (0, 0)
-        members = by_class[g0:g1]
-        for b0 in range(0, len(members), block):
-            rows = members[b0 : b0 + block]
-            key = q_aug[rows] @ exact._augmented_t
-            own = self_sorted[rows]
-            has_own = own >= 0
-            key[np.flatnonzero(has_own), own[has_own]] = np.inf  # a query is not its own neighbour
-            depth = int(np.maximum(relevant[rows], kmax).max())
-            thresholds = _candidate_thresholds(key, min(depth, n_ref))
-            for i, row_index in enumerate(rows.tolist()):
-                row = key[i]
-                need = min(max(int(relevant[row_index]), kmax), n_ref - int(has_own[i]))
-                t = _FINITE_MAX if thresholds is None else min(thresholds[i], _FINITE_MAX)
-                cols = np.flatnonzero(row <= t)
-                if len(cols) < need:  # the sampled threshold fell short: take every column
-                    cols = np.flatnonzero(row <= _FINITE_MAX)
-                values = row[cols]
-                values += q_norms[row_index]
-                np.maximum(values, 0.0, out=values)
-                a, b = np.searchsorted(cols, (lo, hi))  # cols ascend: the same-class slice is cols[a:b]
-                pos_cols, pos_values = cols[a:b], values[a:b]
-                neg_cols, neg_values = np.concatenate([cols[:a], cols[b:]]), np.concatenate([values[:a], values[b:]])
-                p_sorted = np.sort(pos_values)
-                n_sorted = np.sort(neg_values)
-                # merge the two sorted runs (a stable sort of two runs is linear): ranks of same-class references,
-                # counting others with an equal value as farther for now
-                merged = np.argsort(np.concatenate([p_sorted, n_sorted]), kind="stable")
-                ranks = np.flatnonzero(merged < len(p_sorted)) + 1
-                closer = ranks - np.arange(1, len(ranks) + 1)
-                tied = np.flatnonzero(n_sorted[np.minimum(closer, len(n_sorted) - 1)] == p_sorted) \
-                    if len(n_sorted) else closer[:0]
-                for value in np.unique(p_sorted[tied]) if len(tied) else ():
-                    # equal distances: order by reference id (Faiss's order), as the neighbour lists do
-                    slots = np.flatnonzero(p_sorted == value)
-                    p_ids = np.sort(order[pos_cols[pos_values == value]])
-                    n_ids = np.sort(order[neg_cols[neg_values == value]])
-                    ranks[slots] += np.searchsorted(n_ids, p_ids)
-                r = int(relevant[row_index])
-                stats.hits[row_index] = (ranks[0] <= ks_arr) if len(ranks) else False
-                stats.prec[row_index] = np.searchsorted(ranks, ks_arr, "right") / ks_arr
-                if r > 0:
-                    within = int(np.searchsorted(ranks, r, "right"))
-                    stats.rprec[row_index] = within / r
-                    stats.ap[row_index] = float(np.sum(np.arange(1, within + 1) / ranks[:within])) / r
-                # first m neighbours: candidates at or below the m-th smallest value, by (value, original position)
-                firsts = np.sort(np.concatenate([p_sorted[:m], n_sorted[:m]]))
-                if len(firsts) == 0:
-                    continue
-                u = firsts[min(m, len(firsts)) - 1]
-                first = values <= u
-                original = order[cols[first]]
-                packed = (values[first].view(np.uint32).astype(np.uint64) << np.uint64(32)) | original.astype(np.uint64)
-                packed.sort()
-                top = packed[:m]
-                stats.nb_pos[row_index, : len(top)] = _unpack_positions(top)
-                stats.nb_dist[row_index, : len(top)] = np.sqrt(_unpack_values(top))
-            if bar is not None:
-                bar.update(len(rows))
+        own = self_sorted[rows]
+        has_own = own >= 0
+        key[np.flatnonzero(has_own), own[has_own]] = np.inf  # a query is not its own neighbour
+        depth = int(np.maximum(relevant[rows], kmax).max())
+        thresholds = _candidate_thresholds(key, min(depth, n_ref))
+        for i, row_index in enumerate(rows.tolist()):
+            row = key[i]
+            need = min(max(int(relevant[row_index]), kmax), n_ref - int(has_own[i]))
+            t = _FINITE_MAX if thresholds is None else min(thresholds[i], _FINITE_MAX)
+            cols = np.flatnonzero(row <= t)
+            if len(cols) < need:  # the sampled threshold fell short: take every column
+                cols = np.flatnonzero(row <= _FINITE_MAX)
+            values = row[cols]
+            values += q_norms[row_index]
+            np.maximum(values, 0.0, out=values)
+            a, b = np.searchsorted(cols, (lo, hi))  # cols ascend: the same-class slice is cols[a:b]
+            pos_cols, pos_values = cols[a:b], values[a:b]
+            neg_cols, neg_values = np.concatenate([cols[:a], cols[b:]]), np.concatenate([values[:a], values[b:]])
+            p_sorted = np.sort(pos_values)
+            n_sorted = np.sort(neg_values)
+            # merge the two sorted runs (a stable sort of two runs is linear): ranks of same-class references,
+            # counting others with an equal value as farther for now
+            merged = np.argsort(np.concatenate([p_sorted, n_sorted]), kind="stable")
+            ranks = np.flatnonzero(merged < len(p_sorted)) + 1
+            closer = ranks - np.arange(1, len(ranks) + 1)
+            tied = np.flatnonzero(n_sorted[np.minimum(closer, len(n_sorted) - 1)] == p_sorted) \
+                if len(n_sorted) else closer[:0]
+            for value in np.unique(p_sorted[tied]) if len(tied) else ():
+                # equal distances: order by reference id (Faiss's order), as the neighbour lists do
+                slots = np.flatnonzero(p_sorted == value)
+                p_ids = np.sort(order[pos_cols[pos_values == value]])
+                n_ids = np.sort(order[neg_cols[neg_values == value]])
+                ranks[slots] += np.searchsorted(n_ids, p_ids)
+            r = int(relevant[row_index])
+            stats.hits[row_index] = (ranks[0] <= ks_arr) if len(ranks) else False
+            stats.prec[row_index] = np.searchsorted(ranks, ks_arr, "right") / ks_arr
+            if r > 0:
+                within = int(np.searchsorted(ranks, r, "right"))
+                stats.rprec[row_index] = within / r
+                stats.ap[row_index] = float(np.sum(np.arange(1, within + 1) / ranks[:within])) / r
+            # first m neighbours: candidates at or below the m-th smallest value, by (value, original position)
+            firsts = np.sort(np.concatenate([p_sorted[:m], n_sorted[:m]]))
+            if len(firsts) == 0:
+                continue
+            u = firsts[min(m, len(firsts)) - 1]
+            first = values <= u
+            original = order[cols[first]]
+            packed = (values[first].view(np.uint32).astype(np.uint64) << np.uint64(32)) | original.astype(np.uint64)
+            packed.sort()
+            top = packed[:m]
+            stats.nb_pos[row_index, : len(top)] = _unpack_positions(top)
+            stats.nb_dist[row_index, : len(top)] = np.sqrt(_unpack_values(top))
+        if bar is not None:
+            bar.update(len(rows))
 
 
 def retrieval_metrics(
