@@ -429,12 +429,19 @@ def _ranked_stats(stats: _QueryStats, q, ql, references, rl, self_pos, relevant,
             closer = ranks - np.arange(1, len(ranks) + 1)
             tied = np.flatnonzero(n_sorted[np.minimum(closer, len(n_sorted) - 1)] == p_sorted) \
                 if len(n_sorted) else closer[:0]
-            for value in np.unique(p_sorted[tied]) if len(tied) else ():
-                # equal distances: order by reference id (Faiss's order), as the neighbour lists do
-                slots = np.flatnonzero(p_sorted == value)
-                p_ids = np.sort(order[pos_cols[pos_values == value]])
-                n_ids = np.sort(order[neg_cols[neg_values == value]])
-                ranks[slots] += np.searchsorted(n_ids, p_ids)
+            if len(tied):
+                # equal distances: others with a smaller id come first (Faiss's order); order the candidates
+                # holding a tied value by (value, id) and count, for each same-class one, the others before it
+                values_tied = p_sorted[tied]
+                in_p, in_n = np.isin(pos_values, values_tied), np.isin(neg_values, values_tied)
+                v = np.concatenate([pos_values[in_p], neg_values[in_n]])
+                ids = order[np.concatenate([pos_cols[in_p], neg_cols[in_n]])]
+                by = np.argsort((v.view(np.uint32).astype(np.uint64) << np.uint64(32)) | ids.view(np.uint64))
+                other = by >= int(in_p.sum())
+                others_so_far = np.cumsum(other)
+                group_start = np.r_[True, v[by][1:] != v[by][:-1]]
+                before_group = (others_so_far - other)[group_start][np.cumsum(group_start) - 1]
+                ranks[np.flatnonzero(np.isin(p_sorted, values_tied))] += (others_so_far - before_group)[~other]
             r = int(relevant[row_index])
             stats.hits[row_index] = (ranks[0] <= ks_arr) if len(ranks) else False
             stats.prec[row_index] = np.searchsorted(ranks, ks_arr, "right") / ks_arr
