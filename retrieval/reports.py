@@ -236,7 +236,10 @@ def write_report(out, metrics, iq, context: dict, *, root=None, seed: int = 0,
         figures.append("embeddings_pca.png")
         atomic_write_json(tmp / "metrics.json", {**context, **metrics.to_json()})
         atomic_write_text(tmp / "summary.md", summary_markdown(metrics, context, figures))
+        # mkdtemp/mkstemp create private (0700/0600) entries; a report is meant to be read
         os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,13 +13,13 @@ from retrieval.cli.common import (
     root_or_default,
 )
 from retrieval.cli.index import BatchSizeOption, DeviceOption, resolve_device
+from retrieval.data.specs import SPEC_HELP
 from retrieval.errors import UsageError
 
 IndexOption = typer.Option(..., "--index", help="Index folder (from `retrieval index build`).")
 QueriesOption = typer.Option(
     ..., "--queries",
-    help=f"Query images, as a dataset spec ({SpecHelp[len('Dataset spec: '):]}) Labels are matched to the "
-         "index's classes by name.",
+    help=f"Query images, as a dataset spec ({SPEC_HELP}). Labels are matched to the index's classes by name.",
 )
 IndexCheckpointOption = typer.Option(
     None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
