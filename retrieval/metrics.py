@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+
 from retrieval.errors import RetrievalError, UsageError
 
 Search = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray]"]
