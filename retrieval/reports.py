@@ -265,5 +265,8 @@ def check_report_target(out) -> None:
     """Fail early (before long work) when `out` cannot take a report."""
     out = Path(out)
     _prepare_output(out)
-    if out.parent != Path("") and out.parent.exists() and not os.access(out.parent, os.W_OK):
-        raise RetrievalError(f"--report {out}: {out.parent} is not writable")
+    parent = next((p for p in out.parents if p.exists()), Path("."))  # the nearest folder that exists
+    if not parent.is_dir():
+        raise UsageError(f"--report {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise RetrievalError(f"--report {out}: {parent} is not writable")

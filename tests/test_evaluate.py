@@ -184,6 +184,9 @@ def test_report_folder(index_dir, tmp_path, capsys):
                            "--report", other)
     assert code == 2 and "notes.txt" in err
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    code, _, err = run_cli(capsys, "evaluate", "--index", index_dir, "--queries", "mnist:test", "--subset", 100,
+                           "--report", other / "notes.txt" / "report")
+    assert code == 2 and "not a folder" in err
     assert not list(tmp_path.glob(".*.tmp"))
 
 
