@@ -207,10 +207,11 @@ def _prepare_output(out: Path) -> None:
         )
 
 
-def write_report(out, metrics, iq, context: dict, *, root=None, seed: int = 0,
+def write_report(out, metrics, iq, context: dict, *, payload: dict | None = None, root=None, seed: int = 0,
                  log: Callable[[str], None] | None = None) -> list[Path]:
-    """Write metrics.json, summary.md and the plots into `out`: built in a temporary sibling folder, then put in
-    place in one rename (a previous report there is replaced), so a failure leaves no half-written report."""
+    """Write metrics.json (`payload`, default context + metrics), summary.md (context as a list, then the
+    metrics) and the plots into `out`: built in a temporary sibling folder, then put in place in one rename (a
+    previous report there is replaced), so a failure leaves no half-written report."""
     log = log or (lambda msg: None)
     out = Path(out)
     _prepare_output(out)
@@ -234,7 +235,7 @@ def write_report(out, metrics, iq, context: dict, *, root=None, seed: int = 0,
             log("no failures to draw: every scored query's nearest neighbour has its label")
         plot_projection(iq.embeddings, metrics.query_labels, metrics.classes, tmp / "embeddings_pca.png", seed=seed)
         figures.append("embeddings_pca.png")
-        atomic_write_json(tmp / "metrics.json", {**context, **metrics.to_json()})
+        atomic_write_json(tmp / "metrics.json", payload if payload is not None else {**context, **metrics.to_json()})
         atomic_write_text(tmp / "summary.md", summary_markdown(metrics, context, figures))
         # mkdtemp/mkstemp create private (0700/0600) entries; a report is meant to be read
         os.chmod(tmp, 0o755)

@@ -110,14 +110,15 @@ def evaluate(
                  f"{meta['tower'].get('checkpoint', '')}",
         "queries": _describe_queries(iq),
     }
+    payload = {**metrics.to_json(), "index": str(index), "queries": queries, "filters": iq.dataset.filters,
+               "left_out_own_entries": int((iq.self_ids >= 0).sum())}
     if report is not None:
         from retrieval.reports import write_report
 
-        written = write_report(report, metrics, iq, context, root=data_root, seed=seed, log=log)
+        written = write_report(report, metrics, iq, context, payload=payload, root=data_root, seed=seed, log=log)
         log(f"wrote {report}/ ({', '.join(p.name for p in written)})")
     if json_out:
-        print_json({**metrics.to_json(), "index": str(index), "queries": queries,
-                    "left_out_own_entries": int((iq.self_ids >= 0).sum())})
+        print_json(payload)
         return
     print(f"index       {index}  ({context['index_description']})")
     print(f"queries     {context['queries']}")
