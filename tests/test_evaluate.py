@@ -14,23 +14,15 @@ import torch
 from PIL import Image
 
 from retrieval.checkpoint import load_checkpoint, save_checkpoint
-from retrieval.cli import main
 from retrieval.data.specs import load_dataset
 from retrieval.embed import embed_images, images_to_input
 from retrieval.index import build_index_folder, load_index
 from retrieval.metrics import evaluate_index
 from retrieval.objectives import PairHead
 from retrieval.towers import build_tower
+from cli_helpers import run_cli
 
 QUIET = {"log": lambda msg: None}
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else code), captured.out, captured.err
 
 
 def pml(queries, query_labels, references=None, reference_labels=None) -> dict:

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from retrieval.checkpoint import save_checkpoint
-from retrieval.cli import main
 from retrieval.data.specs import load_dataset
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
@@ -24,6 +23,7 @@ from retrieval.index import (
     update_index_meta,
 )
 from retrieval.towers import build_tower
+from cli_helpers import run_cli
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
@@ -50,14 +50,6 @@ def embedded(runs, test_subset):
 
     ckpt = load_checkpoint(runs["a"])
     return ckpt, embed_images(ckpt.tower, test_subset.images, batch_size=128)
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else code), captured.out, captured.err
 
 
 def built_index(tmp_path, runs, name="idx", subset=200, **kw) -> Path:

@@ -12,7 +12,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from retrieval.checkpoint import save_checkpoint
-from retrieval.cli import main
 from retrieval.data.preprocess import load_image_file
 from retrieval.data.specs import load_dataset
 from retrieval.errors import RetrievalError, UsageError
@@ -20,6 +19,7 @@ from retrieval.grid import GridCell, GridRow, SourceImages, query_grid_rows, ren
 from retrieval.index import build_index_folder, load_index, update_index_meta
 from retrieval.query import UNKNOWN, Searcher, predict_labels, resolve_query_inputs
 from retrieval.towers import build_tower
+from cli_helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +57,6 @@ def draw_digit(path: Path, strokes, size=(160, 200), width=14, mode="RGB") -> Pa
 SEVEN = [[(30, 40), (130, 40), (70, 170)]]
 ONE = [[(80, 30), (80, 175)]]
 FOUR = [[(100, 170), (100, 30), (30, 120), (135, 120)]]
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else code), captured.out, captured.err
 
 
 # -- label prediction ----------------------------------------------------------------------------------------------
