@@ -221,6 +221,9 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
             section, key = free.split("."), dotted[len(free) + 1 :]
             config[section[0]][section[1]][key] = _parse_literal(text)
             continue
+        if dotted in SECTIONS or dotted in FREE_TABLES:
+            example = next((k for k in VALID_KEYS if k.startswith(dotted + ".")), dotted + ".margin")
+            raise UsageError(f"--set {dotted}: '{dotted}' is a section; set one of its keys, e.g. {example}=...")
         if dotted not in VALID_KEYS:
             raise _unknown_key(dotted, "--set")
         *path, leaf = dotted.split(".")

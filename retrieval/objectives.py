@@ -196,4 +196,20 @@ def build_objective(
     elif miner_args:
         raise UsageError("objective.miner_args given but objective.miner is 'none'")
     settings = {"miner_name": miner_name, "loss_args": loss_kwargs, "miner_args": miner_kwargs}
-    return MetricLossObjective(name, loss, miner_module, settings)
+    objective = MetricLossObjective(name, loss, miner_module, settings)
+    _try_on_a_batch(objective, embedding_size)
+    return objective
+
+
+def _try_on_a_batch(objective: MetricLossObjective, embedding_size: int) -> None:
+    """Arguments PML accepts but cannot use (margin = "abc") fail here, not hours into training."""
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(8, embedding_size, generator=g), dim=1)
+    try:
+        with torch.no_grad():
+            loss = objective(emb, torch.arange(8) % 2)
+        float(loss)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad argument
+        args = {**objective.settings["loss_args"], **objective.settings["miner_args"]}
+        raise UsageError(f"objective {objective.name} with arguments {args} fails on a test batch: "
+                         f"{type(e).__name__}: {e}") from None
