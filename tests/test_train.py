@@ -208,7 +208,7 @@ def _val_history(run: Path) -> list:
             for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.parametrize("objective,stop_at", [("multi-similarity", 13), ("pair", 10), ("triplet", 20)])
+@pytest.mark.parametrize("objective,stop_at", [("multi-similarity", 13), ("pair", 10)])
 def test_resume_after_interruption_gives_identical_weights(tmp_path, data_root, objective, stop_at):
     cfg = tiny(objective={"name": objective}, train={"epochs": 3, "batch_size": 32})
     whole = train(cfg, tmp_path / "whole", device="cpu", log=quiet, data_root=data_root, progress=False, threads=1)
