@@ -14,9 +14,9 @@ papers report:
   averages and counted as `lone`.
 
 Only as deep as needed (max(R, k) per query). With reference embeddings the search is exact and keeps no
-neighbour lists (`_ranked_stats`): distances block by block (one matrix product), per query only the entries
-below a sampled threshold, two sorts of values alone (its class, the others) merged into the ranks of its
-class's references. With a search callable (an approximate index) the metrics come from its neighbour lists,
+neighbour lists (`_ranked_stats`): distances block by block (one matrix product per block of queries of one
+class), only the entries below a sampled threshold, and the ranks of each query's same-class references from
+whole-block sorts and counts. With a search callable (an approximate index) the metrics come from its neighbour lists,
 fetched in chunks at that depth. `ExactSearch` is the exact search as such a callable (ordered by (distance, id)).
 """
 
@@ -346,11 +346,10 @@ def _list_stats(stats: _QueryStats, rows: np.ndarray, q, ql, label_at, self_pos,
 _FINITE_MAX = np.float32(np.finfo(np.float32).max)
 
 
-def _distance_blocks(q_aug: np.ndarray, augmented_t: np.ndarray, blocks):
-    """Yield (label, rows, q_aug[rows] @ augmented_t) for each (label, rows) block, computing the next block's
-    matrix product in a helper thread while the caller works on the current one (the product releases the GIL),
-    with the BLAS library held to one thread: on two cores the product and the per-query work then each get one,
-    instead of BLAS threads spinning against the caller."""
+def _pipelined(work, items):
+    """Yield work(item) for each item, computing the next item's result in a helper thread while the caller uses
+    the current one (matrix products and large numpy operations release the GIL), with the BLAS library held to
+    one thread: on two cores each side then gets one, instead of BLAS threads spinning against the caller."""
     from concurrent.futures import ThreadPoolExecutor
 
     try:
@@ -362,28 +361,26 @@ def _distance_blocks(q_aug: np.ndarray, augmented_t: np.ndarray, blocks):
     else:
         limits = threadpool_limits(limits=1, user_api="blas")
     with limits, ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for i, (label, rows) in enumerate(blocks):
-            if pending is None:
-                pending = pool.submit(np.matmul, q_aug[rows], augmented_t)
-            key = pending.result()
-            pending = pool.submit(np.matmul, q_aug[blocks[i + 1][1]], augmented_t) if i + 1 < len(blocks) else None
-            yield label, rows, key
+        pending = pool.submit(work, items[0]) if items else None
+        for i in range(len(items)):
+            result = pending.result()
+            pending = pool.submit(work, items[i + 1]) if i + 1 < len(items) else None
+            yield result
 
 
 def _ranked_stats(stats: _QueryStats, q, ql, references, rl, self_pos, relevant, bar=None) -> None:
     """Metrics by exact search without neighbour lists: only the ranks of each query's references of its class.
 
-    References are grouped by class, so a query's same-class references are one slice of its distance row. The
-    candidates (entries <= a sampled threshold above the depth-th smallest, as in ExactSearch) are split into
-    that class and the rest; each side is sorted by value alone (cheaper than sorting (value, id) pairs) and the
-    two runs merged: the rank of the t-th same-class reference is t + the number of others closer. A value tie
-    across the two sides is then ordered by id, as Faiss does. The first m neighbours are the candidates at or
-    below the m-th smallest value, sorted by (value, id).
+    References are grouped by class and queries too, so a block of queries shares one slice of same-class
+    columns. The candidates of a query are the entries <= a sampled threshold above its depth-th smallest (as in
+    ExactSearch). Per block, in whole-array operations: the class slice is sorted row by row (excluded entries
+    as +inf), the other candidates sorted by (row, value), and the rank of the t-th same-class reference is
+    t + the number of others closer, counted by locating each other candidate among the sorted same-class
+    values. Rows where a value is shared across the two sides (ties are ordered by id, as Faiss does) go
+    through `_ranked_row`, one query at a time. The first m neighbours are the candidates at or below the m-th
+    smallest value, sorted by (value, id).
     """
-    ks, m = stats.ks, stats.m
-    kmax = ks[-1]
-    ks_arr = np.array(ks)
+    kmax = stats.ks[-1]
     order = np.argsort(rl, kind="stable")  # references grouped by class
     exact = ExactSearch(references[order])
     n_ref = len(order)
@@ -401,69 +398,172 @@ def _ranked_stats(stats: _QueryStats, q, ql, references, rl, self_pos, relevant,
     group_ends = np.r_[group_starts[1:], len(q)] if len(q) else []
     blocks = [(int(ql[by_class[g0]]), by_class[g0:g1][b0 : b0 + block])
               for g0, g1 in zip(group_starts, group_ends) for b0 in range(0, g1 - g0, block)]
-    for c, rows, key in _distance_blocks(q_aug, exact._augmented_t, blocks):
+    def prepare(block):
+        # helper thread: this block's distances and candidates
+        c, rows = block
+        key = q_aug[rows] @ exact._augmented_t
         lo, hi = (int(starts[c]), int(starts[c] + counts[c])) if c < len(counts) else (0, 0)
         own = self_sorted[rows]
         has_own = own >= 0
         key[np.flatnonzero(has_own), own[has_own]] = np.inf  # a query is not its own neighbour
-        depth = int(np.maximum(relevant[rows], kmax).max())
-        thresholds = _candidate_thresholds(key, min(depth, n_ref))
-        for i, row_index in enumerate(rows.tolist()):
-            row = key[i]
-            need = min(max(int(relevant[row_index]), kmax), n_ref - int(has_own[i]))
-            t = _FINITE_MAX if thresholds is None else min(thresholds[i], _FINITE_MAX)
-            cols = np.flatnonzero(row <= t)
-            if len(cols) < need:  # the sampled threshold fell short: take every column
-                cols = np.flatnonzero(row <= _FINITE_MAX)
-            values = row[cols]
-            values += q_norms[row_index]
-            np.maximum(values, 0.0, out=values)
-            a, b = np.searchsorted(cols, (lo, hi))  # cols ascend: the same-class slice is cols[a:b]
-            pos_cols, pos_values = cols[a:b], values[a:b]
-            neg_cols, neg_values = np.concatenate([cols[:a], cols[b:]]), np.concatenate([values[:a], values[b:]])
-            p_sorted = np.sort(pos_values)
-            n_sorted = np.sort(neg_values)
-            # merge the two sorted runs (a stable sort of two runs is linear): ranks of same-class references,
-            # counting others with an equal value as farther for now
-            merged = np.argsort(np.concatenate([p_sorted, n_sorted]), kind="stable")
-            ranks = np.flatnonzero(merged < len(p_sorted)) + 1
-            closer = ranks - np.arange(1, len(ranks) + 1)
-            tied = np.flatnonzero(n_sorted[np.minimum(closer, len(n_sorted) - 1)] == p_sorted) \
-                if len(n_sorted) else closer[:0]
-            if len(tied):
-                # equal distances: others with a smaller id come first (Faiss's order); order the candidates
-                # holding a tied value by (value, id) and count, for each same-class one, the others before it
-                values_tied = p_sorted[tied]
-                in_p, in_n = np.isin(pos_values, values_tied), np.isin(neg_values, values_tied)
-                v = np.concatenate([pos_values[in_p], neg_values[in_n]])
-                ids = order[np.concatenate([pos_cols[in_p], neg_cols[in_n]])]
-                by = np.argsort((v.view(np.uint32).astype(np.uint64) << np.uint64(32)) | ids.view(np.uint64))
-                other = by >= int(in_p.sum())
-                others_so_far = np.cumsum(other)
-                group_start = np.r_[True, v[by][1:] != v[by][:-1]]
-                before_group = (others_so_far - other)[group_start][np.cumsum(group_start) - 1]
-                ranks[np.flatnonzero(np.isin(p_sorted, values_tied))] += (others_so_far - before_group)[~other]
-            r = int(relevant[row_index])
-            stats.hits[row_index] = (ranks[0] <= ks_arr) if len(ranks) else False
-            stats.prec[row_index] = np.searchsorted(ranks, ks_arr, "right") / ks_arr
-            if r > 0:
-                within = int(np.searchsorted(ranks, r, "right"))
-                stats.rprec[row_index] = within / r
-                stats.ap[row_index] = float(np.sum(np.arange(1, within + 1) / ranks[:within])) / r
-            # first m neighbours: candidates at or below the m-th smallest value, by (value, original position)
-            firsts = np.sort(np.concatenate([p_sorted[:m], n_sorted[:m]]))
-            if len(firsts) == 0:
-                continue
-            u = firsts[min(m, len(firsts)) - 1]
-            first = values <= u
-            original = order[cols[first]]
-            packed = (values[first].view(np.uint32).astype(np.uint64) << np.uint64(32)) | original.astype(np.uint64)
-            packed.sort()
-            top = packed[:m]
-            stats.nb_pos[row_index, : len(top)] = _unpack_positions(top)
-            stats.nb_dist[row_index, : len(top)] = np.sqrt(_unpack_values(top))
+        need = np.minimum(np.maximum(relevant[rows], kmax), n_ref - has_own.astype(np.int64))
+        thresholds = _candidate_thresholds(key, min(int(np.maximum(relevant[rows], kmax).max()), n_ref))
+        return rows, key, lo, hi, need, _block_candidates(key, thresholds, need, lo, hi, q_norms[rows])
+
+    for rows, key, lo, hi, need, candidates in _pipelined(prepare, blocks):
+        _ranked_block(stats, key, rows, q_norms[rows], need, candidates, relevant[rows], lo, hi, order)
         if bar is not None:
             bar.update(len(rows))
+
+
+def _block_candidates(key, thresholds, need, lo: int, hi: int, q_norms):
+    """A block's candidates: entries <= the row's threshold (every finite one where that gives fewer than
+    `need`). Returns the thresholds used, the class slice's candidate mask, and the other candidates as
+    (row, column, value) sorted by (row, value); values are squared distances clamped at 0."""
+    n_rows, n = key.shape
+    t = np.full(n_rows, _FINITE_MAX, np.float32) if thresholds is None else \
+        np.minimum(thresholds, _FINITE_MAX).astype(np.float32)
+    for attempt in range(2):
+        same = key[:, lo:hi] <= t[:, None]
+        n_r, n_c = [], []
+        for c0, c1 in ((0, lo), (hi, n)):  # the columns left and right of the class slice
+            rr, cc = np.divmod(np.flatnonzero(key[:, c0:c1] <= t[:, None]), c1 - c0) if c1 > c0 else ((), ())
+            n_r.append(rr)
+            n_c.append(np.asarray(cc, np.int64) + c0)
+        n_r, n_c = np.concatenate(n_r).astype(np.int64), np.concatenate(n_c)
+        short = np.flatnonzero(np.count_nonzero(same, axis=1) + np.bincount(n_r, minlength=n_rows) < need)
+        if attempt or not len(short):
+            break
+        t[short] = _FINITE_MAX  # the sampled threshold fell short: take every (finite) column
+    n_v = key.reshape(-1)[n_r * n + n_c]
+    n_v += q_norms[n_r]
+    np.maximum(n_v, 0.0, out=n_v)
+    if n < (1 << 24):  # (row, value, column) packed in one integer: a plain sort instead of an argsort
+        packed = (n_r.astype(np.uint64) << np.uint64(56)) | (n_v.view(np.uint32).astype(np.uint64) << np.uint64(24))
+        packed |= n_c.astype(np.uint64)
+        packed.sort()
+        n_r = (packed >> np.uint64(56)).astype(np.int64)
+        n_v = ((packed >> np.uint64(24)) & _LOW32).astype(np.uint32).view(np.float32)
+        n_c = (packed & np.uint64((1 << 24) - 1)).astype(np.int64)
+    else:
+        by = np.lexsort((n_v, n_r))
+        n_r, n_c, n_v = n_r[by], n_c[by], n_v[by]
+    return t, same, n_r, n_c, n_v
+
+
+def _ranked_block(stats: _QueryStats, key, rows, q_norms, need, candidates, relevant, lo: int, hi: int,
+                  order: np.ndarray) -> None:
+    """`_ranked_stats` for one block of queries of one class, given its candidates (see there)."""
+    ks, m = stats.ks, stats.m
+    ks_arr = np.array(ks)
+    n_rows = len(rows)
+    t, same, n_r, n_c, n_v = candidates
+    # same-class slice: values (distance^2, clamped at 0) sorted per row, non-candidates as +inf
+    pos = key[:, lo:hi] + q_norms[:, None]
+    np.maximum(pos, 0.0, out=pos)
+    np.copyto(pos, np.inf, where=~same)
+    p_sorted = np.sort(pos, axis=1)
+    width = hi - lo
+    n_packed = (n_r.astype(np.uint64) << np.uint64(32)) | n_v.view(np.uint32).astype(np.uint64)
+    n_count = np.bincount(n_r, minlength=n_rows)
+    n_start = np.cumsum(n_count) - n_count
+    # others closer than each same-class value: where each other lands among its row's sorted same-class values
+    p_packed = ((np.arange(n_rows, dtype=np.uint64) << np.uint64(32))[:, None]
+                | p_sorted.view(np.uint32).astype(np.uint64)).ravel()
+    at = np.searchsorted(p_packed, n_packed, "right")  # same-class values <= the other's: it is not closer
+    local = at - n_r * width
+    tie_rows = np.unique(n_r[(local > 0) & (p_packed[np.maximum(at - 1, 0)] == n_packed)]) if width else n_r[:0]
+    landing = np.bincount(n_r * (width + 1) + local, minlength=n_rows * (width + 1)).reshape(n_rows, width + 1)
+    closer = np.cumsum(landing[:, :width], axis=1)
+    ranks = closer + np.arange(1, width + 1)[None, :]
+    ranks[np.isinf(p_sorted)] = np.iinfo(np.int64).max // 4  # not candidates: never within any depth
+    simple = np.ones(n_rows, bool)
+    simple[tie_rows] = False
+    sel = rows[simple]
+    rk, r = ranks[simple], relevant[simple]
+    stats.hits[sel] = rk[:, :1] <= ks_arr[None, :] if width else False
+    top = rk[:, : ks[-1]]
+    stats.prec[sel] = (top[:, :, None] <= ks_arr[None, None, :]).sum(axis=1) / ks_arr
+    inside = rk <= r[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats.rprec[sel] = np.where(r > 0, inside.sum(axis=1) / r, np.nan)
+        stats.ap[sel] = np.where(r > 0, np.where(inside, np.arange(1, width + 1) / rk, 0.0).sum(axis=1) / r, np.nan)
+    # first m neighbours: the m-th smallest of (first m same-class, first m others) bounds them
+    j = np.arange(m)
+    n_first = np.where(j[None, :] < n_count[:, None], n_v[np.minimum(n_start[:, None] + j[None, :], len(n_v) - 1)]
+                       if len(n_v) else np.inf, np.inf)
+    u = np.sort(np.concatenate([p_sorted[:, :m], n_first], axis=1), axis=1)[:, m - 1]
+    pr, pc = np.divmod(np.flatnonzero(same & (pos <= u[:, None])), width)
+    keep = n_v <= u[n_r]
+    cand_r = np.concatenate([pr, n_r[keep]])
+    cand_v = np.concatenate([pos[pr, pc], n_v[keep]])
+    cand_id = order[np.concatenate([lo + pc, n_c[keep]])]
+    by = np.lexsort((cand_id, cand_v, cand_r))
+    cand_r, cand_v, cand_id = cand_r[by], cand_v[by], cand_id[by]
+    first_of_row = np.searchsorted(cand_r, np.arange(n_rows))
+    slot = np.arange(len(cand_r)) - first_of_row[cand_r]
+    take = (slot < m) & simple[cand_r]
+    stats.nb_pos[rows[cand_r[take]], slot[take]] = cand_id[take]
+    stats.nb_dist[rows[cand_r[take]], slot[take]] = np.sqrt(cand_v[take])
+    for i in tie_rows.tolist():
+        _ranked_row(stats, key[i], int(rows[i]), float(q_norms[i]), float(t[i]), int(need[i]), lo, hi,
+                    int(relevant[i]), order)
+
+
+def _ranked_row(stats: _QueryStats, row: np.ndarray, row_index: int, q_norm: float, t: float, need: int,
+                lo: int, hi: int, r: int, order: np.ndarray) -> None:
+    """One query's figures from its distance-key row (the general path: value ties across classes, ordered by id)."""
+    ks, m = stats.ks, stats.m
+    ks_arr = np.array(ks)
+    cols = np.flatnonzero(row <= t)
+    if len(cols) < need:  # the sampled threshold fell short: take every column
+        cols = np.flatnonzero(row <= _FINITE_MAX)
+    values = row[cols]
+    values += q_norm
+    np.maximum(values, 0.0, out=values)
+    a, b = np.searchsorted(cols, (lo, hi))  # cols ascend: the same-class slice is cols[a:b]
+    pos_cols, pos_values = cols[a:b], values[a:b]
+    neg_cols, neg_values = np.concatenate([cols[:a], cols[b:]]), np.concatenate([values[:a], values[b:]])
+    p_sorted = np.sort(pos_values)
+    n_sorted = np.sort(neg_values)
+    # merge the two sorted runs (a stable sort of two runs is linear): ranks of same-class references,
+    # counting others with an equal value as farther for now
+    merged = np.argsort(np.concatenate([p_sorted, n_sorted]), kind="stable")
+    ranks = np.flatnonzero(merged < len(p_sorted)) + 1
+    closer = ranks - np.arange(1, len(ranks) + 1)
+    tied = np.flatnonzero(n_sorted[np.minimum(closer, len(n_sorted) - 1)] == p_sorted) \
+        if len(n_sorted) else closer[:0]
+    if len(tied):
+        # equal distances: others with a smaller id come first (Faiss's order); order the candidates
+        # holding a tied value by (value, id) and count, for each same-class one, the others before it
+        values_tied = p_sorted[tied]
+        in_p, in_n = np.isin(pos_values, values_tied), np.isin(neg_values, values_tied)
+        v = np.concatenate([pos_values[in_p], neg_values[in_n]])
+        ids = order[np.concatenate([pos_cols[in_p], neg_cols[in_n]])]
+        by = np.argsort((v.view(np.uint32).astype(np.uint64) << np.uint64(32)) | ids.view(np.uint64))
+        other = by >= int(in_p.sum())
+        others_so_far = np.cumsum(other)
+        group_start = np.r_[True, v[by][1:] != v[by][:-1]]
+        before_group = (others_so_far - other)[group_start][np.cumsum(group_start) - 1]
+        ranks[np.flatnonzero(np.isin(p_sorted, values_tied))] += (others_so_far - before_group)[~other]
+    stats.hits[row_index] = (ranks[0] <= ks_arr) if len(ranks) else False
+    stats.prec[row_index] = np.searchsorted(ranks, ks_arr, "right") / ks_arr
+    if r > 0:
+        within = int(np.searchsorted(ranks, r, "right"))
+        stats.rprec[row_index] = within / r
+        stats.ap[row_index] = float(np.sum(np.arange(1, within + 1) / ranks[:within])) / r
+    # first m neighbours: candidates at or below the m-th smallest value, by (value, original position)
+    firsts = np.sort(np.concatenate([p_sorted[:m], n_sorted[:m]]))
+    if len(firsts) == 0:
+        return
+    u = firsts[min(m, len(firsts)) - 1]
+    first = values <= u
+    original = order[cols[first]]
+    packed = (values[first].view(np.uint32).astype(np.uint64) << np.uint64(32)) | original.astype(np.uint64)
+    packed.sort()
+    top = packed[:m]
+    stats.nb_pos[row_index, : len(top)] = _unpack_positions(top)
+    stats.nb_dist[row_index, : len(top)] = np.sqrt(_unpack_values(top))
 
 
 def retrieval_metrics(

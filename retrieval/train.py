@@ -499,8 +499,10 @@ class Trainer:
 
     def _postfix(self) -> str:
         lr = self.scheduler.get_last_lr()[0]
-        ips = self._epoch_steps * self.sampler.batch_size / max(self._epoch_seconds, 1e-9)
         last = self.history[-1] if self.history else {}
+        # between epochs (totals just reset) show the finished epoch's speed rather than 0
+        ips = (self._epoch_steps * self.sampler.batch_size / max(self._epoch_seconds, 1e-9) if self._epoch_steps
+               else last.get("images_per_s", 0.0))
         val = f" val MAP@R {last['val_map_at_r']:.4f}" if "val_map_at_r" in last else ""
         return f"epoch {min(self.epoch + 1, self.epochs)}/{self.epochs} loss {self._running_loss:.4f} lr {lr:.2e} {ips:,.0f} img/s{val}"
 

@@ -300,3 +300,24 @@ def test_calibrate_threshold_maximises_f1():
     assert (cal.n_answered, cal.n_queries, cal.n_correct) == (4, 7, 4)
     with pytest.raises(RetrievalError, match="label"):
         calibrate_threshold([0.1, 0.2], [False, False])
+
+
+def test_blocks_mixing_tied_and_untied_queries_match_both_references():
+    # the rank path handles a block's rows in whole-array operations and sends rows with a value shared across
+    # classes to the one-row path: copies of some references under another label make a few such rows
+    # (integer coordinates, widely spread: distances are exact, so a tie is a tie in every computation order,
+    # and the only ties are those of the copies; about half of the query rows hold one among their candidates)
+    rng = np.random.default_rng(8)
+    r = rng.integers(-500, 501, (1200, 4)).astype(np.float32)
+    rl = rng.integers(0, 3, 1200)
+    r[1197:] = r[:3]
+    rl[1197:] = (rl[:3] + 1) % 3
+    q, ql = r[:300] + rng.integers(-2, 3, (300, 4)).astype(np.float32), rl[:300].copy()
+    q[:3] = r[:3]  # distance-0 ties
+    a = retrieval_metrics(q, ql, r, rl)
+    b = retrieval_metrics(q, ql, search=ExactSearch(r), reference_labels=rl)
+    np.testing.assert_array_equal(a.neighbor_ids, b.neighbor_ids)
+    np.testing.assert_allclose(a.average_precision, b.average_precision, rtol=1e-12)
+    assert a.precision == b.precision and a.recall == b.recall
+    assert_same_as_pml(a, pml_values(q, ql, r, rl))
+    assert_same_as_pml(retrieval_metrics(r, rl), pml_values(r, rl))
