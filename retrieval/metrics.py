@@ -474,20 +474,22 @@ def _ranked_block(stats: _QueryStats, key, rows, q_norms, need, candidates, rele
     local = at - n_r * width
     tie_rows = np.unique(n_r[(local > 0) & (p_packed[np.maximum(at - 1, 0)] == n_packed)]) if width else n_r[:0]
     landing = np.bincount(n_r * (width + 1) + local, minlength=n_rows * (width + 1)).reshape(n_rows, width + 1)
-    closer = np.cumsum(landing[:, :width], axis=1)
-    ranks = closer + np.arange(1, width + 1)[None, :]
+    ranks = np.cumsum(landing[:, :width], axis=1)  # others closer ...
+    ranks += np.arange(1, width + 1)[None, :]  # ... + the same-class position
     ranks[np.isinf(p_sorted)] = np.iinfo(np.int64).max // 4  # not candidates: never within any depth
     simple = np.ones(n_rows, bool)
     simple[tie_rows] = False
     sel = rows[simple]
-    rk, r = ranks[simple], relevant[simple]
+    rk, r = (ranks, relevant) if not len(tie_rows) else (ranks[simple], relevant[simple])
     stats.hits[sel] = rk[:, :1] <= ks_arr[None, :] if width else False
     top = rk[:, : ks[-1]]
     stats.prec[sel] = (top[:, :, None] <= ks_arr[None, None, :]).sum(axis=1) / ks_arr
     inside = rk <= r[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
         stats.rprec[sel] = np.where(r > 0, inside.sum(axis=1) / r, np.nan)
-        stats.ap[sel] = np.where(r > 0, np.where(inside, np.arange(1, width + 1) / rk, 0.0).sum(axis=1) / r, np.nan)
+        precision_at = np.divide(np.arange(1, width + 1, dtype=np.float64)[None, :], rk, where=inside,
+                                 out=np.zeros(rk.shape))
+        stats.ap[sel] = np.where(r > 0, precision_at.sum(axis=1) / r, np.nan)
     # first m neighbours: the m-th smallest of (first m same-class, first m others) bounds them
     j = np.arange(m)
     n_first = np.where(j[None, :] < n_count[:, None], n_v[np.minimum(n_start[:, None] + j[None, :], len(n_v) - 1)]
