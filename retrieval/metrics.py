@@ -398,6 +398,7 @@ def _ranked_stats(stats: _QueryStats, q, ql, references, rl, self_pos, relevant,
     group_ends = np.r_[group_starts[1:], len(q)] if len(q) else []
     blocks = [(int(ql[by_class[g0]]), by_class[g0:g1][b0 : b0 + block])
               for g0, g1 in zip(group_starts, group_ends) for b0 in range(0, g1 - g0, block)]
+
     def prepare(block):
         # helper thread: this block's distances and candidates
         c, rows = block
