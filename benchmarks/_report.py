@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
 from pathlib import Path
 
 README = Path(__file__).with_name("README.md")
@@ -25,6 +27,16 @@ def machine() -> str:
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name(0)}"
     return text
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn(), in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def append_section(lines: list[str]) -> None:

@@ -84,14 +84,13 @@ def main() -> None:
     parser.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/README.md")
     args = parser.parse_args()
 
-    limits = None
     if args.threads:
         import faiss
         from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
-        limits = threadpool_limits(args.threads)
+        threadpool_limits(args.threads)  # in force from here on (not restored)
     root = Path(__file__).resolve().parents[1]
     ckpt_path = args.checkpoint or newest_checkpoint(root / "runs")
     if ckpt_path is not None:
@@ -111,7 +110,7 @@ def main() -> None:
         ("10k test queries vs 60k train references", (queries, query_labels, refs, ref_labels)),
         ("10k test vs themselves (leave-one-out)", (queries, query_labels)),
     ]
-    rows, lines_out = [], []
+    rows = []
     for name, data in cases:
         ours_t, pml_t = [], []
         for rep in range(args.repeats):  # interleaved, so load changes hit both sides alike

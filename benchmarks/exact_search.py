@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import faiss
@@ -23,19 +21,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import append_section, machine  # noqa: E402
+from benchmarks._report import append_section, machine, median_time  # noqa: E402
 from retrieval.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
 from retrieval.data.specs import load_dataset  # noqa: E402
 from retrieval.embed import embed_images  # noqa: E402
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

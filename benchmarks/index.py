@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import append_section, machine  # noqa: E402
+from benchmarks._report import append_section, machine, median_time  # noqa: E402
 from retrieval.checkpoint import load_checkpoint  # noqa: E402
 from retrieval.data.specs import load_dataset  # noqa: E402
 from retrieval.embed import embed_images  # noqa: E402
@@ -70,15 +69,6 @@ def one_at_a_time_qps(search, queries: np.ndarray) -> float:
     for q in queries:
         search(q[None, :], K)
     return len(queries) / (time.perf_counter() - start)
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

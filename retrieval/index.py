@@ -30,6 +30,7 @@ import numpy as np
 import retrieval
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.fsutil import atomic_path, atomic_write_json, exclusive_lock, read_json
+from retrieval.metrics import PositionLookup
 
 FORMAT = "retrieval-index/1"
 META_NAME = "meta.json"
@@ -167,7 +168,7 @@ class EmbeddingIndex:
         self.ids = np.asarray(ids, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.sources = list(sources)
-        self._pos = None  # (sorted ids, their positions), built on first use
+        self._pos = None  # PositionLookup of self.ids, built on first use
 
     # -- description -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -191,15 +192,9 @@ class EmbeddingIndex:
 
     def positions_of(self, ids) -> np.ndarray:
         """Positions in .ids/.labels/.sources of `ids` (-1 for -1 or unknown ids)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if self._pos is None:  # ids are assigned in increasing order, but keep a sorted view to be safe
-            order = np.argsort(self.ids, kind="stable")
-            self._pos = (self.ids[order], order)
-        sorted_ids, order = self._pos
-        if len(sorted_ids) == 0:
-            return np.full(ids.shape, -1, dtype=np.int64)
-        at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        return np.where(sorted_ids[at] == ids, order[at], -1).astype(np.int64)
+        if self._pos is None:
+            self._pos = PositionLookup(self.ids)
+        return self._pos(ids)
 
     def labels_of(self, ids) -> np.ndarray:
         """int64 labels (indices into .classes) of `ids`; -1 where the id is -1."""

@@ -192,8 +192,8 @@ class ExactSearch:
         return positions, squared
 
 
-class _PositionLookup:
-    """Reference id -> position in the reference arrays (-1 for id -1 or an unknown id)."""
+class PositionLookup:
+    """Id -> position in an array of unique ids (-1 for id -1 or an unknown id); EmbeddingIndex uses it too."""
 
     def __init__(self, ids: np.ndarray):
         self.n = len(ids)
@@ -409,10 +409,10 @@ def _ranked_stats(stats: _QueryStats, q, ql, references, rl, self_pos, relevant,
         key[np.flatnonzero(has_own), own[has_own]] = np.inf  # a query is not its own neighbour
         need = np.minimum(np.maximum(relevant[rows], kmax), n_ref - has_own.astype(np.int64))
         thresholds = _candidate_thresholds(key, min(int(np.maximum(relevant[rows], kmax).max()), n_ref))
-        return rows, key, lo, hi, need, _block_candidates(key, thresholds, need, lo, hi, q_norms[rows])
+        return rows, key, lo, hi, _block_candidates(key, thresholds, need, lo, hi, q_norms[rows])
 
-    for rows, key, lo, hi, need, candidates in _pipelined(prepare, blocks):
-        _ranked_block(stats, key, rows, q_norms[rows], need, candidates, relevant[rows], lo, hi, order)
+    for rows, key, lo, hi, candidates in _pipelined(prepare, blocks):
+        _ranked_block(stats, key, rows, q_norms[rows], candidates, relevant[rows], lo, hi, order)
         if bar is not None:
             bar.update(len(rows))
 
@@ -452,7 +452,7 @@ def _block_candidates(key, thresholds, need, lo: int, hi: int, q_norms):
     return t, same, n_r, n_c, n_v
 
 
-def _ranked_block(stats: _QueryStats, key, rows, q_norms, need, candidates, relevant, lo: int, hi: int,
+def _ranked_block(stats: _QueryStats, key, rows, q_norms, candidates, relevant, lo: int, hi: int,
                   order: np.ndarray) -> None:
     """`_ranked_stats` for one block of queries of one class, given its candidates (see there)."""
     ks, m = stats.ks, stats.m
@@ -509,18 +509,16 @@ def _ranked_block(stats: _QueryStats, key, rows, q_norms, need, candidates, rele
     stats.nb_pos[rows[cand_r[take]], slot[take]] = cand_id[take]
     stats.nb_dist[rows[cand_r[take]], slot[take]] = np.sqrt(cand_v[take])
     for i in tie_rows.tolist():
-        _ranked_row(stats, key[i], int(rows[i]), float(q_norms[i]), float(t[i]), int(need[i]), lo, hi,
-                    int(relevant[i]), order)
+        _ranked_row(stats, key[i], int(rows[i]), float(q_norms[i]), float(t[i]), lo, hi, int(relevant[i]), order)
 
 
-def _ranked_row(stats: _QueryStats, row: np.ndarray, row_index: int, q_norm: float, t: float, need: int,
-                lo: int, hi: int, r: int, order: np.ndarray) -> None:
-    """One query's figures from its distance-key row (the general path: value ties across classes, ordered by id)."""
+def _ranked_row(stats: _QueryStats, row: np.ndarray, row_index: int, q_norm: float, t: float, lo: int, hi: int,
+                r: int, order: np.ndarray) -> None:
+    """One query's figures from its distance-key row (the general path: value ties across classes, ordered by
+    id); `t` is the row's candidate threshold from `_block_candidates`, which already holds enough entries."""
     ks, m = stats.ks, stats.m
     ks_arr = np.array(ks)
     cols = np.flatnonzero(row <= t)
-    if len(cols) < need:  # the sampled threshold fell short: take every column
-        cols = np.flatnonzero(row <= _FINITE_MAX)
     values = row[cols]
     values += q_norm
     np.maximum(values, 0.0, out=values)
@@ -604,7 +602,7 @@ def retrieval_metrics(
         np.asarray(reference_ids, dtype=np.int64).reshape(-1)
     if len(ref_ids) != len(rl):
         raise ValueError(f"{len(ref_ids)} reference ids for {len(rl)} reference labels")
-    position_of = _PositionLookup(ref_ids)
+    position_of = PositionLookup(ref_ids)
     # Everything below works on positions in the reference arrays (-1: no neighbour).
     if search is None:
         references = _as_embeddings(references, "reference embeddings")

@@ -103,13 +103,14 @@ def predict_labels(neighbor_labels, distances, max_distance: float | None = None
     return out
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _image_files(folder: Path) -> tuple[list[Path], int]:
+    """The image files under `folder` (sorted; hidden ones left out) and how many other files it holds."""
     from retrieval.data.preprocess import IMAGE_EXTENSIONS
 
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    every = [p for p in folder.rglob("*") if p.is_file()]
+    images = sorted(p for p in every if p.suffix.lower() in IMAGE_EXTENSIONS
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return images, len(every) - len(images)
 
 
 class DatasetCache:
@@ -158,10 +159,9 @@ def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache
                 inputs.append(QueryInput(text, error=str(e)))
             continue
         if path.is_dir():
-            files = _image_files(path)
+            files, others = _image_files(path)
             if not files:
                 inputs.append(QueryInput(text, error=f"{path}: no image files in this folder"))
-            others = sum(1 for p in path.rglob("*") if p.is_file()) - len(files)
             if others and log:
                 log(f"note: {path}: skipped {others} file(s) without an image extension or hidden")
             targets = [str(p) for p in files]

@@ -237,10 +237,9 @@ def write_report(out, metrics, iq, context: dict, *, payload: dict | None = None
         figures.append("embeddings_pca.png")
         atomic_write_json(tmp / "metrics.json", payload if payload is not None else {**context, **metrics.to_json()})
         atomic_write_text(tmp / "summary.md", summary_markdown(metrics, context, figures))
-        # mkdtemp/mkstemp create private (0700/0600) entries; a report is meant to be read
+        # mkdtemp makes a private (0700) folder; a report is meant to be read (its files already get the usual
+        # permissions: atomic writes apply the umask, as savefig does)
         os.chmod(tmp, 0o755)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -204,9 +204,6 @@ class ElasticAugment:
         return torch.nn.functional.grid_sample(x, identity + field, mode="bilinear", padding_mode="zeros",
                                                align_corners=False)
 
-    def describe(self) -> dict:
-        return {"elastic_pixels": self.pixels}
-
 
 class DihedralClasses:
     """Class expansion: each group of `group` consecutive images (one class slot of the m-per-class sampler)
@@ -236,9 +233,6 @@ class DihedralClasses:
         if symmetry >= 4:
             x = torch.flip(x, dims=(-1,))
         return torch.rot90(x, symmetry % 4, dims=(-2, -1)) if symmetry % 4 else x
-
-    def describe(self) -> dict:
-        return {"dihedral_classes": True, "group": self.group}
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -790,6 +784,7 @@ def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, d
     tower.to(dev, memory_format=torch.channels_last)
     objective.to(dev)
     sampler = build_sampler(cfg, train_labels)
+    augment = build_augment(cfg)
     params = list(tower.parameters()) + list(objective.parameters())
     optimizer, scheduler = build_optimizer(cfg, params, len(sampler))
     data_meta = {"spec": d["spec"], "classes": d["classes"] or None, "exclude": d["exclude"] or None,
@@ -805,14 +800,14 @@ def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, d
         "seed": seed,
         "epochs": cfg["train"]["epochs"],
         "sampler": sampler.describe(),
-        "augment": {**build_augment(cfg).describe(), "elastic": cfg["augment"]["elastic"],
+        "augment": {**augment.describe(), "elastic": cfg["augment"]["elastic"],
                     "dihedral_classes": cfg["augment"]["dihedral_classes"]},
     }
     state_meta = {"config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()}
     val_images = ds.images[val_pos].to(dev) if len(val_pos) else None
     val_labels = ds.labels[val_pos] if len(val_pos) else None
     return Trainer(
-        tower, objective, sampler, build_augment(cfg), optimizer, scheduler,
+        tower, objective, sampler, augment, optimizer, scheduler,
         images=ds.images[train_pos].to(dev), labels=train_labels.to(dev),
         epochs=cfg["train"]["epochs"], seed=seed, device=dev, out_dir=out,
         val_images=val_images, val_labels=val_labels,

@@ -17,6 +17,7 @@ from retrieval.fewshot import (
     sample_episodes,
     summarise,
 )
+from cli_helpers import run_cli
 
 
 def _clusters(n_classes: int, per_class: list[int] | int, dim: int = 16, noise: float = 0.05, seed: int = 0):
@@ -131,15 +132,6 @@ def test_pixel_embeddings_are_unit_rows():
 
 # --- the CLI, on real MNIST test images -------------------------------------------------------------------------
 
-def _run(argv, capsys):
-    from retrieval.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
 @pytest.fixture(scope="module")
 def untrained_checkpoint(tmp_path_factory):
     from retrieval.checkpoint import save_checkpoint
@@ -156,28 +148,28 @@ def test_cli_json_is_deterministic(data_root, untrained_checkpoint, capsys):
     argv = ["fewshot", "--checkpoint", str(untrained_checkpoint), "--data", "mnist:test", "--root", str(data_root),
             "--classes", "0,4,5", "--ways", "3", "--shots", "1,3", "--queries", "4", "--episodes", "40",
             "--seed", "5", "--json"]
-    code, out, _ = _run(argv, capsys)
+    code, out, _ = run_cli(capsys, *argv)
     assert code == 0
     rows = json.loads(out)
     assert [sorted(r) for r in rows] == [["accuracy", "ci95", "episodes", "shots", "ways"]] * 2
     assert [(r["ways"], r["shots"], r["episodes"]) for r in rows] == [(3, 1, 40), (3, 3, 40)]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["ci95"] >= 0 for r in rows)
-    assert _run(argv, capsys)[1] == out  # same seed, same figures
+    assert run_cli(capsys, *argv)[1] == out  # same seed, same figures
 
-    code, out_knn, _ = _run(argv + ["--method", "knn", "--k", "3"], capsys)
+    code, out_knn, _ = run_cli(capsys, *argv + ["--method", "knn", "--k", "3"])
     assert code == 0 and [r["shots"] for r in json.loads(out_knn)] == [1, 3]
-    code, _, err = _run(argv + ["--method", "knn", "--k", "4"], capsys)  # 3 ways x 1 shot: only 3 neighbours
+    code, _, err = run_cli(capsys, *argv + ["--method", "knn", "--k", "4"])  # 3 ways x 1 shot: only 3 neighbours
     assert code == 2 and "--k must be between 1 and ways * shots = 3 for 1-shot" in err
 
 
 def test_cli_pixels_table_and_single_json(data_root, capsys):
     base = ["fewshot", "--checkpoint", "pixels", "--data", "mnist:test", "--root", str(data_root),
             "--classes", "0,4,5,8", "--ways", "4", "--queries", "5", "--episodes", "50"]
-    code, out, _ = _run(base + ["--shots", "5", "--json"], capsys)
+    code, out, _ = run_cli(capsys, *base + ["--shots", "5", "--json"])
     assert code == 0
     row = json.loads(out)
     assert isinstance(row, dict) and row["shots"] == 5 and row["ways"] == 4 and 0.5 < row["accuracy"] < 1.0
-    code, out, _ = _run(base + ["--shots", "1,5"], capsys)
+    code, out, _ = run_cli(capsys, *base + ["--shots", "1,5"])
     assert code == 0
     assert "raw pixels" in out and "shots" in out and len([ln for ln in out.splitlines() if "±" in ln]) == 2
 
@@ -195,14 +187,14 @@ def test_cli_pixels_table_and_single_json(data_root, capsys):
 def test_cli_bad_values_exit_2(data_root, capsys, extra, message):
     argv = ["fewshot", "--checkpoint", "pixels", "--data", "mnist:test", "--root", str(data_root),
             "--classes", "0,4,5,8", "--ways", "4", "--shots", "1", "--episodes", "5"] + extra
-    code, out, err = _run(argv, capsys)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err
 
 
 def test_cli_missing_checkpoint_exit_1(data_root, tmp_path, capsys):
-    code, out, err = _run(["fewshot", "--checkpoint", str(tmp_path / "nothing"), "--data", "mnist:test",
-                           "--root", str(data_root), "--ways", "4"], capsys)
+    code, out, err = run_cli(capsys, "fewshot", "--checkpoint", tmp_path / "nothing", "--data", "mnist:test",
+                             "--root", data_root, "--ways", "4")
     assert code == 1 and out == "" and "checkpoint not found" in err
 
 

@@ -19,6 +19,15 @@ DEFAULT_MAX_PIXELS = 40_000_000
 def max_pixels() -> int:
     """The pixel budget: $RETRIEVAL_MAX_PIXELS, else DEFAULT_MAX_PIXELS."""
     return int(os.environ.get("RETRIEVAL_MAX_PIXELS") or DEFAULT_MAX_PIXELS)
+
+
+def check_pixel_budget(w: int, h: int, source) -> None:
+    """Refuse a w x h picture over the budget, naming `source` (before decoding it, where possible)."""
+    budget = max_pixels()
+    if w * h > budget:
+        raise RetrievalError(f"{source}: {w}x{h} pixels is over the pixel budget of {budget:,}")
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 PREPROCESSING = "mnist-28x28: gray, invert light background, crop ink, fit 20x20, centre of mass in 28x28"
 
@@ -45,9 +54,7 @@ def _to_gray(img: Image.Image) -> np.ndarray:
 
 def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     """The MNIST recipe: white-on-black, ink cropped, fitted into 20x20, centred by mass in 28x28 (uint8)."""
-    w, h = img.size
-    if w * h > max_pixels():
-        raise RetrievalError(f"{source}: {w}x{h} pixels is over the pixel budget of {max_pixels():,}")
+    check_pixel_budget(*img.size, source)
     gray = _to_gray(img)
     if min(gray.shape) > 2:
         border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
@@ -92,9 +99,7 @@ def load_image_file(path: str | os.PathLike) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                w, h = img.size
-                if w * h > max_pixels():
-                    raise RetrievalError(f"{path}: {w}x{h} pixels is over the pixel budget of {max_pixels():,}")
+                check_pixel_budget(*img.size, path)
                 img = ImageOps.exif_transpose(img)
                 img.load()
     except RetrievalError:
