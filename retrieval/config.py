@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "tower": {
         "name": "default",  # default | seed
         "embedding_size": 0,  # 0: the tower's own default (64 for default, 512 for seed)
+        "deskew": False,  # undo each image's slant before the network at inference (embedding, index, query)
     },
     "objective": {
         "name": "multi-similarity",  # multi-similarity | triplet | contrastive | pair
@@ -66,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
         "elastic": 0.0,  # elastic distortion: smooth random warp of each image by at most this many pixels (0: off)
         "dihedral_classes": False,  # class expansion: each class slot turned by one of the square's 8 symmetries,
         # (class, symmetry) counting as a class of its own (for towers meant to generalise to unseen classes)
+        "composite_classes": 0.0,  # class expansion: probability that a class slot is joined half-and-half
+        # with another slot's images, (class a, class b, cut) counting as a class of its own (0: off)
     },
 }
 
@@ -304,6 +307,8 @@ def validate(config: dict, source: str = "config") -> dict:
         raise fail("augment.scale", "[low, high] with 0 < low <= high")
     if get(config, "augment.group") < 1:
         raise fail("augment.group", "a positive integer")
+    if not 0 <= get(config, "augment.composite_classes") <= 1:
+        raise fail("augment.composite_classes", "a probability between 0 and 1")
     if not 0 <= get(config, "augment.elastic") <= 7:
         raise fail("augment.elastic", "a displacement in pixels between 0 and 7")
     return config

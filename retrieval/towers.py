@@ -12,21 +12,52 @@ from retrieval.errors import UsageError
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
 
 
-class Tower(nn.Module):
-    """Backbone + L2 normalisation. Records its architecture name and embedding size for compatibility checks."""
+def deskew(x: torch.Tensor) -> torch.Tensor:
+    """Undo each image's slant: shear it horizontally about its centre of mass so that its ink's second moments
+    have no x-y covariance (the classic MNIST normalisation; x: float (N, 1, H, W) of non-negative ink)."""
+    n, _, h, w = x.shape
+    ys = torch.arange(h, dtype=x.dtype, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, dtype=x.dtype, device=x.device).view(1, 1, w)
+    ink = x[:, 0]
+    mass = ink.sum((1, 2)).clamp_min(1e-6)
+    cy = (ink * ys).sum((1, 2)) / mass
+    cx = (ink * xs).sum((1, 2)) / mass
+    dy, dx = ys - cy.view(n, 1, 1), xs - cx.view(n, 1, 1)
+    slant = (ink * dy * dx).sum((1, 2)) / (ink * dy * dy).sum((1, 2)).clamp_min(1e-6)
+    # output pixel (y, x) reads the input at (y, x + slant * (y - cy)); grid_sample wants [-1, 1] pixel centres
+    src_x = (xs + slant.view(n, 1, 1) * dy + 0.5) * (2.0 / w) - 1.0
+    src_y = ((ys + 0.5) * (2.0 / h) - 1.0).expand(n, h, w)
+    grid = torch.stack([src_x.expand(n, h, w), src_y], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    def __init__(self, arch: str, backbone: nn.Module, embedding_size: int):
+
+class Tower(nn.Module):
+    """Backbone + L2 normalisation. Records its architecture name, embedding size and input normalisation for
+    compatibility checks.
+
+    deskew: in eval mode (embedding, indexing, querying, validation) each input is deskewed first; training
+    still sees the raw slants. Slant is how a writer holds the pen, not which character it is: taking it out
+    at inference puts a query and the few examples of its class closer, while the raw slants in training are
+    real variety the network learns to absorb. Measured for unseen digits (mnist-fewshot's selection split,
+    4-way 1-/5-shot): deskewing at inference only 0.941 / 0.982, in training as well 0.916 / 0.974, never
+    0.920 / 0.975.
+    """
+
+    def __init__(self, arch: str, backbone: nn.Module, embedding_size: int, deskew: bool = False):
         super().__init__()
         self.arch = arch
         self.embedding_size = embedding_size
+        self.deskew = bool(deskew)
         self.backbone = backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: float (N, 1, 28, 28) in [0, 1] -> (N, embedding_size), unit L2 norm."""
+        if self.deskew and not self.training:
+            x = deskew(x.float()).contiguous(memory_format=torch.channels_last)
         return F.normalize(self.backbone((x - PIXEL_MEAN) / PIXEL_STD).float(), dim=1)
 
     def describe(self) -> dict:
-        return {"tower": self.arch, "embedding_size": self.embedding_size}
+        return {"tower": self.arch, "embedding_size": self.embedding_size, "deskew": self.deskew}
 
 
 def seed_backbone() -> nn.Module:
@@ -59,14 +90,14 @@ def default_backbone(embedding_size: int) -> nn.Module:
 TOWERS = ("seed", "default")
 
 
-def build_tower(name: str, embedding_size: int | None = None) -> Tower:
+def build_tower(name: str, embedding_size: int | None = None, deskew: bool = False) -> Tower:
     if name == "seed":
         if embedding_size not in (None, 512):
             raise UsageError(f"tower 'seed' has a fixed 512-d embedding, got embedding_size={embedding_size}")
-        return Tower("seed", seed_backbone(), 512)
+        return Tower("seed", seed_backbone(), 512, deskew)
     if name == "default":
         size = 64 if embedding_size is None else int(embedding_size)
         if size <= 0:
             raise UsageError(f"embedding_size must be positive, got {size}")
-        return Tower("default", default_backbone(size), size)
+        return Tower("default", default_backbone(size), size, deskew)
     raise UsageError(f"unknown tower {name!r}; expected one of: {', '.join(TOWERS)}")

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -205,6 +205,41 @@ class ElasticAugment:
                                                align_corners=False)
 
 
+class CompositeClasses:
+    """Class expansion by composition: with probability `p`, the `group` images of a class slot (class a) are
+    cut in half, top/bottom or left/right, and completed by the other halves of another slot's images
+    (class b); the triple (a, b, cut) counts as a class of its own, num_classes + (cut * num_classes + a) *
+    num_classes + b. Six digits give 60 such classes of strokes in new arrangements (the top of a 9 on the
+    bottom of a 6 is a double loop no training digit has): more to tell apart, so features carry over better
+    to classes never seen. Halves of two slots of the same class keep that class's label."""
+
+    CUTS = ("top/bottom", "left/right")
+
+    def __init__(self, p: float, num_classes: int, group: int = 1):
+        self.p, self.num_classes, self.group = float(p), int(num_classes), max(1, int(group))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+        m, n_groups = self.group, len(x) // self.group
+        if not self.p or n_groups < 2:
+            return x, y
+        chosen = torch.rand(n_groups, generator=generator) < self.p
+        partner = torch.randint(0, n_groups - 1, (n_groups,), generator=generator)
+        partner += partner >= torch.arange(n_groups)  # any slot but itself
+        cut = torch.randint(0, len(self.CUTS), (n_groups,), generator=generator)
+        chosen, partner, cut = chosen.to(x.device), partner.to(x.device), cut.to(x.device)
+        n = n_groups * m
+        xg, yg = x[:n].unflatten(0, (n_groups, m)), y[:n].view(n_groups, m)
+        h, w = x.shape[-2:]
+        lower = (torch.arange(h, device=x.device) >= h // 2).view(h, 1).expand(h, w)
+        right = (torch.arange(w, device=x.device) >= w // 2).view(1, w).expand(h, w)
+        from_partner = torch.where(cut.view(-1, 1, 1) == 0, lower, right) & chosen.view(-1, 1, 1)  # (G, H, W)
+        out = torch.where(from_partner[:, None, None], xg[partner], xg).flatten(0, 1)
+        a, b, k = yg[:, 0], yg[partner, 0], self.num_classes
+        relabel = chosen & (a != b)
+        labels = torch.where(relabel.view(-1, 1), (k + (cut * k + a) * k + b).view(-1, 1), yg).flatten()
+        return torch.cat([out, x[n:]]), torch.cat([labels, y[n:]])
+
+
 class DihedralClasses:
     """Class expansion: each group of `group` consecutive images (one class slot of the m-per-class sampler)
     is turned by one of the 8 symmetries of the square (rotation by 0, 90, 180 or 270 degrees, mirrored or not)
@@ -351,10 +386,10 @@ class Trainer:
         progress: bool = True,
         on_step: Callable[[StepInfo], None] | None = None,
         elastic: ElasticAugment | None = None,
-        class_expansion: DihedralClasses | None = None,
+        class_expansions: Sequence[Callable] = (),
     ):
         self.tower, self.objective, self.sampler, self.augment = tower, objective, sampler, augment
-        self.elastic, self.class_expansion = elastic, class_expansion
+        self.elastic, self.class_expansions = elastic, tuple(class_expansions)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.images, self.labels = images, labels  # uint8 (N, H, W) and int64 (N,) on the training device
         self.val_images, self.val_labels = val_images, val_labels
@@ -380,8 +415,8 @@ class Trainer:
         """Index the on-device uint8 images, scale to [0, 1] and augment: the whole data path of a step."""
         x = self.images[positions].unsqueeze(1).float().div_(255.0)
         y = self.labels[positions]
-        if self.class_expansion is not None:
-            x, y = self.class_expansion(x, y, generator)
+        for expand in self.class_expansions:  # new classes made from the sampled ones (few-shot towers)
+            x, y = expand(x, y, generator)
         x = self.augment(x, generator)
         if self.elastic is not None:
             x = self.elastic(x, generator)
@@ -778,7 +813,7 @@ def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, d
     embedding_size = cfg["tower"]["embedding_size"] or None
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
         torch.manual_seed(derive_seed(seed, "init"))
-        tower = build_tower(cfg["tower"]["name"], embedding_size)
+        tower = build_tower(cfg["tower"]["name"], embedding_size, cfg["tower"]["deskew"])
         o = cfg["objective"]
         objective = build_objective(o["name"], tower.embedding_size, o["miner"], o["loss_args"], o["miner_args"])
     tower.to(dev, memory_format=torch.channels_last)
@@ -801,6 +836,7 @@ def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, d
         "epochs": cfg["train"]["epochs"],
         "sampler": sampler.describe(),
         "augment": {**augment.describe(), "elastic": cfg["augment"]["elastic"],
+                    "composite_classes": cfg["augment"]["composite_classes"],
                     "dihedral_classes": cfg["augment"]["dihedral_classes"]},
     }
     state_meta = {"config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()}
@@ -814,5 +850,16 @@ def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, d
         checkpoint_meta=checkpoint_meta, state_meta=state_meta,
         log=log, progress=progress, on_step=on_step,
         elastic=ElasticAugment(cfg["augment"]["elastic"]) if cfg["augment"]["elastic"] else None,
-        class_expansion=DihedralClasses(getattr(sampler, "m", 1)) if cfg["augment"]["dihedral_classes"] else None,
+        class_expansions=build_class_expansions(cfg, len(ds.classes), getattr(sampler, "m", 1)),
     )
+
+
+def build_class_expansions(config: Mapping, num_classes: int, group: int) -> list[Callable]:
+    """augment.composite_classes, then augment.dihedral_classes (the symmetries turn composites as well)."""
+    a = config["augment"]
+    out: list[Callable] = []
+    if a["composite_classes"]:
+        out.append(CompositeClasses(a["composite_classes"], num_classes, group))
+    if a["dihedral_classes"]:
+        out.append(DihedralClasses(group))
+    return out

@@ -222,6 +222,59 @@ def test_dihedral_classes_turn_each_group_and_relabel():
     assert torch.equal(again[0], out) and torch.equal(again[1], labels)
 
 
+def test_composite_classes_join_halves_of_two_slots_and_relabel():
+    import torch
+
+    from retrieval.train import CompositeClasses
+
+    x = torch.rand(4 * 3 + 2, 1, 28, 28)  # 4 slots of 3 images, 2 spare images that stay as they are
+    y = torch.tensor([0] * 3 + [1] * 3 + [2] * 3 + [2] * 3 + [1, 1])
+    g = torch.Generator().manual_seed(0)
+    out, labels = CompositeClasses(1.0, num_classes=10, group=3)(x, y, g)
+    assert torch.equal(out[12:], x[12:]) and torch.equal(labels[12:], y[12:])
+    for slot in range(4):
+        rows = slice(slot * 3, slot * 3 + 3)
+        assert len(set(labels[rows].tolist())) == 1  # a slot stays one class
+        own = x[rows]
+        # each image is its own top (or left) half and, below (or right of) the cut, the same other slot's image
+        partners = [p for p in range(4) if p != slot]
+        joined = [(cut, p) for cut in (0, 1) for p in partners if torch.equal(out[rows], torch.cat(
+            [own[..., :14, :], x[p * 3:p * 3 + 3, ..., 14:, :]], dim=-2) if cut == 0 else torch.cat(
+            [own[..., :14], x[p * 3:p * 3 + 3, ..., 14:]], dim=-1))]
+        assert len(joined) == 1
+        cut, p = joined[0]
+        a, b = int(y[slot * 3]), int(y[p * 3])
+        assert int(labels[slot * 3]) == (a if a == b else 10 + (cut * 10 + a) * 10 + b)
+    assert int(labels.max()) >= 10  # with 3 distinct classes, some slot got a new class
+    # off at p = 0; seeded
+    assert CompositeClasses(0.0, 10, 3)(x, y, g)[0] is x
+    again = CompositeClasses(1.0, 10, 3)(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], out) and torch.equal(again[1], labels)
+
+
+def test_deskew_straightens_a_slanted_stroke_and_only_at_inference():
+    import torch
+
+    from retrieval.towers import build_tower, deskew
+
+    x = torch.zeros(1, 1, 28, 28)
+    for row in range(6, 22):  # a stroke leaning right: one pixel across for every two rows down
+        x[0, 0, row, 14 + (row - 14) // 2] = 1.0
+    straight = deskew(x)[0, 0]
+    cols = (straight * torch.arange(28.0)).sum(1)[6:22] / straight.sum(1)[6:22]
+    assert float(cols.max() - cols.min()) < 1.0  # the slanted stroke spanned 8 columns
+    assert abs(float(straight.sum() - x.sum())) < 0.5  # ink is moved, not lost
+    skewing, plain = build_tower("default", 8, deskew=True), build_tower("default", 8)
+    plain.load_state_dict(skewing.state_dict())
+    batch = torch.cat([x, torch.rand(3, 1, 28, 28)])
+    with torch.no_grad():
+        for mode in (True, False):  # training sees the raw image, inference the deskewed one
+            skewing.train(mode), plain.train(mode)
+            expected = plain(batch if mode else deskew(batch))
+            assert torch.allclose(skewing(batch), expected, atol=1e-5)
+    assert not torch.allclose(plain(batch), plain(deskew(batch)), atol=1e-3)
+
+
 def test_elastic_warp_is_seeded_small_and_off_at_zero():
     import torch
 
