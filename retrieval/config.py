@@ -35,7 +35,6 @@ DEFAULTS: dict[str, Any] = {
     "tower": {
         "name": "default",  # default | seed
         "embedding_size": 0,  # 0: the tower's own default (64 for default, 512 for seed)
-        "members": 1,  # backbones side by side, each with its own loss (an ensemble in one tower; default tower)
         "deskew": False,  # undo each image's slant before the network at inference (embedding, index, query)
     },
     "objective": {
@@ -273,10 +272,6 @@ def validate(config: dict, source: str = "config") -> dict:
 
     if get(config, "tower.name") not in TOWERS:
         raise fail("tower.name", "one of " + ", ".join(TOWERS))
-    if get(config, "tower.members") < 1:
-        raise fail("tower.members", "a positive number of backbones")
-    if get(config, "tower.members") > 1 and get(config, "objective.name") == "pair":
-        raise fail("tower.members", "1 with objective pair (its head scores one embedding pair)")
     if get(config, "objective.name") not in OBJECTIVES:
         raise fail("objective.name", "one of " + ", ".join(OBJECTIVES))
     if get(config, "sampler.name") not in SAMPLERS:

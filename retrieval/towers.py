@@ -49,7 +49,6 @@ class Tower(nn.Module):
         self.embedding_size = embedding_size
         self.deskew = bool(deskew)
         self.backbone = backbone
-        self.members = len(backbone.members) if isinstance(backbone, Members) else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: float (N, 1, 28, 28) in [0, 1] -> (N, embedding_size), unit L2 norm."""
@@ -57,30 +56,8 @@ class Tower(nn.Module):
             x = deskew(x.float()).contiguous(memory_format=torch.channels_last)
         return F.normalize(self.backbone((x - PIXEL_MEAN) / PIXEL_STD).float(), dim=1)
 
-    def split(self, embeddings: torch.Tensor) -> list[torch.Tensor]:
-        """The members' own unit embeddings (for their own losses in training); [embeddings] with one member."""
-        if self.members == 1:
-            return [embeddings]
-        return [F.normalize(part, dim=1) for part in embeddings.chunk(self.members, dim=1)]
-
     def describe(self) -> dict:
-        return {"tower": self.arch, "embedding_size": self.embedding_size, "deskew": self.deskew,
-                "members": self.members}
-
-
-class Members(nn.Module):
-    """An ensemble inside one tower: backbones of one architecture, each with its own initial weights and, in
-    training, its own loss (Tower.split); the embedding is their unit embeddings side by side scaled by
-    1/sqrt(count), so it has unit norm and its cosine similarity is the mean of the members' similarities.
-    Members trained apart disagree on what they get wrong, which matters most for classes none of them saw."""
-
-    def __init__(self, backbones: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(backbones)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = len(self.members) ** -0.5
-        return torch.cat([F.normalize(m(x).float(), dim=1) * scale for m in self.members], dim=1)
+        return {"tower": self.arch, "embedding_size": self.embedding_size, "deskew": self.deskew}
 
 
 def seed_backbone() -> nn.Module:
@@ -113,22 +90,14 @@ def default_backbone(embedding_size: int) -> nn.Module:
 TOWERS = ("seed", "default")
 
 
-def build_tower(name: str, embedding_size: int | None = None, deskew: bool = False, members: int = 1) -> Tower:
-    """A tower by name; `members` > 1 (default tower only) puts that many backbones side by side, each giving
-    embedding_size / members dimensions."""
-    if members < 1:
-        raise UsageError(f"members must be a positive number of backbones, got {members}")
+def build_tower(name: str, embedding_size: int | None = None, deskew: bool = False) -> Tower:
     if name == "seed":
         if embedding_size not in (None, 512):
             raise UsageError(f"tower 'seed' has a fixed 512-d embedding, got embedding_size={embedding_size}")
-        if members != 1:
-            raise UsageError("tower 'seed' is the write-up's network alone; members > 1 needs the default tower")
         return Tower("seed", seed_backbone(), 512, deskew)
     if name == "default":
-        size = 64 * members if embedding_size is None else int(embedding_size)
-        if size <= 0 or size % members:
-            raise UsageError(f"embedding_size must be a positive multiple of members={members}, got {size}")
-        if members == 1:
-            return Tower("default", default_backbone(size), size, deskew)
-        return Tower("default", Members([default_backbone(size // members) for _ in range(members)]), size, deskew)
+        size = 64 if embedding_size is None else int(embedding_size)
+        if size <= 0:
+            raise UsageError(f"embedding_size must be positive, got {size}")
+        return Tower("default", default_backbone(size), size, deskew)
     raise UsageError(f"unknown tower {name!r}; expected one of: {', '.join(TOWERS)}")

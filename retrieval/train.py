@@ -432,8 +432,7 @@ class Trainer:
                 emb = self.tower(x)
         else:
             emb = self.tower(x)
-        parts = self.tower.split(emb.float())  # each member of an ensemble tower learns on its own embedding
-        loss = sum(self.objective(part, y, generator) for part in parts) / len(parts)
+        loss = self.objective(emb.float(), y, generator)
         if self.device.type == "cpu":
             self._check_finite(float(loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
@@ -814,10 +813,9 @@ def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, d
     embedding_size = cfg["tower"]["embedding_size"] or None
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
         torch.manual_seed(derive_seed(seed, "init"))
-        tower = build_tower(cfg["tower"]["name"], embedding_size, cfg["tower"]["deskew"], cfg["tower"]["members"])
+        tower = build_tower(cfg["tower"]["name"], embedding_size, cfg["tower"]["deskew"])
         o = cfg["objective"]
-        objective = build_objective(o["name"], tower.embedding_size // tower.members, o["miner"], o["loss_args"],
-                                    o["miner_args"])
+        objective = build_objective(o["name"], tower.embedding_size, o["miner"], o["loss_args"], o["miner_args"])
     tower.to(dev, memory_format=torch.channels_last)
     objective.to(dev)
     sampler = build_sampler(cfg, train_labels)

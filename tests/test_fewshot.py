@@ -313,35 +313,3 @@ def test_trainer_uses_dihedral_classes_and_elastic(data_root, tmp_path):
     assert torch.isfinite(loss)
     with pytest.raises(UsageError, match="augment.elastic"):
         resolve_config({"augment": {"elastic": 9.0}})
-
-
-def test_trainer_with_composite_classes_and_a_member_tower(data_root, tmp_path):
-    import torch
-
-    from retrieval.checkpoint import load_checkpoint
-    from retrieval.config import resolve_config
-    from retrieval.train import train
-
-    cfg = {"data": {"exclude": ["0", "4", "5", "8"], "subset": 400, "val_size": 80},
-           "train": {"epochs": 1, "batch_size": 32}, "sampler": {"m": 8},
-           "tower": {"embedding_size": 24, "members": 3, "deskew": True},
-           "augment": {"composite_classes": 1.0, "dihedral_classes": True}}
-    run = train(resolve_config(cfg), tmp_path / "run", log=lambda m: None, data_root=data_root, progress=False)
-    ck = load_checkpoint(run)
-    assert (ck.tower.members, ck.tower.embedding_size, ck.tower.deskew) == (3, 24, True)
-    assert ck.meta["augment"]["composite_classes"] == 1.0
-    with torch.no_grad():
-        e = ck.tower(torch.rand(5, 1, 28, 28))
-    parts = ck.tower.split(e)
-    assert len(parts) == 3 and all(torch.allclose(p.norm(dim=1), torch.ones(5), atol=1e-5) for p in parts)
-    # the whole embedding is unit-norm and its cosine similarity is the mean of the members' similarities
-    assert torch.allclose(e.norm(dim=1), torch.ones(5), atol=1e-5)
-    assert torch.allclose(e @ e.T, sum(p @ p.T for p in parts) / 3, atol=1e-5)
-    for bad, match in (({"augment": {"composite_classes": 1.5}}, "augment.composite_classes"),
-                       ({"tower": {"members": 0}}, "tower.members"),
-                       ({"tower": {"members": 2}, "objective": {"name": "pair"}}, "tower.members")):
-        with pytest.raises(UsageError, match=match):
-            resolve_config(bad)
-    with pytest.raises(UsageError, match="multiple of members=3"):
-        train(resolve_config({**cfg, "tower": {"embedding_size": 32, "members": 3}}), tmp_path / "bad",
-              log=lambda m: None, data_root=data_root, progress=False)
