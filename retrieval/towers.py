@@ -87,7 +87,23 @@ def default_backbone(embedding_size: int) -> nn.Module:
     )
 
 
-TOWERS = ("seed", "default")
+def hires_backbone(embedding_size: int) -> nn.Module:
+    """The default backbone with a full-resolution stem: a stride-1 5x5 convolution on the 28x28 image before
+    two strided steps down to 7x7. About 2.4x the default's training time, for finer stroke detail: on digits
+    never seen in training (4-way few-shot, mnist-fewshot's selection split) it is more accurate than the
+    default trained the same way."""
+    return nn.Sequential(
+        *_conv_bn(1, 32, kernel=5),  # 28 -> 28
+        *_conv_bn(32, 64, stride=2),  # 28 -> 14
+        *_conv_bn(64, 64, stride=2),  # 14 -> 7
+        *_conv_bn(64, 64),  # 7 -> 7
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, embedding_size),
+    )
+
+
+BACKBONES = {"default": default_backbone, "hires": hires_backbone}
+TOWERS = ("seed", *BACKBONES)
 
 
 def build_tower(name: str, embedding_size: int | None = None, deskew: bool = False) -> Tower:
@@ -95,9 +111,9 @@ def build_tower(name: str, embedding_size: int | None = None, deskew: bool = Fal
         if embedding_size not in (None, 512):
             raise UsageError(f"tower 'seed' has a fixed 512-d embedding, got embedding_size={embedding_size}")
         return Tower("seed", seed_backbone(), 512, deskew)
-    if name == "default":
+    if name in BACKBONES:
         size = 64 if embedding_size is None else int(embedding_size)
         if size <= 0:
             raise UsageError(f"embedding_size must be positive, got {size}")
-        return Tower("default", default_backbone(size), size, deskew)
+        return Tower(name, BACKBONES[name](size), size, deskew)
     raise UsageError(f"unknown tower {name!r}; expected one of: {', '.join(TOWERS)}")

@@ -313,3 +313,26 @@ def test_trainer_uses_dihedral_classes_and_elastic(data_root, tmp_path):
     assert torch.isfinite(loss)
     with pytest.raises(UsageError, match="augment.elastic"):
         resolve_config({"augment": {"elastic": 9.0}})
+
+
+def test_trainer_with_composite_classes_and_deskew(data_root, tmp_path):
+    import torch
+
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.config import resolve_config
+    from retrieval.train import build_trainer, make_generator, train
+
+    cfg = resolve_config({"data": {"exclude": ["0", "4", "5", "8"], "subset": 400, "val_size": 80},
+                          "train": {"epochs": 1, "batch_size": 32}, "sampler": {"m": 8},
+                          "tower": {"embedding_size": 16, "deskew": True},
+                          "augment": {"composite_classes": 1.0, "dihedral_classes": True}})
+    trainer = build_trainer(cfg, tmp_path / "peek", torch.device("cpu"), log=lambda m: None, data_root=data_root,
+                            progress=False)
+    x, y = trainer.make_batch(trainer.sampler.epoch_batches(0)[0], make_generator(0, "step", 0, 0))
+    assert int(y.max()) >= 10 * 8  # composites (labels past the ten digits), then turned by the symmetries
+    run = train(cfg, tmp_path / "run", log=lambda m: None, data_root=data_root, progress=False)
+    ck = load_checkpoint(run)
+    assert ck.tower.deskew and not ck.tower.training
+    assert ck.meta["deskew"] is True and ck.meta["augment"]["composite_classes"] == 1.0
+    with pytest.raises(UsageError, match="augment.composite_classes"):
+        resolve_config({"augment": {"composite_classes": 1.5}})

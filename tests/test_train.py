@@ -75,7 +75,7 @@ def mnist_small(data_root):
 
 
 # ------------------------------------------------------------------------------------------ objectives, towers
-@pytest.mark.parametrize("tower_name", ["default", "seed"])
+@pytest.mark.parametrize("tower_name", ["default", "hires", "seed"])
 @pytest.mark.parametrize("objective_name", ["multi-similarity", "triplet", "contrastive", "pair"])
 def test_loss_is_finite_and_falls_on_a_repeated_batch(mnist_small, tower_name, objective_name):
     torch.manual_seed(0)
