@@ -101,7 +101,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise RetrievalError(f"{weights} is not a valid safetensors file ({e})") from None
-    tower = build_tower(meta["tower"], meta.get("embedding_size"), bool(meta.get("deskew", False)))
+    tower = build_tower(meta["tower"], meta.get("embedding_size"), bool(meta.get("deskew", False)),
+                        int(meta.get("test_shifts", 0)))
     tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
     try:
         tower.load_state_dict(tower_state)

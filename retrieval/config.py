@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
         "name": "default",  # default | hires (finer strokes, 2.4x the training time) | seed (the write-up's)
         "embedding_size": 0,  # 0: the tower's own default (64 for default and hires, 512 for seed)
         "deskew": False,  # undo each image's slant before the network at inference (embedding, index, query)
+        "test_shifts": 0,  # at inference, average the embeddings of the image shifted by up to this many pixels
+        # each way ((2r+1)^2 passes: 1 -> 9x the embedding time); 0: off
     },
     "objective": {
         "name": "multi-similarity",  # multi-similarity | triplet | contrastive | pair
@@ -272,6 +274,8 @@ def validate(config: dict, source: str = "config") -> dict:
 
     if get(config, "tower.name") not in TOWERS:
         raise fail("tower.name", "one of " + ", ".join(TOWERS))
+    if not 0 <= get(config, "tower.test_shifts") <= 3:
+        raise fail("tower.test_shifts", "a shift in pixels between 0 and 3")
     if get(config, "objective.name") not in OBJECTIVES:
         raise fail("objective.name", "one of " + ", ".join(OBJECTIVES))
     if get(config, "sampler.name") not in SAMPLERS:

@@ -275,6 +275,27 @@ def test_deskew_straightens_a_slanted_stroke_and_only_at_inference():
     assert not torch.allclose(plain(batch), plain(deskew(batch)), atol=1e-3)
 
 
+def test_test_shifts_average_the_shifted_views_at_inference_only():
+    import torch
+    import torch.nn.functional as F
+
+    from retrieval.towers import build_tower
+
+    shifting, plain = build_tower("default", 8, test_shifts=1), build_tower("default", 8)
+    plain.load_state_dict(shifting.state_dict())
+    x = torch.zeros(2, 1, 28, 28)
+    x[:, :, 8:20, 12:16] = 1.0
+    x[1, :, 8:12, 12:22] = 1.0  # a 7-ish shape
+    with torch.no_grad():
+        shifting.train(), plain.train()
+        assert torch.allclose(shifting(x), plain(x), atol=1e-6)  # training sees one view
+        shifting.eval(), plain.eval()
+        views = [torch.roll(x, (dy, dx), dims=(2, 3)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # no ink on the rim
+        expected = F.normalize(sum(plain(v) for v in views), dim=1)
+        assert torch.allclose(shifting(x), expected, atol=1e-5)
+        assert not torch.allclose(shifting(x), plain(x), atol=1e-4)
+
+
 def test_elastic_warp_is_seeded_small_and_off_at_zero():
     import torch
 
