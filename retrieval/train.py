@@ -813,7 +813,8 @@ def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, d
     embedding_size = cfg["tower"]["embedding_size"] or None
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
         torch.manual_seed(derive_seed(seed, "init"))
-        tower = build_tower(cfg["tower"]["name"], embedding_size, cfg["tower"]["deskew"], cfg["tower"]["test_shifts"])
+        t = cfg["tower"]
+        tower = build_tower(t["name"], embedding_size, t["deskew"], t["test_shifts"])
         o = cfg["objective"]
         objective = build_objective(o["name"], tower.embedding_size, o["miner"], o["loss_args"], o["miner_args"])
     tower.to(dev, memory_format=torch.channels_last)
