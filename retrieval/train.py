@@ -810,11 +810,10 @@ def build_trainer(cfg: dict, out: Path, dev: torch.device, log: Log = _stderr, d
     train_pos, val_pos = split_validation(ds.labels, val_size, seed)
     train_labels = ds.labels[train_pos]
     classes_seen = [ds.classes[i] for i in torch.unique(train_labels).tolist()]
-    embedding_size = cfg["tower"]["embedding_size"] or None
+    t = cfg["tower"]
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
         torch.manual_seed(derive_seed(seed, "init"))
-        t = cfg["tower"]
-        tower = build_tower(t["name"], embedding_size, t["deskew"], t["test_shifts"])
+        tower = build_tower(t["name"], t["embedding_size"] or None, t["deskew"], t["test_shifts"])
         o = cfg["objective"]
         objective = build_objective(o["name"], tower.embedding_size, o["miner"], o["loss_args"], o["miner_args"])
     tower.to(dev, memory_format=torch.channels_last)
