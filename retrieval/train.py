@@ -403,6 +403,10 @@ class Trainer:
         self.best: dict | None = None
         self.history: list[dict] = []
         self.train_seconds = 0.0
+        # One entry per run of the loop (the first, then each resume): where it started and how many optimizer
+        # steps it executed, counted in the loop itself, so a resume that silently restarted shows in state.json.
+        self.sessions: list[dict] = []
+        self._session: dict = {}
         self._running_loss = float("nan")
         self._reset_epoch_totals()
 
@@ -465,6 +469,10 @@ class Trainer:
                 self.log(f"{self.out_dir}: training already finished ({self.epochs} epochs); nothing to do")
                 return self.out_dir
             self.log(f"resuming {self.out_dir} at epoch {self.epoch + 1}, step {self.step} of {self.steps_per_epoch}")
+        self._session = {"started_at_step": self.global_step, "steps_run": 0, "device": self.device.type,
+                         "threads": self._threads()}
+        if resume:
+            self._warn_if_threads_differ()
         self.tower.to(self.device)
         self.objective.to(self.device)
         total = self.epochs * self.steps_per_epoch
@@ -483,6 +491,7 @@ class Trainer:
                         loss = self.train_step(x, y, g)
                         self.step += 1
                         self.global_step += 1
+                        self._session["steps_run"] += 1
                         consistent = True
                         self._loss_sum += loss
                         if self.device.type == "cpu" or self.step % 20 == 0:  # .item() syncs a GPU: not every step
@@ -519,6 +528,18 @@ class Trainer:
                 f"{self.out_dir / 'last.safetensors'} and the training state", saved=True, run_dir=self.out_dir) from None
         bar.close()
         return self.out_dir
+
+    def _threads(self) -> int | None:
+        return torch.get_num_threads() if self.device.type == "cpu" else None
+
+    def _warn_if_threads_differ(self) -> None:
+        # CPU kernels split reductions by thread, so another thread count changes the last bits of the weights.
+        before = self.sessions[-1].get("threads") if self.sessions else None
+        now = self._session["threads"]
+        if before is not None and now is not None and before != now:
+            self.log(f"warning: {self.out_dir} was trained with {before} CPU threads and resumes with {now}: "
+                     f"training continues, but the weights will not be bit-identical to an uninterrupted run "
+                     f"(resume with --threads {before} for that)")
 
     def _write_log(self, bar) -> Log:
         def write(msg: str) -> None:
@@ -617,6 +638,7 @@ class Trainer:
             "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_scalars},
             "scheduler": self.scheduler.state_dict(),
             "rng": {"seed": self.seed, "scheme": "every draw of epoch e, step s comes from blake2b(seed, e, s)"},
+            "sessions": [*self.sessions, dict(self._session)] if self._session else list(self.sessions),
             **self.state_meta,
         }
         atomic_write_json(self.out_dir / "state.json", state)
@@ -662,6 +684,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
         self.best, self.train_seconds = state["best"], state["train_seconds"]
+        self.sessions = list(state.get("sessions", []))
         partial = state["partial_epoch"]
         self._reset_epoch_totals(partial["loss_sum"], partial["steps"], partial["seconds"])
         metrics = self.out_dir / "metrics.jsonl"

@@ -1,13 +1,42 @@
-"""Shared test fixtures. Real data comes from the data root (RETRIEVAL_DATA_ROOT or the default), fetched once."""
+"""Shared test fixtures.
+
+Tests never touch the user's data cache: before any test runs, RETRIEVAL_DATA_ROOT points at a data root of the
+test run's own (a fresh temporary folder, fetched once through the real source chain, or the folder named by
+RETRIEVAL_TEST_DATA to reuse a verified copy between runs), so library calls with the default root, CLI calls in
+the test process and CLI subprocesses all read it.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
+
+_OWN_ROOT: list[Path] = []
+
+
+def pytest_configure(config):
+    explicit = os.environ.get("RETRIEVAL_TEST_DATA")
+    if explicit:
+        root = Path(explicit).expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="retrieval-test-data-"))
+        _OWN_ROOT.append(root)
+    os.environ["RETRIEVAL_DATA_ROOT"] = str(root)
+
+
+def pytest_unconfigure(config):
+    for root in _OWN_ROOT:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def data_root():
-    """The data root holding verified MNIST (fetched through the real source chain on a fresh machine)."""
+    """The test run's data root holding verified MNIST (fetched through the real source chain when missing)."""
     from retrieval.data.fetch import fetch_dataset
     from retrieval.data.specs import default_data_root
 

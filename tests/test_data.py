@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -315,3 +317,13 @@ def test_cli_data_info_mnist_counts(data_root):
     info = json.loads(result.stdout)
     assert info["images"] == 60_000 and info["per_class"] == MNIST_TRAIN_COUNTS and info["image_size"] == [28, 28]
     assert abs(info["pixel_mean"] - 0.1307) < 1e-3
+
+
+def test_tests_use_a_data_root_of_their_own(data_root):
+    """The suite never reads or fills the user's cache (~/.cache/retrieval/data or XDG_CACHE_HOME)."""
+    from retrieval.data.specs import default_data_root
+
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrieval"
+    assert default_data_root() == data_root
+    assert user_cache not in Path(data_root).resolve().parents and Path(data_root).resolve() != user_cache
+    assert (Path(data_root) / "mnist").is_dir()

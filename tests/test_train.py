@@ -223,8 +223,16 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, data_root, 
     state = json.loads((tmp_path / "cut" / "state.json").read_text())
     assert state["global_step"] == stop_at and not state["finished"]
     assert load_checkpoint(tmp_path / "cut" / "last").meta["interrupted"] is True
-    train(None, tmp_path / "cut", device="cpu", resume=True, log=quiet, data_root=data_root, progress=False, threads=1)
+    steps_after_resume = []
+    train(None, tmp_path / "cut", device="cpu", resume=True, log=quiet, data_root=data_root, progress=False,
+          threads=1, on_step=lambda info: steps_after_resume.append(info.global_step))
 
+    # the resumed run started at the saved step and executed only the rest (a silent restart from step 0 would
+    # give the same seeded weights, so the weights alone cannot tell)
+    total = json.loads((tmp_path / "whole" / "state.json").read_text())["global_step"]
+    assert steps_after_resume == list(range(stop_at + 1, total + 1))
+    sessions = json.loads((tmp_path / "cut" / "state.json").read_text())["sessions"]
+    assert [(s["started_at_step"], s["steps_run"]) for s in sessions] == [(0, stop_at), (stop_at, total - stop_at)]
     a, b = _final_weights(whole), _final_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _val_history(whole) == _val_history(tmp_path / "cut")
@@ -370,6 +378,11 @@ def test_cli_ctrl_c_saves_and_resume_finishes_identically(tmp_path, data_root):
               "--root", str(data_root)])
     assert exit_info.value.code in (0, None)
     whole = train(cfg, tmp_path / "whole", device="cpu", log=quiet, data_root=data_root, progress=False, threads=1)
+    total = json.loads((whole / "state.json").read_text())["global_step"]
+    sessions = json.loads((run / "state.json").read_text())["sessions"]
+    saved = state["global_step"]
+    assert 0 < saved < total and sessions[0]["started_at_step"] == 0
+    assert (sessions[-1]["started_at_step"], sessions[-1]["steps_run"]) == (saved, total - saved)
     a, b = _final_weights(whole), _final_weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert tower_fingerprint(load_checkpoint(run / "last").tower) == tower_fingerprint(load_checkpoint(whole / "last").tower)
@@ -392,3 +405,21 @@ def test_cuda_run_interrupts_resumes_and_loads_on_cpu(tmp_path, data_root):
     emb = embed_images(ckpt.tower, load_dataset("mnist:test", root=data_root, subset=50, log=quiet).images)
     assert np.isfinite(emb).all() and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
     assert ckpt.head is not None
+
+
+def test_resume_under_another_thread_count_warns(tmp_path, data_root):
+    cfg = tiny(train={"epochs": 1, "batch_size": 32})
+
+    def stop(info):
+        if info.global_step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, tmp_path / "run", device="cpu", log=quiet, data_root=data_root, progress=False, on_step=stop,
+              threads=1)
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["sessions"][0]["threads"] == 1
+    messages = []
+    train(None, tmp_path / "run", device="cpu", resume=True, log=messages.append, data_root=data_root,
+          progress=False, threads=2)
+    warnings = [m for m in messages if m.startswith("warning:")]
+    assert len(warnings) == 1 and "1 CPU threads" in warnings[0] and "--threads 1" in warnings[0], messages

@@ -35,7 +35,7 @@ def train_command(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a run folder that holds a run."),
     threads: Optional[int] = typer.Option(
-        None, "--threads", help="CPU threads (default: all cores available to this process).", show_default=False,
+        None, "--threads", help="CPU threads (default: all cores available to this process). A --resume under another count than the run was trained with warns: the weights then differ in the last bits from an uninterrupted run.", show_default=False,
     ),
     root: Optional[Path] = DataRootOption,
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (epoch lines are still logged)."),
