@@ -20,6 +20,8 @@ from retrieval.data.preprocess import load_image_file, preprocess_image
 from retrieval.data.specs import load_dataset, parse_item_spec
 from retrieval.errors import RetrievalError, UsageError
 
+from cli_helpers import write_png_header_only
+
 MNIST_TRAIN_COUNTS = {"0": 5923, "1": 6742, "2": 5958, "3": 6131, "4": 5842,
                       "5": 5421, "6": 5918, "7": 6265, "8": 5851, "9": 5949}
 
@@ -281,10 +283,15 @@ def test_flat_image_is_refused():
 
 
 def test_pixel_budget_refused_before_decoding(tmp_path, monkeypatch):
-    path = tmp_path / "big.png"
-    Image.new("L", (300, 300), 255).save(path)
+    # The file declares 9000x9000 pixels (under Pillow's own bomb limit) and holds none: only a check on the
+    # header can name its size; decoding it would fail as a truncated image instead.
+    path = write_png_header_only(tmp_path / "big.png", 9000, 9000)
     monkeypatch.setenv("RETRIEVAL_MAX_PIXELS", "50000")
-    with pytest.raises(RetrievalError, match="big.png: 300x300 pixels is over the pixel budget"):
+    with pytest.raises(RetrievalError, match="big.png: 9000x9000 pixels is over the pixel budget of 50,000"):
+        load_image_file(path)
+    # the same picture within the budget is opened and fails only when decoded
+    monkeypatch.setenv("RETRIEVAL_MAX_PIXELS", "90000000")
+    with pytest.raises(RetrievalError, match="cannot decode image"):
         load_image_file(path)
 
 
