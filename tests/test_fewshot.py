@@ -182,6 +182,8 @@ def test_cli_pixels_table_and_single_json(data_root, capsys):
         (["--shots", "900", "--queries", "15"], "'5' has 892"),
         (["--episodes", "0"], "--episodes must be an integer >= 1"),
         (["--method", "nearest"], "--method must be one of prototype, knn"),
+        (["--k", "3"], "--k applies to --method knn only"),
+        (["--method", "prototype", "--k", "1"], "--k applies to --method knn only"),
     ],
 )
 def test_cli_bad_values_exit_2(data_root, capsys, extra, message):

@@ -46,7 +46,10 @@ def fewshot(
         "prototype", "--method",
         help="prototype: nearest class mean (re-normalised); knn: vote of the --k most similar support images.",
     ),
-    k: int = typer.Option(1, "--k", help="Neighbours for --method knn (ties go to the larger summed similarity)."),
+    k: Optional[int] = typer.Option(
+        None, "--k", help="Neighbours for --method knn (default 1; ties go to the larger summed similarity). "
+                          "Refused with --method prototype, which has no neighbours to count.", show_default=False,
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the episode sampler; the same seed draws the same episodes "
                                                "for every checkpoint, so results compare pairwise."),
     json_out: bool = typer.Option(False, "--json", help='Print {"ways","shots","episodes","accuracy","ci95"} '
@@ -73,6 +76,9 @@ def fewshot(
     shot_counts = parse_int_list(shots, "--shots")
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if k is not None and method != "knn":
+        raise UsageError(f"--k applies to --method knn only; --method {method} classifies by the nearest class mean")
+    k = 1 if k is None else k
     if batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
     if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
