@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     makers = {"default": lambda: build_tower("default"), "seed": lambda: build_tower("seed"), "pml-example": pml_example_tower}
     towers = {name: makers[name]().to(device).eval() for name in args.towers.split(",")}
     n_max = max(args.images, max(batch_sizes))
-    pool = load_dataset("mnist:test", log=lambda m: None).images
+    pool = load_dataset("mnist:test").images
     all_images = pool.repeat((n_max + len(pool) - 1) // len(pool), 1, 1)[:n_max].contiguous()
 
     rows = []  # (threads, batch size, {tower: median images/s})

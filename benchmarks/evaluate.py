@@ -61,7 +61,7 @@ def index_search_metrics(queries, query_labels, references, reference_labels) ->
     from retrieval.index import build_index
 
     index = build_index(references, reference_labels, [str(i) for i in range(10)],
-                        [str(i) for i in range(len(references))], factory="Flat", metric="l2", log=lambda m: None)
+                        [str(i) for i in range(len(references))], factory="Flat", metric="l2")
     m = retrieval_metrics(queries, query_labels, search=index.search, reference_labels=index.labels,
                           reference_ids=index.ids)
     return {"precision@1": m.precision[1], "map@r": m.map_at_r, "r_precision": m.r_precision}

@@ -39,9 +39,8 @@ def main(argv=None) -> int:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    refs = embed_images(ckpt.tower, load_dataset("mnist:train", log=log).images, batch_size=256)
-    queries = embed_images(ckpt.tower, load_dataset("mnist:test", log=log).images, batch_size=256)
+    refs = embed_images(ckpt.tower, load_dataset("mnist:train").images, batch_size=256)
+    queries = embed_images(ckpt.tower, load_dataset("mnist:test").images, batch_size=256)
     n_q, n_r, dim = len(queries), len(refs), refs.shape[1]
     gflop = 2 * n_q * n_r * dim / 1e9
 

@@ -62,7 +62,10 @@ def main(argv=None) -> int:
     except RetrievalError:
         has_checkpoint = False
     if args.retrain or not has_checkpoint:
-        from retrieval.train import train
+        from retrieval.logs import setup_cli_logging
+        from retrieval.trainer import train
+
+        setup_cli_logging()  # the trainer's messages on stderr, as the CLI shows them
 
         start = time.perf_counter()
         train(args.config, run, device=args.device, overwrite=True)
@@ -72,11 +75,10 @@ def main(argv=None) -> int:
     if seen & set(HELD_OUT):
         raise SystemExit(f"{ckpt.path} was trained on {sorted(seen & set(HELD_OUT))}: not a held-out evaluation")
     train_s = training_seconds(run)
-    log = lambda m: None  # noqa: E731
 
     rows = []  # (split, embeddings, method, [results])
     for split in ("mnist:test", "mnist:train"):
-        ds = load_dataset(split, classes=HELD_OUT, log=log)
+        ds = load_dataset(split, classes=HELD_OUT)
         t0 = time.perf_counter()
         tower_emb = embed_images(ckpt.tower, ds.images)
         embed_s = time.perf_counter() - t0

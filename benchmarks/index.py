@@ -95,8 +95,8 @@ def main(argv=None) -> int:
                       "are far less spread out than a trained tower's, so recall figures are pessimistic")
     log(f"tower: {tower_note}")
 
-    train = load_dataset("mnist:train", log=log, subset=args.base_size)
-    test = load_dataset("mnist:test", log=log, subset=args.query_size)
+    train = load_dataset("mnist:train", subset=args.base_size)
+    test = load_dataset("mnist:test", subset=args.query_size)
     start = time.perf_counter()
     base = embed_images(tower, train.images, batch_size=1024, device=args.device)
     queries = embed_images(tower, test.images, batch_size=1024, device=args.device)
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         configs = [(f, dict(CONFIGS).get(f, [None])) for f in wanted]
     for factory, param_sets in configs:
         start = time.perf_counter()
-        index = build_index(base, labels, train.classes, train.sources, factory=factory, seed=0, log=log)
+        index = build_index(base, labels, train.classes, train.sources, factory=factory, seed=0)
         build_s = time.perf_counter() - start
         for params in param_sets:
             if params is not None:

@@ -4,7 +4,7 @@ side in one script, plus a check that the data path is not the bottleneck and (o
 Parts (--parts, all three by default):
   datapath  step time with real batches (index the on-device uint8 tensor, scale, augment) against the same number
             of steps on one fixed, already prepared batch; blocks of steps alternate so machine load hits both alike
-  ours      `retrieval.train.train(configs/mnist-default.toml)` on full MNIST train (minus its validation slice)
+  ours      `retrieval.trainer.train(configs/mnist-default.toml)` on full MNIST train (minus its validation slice)
   baseline  the PML example recipe: conv(1,32,3)-ReLU-conv(32,64,3)-ReLU-maxpool-dropout(0.25)-fc(9216,128),
             TripletMarginLoss(margin 0.2, cosine similarity, ThresholdReducer(low=0)) with a semi-hard
             TripletMarginMiner(margin 0.2), Adam lr 0.01, batch 256, shuffled DataLoader with per-image
@@ -44,10 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._report import append_section, machine  # noqa: E402
 from retrieval.config import load_config  # noqa: E402
 from retrieval.data.specs import load_dataset  # noqa: E402
-from retrieval.embed import embed_images  # noqa: E402
-from retrieval.metrics import ExactSearch, retrieval_metrics  # noqa: E402
+from retrieval.embed import available_cores, embed_images, resolve_device  # noqa: E402
+from retrieval.knn import ExactSearch  # noqa: E402
+from retrieval.metrics import retrieval_metrics  # noqa: E402
+from retrieval.logs import setup_cli_logging  # noqa: E402
+from retrieval.seeding import make_generator  # noqa: E402
 from retrieval.towers import Tower  # noqa: E402
-from retrieval.train import available_cores, build_trainer, make_generator, resolve_device, train  # noqa: E402
+from retrieval.trainer import build_trainer, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_P1 = 0.98
@@ -66,8 +69,8 @@ class TestSet:
     """mnist:test queries and mnist:train references, embedded by a tower on demand."""
 
     def __init__(self, root, subset: int | None = None):
-        self.train = load_dataset("mnist:train", root=root, subset=subset, log=log)
-        self.test = load_dataset("mnist:test", root=root, subset=subset and max(1, subset // 6), log=log)
+        self.train = load_dataset("mnist:train", root=root, subset=subset)
+        self.test = load_dataset("mnist:test", root=root, subset=subset and max(1, subset // 6))
 
     def embed(self, tower, device):
         return (embed_images(tower, self.test.images, device=device, batch_size=1024),
@@ -124,7 +127,7 @@ def bench_datapath(config: Path, device, root, steps: int, block: int, overrides
     """Median step time: real batches (index + scale + augment + step) vs steps on one prepared batch."""
     cfg = load_config(config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(cfg, Path(tmp), device, log=log, data_root=root, progress=False)
+        trainer = build_trainer(cfg, Path(tmp), device, data_root=root, progress=False)
     trainer.tower.to(device)
     plan = trainer.sampler.epoch_batches(0).to(device)
     fixed_x, fixed_y = trainer.make_batch(plan[0], make_generator(0, "fixed"))
@@ -134,7 +137,7 @@ def bench_datapath(config: Path, device, root, steps: int, block: int, overrides
         trainer.train_step(fixed_x, fixed_y, make_generator(0, "warm"))
     while len(real) < steps:
         for _ in range(block):
-            g = make_generator(cfg["seed"], "bench", s)
+            g = make_generator(cfg.seed, "bench", s)
             sync(device)
             t0 = time.perf_counter()
             x, y = trainer.make_batch(plan[s % len(plan)], g)
@@ -147,7 +150,7 @@ def bench_datapath(config: Path, device, root, steps: int, block: int, overrides
             batch_only.append(t1 - t0)
             s += 1
         for _ in range(block):
-            g = make_generator(cfg["seed"], "bench", s)
+            g = make_generator(cfg.seed, "bench", s)
             sync(device)
             t0 = time.perf_counter()
             trainer.train_step(fixed_x, fixed_y, g)
@@ -170,7 +173,7 @@ def bench_ours(config: Path, device, root, testset: TestSet, evals: list[float],
                out: Path | None, overrides=()) -> dict:
     cfg = load_config(config, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = out or Path(tmp) / cfg["name"]
+        run_dir = out or Path(tmp) / cfg.name
         points = Checkpoints(testset, device, evals)
         start = time.perf_counter()
 
@@ -178,7 +181,7 @@ def bench_ours(config: Path, device, root, testset: TestSet, evals: list[float],
             wall = time.perf_counter() - start - points.eval_seconds
             points(info.global_step, info.steps_per_epoch, wall, info.trainer.tower)
 
-        train(config, run_dir, device=device, log=log, data_root=root, progress=False, on_step=on_step,
+        train(config, run_dir, device=device, data_root=root, progress=False, on_step=on_step,
               threads=threads, overwrite=True, overrides=overrides)
         wall = time.perf_counter() - start - points.eval_seconds
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -194,8 +197,8 @@ def bench_ours(config: Path, device, root, testset: TestSet, evals: list[float],
                            "epoch": ckpt.meta["epoch"], "fingerprint": ckpt.fingerprint}
     images = sum(r["images_per_s"] * r["epoch_seconds"] for r in records)
     return {
-        "name": cfg["name"], "tower": cfg["tower"]["name"], "objective": cfg["objective"]["name"],
-        "epochs": cfg["train"]["epochs"], "wall_seconds": wall,
+        "name": cfg.name, "tower": cfg.tower.name, "objective": cfg.objective.name,
+        "epochs": cfg.train.epochs, "wall_seconds": wall,
         "train_seconds": records[-1]["train_seconds"],
         "images_per_s": images / records[-1]["train_seconds"],
         "best": final["best"], "last": final["last"],
@@ -361,6 +364,7 @@ def main(argv=None) -> int:
     ap.add_argument("--note", default="", help="a line added to the README section (e.g. how the machine was set)")
     ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/README.md")
     args = ap.parse_args(argv)
+    setup_cli_logging()  # the trainer's messages (epoch lines) on stderr, as the CLI shows them
 
     if args.combine:
         results: dict = {}

@@ -1,18 +1,24 @@
-"""Training configs: TOML files (YAML too, when PyYAML is installed) merged over typed defaults and validated.
+"""Training configs: one frozen dataclass per section, built from a TOML file (YAML too, when PyYAML is installed),
+a dict or a run's config.json, then `--set key=value` overrides, and validated in one place (resolve_config).
 
-A config is a nested dict with exactly the keys of DEFAULTS (two free-form tables excepted: objective.loss_args
-and objective.miner_args hold keyword arguments for the pytorch-metric-learning classes and are checked against
-their signatures when the objective is built). Every value has the type of its default, so `--set key=value`
-overrides are typed by the default; an unknown key is an error that names it and suggests the closest valid key.
+The dataclasses are the schema: a config may set exactly their fields, read as `cfg.optimizer.lr`; an unknown key is
+an error that names it and suggests the closest valid key, every value must have its field's type (overrides are
+parsed by it), and the choices (tower, objective, sampler, optimizer, schedule) are the names of the registries that
+build them. objective.loss_args and objective.miner_args are free-form tables of keyword arguments for the
+pytorch-metric-learning classes, checked against their signatures when the objective is built. Config.to_dict() is
+the plain form written to a run's config.json (lists for tuples, dicts for tables).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import difflib
 import os
 import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 if sys.version_info >= (3, 11):
@@ -21,79 +27,123 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from retrieval.errors import RetrievalError, UsageError
+from retrieval.objectives import OBJECTIVES
+from retrieval.optim import OPTIMIZERS, SCHEDULES
+from retrieval.sampling import SAMPLERS
+from retrieval.towers import TOWERS
 
-DEFAULTS: dict[str, Any] = {
-    "name": "",  # run name: names the default run folder runs/<name>/; empty -> the config file's stem
-    "seed": 0,  # seeds weights, validation split, batches, augmentation and pair sampling
-    "data": {
-        "spec": "mnist:train",  # a training split; validation is carved from it, the test split is never touched
-        "classes": [],  # keep only these classes (empty: all)
-        "exclude": [],  # drop these classes (held out, e.g. for few-shot evaluation)
-        "subset": 0,  # seeded random subset of this many images (0: all), for small runs
-        "val_size": 5000,  # images carved from the training split for per-epoch validation (0: none)
-    },
-    "tower": {
-        "name": "default",  # default | hires (finer strokes, 2.4x the training time) | seed (the write-up's)
-        "embedding_size": 0,  # 0: the tower's own default (64 for default and hires, 512 for seed)
-        "deskew": False,  # undo each image's slant before the network at inference (embedding, index, query)
-        "test_shifts": 0,  # at inference, average the embeddings of the image shifted by up to this many pixels
-        # each way ((2r+1)^2 passes: 1 -> 9x the embedding time); 0: off
-    },
-    "objective": {
-        "name": "multi-similarity",  # multi-similarity | triplet | contrastive | pair
-        "miner": "",  # empty: the objective's default miner; "none": no miner
-        "loss_args": {},  # keyword arguments for the PML loss (e.g. margin = 0.2)
-        "miner_args": {},  # keyword arguments for the PML miner
-    },
-    "sampler": {
-        "name": "m-per-class",  # m-per-class (class-balanced batches) | random
-        "m": 16,  # images per class slot in a batch (m-per-class)
-    },
-    "train": {
-        "epochs": 5,
-        "batch_size": 256,
-    },
-    "optimizer": {
-        "name": "adamw",
-        "lr": 0.003,  # peak learning rate
-        "weight_decay": 0.0001,
-        "schedule": "one-cycle",  # one-cycle | cosine | constant
-        "warmup": 0.2,  # fraction of the steps spent warming up (one-cycle, cosine)
-    },
-    "augment": {
-        "degrees": 10.0,  # random rotation in [-degrees, degrees]
-        "translate": 0.1,  # random shift, fraction of the image size
-        "scale": [0.9, 1.1],  # random zoom range
-        "shear": 0.0,  # random shear in [-shear, shear] degrees
-        "group": 8,  # images sharing one random affine (the transform is applied per group, on the device)
-        "elastic": 0.0,  # elastic distortion: smooth random warp of each image by at most this many pixels (0: off)
-        "dihedral_classes": False,  # class expansion: each class slot turned by one of the square's 8 symmetries,
-        # (class, symmetry) counting as a class of its own (for towers meant to generalise to unseen classes)
-        "composite_classes": 0.0,  # class expansion: probability that a class slot is joined half-and-half
-        # with another slot's images, (class a, class b, cut) counting as a class of its own (0: off)
-    },
-}
-
-FREE_TABLES = ("objective.loss_args", "objective.miner_args")
-OBJECTIVES = ("multi-similarity", "triplet", "contrastive", "pair")
-SAMPLERS = ("m-per-class", "random")
-SCHEDULES = ("one-cycle", "cosine", "constant")
-OPTIMIZERS = ("adamw",)
+Args = Mapping[str, Any]  # a free-form table: keyword arguments for a pytorch-metric-learning class
 
 
-def _leaf_keys(tree: Mapping, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in tree.items():
-        dotted = f"{prefix}{k}"
-        if isinstance(v, dict) and dotted not in FREE_TABLES:
-            keys += _leaf_keys(v, dotted + ".")
-        else:
-            keys.append(dotted)
-    return keys
+def _no_args() -> Args:
+    return MappingProxyType({})
 
 
-VALID_KEYS = _leaf_keys(DEFAULTS)
-SECTIONS = [k for k, v in DEFAULTS.items() if isinstance(v, dict)]
+@dataclass(frozen=True)
+class DataConfig:
+    spec: str = "mnist:train"  # a training split; validation is carved from it, the test split is never touched
+    classes: tuple[str, ...] = ()  # keep only these classes (empty: all)
+    exclude: tuple[str, ...] = ()  # drop these classes (held out, e.g. for few-shot evaluation)
+    subset: int = 0  # seeded random subset of this many images (0: all), for small runs
+    val_size: int = 5000  # images carved from the training split for per-epoch validation (0: none)
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    name: str = "default"  # default | hires (finer strokes, slower to train) | seed (the write-up's)
+    embedding_size: int = 0  # 0: the tower's own default (64 for default and hires, 512 for seed)
+    deskew: bool = False  # undo each image's slant before the network at inference (embedding, index, query)
+    test_shifts: int = 0  # at inference, average the embeddings of the image shifted by up to this many pixels
+    # each way ((2r+1)^2 passes: 1 -> 9x the embedding time); 0: off
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "multi-similarity"  # multi-similarity | triplet | contrastive | pair
+    miner: str = ""  # empty: the objective's default miner; "none": no miner
+    loss_args: Args = field(default_factory=_no_args)  # keyword arguments for the PML loss (e.g. margin = 0.2)
+    miner_args: Args = field(default_factory=_no_args)  # keyword arguments for the PML miner
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "m-per-class"  # m-per-class (class-balanced batches) | random
+    m: int = 16  # images per class slot in a batch (m-per-class)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 0.003  # peak learning rate
+    weight_decay: float = 0.0001
+    schedule: str = "one-cycle"  # one-cycle | cosine | constant
+    warmup: float = 0.2  # fraction of the steps spent warming up (one-cycle, cosine)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    degrees: float = 10.0  # random rotation in [-degrees, degrees]
+    translate: float = 0.1  # random shift, fraction of the image size
+    scale: tuple[float, ...] = (0.9, 1.1)  # random zoom range
+    shear: float = 0.0  # random shear in [-shear, shear] degrees
+    group: int = 8  # images sharing one random affine (the transform is applied per group, on the device)
+    elastic: float = 0.0  # elastic distortion: smooth random warp of each image by at most this many pixels (0: off)
+    dihedral_classes: bool = False  # class expansion: each class slot turned by one of the square's 8 symmetries,
+    # (class, symmetry) counting as a class of its own (for towers meant to generalise to unseen classes)
+    composite_classes: float = 0.0  # class expansion: probability that a class slot is joined half-and-half
+    # with another slot's images, (class a, class b, cut) counting as a class of its own (0: off)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = ""  # run name: names the default run folder runs/<name>/; empty -> the config file's stem
+    seed: int = 0  # seeds weights, validation split, batches, augmentation and pair sampling
+    data: DataConfig = field(default_factory=DataConfig)
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict:
+        """The plain nested dict (JSON types) of config.json."""
+        return _plain(self)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- the schema: dotted key -> type, read from the dataclasses ---------------------------------------------------
+def _schema(cls: type, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted, hint = f"{prefix}{f.name}", hints[f.name]
+        out[dotted] = hint
+        if dataclasses.is_dataclass(hint):
+            out.update(_schema(hint, dotted + "."))
+    return out
+
+
+TYPES = _schema(Config)
+SECTIONS = [k for k, t in TYPES.items() if dataclasses.is_dataclass(t)]
+FREE_TABLES = [k for k, t in TYPES.items() if t == Args]
+VALID_KEYS = [k for k in TYPES if k not in SECTIONS]
+NUMBERS, NAMES = tuple[float, ...], tuple[str, ...]
 
 
 def _unknown_key(dotted: str, source: str) -> UsageError:
@@ -107,50 +157,39 @@ def _unknown_key(dotted: str, source: str) -> UsageError:
     return UsageError(f"{source}: unknown config key '{dotted}'{hint}")
 
 
-def _type_name(default: Any) -> str:
-    if isinstance(default, bool):
-        return "true or false"
-    if isinstance(default, int):
-        return "an integer"
-    if isinstance(default, float):
-        return "a number"
-    if isinstance(default, str):
-        return "a string"
-    if isinstance(default, list):
-        return "a list of numbers" if default and isinstance(default[0], float) else "a list of strings"
-    return type(default).__name__
+def _type_name(kind: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            NUMBERS: "a list of numbers", NAMES: "a list of strings"}[kind]
 
 
-def _coerce(dotted: str, value: Any, default: Any, source: str) -> Any:
-    """Check `value` has the type of `default` (ints are accepted for floats, class names may be ints)."""
-    bad = UsageError(f"{source}: {dotted} must be {_type_name(default)}, got {value!r}")
-    if isinstance(default, bool):
+def _coerce(dotted: str, value: Any, kind: Any, source: str) -> Any:
+    """Check `value` has type `kind` (ints are accepted for floats, class names may be ints); the plain value."""
+    bad = UsageError(f"{source}: {dotted} must be {_type_name(kind)}, got {value!r}")
+    if kind is bool:
         if not isinstance(value, bool):
             raise bad
         return value
-    if isinstance(default, int):
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
         return value
-    if isinstance(default, float):
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
-    if isinstance(default, str):
+    if kind is str:
         if not isinstance(value, str):
             raise bad
         return value
-    if isinstance(default, list):
-        if not isinstance(value, list):
+    if not isinstance(value, list):
+        raise bad
+    if kind == NUMBERS:
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
             raise bad
-        if default and isinstance(default[0], float):
-            if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
-                raise bad
-            return [float(v) for v in value]
-        if any(isinstance(v, (bool, float, list, dict)) for v in value):
-            raise bad
-        return [str(v) for v in value]
-    raise bad  # pragma: no cover
+        return [float(v) for v in value]
+    if any(isinstance(v, (bool, float, list, dict)) for v in value):
+        raise bad
+    return [str(v) for v in value]
 
 
 def _merge(base: dict, user: Mapping, source: str, prefix: str = "") -> None:
@@ -158,19 +197,18 @@ def _merge(base: dict, user: Mapping, source: str, prefix: str = "") -> None:
         dotted = f"{prefix}{key}"
         if key not in base:
             raise _unknown_key(dotted, source)
-        default = base[key]
         if dotted in FREE_TABLES:
             if not isinstance(value, Mapping):
                 raise UsageError(f"{source}: {dotted} must be a table of keyword arguments, got {value!r}")
             base[key] = {str(k): v for k, v in value.items()}
-        elif isinstance(default, dict):
+        elif dotted in SECTIONS:
             if not isinstance(value, Mapping):
                 raise UsageError(f"{source}: '{dotted}' is a section ([{dotted}]), got the value {value!r}")
-            _merge(default, value, source, dotted + ".")
+            _merge(base[key], value, source, dotted + ".")
         else:
             if isinstance(value, Mapping):
-                raise UsageError(f"{source}: {dotted} must be {_type_name(default)}, got a table")
-            base[key] = _coerce(dotted, value, default, source)
+                raise UsageError(f"{source}: {dotted} must be {_type_name(TYPES[dotted])}, got a table")
+            base[key] = _coerce(dotted, value, TYPES[dotted], source)
 
 
 def _parse_literal(text: str) -> Any:
@@ -181,42 +219,39 @@ def _parse_literal(text: str) -> Any:
         return text
 
 
-def _parse_override(dotted: str, text: str, default: Any) -> Any:
-    if isinstance(default, bool):
+def _parse_override(dotted: str, text: str, kind: Any) -> Any:
+    if kind is bool:
         low = text.strip().lower()
         if low in ("true", "1", "yes", "on"):
             return True
         if low in ("false", "0", "no", "off"):
             return False
         raise UsageError(f"--set {dotted}={text}: expected true or false")
-    if isinstance(default, int):
+    if kind is int:
         try:
             return int(text)
         except ValueError:
             raise UsageError(f"--set {dotted}={text}: expected an integer") from None
-    if isinstance(default, float):
+    if kind is float:
         try:
             return float(text)
         except ValueError:
             raise UsageError(f"--set {dotted}={text}: expected a number") from None
-    if isinstance(default, str):
+    if kind is str:
         return text
-    if isinstance(default, list):
-        value = _parse_literal(text) if text.strip().startswith("[") else None
-        if not isinstance(value, list):
-            value = [v.strip() for v in text.split(",") if v.strip()]
-            if default and isinstance(default[0], float):
-                try:
-                    value = [float(v) for v in value]
-                except ValueError:
-                    raise UsageError(f"--set {dotted}={text}: expected comma-separated numbers") from None
-        return value
-    raise UsageError(f"--set {dotted}: cannot override a whole section")  # pragma: no cover
+    value = _parse_literal(text) if text.strip().startswith("[") else None
+    if not isinstance(value, list):
+        value = [v.strip() for v in text.split(",") if v.strip()]
+        if kind == NUMBERS:
+            try:
+                value = [float(v) for v in value]
+            except ValueError:
+                raise UsageError(f"--set {dotted}={text}: expected comma-separated numbers") from None
+    return value
 
 
-def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
-    """Apply `key=value` strings (typed by the default's type) to a resolved config, in order."""
-    config = copy.deepcopy(config)
+def _apply_overrides(values: dict, overrides: Iterable[str]) -> None:
+    """Apply `key=value` strings (parsed by the key's type) to the plain values, in order."""
     for item in overrides:
         if "=" not in item:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=0.01")
@@ -224,7 +259,7 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
         free = next((t for t in FREE_TABLES if dotted.startswith(t + ".")), None)
         if free:  # a keyword argument for a PML class: any name, value parsed as a TOML literal
             section, key = free.split("."), dotted[len(free) + 1 :]
-            config[section[0]][section[1]][key] = _parse_literal(text)
+            values[section[0]][section[1]][key] = _parse_literal(text)
             continue
         if dotted in SECTIONS or dotted in FREE_TABLES:
             example = next((k for k in VALID_KEYS if k.startswith(dotted + ".")), dotted + ".margin")
@@ -232,108 +267,108 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
         if dotted not in VALID_KEYS:
             raise _unknown_key(dotted, "--set")
         *path, leaf = dotted.split(".")
-        node = config
+        node = values
         for part in path:
             node = node[part]
-        node[leaf] = _coerce(dotted, _parse_override(dotted, text, DEFAULTS_LOOKUP[dotted]), DEFAULTS_LOOKUP[dotted], "--set")
-    return config
+        kind = TYPES[dotted]
+        node[leaf] = _coerce(dotted, _parse_override(dotted, text, kind), kind, "--set")
 
 
-def _lookup(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        dotted = f"{prefix}{k}"
-        if isinstance(v, dict) and dotted not in FREE_TABLES:
-            out.update(_lookup(v, dotted + "."))
-        else:
-            out[dotted] = v
-    return out
+def _build(cls: type, values: Mapping) -> Any:
+    """Plain values (already type-checked) -> the frozen dataclass: tuples for lists, read-only tables."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value, hint = values[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value)
+        elif hint == Args:
+            value = MappingProxyType(dict(value))
+        elif hint in (NUMBERS, NAMES):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
 
 
-DEFAULTS_LOOKUP = _lookup(DEFAULTS)
+def _get(config: Config, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
-def validate(config: dict, source: str = "config") -> dict:
+def _validate(config: Config, source: str) -> Config:
     """Range and choice checks that types alone cannot express; returns the config."""
 
     def fail(key: str, expected: str) -> UsageError:
-        value = get(config, key)
-        return UsageError(f"{source}: {key} must be {expected}, got {value!r}")
+        return UsageError(f"{source}: {key} must be {expected}, got {_plain(_get(config, key))!r}")
 
-    if get(config, "seed") < 0:
+    def choice(key: str, registry: Iterable[str]) -> None:
+        if _get(config, key) not in registry:
+            raise fail(key, "one of " + ", ".join(registry))
+
+    c = config
+    if c.seed < 0:
         raise fail("seed", "a non-negative integer")
-    for key in ("data.subset", "data.val_size", "tower.embedding_size"):
-        if get(config, key) < 0:
-            raise fail(key, "a non-negative integer (0: " + ("all images" if key == "data.subset" else
-                       "no validation" if key == "data.val_size" else "the tower's default") + ")")
-    if not get(config, "data.spec").strip():
+    for key, zero in (("data.subset", "all images"), ("data.val_size", "no validation"),
+                      ("tower.embedding_size", "the tower's default")):
+        if _get(c, key) < 0:
+            raise fail(key, f"a non-negative integer (0: {zero})")
+    if not c.data.spec.strip():
         raise fail("data.spec", "a dataset spec such as mnist:train")
-    if get(config, "data.spec").strip().lower().endswith(":test"):
+    if c.data.spec.strip().lower().endswith(":test"):
         raise fail("data.spec", "a training split (the test split is kept for evaluation)")
-    from retrieval.towers import TOWERS
-
-    if get(config, "tower.name") not in TOWERS:
-        raise fail("tower.name", "one of " + ", ".join(TOWERS))
-    if not 0 <= get(config, "tower.test_shifts") <= 3:
+    choice("tower.name", TOWERS)
+    if not 0 <= c.tower.test_shifts <= 3:
         raise fail("tower.test_shifts", "a shift in pixels between 0 and 3")
-    if get(config, "objective.name") not in OBJECTIVES:
-        raise fail("objective.name", "one of " + ", ".join(OBJECTIVES))
-    if get(config, "sampler.name") not in SAMPLERS:
-        raise fail("sampler.name", "one of " + ", ".join(SAMPLERS))
-    if get(config, "sampler.m") < 1:
+    choice("objective.name", OBJECTIVES)
+    choice("sampler.name", SAMPLERS)
+    if c.sampler.m < 1:
         raise fail("sampler.m", "a positive integer")
-    if get(config, "train.epochs") < 1:
+    if c.train.epochs < 1:
         raise fail("train.epochs", "a positive number of epochs")
-    if get(config, "train.batch_size") < 2:
+    if c.train.batch_size < 2:
         raise fail("train.batch_size", "at least 2")
-    if get(config, "sampler.name") == "m-per-class" and get(config, "train.batch_size") % get(config, "sampler.m"):
-        raise UsageError(
-            f"{source}: train.batch_size ({get(config, 'train.batch_size')}) must be a multiple of sampler.m "
-            f"({get(config, 'sampler.m')}) for the m-per-class sampler"
-        )
-    if get(config, "optimizer.name") not in OPTIMIZERS:
-        raise fail("optimizer.name", "one of " + ", ".join(OPTIMIZERS))
-    if not get(config, "optimizer.lr") > 0:
+    if c.sampler.name == "m-per-class" and c.train.batch_size % c.sampler.m:
+        raise UsageError(f"{source}: train.batch_size ({c.train.batch_size}) must be a multiple of sampler.m "
+                         f"({c.sampler.m}) for the m-per-class sampler")
+    choice("optimizer.name", OPTIMIZERS)
+    if not c.optimizer.lr > 0:
         raise fail("optimizer.lr", "a positive number")
-    if get(config, "optimizer.weight_decay") < 0:
+    if c.optimizer.weight_decay < 0:
         raise fail("optimizer.weight_decay", "a non-negative number")
-    if get(config, "optimizer.schedule") not in SCHEDULES:
-        raise fail("optimizer.schedule", "one of " + ", ".join(SCHEDULES))
-    if not 0 < get(config, "optimizer.warmup") < 1:
+    choice("optimizer.schedule", SCHEDULES)
+    if not 0 < c.optimizer.warmup < 1:
         raise fail("optimizer.warmup", "a fraction between 0 and 1 (exclusive)")
     for key in ("augment.degrees", "augment.shear"):
-        if get(config, key) < 0:
+        if _get(c, key) < 0:
             raise fail(key, "a non-negative angle in degrees")
-    if not 0 <= get(config, "augment.translate") < 0.5:
+    if not 0 <= c.augment.translate < 0.5:
         raise fail("augment.translate", "a fraction in [0, 0.5)")
-    scale = get(config, "augment.scale")
+    scale = c.augment.scale
     if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
         raise fail("augment.scale", "[low, high] with 0 < low <= high")
-    if get(config, "augment.group") < 1:
+    if c.augment.group < 1:
         raise fail("augment.group", "a positive integer")
-    if not 0 <= get(config, "augment.composite_classes") <= 1:
+    if not 0 <= c.augment.composite_classes <= 1:
         raise fail("augment.composite_classes", "a probability between 0 and 1")
-    if not 0 <= get(config, "augment.elastic") <= 7:
+    if not 0 <= c.augment.elastic <= 7:
         raise fail("augment.elastic", "a displacement in pixels between 0 and 7")
     return config
 
 
-def get(config: Mapping, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def resolve_config(user: Mapping | None = None, overrides: Iterable[str] = (), source: str = "config",
-                   name: str | None = None) -> dict:
-    """DEFAULTS <- user dict <- `key=value` overrides, type- and range-checked. `name` fills an empty name."""
-    config = copy.deepcopy(DEFAULTS)
-    _merge(config, dict(user or {}), source)
-    config = apply_overrides(config, overrides)
-    if not config["name"]:
-        config["name"] = name or "run"
-    return validate(config, source)
+def resolve_config(user: Config | Mapping | None = None, overrides: Iterable[str] = (), source: str = "config",
+                   name: str | None = None) -> Config:
+    """Defaults <- `user` (a Config or a nested dict such as a config file's or a run's config.json) <- `key=value`
+    overrides, type- and range-checked. `name` fills an empty run name (default "run")."""
+    if isinstance(user, Config):
+        user = user.to_dict()
+    values = Config().to_dict()
+    _merge(values, dict(user or {}), source)
+    _apply_overrides(values, overrides)
+    if not values["name"]:
+        values["name"] = name or "run"
+    return _validate(_build(Config, values), source)
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -361,13 +396,24 @@ def read_config_file(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict:
-    """Read a config file, merge it over DEFAULTS, apply overrides; the run name defaults to the file's stem."""
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """Read a config file, merge it over the defaults, apply overrides; the run name defaults to the file's stem."""
     path = Path(path)
     return resolve_config(read_config_file(path), overrides, source=str(path), name=path.stem)
 
 
+def _leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        dotted = f"{prefix}{k}"
+        if isinstance(v, Mapping) and dotted not in FREE_TABLES:
+            out.update(_leaves(v, dotted + "."))
+        else:
+            out[dotted] = v
+    return out
+
+
 def config_diff(a: Mapping, b: Mapping) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs."""
-    la, lb = _lookup(a), _lookup(b)
+    """Dotted keys whose values differ between two resolved configs in their plain form (Config.to_dict())."""
+    la, lb = _leaves(a), _leaves(b)
     return sorted(k for k in set(la) | set(lb) if la.get(k) != lb.get(k))

@@ -109,7 +109,7 @@ def check_episode_setting(
     for option, value, least in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 1),
                                  ("episodes", episodes, 1)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
-            raise UsageError(f"--{option} must be an integer >= {least}, got {value!r}")
+            raise UsageError(f"`{option}` must be an integer >= {least}, got {value!r}")
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) == 0:
         raise UsageError("few-shot evaluation needs a non-empty 1-D array of labels")
@@ -120,7 +120,7 @@ def check_episode_setting(
 
     if ways > len(values):
         raise UsageError(
-            f"--ways {ways} is more than the {len(values)} class(es) available ({', '.join(name(v) for v in values)})"
+            f"`ways` {ways} is more than the {len(values)} class(es) available ({', '.join(name(v) for v in values)})"
         )
     short = [(name(v), int(c)) for v, c in zip(values, counts) if c < shots + queries]
     if short:
@@ -128,6 +128,25 @@ def check_episode_setting(
         raise UsageError(
             f"every class needs at least shots + queries = {shots} + {queries} = {shots + queries} images; {listed}"
         )
+
+
+def check_method(method: str, k: int, ways: int, shot_counts: Sequence[int]) -> None:
+    """Raise UsageError for an unknown method, or a knn k that the support sets cannot fill."""
+    if method not in METHODS:
+        raise UsageError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if not shot_counts:
+        raise UsageError("`shots` needs at least one shot count")
+    for s in shot_counts:
+        if method == "knn" and not 1 <= k <= ways * s:
+            raise UsageError(f"`k` must be between 1 and ways * shots = {ways * s} for {s}-shot, got {k}")
+
+
+def check_fewshot_settings(labels: np.ndarray, ways: int, shot_counts: Sequence[int], queries: int, episodes: int,
+                           method: str, k: int, class_names: Sequence[str] | None = None) -> None:
+    """Every check of a few-shot run, before any time is spent on embeddings or episodes."""
+    check_method(method, k, ways, shot_counts)
+    for s in shot_counts:
+        check_episode_setting(labels, ways, s, queries, episodes, class_names)
 
 
 def sample_episodes(labels: np.ndarray, ways: int, shots: int, queries: int, episodes: int, seed: int = 0) -> Episodes:
@@ -154,12 +173,9 @@ def classify_episodes(
     knn: majority vote of the k most similar support images; equal votes go to the class with the larger summed
     similarity among those k (so k=1 is plain nearest neighbour).
     """
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     n_episodes, ways, shots = episodes.support.shape
     queries = episodes.query.shape[2]
-    if method == "knn" and not 1 <= k <= ways * shots:
-        raise UsageError(f"--k must be between 1 and ways * shots = {ways * shots} for {shots}-shot, got {k}")
+    check_method(method, k, ways, [shots])
     emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
     if emb.ndim != 2:
         raise UsageError(f"embeddings must be a 2-D array (images, dimensions), got shape {tuple(emb.shape)}")
@@ -221,17 +237,10 @@ def evaluate_fewshot(
     embeddings = np.asarray(embeddings)
     if len(embeddings) != len(labels):
         raise UsageError(f"{len(embeddings)} embeddings but {len(labels)} labels")
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     shot_counts = [shots] if isinstance(shots, (int, np.integer)) else list(shots)
-    if not shot_counts:
-        raise UsageError("--shots needs at least one shot count")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
-    for s in shot_counts:  # validate every setting before spending time on any
-        check_episode_setting(labels, ways, s, queries, episodes, class_names)
-        if method == "knn" and not 1 <= k <= ways * s:
-            raise UsageError(f"--k must be between 1 and ways * shots = {ways * s} for {s}-shot, got {k}")
+        raise UsageError(f"`seed` must be a non-negative integer, got {seed!r}")
+    check_fewshot_settings(labels, ways, shot_counts, queries, episodes, method, k, class_names)
     results = []
     for s in shot_counts:
         drawn = sample_episodes(labels, ways, s, queries, episodes, seed=seed)

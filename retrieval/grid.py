@@ -14,8 +14,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from retrieval.data.preprocess import load_image_file
+from retrieval.data.specs import DatasetCache, parse_item_spec
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.fsutil import atomic_path
+from retrieval.fsutil import atomic_path, ensure_writable_dir
 
 GOOD, BAD, NEUTRAL = "#1a7f37", "#cf222e", "#222222"
 
@@ -37,16 +39,11 @@ class SourceImages:
     """Resolve index sources to uint8 28x28 images: dataset items, image files; None for anything else
     (class prototypes, files that moved)."""
 
-    def __init__(self, root=None, datasets=None):
-        from retrieval.query import DatasetCache
-
-        self.datasets = datasets or DatasetCache(root, log=lambda msg: None)
+    def __init__(self, root=None, datasets: DatasetCache | None = None):
+        self.datasets = datasets or DatasetCache(root)
         self._files: dict[str, torch.Tensor | None] = {}
 
     def get(self, source: str) -> torch.Tensor | None:
-        from retrieval.data.preprocess import load_image_file
-        from retrieval.data.specs import parse_item_spec
-
         item = parse_item_spec(source)
         if item is not None:
             try:
@@ -87,14 +84,21 @@ def query_grid_rows(results, sources: SourceImages) -> list[GridRow]:
     return rows
 
 
+def check_grid_target(path: str | os.PathLike) -> None:
+    """Fail early (before long work) when `path` cannot take a PNG grid."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"`grid` {path}: expected a .png file name")
+    ensure_writable_dir(path.parent, "`grid` folder")
+
+
 def render_grid(rows: Sequence[GridRow], path: str | os.PathLike, title: str | None = None,
                 max_rows: int = 100) -> int:
     """Write a PNG (atomically) with one row per GridRow; returns the number of rows drawn (at most max_rows)."""
     from matplotlib.figure import Figure
 
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"--grid {path}: expected a .png file name")
+    check_grid_target(path)
     rows = list(rows)[:max_rows]
     if not rows:
         raise RetrievalError(f"{path}: nothing to draw (no answered queries)")

@@ -16,21 +16,21 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import logging
 import os
 import re
-import sys
-import time
 import uuid
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import faiss
 import numpy as np
 
 import retrieval
+from retrieval.checkpoint import load_checkpoint
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.fsutil import atomic_path, atomic_write_json, exclusive_lock, read_json
-from retrieval.metrics import PositionLookup
+from retrieval.knn import PositionLookup
 
 FORMAT = "retrieval-index/1"
 META_NAME = "meta.json"
@@ -39,32 +39,30 @@ METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 POINTS_PER_CENTROID = 39
 # Keys that describe the stored files; update_index_meta must not change them.
 STRUCTURAL_KEYS = ("format", "files", "factory", "metric", "dimension", "count", "next_id", "classes")
-# A test hook: sleep this many seconds (printing a marker to stderr) right before the commit point of a save.
-PAUSE_ENV = "RETRIEVAL_TEST_PAUSE_BEFORE_COMMIT"
 
 _IDMAP_PREFIX = re.compile(r"^\s*IDMap2?\s*,\s*", re.IGNORECASE)
 _OWN_FILE = re.compile(r"^(index-[0-9a-f]+\.faiss|items-[0-9a-f]+\.json|\.(index-[0-9a-f]+\.faiss|items-[0-9a-f]+\.json|meta\.json)\..*\.tmp)$")
+
+
+logger = logging.getLogger(__name__)
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
 def normalize_factory(factory: str) -> str:
     """Drop an 'IDMap,'/'IDMap2,' prefix (ids are always kept) and surrounding blanks."""
     text = _IDMAP_PREFIX.sub("", factory or "").strip()
     if not text:
-        raise UsageError("--factory: empty Faiss factory string; expected e.g. Flat, HNSW32, IVF256,Flat, IVF256,PQ16")
+        raise UsageError("`factory`: empty Faiss factory string; expected e.g. Flat, HNSW32, IVF256,Flat, IVF256,PQ16")
     return text
 
 
-def _metric_code(metric: str) -> int:
+def metric_code(metric: str) -> int:
+    """The Faiss metric constant of "ip" or "l2"."""
     if metric not in METRICS:
-        raise UsageError(f"--metric: unknown metric {metric!r}; expected one of: {', '.join(METRICS)}")
+        raise UsageError(f"`metric`: unknown metric {metric!r}; expected one of: {', '.join(METRICS)}")
     return METRICS[metric]
 
 
@@ -99,7 +97,7 @@ def _trainable_parts(index: faiss.Index):
     return parts
 
 
-def _train(index: faiss.Index, factory: str, x: np.ndarray, seed: int, log: Callable[[str], None]) -> None:
+def _train(index: faiss.Index, factory: str, x: np.ndarray, seed: int) -> None:
     n = len(x)
     for what, k, cp in _trainable_parts(index):
         if n < k:
@@ -109,8 +107,8 @@ def _train(index: faiss.Index, factory: str, x: np.ndarray, seed: int, log: Call
                 f"use a smaller index ({suggestion}) or Flat"
             )
         if n < POINTS_PER_CENTROID * k:
-            log(
-                f"warning: factory {factory!r}: {n:,} training vectors for {k:,} centroids ({what}); Faiss wants "
+            logger.warning(
+                f"factory {factory!r}: {n:,} training vectors for {k:,} centroids ({what}); Faiss wants "
                 f"about {POINTS_PER_CENTROID} per centroid ({POINTS_PER_CENTROID * k:,}), so clustering will be poor"
             )
         cp.seed = int(seed)
@@ -168,6 +166,7 @@ class EmbeddingIndex:
         self.ids = np.asarray(ids, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.sources = list(sources)
+        self.folder: Path | None = None  # where it was loaded from or last saved to
         self._pos = None  # PositionLookup of self.ids, built on first use
 
     # -- description -------------------------------------------------------------------------------------------
@@ -238,6 +237,14 @@ class EmbeddingIndex:
             order = np.argsort(dist, axis=1, kind="stable")
             dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
         return dist, ids.astype(np.int64, copy=False)
+
+    def flat_vectors(self) -> np.ndarray | None:
+        """The stored vectors of an exact (Flat) index, in the order of .ids; None for approximate indexes (their
+        search is what their users get, so that is what gets evaluated)."""
+        inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "index") else None
+        if isinstance(inner, faiss.IndexFlat) and inner.ntotal == len(self.ids):
+            return inner.reconstruct_n(0, inner.ntotal)
+        return None
 
     def set_search_params(self, params: str) -> None:
         """Faiss ParameterSpace settings, e.g. "nprobe=16" or "efSearch=128"; recorded in the metadata."""
@@ -311,18 +318,16 @@ def build_index(
     seed: int = 0,
     *,
     search_params: str | None = None,
-    log: Callable[[str], None] | None = None,
     **meta,
 ) -> EmbeddingIndex:
     """Build a Faiss index (faiss.index_factory string, metric ip|l2) over unit embeddings with ids 0..n-1.
 
     Indexes that need training (IVF, PQ) are trained on `embeddings` (seeded). `search_params` (ParameterSpace
     syntax, e.g. "nprobe=16") default to `default_search_params`. Extra keyword arguments go into the metadata
-    (tower, data, preprocessing, ...). `log` receives warnings (default: stderr).
+    (tower, data, preprocessing, ...).
     """
-    log = log or _stderr
     factory = normalize_factory(factory)
-    code = _metric_code(metric)
+    code = metric_code(metric)
     x = _as_unit_float32(embeddings)
     labels = np.asarray(labels, dtype=np.int64)
     if len(x) == 0:
@@ -336,8 +341,8 @@ def build_index(
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1]
         msg = msg.split(": ", 1)[-1] if "index_factory" in msg else msg
-        raise UsageError(f"--factory {factory!r}: Faiss cannot build it ({msg})") from None
-    _train(sub, factory, x, seed, log)
+        raise UsageError(f"`factory` {factory!r}: Faiss cannot build it ({msg})") from None
+    _train(sub, factory, x, seed)
     index = faiss.IndexIDMap2(sub)
     if search_params is None:
         search_params = default_search_params(index)
@@ -372,13 +377,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _pause_for_tests(folder: Path) -> None:
-    seconds = os.environ.get(PAUSE_ENV)
-    if seconds:
-        print(f"{PAUSE_ENV}: pausing {seconds}s before committing {folder / META_NAME}", file=sys.stderr, flush=True)
-        time.sleep(float(seconds))
 
 
 def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
@@ -420,9 +418,9 @@ def save_index(index: EmbeddingIndex, folder: str | os.PathLike, *, locked: bool
         "items": items_name,
         "items_sha256": _sha256(folder / items_name),
     }
-    _pause_for_tests(folder)
     atomic_write_json(folder / META_NAME, meta)  # the commit point
     index.meta = meta
+    index.folder = folder
     _remove_unreferenced(folder, {faiss_name, items_name})
     return folder / META_NAME
 
@@ -489,7 +487,9 @@ def _load_files(folder: Path, meta: dict) -> EmbeddingIndex:
     if len(labels) and (labels.min() < 0 or labels.max() >= len(meta["classes"])):
         raise RetrievalError(f"{items_path}: labels out of range for the {len(meta['classes'])} classes in {meta_path}")
     apply_search_params(index, meta.get("search_params") or "")
-    return EmbeddingIndex(index, meta, ids, labels, sources)
+    loaded = EmbeddingIndex(index, meta, ids, labels, sources)
+    loaded.folder = folder
+    return loaded
 
 
 def load_index(folder: str | os.PathLike) -> EmbeddingIndex:
@@ -532,15 +532,13 @@ def update_index_meta(folder: str | os.PathLike, **changes) -> dict:
 def load_index_tower(index: EmbeddingIndex, device="cpu", checkpoint: str | os.PathLike | None = None):
     """The Checkpoint whose tower built `index` (from the metadata's checkpoint path, or `checkpoint`), verified by
     fingerprint and embedding size."""
-    from retrieval.checkpoint import load_checkpoint
-
     tower_meta = index.meta.get("tower") or {}
     path = checkpoint if checkpoint is not None else tower_meta.get("checkpoint")
     if not path:
-        raise RetrievalError("the index metadata names no checkpoint; pass --checkpoint")
+        raise RetrievalError("the index metadata names no checkpoint; give it as `checkpoint`")
     if checkpoint is None and not Path(path).exists() and not Path(str(path) + ".safetensors").exists():
         raise RetrievalError(
-            f"the checkpoint this index was built with is gone: {path}; pass --checkpoint with a copy of it"
+            f"the checkpoint this index was built with is gone: {path}; give a copy of it as `checkpoint`"
         )
     ckpt = load_checkpoint(path, device=device)
     check_tower_matches(index, ckpt)
@@ -573,42 +571,6 @@ def tower_meta(ckpt) -> dict:
     }
 
 
-# -- from checkpoint + datasets to an index folder (what `retrieval index build|add` run) ------------------------
-def default_index_name(checkpoint: str | os.PathLike, data_specs: Sequence[str], **variant) -> str:
-    """`<run folder name>-<data specs>[-<variant>]`, sanitised to [A-Za-z0-9._-]."""
-    p = Path(checkpoint)
-    run = p.name if p.is_dir() else (p.parent.name or p.stem) if p.suffix in (".safetensors", ".json") else p.parent.name or p.name
-    parts = [run or "index", *data_specs]
-    for key, value in variant.items():
-        if value is True:
-            parts.append(key)
-        elif value not in (None, False, "", []):
-            parts.append(f"{key}{value}")
-    name = re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(str(x) for x in parts)).strip("-.")
-    return re.sub(r"-{2,}", "-", name)[:120] or "index"
-
-
-def merge_datasets(datasets) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Concatenate ImageDatasets: images uint8 (N,28,28), labels into the union of the classes present (by name,
-    in order of first appearance), sources."""
-    import torch
-
-    classes: list[str] = []
-    images, labels, sources = [], [], []
-    for ds in datasets:
-        present = sorted(set(ds.labels.tolist()))
-        for i in present:
-            if ds.classes[i] not in classes:
-                classes.append(ds.classes[i])
-        mapping = torch.full((len(ds.classes),), -1, dtype=torch.int64)
-        for i in present:
-            mapping[i] = classes.index(ds.classes[i])
-        images.append(ds.images)
-        labels.append(mapping[ds.labels])
-        sources.extend(ds.sources)
-    return torch.cat(images), torch.cat(labels).numpy(), classes, sources
-
-
 def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
     """One unit vector per class present: the re-normalised mean embedding. Returns (vectors, labels, sources)."""
     present = np.unique(labels)
@@ -619,156 +581,17 @@ def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: Sequen
     return vectors, present.astype(np.int64), sources
 
 
-def default_batch_size(device=None) -> int:
-    """Embedding batch size: 256 on CPU (the default tower runs 1.5x faster than at 1024 there: its activations
-    stay in cache; see benchmarks/README.md), 4096 on a GPU (throughput keeps growing with the batch)."""
-    import torch
-
-    return 4096 if device is not None and torch.device(device).type == "cuda" else 256
-
-
-def embed_for_index(ckpt, images, batch_size: int | None = None, device=None,
-                    log: Callable[[str], None] | None = None) -> np.ndarray:
-    """Embed uint8 images with a checkpoint's tower (progress bar, then a one-line images/s summary)."""
-    from retrieval.embed import embed_images
-
-    if batch_size is None:
-        batch_size = default_batch_size(device)
-    if batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {batch_size}")
-    start = time.perf_counter()
-    emb = embed_images(ckpt.tower, images, batch_size=batch_size, device=device, progress=True)
-    seconds = time.perf_counter() - start
-    if log:
-        log(f"embedded {len(images):,} images in {seconds:.1f}s ({len(images) / max(seconds, 1e-9):,.0f} images/s)")
-    return emb
-
-
-def _load_datasets(data_specs, root, classes, exclude, subset, seed, log):
-    from retrieval.data.specs import load_dataset
-
-    if not data_specs:
-        raise UsageError("--data: give at least one dataset spec")
-    datasets = [
-        load_dataset(spec, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed, log=log)
-        for spec in data_specs
-    ]
-    entries = [
-        {"spec": ds.spec, "filters": ds.filters, "images": len(ds), "preprocessing": ds.preprocessing,
-         "added": _now()}
-        for ds in datasets
-    ]
-    return datasets, entries
-
-
-def _check_output_folder(folder: Path) -> bool:
+def check_index_target(folder: str | os.PathLike) -> bool:
     """Refuse to write an index into a folder holding other things; returns whether the folder already existed."""
+    folder = Path(folder)
     if not folder.exists():
         return False
     if not folder.is_dir():
-        raise UsageError(f"--out {folder} exists and is not a folder")
+        raise UsageError(f"`out` {folder} exists and is not a folder")
     foreign = [p.name for p in folder.iterdir() if not is_index_folder_content(p.name)]
     if foreign:
         raise UsageError(
-            f"--out {folder} holds other files ({', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}); "
+            f"`out` {folder} holds other files ({', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}); "
             "choose a new or empty folder, or an existing index folder to replace it"
         )
     return True
-
-
-def build_index_folder(
-    checkpoint: str | os.PathLike,
-    data_specs: Sequence[str],
-    out: str | os.PathLike,
-    *,
-    factory: str = "Flat",
-    metric: str = "ip",
-    prototypes: bool = False,
-    batch_size: int | None = None,
-    device=None,
-    root=None,
-    classes=None,
-    exclude=None,
-    subset: int | None = None,
-    seed: int = 0,
-    search_params: str | None = None,
-    log: Callable[[str], None] | None = None,
-) -> EmbeddingIndex:
-    """Checkpoint + dataset specs -> an index saved in `out` (replacing any index there, atomically).
-
-    The folder lock is held from the start, so a second build into the same folder fails at once.
-    """
-    from retrieval.checkpoint import load_checkpoint
-    from retrieval.data.preprocess import PREPROCESSING
-
-    log = log or _stderr
-    out = Path(out)
-    factory = normalize_factory(factory)
-    _metric_code(metric)
-    existed = _check_output_folder(out)
-    try:
-        with exclusive_lock(out):
-            ckpt = load_checkpoint(checkpoint, device=device or "cpu")
-            datasets, entries = _load_datasets(data_specs, root, classes, exclude, subset, seed, log)
-            images, labels, names, sources = merge_datasets(datasets)
-            emb = embed_for_index(ckpt, images, batch_size=batch_size, device=device, log=log)
-            if prototypes:
-                emb, labels, sources = class_prototypes(emb, labels, names)
-                log(f"{len(emb)} class prototypes (mean embedding per class) from {len(images):,} images")
-            else:
-                first = 0
-                for entry in entries:
-                    entry["ids"] = [first, first + entry["images"] - 1]
-                    first += entry["images"]
-            old = (out / META_NAME).is_file()
-            index = build_index(
-                emb, labels, names, sources, factory=factory, metric=metric, seed=seed,
-                search_params=search_params, log=log,
-                tower=tower_meta(ckpt), preprocessing=PREPROCESSING, prototypes=bool(prototypes), data=entries,
-            )
-            save_index(index, out, locked=True)
-            if old:
-                log(f"replaced the previous index in {out}")
-            return index
-    except BaseException:
-        if not existed and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
-            (out / ".lock").unlink(missing_ok=True)
-            out.rmdir()
-        raise
-
-
-def add_to_index_folder(
-    folder: str | os.PathLike,
-    data_specs: Sequence[str],
-    *,
-    checkpoint: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    device=None,
-    root=None,
-    classes=None,
-    exclude=None,
-    subset: int | None = None,
-    seed: int = 0,
-    log: Callable[[str], None] | None = None,
-) -> tuple[EmbeddingIndex, np.ndarray]:
-    """Embed more images with the index's own tower (fingerprint checked) and append them with new ids."""
-    log = log or _stderr
-    folder = Path(folder)
-    read_index_meta(folder)  # a clear error before taking the lock (which would create the folder)
-    with exclusive_lock(folder):
-        index = load_index(folder)
-        ckpt = load_index_tower(index, device=device or "cpu", checkpoint=checkpoint)
-        datasets, entries = _load_datasets(data_specs, root, classes, exclude, subset, seed, log)
-        images, labels, names, sources = merge_datasets(datasets)
-        emb = embed_for_index(ckpt, images, batch_size=batch_size, device=device, log=log)
-        if index.meta.get("prototypes"):
-            already = [c for c in names if c in index.classes]
-            if already:
-                raise UsageError(
-                    f"{folder} holds one prototype per class and already has {', '.join(already)}; rebuild it with "
-                    "`retrieval index build --prototypes` giving every --data spec, or add only new classes"
-                )
-            emb, labels, sources = class_prototypes(emb, labels, names)
-        new_ids = index.add(emb, labels, names, sources, data=entries)
-        save_index(index, folder, locked=True)
-        return index, new_ids

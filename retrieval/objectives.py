@@ -4,14 +4,15 @@ An objective maps a batch of embeddings and labels to a scalar loss:
 - MetricLossObjective wraps a real PML loss and an optional PML miner (triplet, contrastive, multi-similarity);
 - PairObjective is the classic Siamese verification objective: for every anchor one same-class and one
   other-class partner from the batch, |f(a) - f(b)| -> PairHead -> cross-entropy.
-Both expose `.head` (the trainable module saved with the tower, or None) and `.describe()` for checkpoint metadata.
+Both are Objectives: what the trainer asks of one (the Protocol below). OBJECTIVES maps the names config key
+objective.name accepts to their builders.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,24 @@ from pytorch_metric_learning import distances, losses, miners
 from torch import nn
 
 from retrieval.errors import UsageError
+
+
+class Objective(Protocol):
+    """A module mapping a batch of embeddings and labels to a scalar loss (pairs drawn from `generator`)."""
+
+    head: nn.Module | None  # the trainable part saved with the tower (the pair head), or None
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def to(self, device: torch.device | str) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def describe(self) -> dict:
+        """Settings recorded in checkpoint metadata."""
 
 
 class PairHead(nn.Module):
@@ -110,9 +129,9 @@ class PairObjective(nn.Module):
 
 # Objective name -> (PML loss class, default loss kwargs, default miner name)
 LOSSES: dict[str, tuple[type, dict, str]] = {
+    "multi-similarity": (losses.MultiSimilarityLoss, {}, "multi-similarity"),
     "triplet": (losses.TripletMarginLoss, {"margin": 0.2}, "semihard"),
     "contrastive": (losses.ContrastiveLoss, {}, "pair-margin"),
-    "multi-similarity": (losses.MultiSimilarityLoss, {}, "multi-similarity"),
 }
 # Miner name -> (objectives it serves, PML class, fixed kwargs)
 MINERS: dict[str, tuple[tuple[str, ...], type, dict]] = {
@@ -164,20 +183,26 @@ def build_objective(
     miner: str = "",
     loss_args: Mapping[str, Any] | None = None,
     miner_args: Mapping[str, Any] | None = None,
-) -> nn.Module:
-    """Objective by name: triplet | contrastive | multi-similarity (PML loss + miner) or pair (PairHead + CE).
+) -> Objective:
+    """Objective by name: multi-similarity | triplet | contrastive (PML loss + miner) or pair (PairHead + CE).
 
     `miner` "" picks the objective's default miner and "none" trains on all pairs/triplets of the batch;
     `loss_args` / `miner_args` are keyword arguments for the PML classes (`distance` may be "cosine" or
     "euclidean"); for triplet the miner's margin follows the loss's margin unless given.
     """
-    loss_args, miner_args = dict(loss_args or {}), dict(miner_args or {})
-    if name == "pair":
-        if miner not in ("", "none") or loss_args or miner_args:
-            raise UsageError("objective 'pair' takes no miner, loss_args or miner_args (its loss is cross-entropy)")
-        return PairObjective(PairHead(embedding_size))
-    if name not in LOSSES:
-        raise UsageError(f"unknown objective {name!r}; expected one of: {', '.join([*LOSSES, 'pair'])}")
+    if name not in OBJECTIVES:
+        raise UsageError(f"unknown objective {name!r}; expected one of: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](name, embedding_size, miner, dict(loss_args or {}), dict(miner_args or {}))
+
+
+def _pair_objective(name: str, embedding_size: int, miner: str, loss_args: dict, miner_args: dict) -> PairObjective:
+    if miner not in ("", "none") or loss_args or miner_args:
+        raise UsageError("objective 'pair' takes no miner, loss_args or miner_args (its loss is cross-entropy)")
+    return PairObjective(PairHead(embedding_size))
+
+
+def _metric_loss_objective(name: str, embedding_size: int, miner: str, loss_args: dict,
+                           miner_args: dict) -> MetricLossObjective:
     loss_cls, loss_defaults, default_miner = LOSSES[name]
     loss_kwargs = {**loss_defaults, **loss_args}
     loss = _construct(loss_cls, loss_kwargs, "objective.loss_args")
@@ -199,6 +224,13 @@ def build_objective(
     objective = MetricLossObjective(name, loss, miner_module, settings)
     _try_on_a_batch(objective, embedding_size)
     return objective
+
+
+# Objective name -> builder (name, embedding_size, miner, loss_args, miner_args)
+OBJECTIVES: dict[str, Callable[[str, int, str, dict, dict], Objective]] = {
+    **{name: _metric_loss_objective for name in LOSSES},
+    "pair": _pair_objective,
+}
 
 
 def _try_on_a_batch(objective: MetricLossObjective, embedding_size: int) -> None:

@@ -15,10 +15,7 @@ classes the index lacks are never right, so including some teaches t where "unkn
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -44,7 +41,7 @@ def balanced_pairs(labels, pairs_per_class: int = 500, seed: int = 0) -> Pairs:
     """pairs_per_class same and pairs_per_class different pairs per class (see the module docstring)."""
     labels = np.asarray(labels, dtype=np.int64)
     if pairs_per_class <= 0:
-        raise UsageError(f"--pairs-per-class must be positive, got {pairs_per_class}")
+        raise UsageError(f"`pairs_per_class` must be positive, got {pairs_per_class}")
     present = np.unique(labels)
     if len(present) < 2:
         raise RetrievalError(f"pair verification needs at least 2 classes, the data has {len(present)}")
@@ -158,20 +155,6 @@ def verify_pairs(first_emb, second_emb, same, head: torch.nn.Module | None = Non
     )
 
 
-def evaluate_pairs(checkpoint, dataset, pairs_per_class: int = 500, seed: int = 0, *, batch_size: int | None = None,
-                   device="cpu", progress: bool = False) -> Verification:
-    """Balanced pairs from `dataset` (an ImageDataset), embedded by the checkpoint's tower, verified."""
-    from retrieval.embed import embed_images
-    from retrieval.index import default_batch_size
-
-    pairs = balanced_pairs(dataset.labels.numpy(), pairs_per_class, seed)
-    used, inverse = np.unique(np.r_[pairs.first, pairs.second], return_inverse=True)
-    emb = embed_images(checkpoint.tower, dataset.images[torch.from_numpy(used)],
-                       batch_size=batch_size or default_batch_size(device), device=device, progress=progress)
-    a, b = emb[inverse[: len(pairs)]], emb[inverse[len(pairs):]]
-    return verify_pairs(a, b, pairs.same, checkpoint.head, pairs_per_class=pairs_per_class, seed=seed)
-
-
 # -- calibration of the "unknown" threshold ------------------------------------------------------------------------
 @dataclass
 class Calibration:
@@ -219,33 +202,3 @@ def calibrate_threshold(nn_distances, nn_correct) -> Calibration:
         n_queries=len(d),
         n_correct=total_correct,
     )
-
-
-def calibrate_index(folder, query_spec: str, *, root=None, classes=None, exclude=None, subset=None, seed: int = 0,
-                    batch_size: int | None = None, device="cpu", checkpoint=None, store: bool = True,
-                    log: Callable[[str], None] | None = None) -> tuple[Calibration, dict]:
-    """Embed `query_spec` with the index's tower, calibrate the threshold on nearest neighbours (own entries left
-    out), and store it in the index metadata (unless store=False). Returns the calibration and the stored record."""
-    from retrieval.index import update_index_meta
-    from retrieval.metrics import index_search, load_index_queries, nearest_neighbors
-
-    iq = load_index_queries(folder, query_spec, root=root, classes=classes, exclude=exclude, subset=subset,
-                            seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint, log=log)
-    dist, ids = nearest_neighbors(iq.embeddings, index_search(iq.index), 1, iq.self_ids)
-    correct = iq.index.labels_of(ids[:, 0]) == iq.labels
-    cal = calibrate_threshold(dist[:, 0], correct)
-    outside = iq.labels >= len(iq.index.classes)
-    record = {
-        **cal.to_json(),
-        "queries": query_spec,
-        "filters": iq.dataset.filters,
-        "classes_not_in_index": iq.missing_classes,
-        "rejected_not_in_index": int((dist[outside, 0] > cal.max_distance).sum()),
-        "queries_not_in_index": int(outside.sum()),
-        "left_out_own_entries": int((iq.self_ids >= 0).sum()),
-        "index_count": len(iq.index),
-        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-    }
-    if store:
-        update_index_meta(os.fspath(folder), calibration=record)
-    return cal, record

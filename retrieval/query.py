@@ -11,16 +11,22 @@ the index metadata, or `max_distance`), a query whose nearest neighbour is farth
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from retrieval.data.preprocess import IMAGE_EXTENSIONS, load_image_file
+from retrieval.data.specs import DatasetCache, parse_item_spec
+from retrieval.embed import default_batch_size, embed_images
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.index import EmbeddingIndex, default_batch_size, load_index, load_index_tower
+from retrieval.index import EmbeddingIndex, load_index, load_index_tower
+
+logger = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 
@@ -105,47 +111,18 @@ def predict_labels(neighbor_labels, distances, max_distance: float | None = None
 
 def _image_files(folder: Path) -> tuple[list[Path], int]:
     """The image files under `folder` (sorted; hidden ones left out) and how many other files it holds."""
-    from retrieval.data.preprocess import IMAGE_EXTENSIONS
-
     every = [p for p in folder.rglob("*") if p.is_file()]
     images = sorted(p for p in every if p.suffix.lower() in IMAGE_EXTENSIONS
                     and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     return images, len(every) - len(images)
 
 
-class DatasetCache:
-    """Loads each dataset spec once (queries and grids often name many items of one dataset)."""
-
-    def __init__(self, root=None, log: Callable[[str], None] | None = None):
-        self.root = root
-        self.log = log
-        self._cache: dict = {}
-
-    def get(self, spec: str):
-        from retrieval.data.specs import load_dataset
-
-        if spec not in self._cache:
-            self._cache[spec] = load_dataset(spec, root=self.root, log=self.log)
-        return self._cache[spec]
-
-    def item(self, spec: str, position: int):
-        """(uint8 image, class name) of `spec[position]`."""
-        ds = self.get(spec)
-        if not 0 <= position < len(ds):
-            raise RetrievalError(f"{spec}[{position}]: position out of range ({spec} has {len(ds):,} images)")
-        return ds.images[position], ds.classes[int(ds.labels[position])]
-
-
-def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache | None = None,
-                         log: Callable[[str], None] | None = None) -> list[QueryInput]:
+def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache | None = None) -> list[QueryInput]:
     """Image files, folders (every image in them, recursively) and dataset items (mnist:test[123]) -> inputs.
 
     Unreadable inputs become QueryInputs with an error, so the others can still be answered.
     """
-    from retrieval.data.preprocess import load_image_file
-    from retrieval.data.specs import parse_item_spec
-
-    datasets = datasets or DatasetCache(root, log)
+    datasets = datasets or DatasetCache(root)
     inputs: list[QueryInput] = []
     for text in paths:
         text = str(text)
@@ -162,8 +139,8 @@ def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache
             files, others = _image_files(path)
             if not files:
                 inputs.append(QueryInput(text, error=f"{path}: no image files in this folder"))
-            if others and log:
-                log(f"note: {path}: skipped {others} file(s) without an image extension or hidden")
+            if others:
+                logger.info(f"note: {path}: skipped {others} file(s) without an image extension or hidden")
             targets = [str(p) for p in files]
         elif path.exists():
             targets = [text]
@@ -186,7 +163,7 @@ class Searcher:
     def __init__(self, index: EmbeddingIndex, tower, device="cpu", max_distance: float | None = None,
                  batch_size: int | None = None):
         if max_distance is not None and not max_distance >= 0:
-            raise UsageError(f"--max-distance must be a distance >= 0, got {max_distance}")
+            raise UsageError(f"`max_distance` must be a distance >= 0, got {max_distance}")
         self.index = index
         self.tower = tower
         self.device = torch.device(device)
@@ -206,8 +183,6 @@ class Searcher:
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
         """uint8 (n, 28, 28) -> float32 (n, d) unit embeddings."""
-        from retrieval.embed import embed_images
-
         images = torch.as_tensor(images)
         if images.ndim == 2:
             images = images.unsqueeze(0)
@@ -219,7 +194,7 @@ class Searcher:
         """k clamped to the index size, with a note when it was larger."""
         k = int(k)
         if k <= 0:
-            raise UsageError(f"--k must be a positive number of neighbours, got {k}")
+            raise UsageError(f"`k` must be a positive number of neighbours, got {k}")
         n = len(self.index)
         if n == 0:
             raise RetrievalError("the index is empty")
@@ -262,11 +237,10 @@ class Searcher:
             r.image = img
         return results
 
-    def query(self, paths: Sequence[str], k: int = 5, root=None,
-              log: Callable[[str], None] | None = None) -> list[QueryResult]:
+    def query(self, paths: Sequence[str], k: int = 5, root=None) -> list[QueryResult]:
         """Image files, folders and dataset items -> one result per image (failed inputs carry `error`)."""
         k, _ = self.effective_k(k)
-        return self.query_inputs(resolve_query_inputs(paths, root=root, log=log), k)
+        return self.query_inputs(resolve_query_inputs(paths, root=root), k)
 
     def query_inputs(self, inputs: Sequence[QueryInput], k: int) -> list[QueryResult]:
         good = [q for q in inputs if q.error is None]

@@ -9,16 +9,22 @@ PCA projection of the query embeddings coloured by class. Drawn with matplotlib'
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.fsutil import atomic_write_json, atomic_write_text, ensure_writable_dir
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILES = ("metrics.json", "summary.md", "recall_at_k.png", "confusion_matrix.png", "failures.png",
                 "embeddings_pca.png")
@@ -198,22 +204,23 @@ def _prepare_output(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise UsageError(f"--report {out} exists and is not a folder")
+        raise UsageError(f"`report` {out} exists and is not a folder")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
     if foreign:
         raise UsageError(
-            f"--report {out} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+            f"`report` {out} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
             "choose a new or empty folder, or a previous report folder to replace it"
         )
 
 
-def write_report(out, metrics, iq, context: dict, *, payload: dict | None = None, root=None, seed: int = 0,
-                 log: Callable[[str], None] | None = None) -> list[Path]:
+def write_report(out, metrics, iq, context: dict, *, payload: dict | None = None, root=None,
+                 seed: int = 0) -> list[Path]:
     """Write metrics.json (`payload`, default context + metrics), summary.md (context as a list, then the
-    metrics) and the plots into `out`: built in a temporary sibling folder, then put in place in one rename (a
-    previous report there is replaced), so a failure leaves no half-written report."""
-    log = log or (lambda msg: None)
+    metrics) and the plots into `out`: built in a temporary sibling folder, then put in place atomically (a
+    previous report there is exchanged with it, then deleted), so a failure or a crash at any moment leaves the
+    previous report or the new one, whole."""
     out = Path(out)
+    _restore_interrupted_swap(out)
     _prepare_output(out)
     parent = ensure_writable_dir(out.parent if str(out.parent) else Path("."), "report parent folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
@@ -232,7 +239,7 @@ def write_report(out, metrics, iq, context: dict, *, payload: dict | None = None
                               f"{int((metrics.scored & ~metrics.nn_correct).sum()):,})")
             figures.append("failures.png")
         else:
-            log("no failures to draw: every scored query's nearest neighbour has its label")
+            logger.info("no failures to draw: every scored query's nearest neighbour has its label")
         plot_projection(iq.embeddings, metrics.query_labels, metrics.classes, tmp / "embeddings_pca.png", seed=seed)
         figures.append("embeddings_pca.png")
         atomic_write_json(tmp / "metrics.json", payload if payload is not None else {**context, **metrics.to_json()})
@@ -247,9 +254,61 @@ def write_report(out, metrics, iq, context: dict, *, payload: dict | None = None
     return [out / name for name in ("metrics.json", "summary.md", *figures)]
 
 
+# renameat2(2): exchange two paths atomically (Linux 3.15+, glibc 2.28+; most local filesystems).
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (old glibc, some musl builds)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange_paths(a, b) -> bool:
+    """Atomically swap what the paths `a` and `b` name (both must exist): renameat2(RENAME_EXCHANGE).
+
+    Returns False, changing nothing, where the system cannot (not Linux, no renameat2 in libc, a kernel or a
+    filesystem without RENAME_EXCHANGE: ENOSYS/EINVAL); raises OSError for any other failure."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(os.fspath(a)), _AT_FDCWD, os.fsencode(os.fspath(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+
+def _restore_interrupted_swap(out: Path) -> None:
+    """Where a crash between the two renames of the fallback swap left no report at `out` but the previous one
+    in its `.old` sibling, put that back (the newest, should there be several)."""
+    if os.path.lexists(out) or not out.parent.is_dir():
+        return
+    prefix = f".{out.name}."
+    olds = [p for p in out.parent.iterdir()
+            if p.name.startswith(prefix) and p.name.endswith(".tmp.old") and p.is_dir() and not p.is_symlink()]
+    if olds:
+        newest = max(olds, key=lambda p: p.stat().st_mtime)
+        os.replace(newest, out)
+
+
 def _swap_into_place(new: Path, out: Path) -> None:
+    """Put the folder `new` at `out`. A folder already at `out` is exchanged with `new` in one atomic step, so
+    `out` always holds a whole report, then deleted; without renameat2 it is moved aside to a `.old` sibling
+    first (a crash between the two renames is repaired by the next write_report: _restore_interrupted_swap)."""
     if not out.exists():
         os.replace(new, out)
+        return
+    if exchange_paths(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now names the previous report
         return
     old = new.with_name(new.name + ".old")
     os.replace(out, old)
@@ -264,9 +323,10 @@ def _swap_into_place(new: Path, out: Path) -> None:
 def check_report_target(out) -> None:
     """Fail early (before long work) when `out` cannot take a report."""
     out = Path(out)
+    _restore_interrupted_swap(out)
     _prepare_output(out)
     parent = next((p for p in out.parents if p.exists()), Path("."))  # the nearest folder that exists
     if not parent.is_dir():
-        raise UsageError(f"--report {out}: {parent} is not a folder")
+        raise UsageError(f"`report` {out}: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
-        raise RetrievalError(f"--report {out}: {parent} is not writable")
+        raise RetrievalError(f"`report` {out}: {parent} is not writable")

@@ -38,12 +38,11 @@ class Tower(nn.Module):
     deskew: in eval mode (embedding, indexing, querying, validation) each input is deskewed first; training
     still sees the raw slants. Slant is how a writer holds the pen, not which character it is: taking it out
     at inference puts a query and the few examples of its class closer, while the raw slants in training are
-    real variety the network learns to absorb. Measured for unseen digits (mnist-fewshot's selection split,
-    4-way 1-/5-shot, one seed): deskewing at inference only 0.941 / 0.982, in training as well 0.916 / 0.974,
-    never 0.920 / 0.975.
+    real variety the network learns to absorb (benchmarks/README.md compares deskewing at inference only, in
+    training as well, and never).
 
     test_shifts: in eval mode the embedding is the mean over the image shifted by up to r pixels each way,
-    (2r+1)^2 passes (mnist-fewshot, r=1: 1-shot 0.946 -> 0.949 on its selection split, for 9x the time).
+    (2r+1)^2 passes (r=1: 9x the embedding time; its effect on few-shot accuracy is in benchmarks/README.md).
     """
 
     def __init__(self, arch: str, backbone: nn.Module, embedding_size: int, deskew: bool = False,
@@ -108,10 +107,8 @@ def default_backbone(embedding_size: int) -> nn.Module:
 
 def hires_backbone(embedding_size: int) -> nn.Module:
     """The default backbone with a full-resolution stem: a stride-1 5x5 convolution on the 28x28 image before
-    two strided steps down to 7x7. About 2.4x the default's training time (4x its embedding time), for finer
-    stroke detail: on digits never seen in training (mnist-fewshot's recipe and selection split, 4-way
-    1-/5-shot) it beat the default on each of three seeds, 0.942 / 0.984 against 0.935 / 0.981 on average
-    (benchmarks/README.md)."""
+    two strided steps down to 7x7: finer stroke detail for more compute (its training time and few-shot accuracy
+    against the default's are in benchmarks/README.md)."""
     return nn.Sequential(
         *_conv_bn(1, 32, kernel=5),  # 28 -> 28
         *_conv_bn(32, 64, stride=2),  # 28 -> 14

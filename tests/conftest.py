@@ -8,6 +8,7 @@ the test process and CLI subprocesses all read it.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -41,5 +42,12 @@ def data_root():
     from retrieval.data.specs import default_data_root
 
     root = default_data_root()
-    fetch_dataset("mnist", root, log=lambda m: None)
+    fetch_dataset("mnist", root)
     return root
+
+
+@pytest.fixture
+def log_messages(caplog):
+    """A function returning the library's log messages (INFO and up) so far in the test, as strings."""
+    caplog.set_level(logging.INFO, logger="retrieval")
+    return lambda: [record.getMessage() for record in caplog.records if record.name.startswith("retrieval")]

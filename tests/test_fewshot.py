@@ -103,16 +103,16 @@ def test_results_do_not_depend_on_other_shot_counts_and_are_deterministic():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(ways=6), "--ways 6 is more than the 5 class(es) available"),
-        (dict(ways=1), "--ways must be an integer >= 2"),
-        (dict(shots=0), "--shots must be an integer >= 1"),
-        (dict(shots=[1, 0]), "--shots must be an integer >= 1"),
-        (dict(queries=0), "--queries must be an integer >= 1"),
-        (dict(episodes=0), "--episodes must be an integer >= 1"),
+        (dict(ways=6), "`ways` 6 is more than the 5 class(es) available"),
+        (dict(ways=1), "`ways` must be an integer >= 2"),
+        (dict(shots=0), "`shots` must be an integer >= 1"),
+        (dict(shots=[1, 0]), "`shots` must be an integer >= 1"),
+        (dict(queries=0), "`queries` must be an integer >= 1"),
+        (dict(episodes=0), "`episodes` must be an integer >= 1"),
         (dict(shots=8, queries=5), "'c3' has 12"),
-        (dict(method="svm"), "--method must be one of prototype, knn"),
-        (dict(method="knn", k=4, shots=1), "--k must be between 1 and ways * shots = 3"),
-        (dict(seed=-1), "--seed must be a non-negative integer"),
+        (dict(method="svm"), "`method` must be one of prototype, knn"),
+        (dict(method="knn", k=4, shots=1), "`k` must be between 1 and ways * shots = 3"),
+        (dict(seed=-1), "`seed` must be a non-negative integer"),
     ],
 )
 def test_impossible_settings_fail_clearly(kwargs, message):
@@ -120,7 +120,7 @@ def test_impossible_settings_fail_clearly(kwargs, message):
     args = dict(ways=3, shots=1, queries=5, episodes=10, class_names=[f"c{i}" for i in range(5)]) | kwargs
     with pytest.raises(UsageError) as e:
         evaluate_fewshot(emb, labels, **args)
-    assert message in str(e.value)
+    assert message in str(e.value)  # the library names its arguments; the CLI shows them as flags
 
 
 def test_pixel_embeddings_are_unit_rows():
@@ -205,7 +205,7 @@ def test_cli_missing_checkpoint_exit_1(data_root, tmp_path, capsys):
 def test_dihedral_classes_turn_each_group_and_relabel():
     import torch
 
-    from retrieval.train import DihedralClasses
+    from retrieval.augment import DihedralClasses
 
     x = torch.rand(12, 1, 28, 28)
     y = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
@@ -227,7 +227,7 @@ def test_dihedral_classes_turn_each_group_and_relabel():
 def test_composite_classes_join_halves_of_two_slots_and_relabel():
     import torch
 
-    from retrieval.train import CompositeClasses
+    from retrieval.augment import CompositeClasses
 
     x = torch.rand(4 * 3 + 2, 1, 28, 28)  # 4 slots of 3 images, 2 spare images that stay as they are
     y = torch.tensor([0] * 3 + [1] * 3 + [2] * 3 + [2] * 3 + [1, 1])
@@ -301,7 +301,7 @@ def test_test_shifts_average_the_shifted_views_at_inference_only():
 def test_elastic_warp_is_seeded_small_and_off_at_zero():
     import torch
 
-    from retrieval.train import ElasticAugment
+    from retrieval.augment import ElasticAugment
 
     x = torch.zeros(2, 1, 28, 28)
     x[:, :, 10:18, 13:15] = 1.0  # a vertical bar
@@ -321,13 +321,13 @@ def test_trainer_uses_dihedral_classes_and_elastic(data_root, tmp_path):
     import torch
 
     from retrieval.config import resolve_config
-    from retrieval.train import build_trainer, make_generator
+    from retrieval.seeding import make_generator
+    from retrieval.trainer import build_trainer
 
     cfg = resolve_config({"data": {"exclude": ["0", "4", "5", "8"], "subset": 400, "val_size": 80},
                           "train": {"epochs": 1, "batch_size": 32}, "sampler": {"m": 8},
                           "augment": {"dihedral_classes": True, "elastic": 1.5}})
-    trainer = build_trainer(cfg, tmp_path, torch.device("cpu"), log=lambda m: None, data_root=data_root,
-                            progress=False)
+    trainer = build_trainer(cfg, tmp_path, torch.device("cpu"), data_root=data_root, progress=False)
     positions = trainer.sampler.epoch_batches(0)[0]
     x, y = trainer.make_batch(positions, make_generator(0, "step", 0, 0))
     assert x.shape == (32, 1, 28, 28) and torch.equal(y // 8, trainer.labels[positions])
@@ -343,17 +343,17 @@ def test_trainer_with_composite_classes_and_deskew(data_root, tmp_path):
 
     from retrieval.checkpoint import load_checkpoint
     from retrieval.config import resolve_config
-    from retrieval.train import build_trainer, make_generator, train
+    from retrieval.seeding import make_generator
+    from retrieval.trainer import build_trainer, train
 
     cfg = resolve_config({"data": {"exclude": ["0", "4", "5", "8"], "subset": 400, "val_size": 80},
                           "train": {"epochs": 1, "batch_size": 32}, "sampler": {"m": 8},
                           "tower": {"embedding_size": 16, "deskew": True},
                           "augment": {"composite_classes": 1.0, "dihedral_classes": True}})
-    trainer = build_trainer(cfg, tmp_path / "peek", torch.device("cpu"), log=lambda m: None, data_root=data_root,
-                            progress=False)
+    trainer = build_trainer(cfg, tmp_path / "peek", torch.device("cpu"), data_root=data_root, progress=False)
     x, y = trainer.make_batch(trainer.sampler.epoch_batches(0)[0], make_generator(0, "step", 0, 0))
     assert int(y.max()) >= 10 * 8  # composites (labels past the ten digits), then turned by the symmetries
-    run = train(cfg, tmp_path / "run", log=lambda m: None, data_root=data_root, progress=False)
+    run = train(cfg, tmp_path / "run", data_root=data_root, progress=False)
     ck = load_checkpoint(run)
     assert ck.tower.deskew and not ck.tower.training
     assert ck.meta["deskew"] is True and ck.meta["augment"]["composite_classes"] == 1.0

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +14,8 @@ from retrieval.checkpoint import save_checkpoint
 from retrieval.data.specs import load_dataset
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.index import (
-    META_NAME, PAUSE_ENV, build_index, build_index_folder, load_index, load_index_tower, save_index,
-    update_index_meta,
-)
+from retrieval import workflows
+from retrieval.index import META_NAME, build_index, load_index, load_index_tower, save_index, update_index_meta
 from retrieval.towers import build_tower
 from cli_helpers import run_cli
 
@@ -54,7 +48,7 @@ def embedded(runs, test_subset):
 
 def built_index(tmp_path, runs, name="idx", subset=200, **kw) -> Path:
     out = tmp_path / name
-    build_index_folder(runs["a"], ["mnist:test"], out, subset=subset, log=lambda m: None, **kw)
+    workflows.build_index(runs["a"], ["mnist:test"], out, subset=subset, **kw)
     return out
 
 
@@ -63,7 +57,7 @@ def built_index(tmp_path, runs, name="idx", subset=200, **kw) -> Path:
 def test_build_save_load_returns_identical_neighbours(tmp_path, embedded, test_subset, factory):
     _, emb = embedded
     index = build_index(emb, test_subset.labels.numpy(), test_subset.classes, test_subset.sources,
-                        factory=factory, seed=3, log=lambda m: None, tower={"name": "default"})
+                        factory=factory, seed=3, tower={"name": "default"})
     dist, ids = index.search(emb[:40], 7)
     save_index(index, tmp_path / "ix")
     loaded = load_index(tmp_path / "ix")
@@ -77,7 +71,7 @@ def test_build_save_load_returns_identical_neighbours(tmp_path, embedded, test_s
     assert np.all(np.diff(dist2, axis=1) >= 0)
     # the same seed and data give the same index (determinism rule)
     again = build_index(emb, test_subset.labels.numpy(), test_subset.classes, test_subset.sources,
-                        factory=factory, seed=3, log=lambda m: None)
+                        factory=factory, seed=3)
     np.testing.assert_array_equal(again.search(emb[:40], 7)[1], ids)
 
 
@@ -105,14 +99,15 @@ def test_k_beyond_index_size_pads_with_missing(embedded, test_subset):
         index.search(emb[:2, :32], 3)
 
 
-def test_training_needs_enough_points(embedded, test_subset):
+def test_training_needs_enough_points(embedded, test_subset, caplog):
     _, emb = embedded
     args = (test_subset.labels.numpy(), test_subset.classes, test_subset.sources)
-    warnings = []
-    build_index(emb, *args, factory="IVF16,Flat", log=warnings.append)
+    with caplog.at_level(logging.WARNING, logger="retrieval"):
+        build_index(emb, *args, factory="IVF16,Flat")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "39 per centroid" in warnings[0] and "IVF16,Flat" in warnings[0]
     with pytest.raises(RetrievalError, match="at least 512 training vectors"):
-        build_index(emb, *args, factory="IVF512,Flat", log=warnings.append)
+        build_index(emb, *args, factory="IVF512,Flat")
     with pytest.raises(UsageError, match="Faiss cannot build"):
         build_index(emb, *args, factory="NotAnIndex99")
     with pytest.raises(UsageError, match="metric"):
@@ -276,8 +271,7 @@ def test_cli_errors_are_one_line(tmp_path, runs, capsys):
 
 def test_prototype_index(tmp_path, runs, embedded, test_subset):
     ckpt, emb = embedded
-    index = build_index_folder(runs["a"], ["mnist:test"], tmp_path / "protos", subset=300, prototypes=True,
-                               log=lambda m: None)
+    index = workflows.build_index(runs["a"], ["mnist:test"], tmp_path / "protos", subset=300, prototypes=True)
     assert len(index) == 10 and index.meta["prototypes"] is True
     labels = test_subset.labels.numpy()
     for pos, source in enumerate(index.sources):
@@ -289,69 +283,16 @@ def test_prototype_index(tmp_path, runs, embedded, test_subset):
         got = index.index.reconstruct(int(index.ids[pos]))
         np.testing.assert_allclose(got, want, atol=1e-5)
     with pytest.raises(UsageError, match="one prototype per class"):
-        from retrieval.index import add_to_index_folder
-        add_to_index_folder(tmp_path / "protos", ["mnist:train"], subset=30, log=lambda m: None)
+        workflows.add_to_index(tmp_path / "protos", ["mnist:train"], subset=30)
 
 
-# -- interrupted and concurrent builds ----------------------------------------------------------------------------
-def _start_paused_build(runs, out: Path, seconds: float, subset: int = 120) -> subprocess.Popen:
-    env = {**os.environ, PAUSE_ENV: str(seconds)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "retrieval", "index", "build", "--checkpoint", str(runs["b"]), "--data", "mnist:test",
-         "--subset", str(subset), "--seed", "9", "--out", str(out)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def _wait_for_pause(proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Read the child's stderr until it announces the pause right before its commit."""
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if PAUSE_ENV in line:
-                return
-        pytest.fail(f"build ended before pausing: {''.join(seen)[-2000:]}")
-    finally:
-        timer.cancel()
-
-
-def test_kill_9_during_build_keeps_previous_index(tmp_path, runs, embedded):
-    _, emb = embedded
-    folder = built_index(tmp_path, runs, subset=200)
-    before_meta = (folder / META_NAME).read_bytes()
-    before = load_index(folder).search(emb[:20], 5)
-
-    proc = _start_paused_build(runs, folder, seconds=120)
-    _wait_for_pause(proc)
-    # the new index file is fully written at this point; only the commit is missing
-    assert len(list(folder.glob("index-*.faiss"))) == 2
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-
-    assert (folder / META_NAME).read_bytes() == before_meta
-    after = load_index(folder)
-    assert after.meta["count"] == 200 and after.meta["tower"]["fingerprint"] == load_index(folder).meta["tower"]["fingerprint"]
-    np.testing.assert_array_equal(after.search(emb[:20], 5)[1], before[1])
-    # the next save clears the orphan left by the killed build
-    build_index_folder(runs["a"], ["mnist:test"], folder, subset=50, log=lambda m: None)
-    assert len(list(folder.glob("index-*.faiss"))) == 1 and len(list(folder.glob("items-*.json"))) == 1
-    assert not list(folder.glob(".*.tmp"))
-    assert len(load_index(folder)) == 50
-
-
-def test_two_builds_into_one_folder(tmp_path, runs):
-    folder = built_index(tmp_path, runs, subset=200)
-    proc = _start_paused_build(runs, folder, seconds=6, subset=120)
-    _wait_for_pause(proc)
-    # the paused build holds the folder: a second build fails at once, clearly, without touching it
-    with pytest.raises(RetrievalError, match="is being written by another process"):
-        build_index_folder(runs["a"], ["mnist:test"], folder, subset=80, log=lambda m: None)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 0, rest
-    index = load_index(folder)  # the first build won whole
-    assert len(index) == 120 and index.meta["data"][0]["filters"]["seed"] == 9
-    assert index.meta["tower"]["checkpoint"].startswith(str(runs["b"]))
+def test_quiet_keeps_stderr_for_warnings_and_errors(tmp_path, runs, capsys):
+    code, out, err = run_cli(capsys, "index", "build", "--checkpoint", runs["a"], "--data", "mnist:test",
+                             "--subset", 50, "--out", tmp_path / "loud")
+    assert code == 0 and "index: 50 vectors" in err
+    code, out, err = run_cli(capsys, "--quiet", "index", "build", "--checkpoint", runs["a"], "--data", "mnist:test",
+                             "--subset", 50, "--out", tmp_path / "quiet")
+    assert code == 0 and err == "" and out.strip() == str(tmp_path / "quiet")
+    code, out, err = run_cli(capsys, "--quiet", "index", "build", "--checkpoint", runs["a"], "--data", "mnist:test",
+                             "--subset", 50, "--factory", "IVF4,Flat", "--out", tmp_path / "warned")
+    assert code == 0 and err.startswith("warning: factory 'IVF4,Flat'") and len(err.splitlines()) == 1

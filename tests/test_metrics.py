@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.metrics import ExactSearch, drop_self, nearest_neighbors, retrieval_metrics
+from retrieval.knn import ExactSearch, drop_self, nearest_neighbors
+from retrieval.metrics import retrieval_metrics
 from retrieval.pairs import balanced_pairs, best_threshold, calibrate_threshold, roc_auc, verify_pairs
 
 
@@ -121,7 +122,7 @@ def test_search_callable_gives_the_same_metrics_as_embeddings():
 
 
 def test_bad_inputs_raise_clear_errors():
-    with pytest.raises(UsageError, match="--k"):
+    with pytest.raises(UsageError, match="`k`"):
         retrieval_metrics(line(0), [0], line(1), [0], ks=(0, 1))
     with pytest.raises(RetrievalError, match="NaN"):
         retrieval_metrics(line(np.nan), [0], line(1), [0])

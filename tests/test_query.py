@@ -16,7 +16,8 @@ from retrieval.data.preprocess import load_image_file
 from retrieval.data.specs import load_dataset
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.grid import GridCell, GridRow, SourceImages, query_grid_rows, render_grid
-from retrieval.index import build_index_folder, load_index, update_index_meta
+from retrieval.index import load_index, update_index_meta
+from retrieval.workflows import build_index
 from retrieval.query import UNKNOWN, Searcher, predict_labels, resolve_query_inputs
 from retrieval.towers import build_tower
 from cli_helpers import run_cli
@@ -35,7 +36,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def index_dir(run_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("qindex") / "ix"
-    build_index_folder(run_dir / "a", ["mnist:test"], folder, subset=250, seed=0, log=lambda m: None)
+    build_index(run_dir / "a", ["mnist:test"], folder, subset=250, seed=0)
     return folder
 
 

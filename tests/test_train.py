@@ -5,6 +5,7 @@ Tiny real runs on a few hundred real MNIST images (fetched through the data laye
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,23 +18,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from retrieval.augment import BatchAugment
 from retrieval.checkpoint import load_checkpoint, save_checkpoint, tower_fingerprint
-from retrieval.config import DEFAULTS, load_config, resolve_config
+from retrieval.config import Config, OptimizerConfig, load_config, resolve_config
 from retrieval.data import load_dataset
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.objectives import PairObjective, balanced_pairs, build_objective
+from retrieval.sampling import ClassBalancedBatchSampler, RandomBatchSampler
+from retrieval.seeding import make_generator
 from retrieval.towers import build_tower
-from retrieval.train import (
-    BatchAugment,
-    ClassBalancedBatchSampler,
-    RandomBatchSampler,
-    Trainer,
-    TrainingInterrupted,
-    build_optimizer,
-    make_generator,
-    train,
-)
+from retrieval.trainer import Trainer, TrainingInterrupted, build_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,10 +51,6 @@ def tiny(**sections) -> dict:
     return cfg
 
 
-def quiet(msg: str) -> None:
-    pass
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny batches: one thread is fastest (and the same on every machine, so runs compare bit for bit)."""
@@ -71,7 +62,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def mnist_small(data_root):
-    return load_dataset("mnist:train", root=data_root, subset=400, seed=0, log=quiet)
+    return load_dataset("mnist:train", root=data_root, subset=400, seed=0)
 
 
 # ------------------------------------------------------------------------------------------ objectives, towers
@@ -82,7 +73,7 @@ def test_loss_is_finite_and_falls_on_a_repeated_batch(mnist_small, tower_name, o
     tower = build_tower(tower_name)
     objective = build_objective(objective_name, tower.embedding_size)
     sampler = ClassBalancedBatchSampler(mnist_small.labels, 40, 4, seed=0)
-    cfg = {"optimizer": {"lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "warmup": 0.2}, "train": {"epochs": 1}}
+    cfg = OptimizerConfig(lr=1e-3, weight_decay=0.0, schedule="constant", warmup=0.2)
     optimizer, scheduler = build_optimizer(cfg, [*tower.parameters(), *objective.parameters()], len(sampler))
     trainer = Trainer(tower, objective, sampler, BatchAugment(degrees=0, translate=0, scale=(1, 1)), optimizer,
                       scheduler, images=mnist_small.images, labels=mnist_small.labels, epochs=1, seed=0,
@@ -158,7 +149,7 @@ def test_augment_is_seeded_and_keeps_shape(mnist_small):
 @pytest.mark.parametrize("objective", ["multi-similarity", "pair"])
 def test_run_folder_and_checkpoint_round_trip(tmp_path, data_root, mnist_small, objective):
     cfg = tiny(objective={"name": objective}, train={"epochs": 2, "batch_size": 32})
-    run = train(cfg, tmp_path / "run", device="cpu", log=quiet, data_root=data_root, progress=False, threads=1)
+    run = train(cfg, tmp_path / "run", device="cpu", data_root=data_root, progress=False, threads=1)
     names = {p.name for p in run.iterdir()}
     assert {"config.json", "metrics.jsonl", "best.safetensors", "best.json", "last.safetensors", "last.json",
             "state.json"} <= names
@@ -169,7 +160,7 @@ def test_run_folder_and_checkpoint_round_trip(tmp_path, data_root, mnist_small, 
         assert 0 <= r["val_precision_at_1"] <= 1 and 0 <= r["val_map_at_r"] <= 1 and np.isfinite(r["loss"])
         assert r["images_per_s"] > 0 and r["lr"] > 0
     saved_cfg = json.loads((run / "config.json").read_text())
-    assert saved_cfg == resolve_config(cfg)
+    assert saved_cfg == resolve_config(cfg).to_dict()
 
     ckpt = load_checkpoint(run / "last")
     meta = ckpt.meta
@@ -211,20 +202,20 @@ def _val_history(run: Path) -> list:
 @pytest.mark.parametrize("objective,stop_at", [("multi-similarity", 13), ("pair", 10)])
 def test_resume_after_interruption_gives_identical_weights(tmp_path, data_root, objective, stop_at):
     cfg = tiny(objective={"name": objective}, train={"epochs": 3, "batch_size": 32})
-    whole = train(cfg, tmp_path / "whole", device="cpu", log=quiet, data_root=data_root, progress=False, threads=1)
+    whole = train(cfg, tmp_path / "whole", device="cpu", data_root=data_root, progress=False, threads=1)
 
     def stop(info):
         if info.global_step == stop_at:
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted) as e:
-        train(cfg, tmp_path / "cut", device="cpu", log=quiet, data_root=data_root, progress=False, on_step=stop, threads=1)
+        train(cfg, tmp_path / "cut", device="cpu", data_root=data_root, progress=False, on_step=stop, threads=1)
     assert e.value.saved
     state = json.loads((tmp_path / "cut" / "state.json").read_text())
     assert state["global_step"] == stop_at and not state["finished"]
     assert load_checkpoint(tmp_path / "cut" / "last").meta["interrupted"] is True
     steps_after_resume = []
-    train(None, tmp_path / "cut", device="cpu", resume=True, log=quiet, data_root=data_root, progress=False,
+    train(None, tmp_path / "cut", device="cpu", resume=True, data_root=data_root, progress=False,
           threads=1, on_step=lambda info: steps_after_resume.append(info.global_step))
 
     # the resumed run started at the saved step and executed only the rest (a silent restart from step 0 would
@@ -238,9 +229,9 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, data_root, 
     assert _val_history(whole) == _val_history(tmp_path / "cut")
     assert len(list((tmp_path / "cut").glob("state-*.safetensors"))) == 1
     # resuming a finished run is a no-op; starting over in the folder needs --overwrite
-    train(None, tmp_path / "cut", resume=True, log=quiet, data_root=data_root, progress=False, threads=1)
+    train(None, tmp_path / "cut", resume=True, data_root=data_root, progress=False, threads=1)
     with pytest.raises(RetrievalError, match="already holds a training run"):
-        train(cfg, tmp_path / "cut", log=quiet, data_root=data_root, progress=False, threads=1)
+        train(cfg, tmp_path / "cut", data_root=data_root, progress=False, threads=1)
 
 
 def test_resume_refuses_a_different_config(tmp_path, data_root):
@@ -250,15 +241,15 @@ def test_resume_refuses_a_different_config(tmp_path, data_root):
         raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted):
-        train(cfg, tmp_path / "run", log=quiet, data_root=data_root, progress=False, on_step=stop, threads=1)
+        train(cfg, tmp_path / "run", data_root=data_root, progress=False, on_step=stop, threads=1)
     with pytest.raises(UsageError, match="optimizer.lr"):
-        train(cfg, tmp_path / "run", resume=True, overrides=["optimizer.lr=0.1"], log=quiet, data_root=data_root,
+        train(cfg, tmp_path / "run", resume=True, overrides=["optimizer.lr=0.1"], data_root=data_root,
               threads=1)
     with pytest.raises(RetrievalError, match="no training state"):
-        train(cfg, tmp_path / "fresh", resume=True, log=quiet, data_root=data_root, threads=1)
+        train(cfg, tmp_path / "fresh", resume=True, data_root=data_root, threads=1)
     assert not (tmp_path / "fresh").exists()  # nothing written, no empty run folder left behind
     with pytest.raises(UsageError, match=r"data\.classes: x not among the classes"):
-        train(tiny(data={"classes": ["1", "x"]}), tmp_path / "bad", log=quiet, data_root=data_root, threads=1)
+        train(tiny(data={"classes": ["1", "x"]}), tmp_path / "bad", data_root=data_root, threads=1)
     assert not (tmp_path / "bad").exists()
 
 
@@ -298,25 +289,25 @@ def test_bad_config_keys_and_values_are_named(tmp_path):
 def test_overrides_are_typed_by_the_default():
     cfg = resolve_config({}, ["optimizer.lr=0.01", "train.epochs=7", "data.exclude=0,4,5,8", "augment.scale=[0.8, 1.2]",
                               "objective.loss_args.margin=0.3", "name=x"])
-    assert cfg["optimizer"]["lr"] == 0.01 and cfg["train"]["epochs"] == 7
-    assert cfg["data"]["exclude"] == ["0", "4", "5", "8"] and cfg["augment"]["scale"] == [0.8, 1.2]
-    assert cfg["objective"]["loss_args"] == {"margin": 0.3} and cfg["name"] == "x"
-    assert set(DEFAULTS) == set(cfg)
+    assert cfg.optimizer.lr == 0.01 and cfg.train.epochs == 7
+    assert cfg.data.exclude == ("0", "4", "5", "8") and cfg.augment.scale == (0.8, 1.2)
+    assert cfg.objective.loss_args == {"margin": 0.3} and cfg.name == "x"
+    assert set(Config().to_dict()) == set(cfg.to_dict())
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_configs_load_and_build(path):
     cfg = load_config(path)
-    assert cfg["name"] == path.stem
+    assert cfg.name == path.stem
     assert path.read_text().lstrip().startswith("#"), "each shipped config starts with a comment saying what it is for"
-    tower = build_tower(cfg["tower"]["name"], cfg["tower"]["embedding_size"] or None)
-    o = cfg["objective"]
-    build_objective(o["name"], tower.embedding_size, o["miner"], o["loss_args"], o["miner_args"])
+    tower = build_tower(cfg.tower.name, cfg.tower.embedding_size or None)
+    o = cfg.objective
+    build_objective(o.name, tower.embedding_size, o.miner, o.loss_args, o.miner_args)
 
 
 def test_fewshot_config_holds_out_digits():
     cfg = load_config(REPO / "configs" / "mnist-fewshot.toml")
-    kept = set(cfg["data"]["classes"]) or set("0123456789") - set(cfg["data"]["exclude"])
+    kept = set(cfg.data.classes) or set("0123456789") - set(cfg.data.exclude)
     assert kept == set("123679")
 
 
@@ -377,7 +368,7 @@ def test_cli_ctrl_c_saves_and_resume_finishes_identically(tmp_path, data_root):
         main(["train", "--resume", "--out", str(run), "--device", "cpu", "--no-progress", "--threads", "1",
               "--root", str(data_root)])
     assert exit_info.value.code in (0, None)
-    whole = train(cfg, tmp_path / "whole", device="cpu", log=quiet, data_root=data_root, progress=False, threads=1)
+    whole = train(cfg, tmp_path / "whole", device="cpu", data_root=data_root, progress=False, threads=1)
     total = json.loads((whole / "state.json").read_text())["global_step"]
     sessions = json.loads((run / "state.json").read_text())["sessions"]
     saved = state["global_step"]
@@ -397,17 +388,17 @@ def test_cuda_run_interrupts_resumes_and_loads_on_cpu(tmp_path, data_root):
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted):
-        train(cfg, tmp_path / "run", device="cuda", log=quiet, data_root=data_root, progress=False, on_step=stop)
-    train(None, tmp_path / "run", device="cuda", resume=True, log=quiet, data_root=data_root, progress=False)
+        train(cfg, tmp_path / "run", device="cuda", data_root=data_root, progress=False, on_step=stop)
+    train(None, tmp_path / "run", device="cuda", resume=True, data_root=data_root, progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
     ckpt = load_checkpoint(tmp_path / "run", device="cpu")
-    emb = embed_images(ckpt.tower, load_dataset("mnist:test", root=data_root, subset=50, log=quiet).images)
+    emb = embed_images(ckpt.tower, load_dataset("mnist:test", root=data_root, subset=50).images)
     assert np.isfinite(emb).all() and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
     assert ckpt.head is not None
 
 
-def test_resume_under_another_thread_count_warns(tmp_path, data_root):
+def test_resume_under_another_thread_count_warns(tmp_path, data_root, caplog):
     cfg = tiny(train={"epochs": 1, "batch_size": 32})
 
     def stop(info):
@@ -415,11 +406,11 @@ def test_resume_under_another_thread_count_warns(tmp_path, data_root):
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted):
-        train(cfg, tmp_path / "run", device="cpu", log=quiet, data_root=data_root, progress=False, on_step=stop,
+        train(cfg, tmp_path / "run", device="cpu", data_root=data_root, progress=False, on_step=stop,
               threads=1)
     assert json.loads((tmp_path / "run" / "state.json").read_text())["sessions"][0]["threads"] == 1
-    messages = []
-    train(None, tmp_path / "run", device="cpu", resume=True, log=messages.append, data_root=data_root,
-          progress=False, threads=2)
-    warnings = [m for m in messages if m.startswith("warning:")]
+    with caplog.at_level(logging.INFO, logger="retrieval"):
+        train(None, tmp_path / "run", device="cpu", resume=True, data_root=data_root, progress=False, threads=2)
+    messages = [r.getMessage() for r in caplog.records]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "1 CPU threads" in warnings[0] and "--threads 1" in warnings[0], messages

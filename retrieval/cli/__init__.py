@@ -1,4 +1,8 @@
-"""The `retrieval` command line: a thin typer layer over the library (each group lives in its own module)."""
+"""The `retrieval` command line: a thin typer layer over retrieval.workflows (each group lives in its own module).
+
+Function-level imports in the command modules keep `retrieval --help` fast: torch, Faiss and the workflows are
+imported only when a command runs.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import traceback
 
 import typer
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, as_cli_message
+from retrieval.logs import setup_cli_logging
 
 app = typer.Typer(
     name="retrieval",
@@ -24,15 +29,18 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also debug messages on stderr."),
+) -> None:
+    setup_cli_logging(-1 if quiet else 1 if verbose else 0)
+
+
 def _register() -> None:
     # Each module adds its commands/groups to `app`.
-    from retrieval.cli import data  # noqa: F401
-    for name in ("train", "index", "evaluate", "fewshot", "quickstart"):
-        try:
-            __import__(f"retrieval.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"retrieval.cli.{name}":
-                raise
+    for name in ("data", "train", "index", "evaluate", "fewshot", "quickstart", "serve"):
+        __import__(f"retrieval.cli.{name}")
 
 
 _register()
@@ -44,13 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in argv:
         argv.remove("--debug")
         debug = True
+    setup_cli_logging()  # before the callback runs: options are parsed first, and may already fail
     try:
         # standalone mode: typer reports usage errors itself (exit 2) and turns Ctrl-C into "Aborted!".
         app(args=argv, prog_name="retrieval")
     except RetrievalError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_cli_message(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # an unexpected failure (a bug): one line unless --debug
         if debug:

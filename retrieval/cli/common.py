@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from retrieval.data.specs import SPEC_HELP
+from retrieval.data import SPEC_HELP
 
 DataRootOption = typer.Option(
     None, "--root", envvar="RETRIEVAL_DATA_ROOT",
@@ -21,10 +21,16 @@ ClassesOption = typer.Option(None, "--classes", help="Keep only these classes (c
 ExcludeOption = typer.Option(None, "--exclude", help="Drop these classes (comma-separated names).")
 SubsetOption = typer.Option(None, "--subset", help="Take a seeded random subset of this many images.")
 SeedOption = typer.Option(0, "--seed", help="Seed for every random choice.")
+DeviceOption = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda or cuda:N.")
+BatchSizeOption = typer.Option(
+    None, "--batch-size", min=1, help="Images per embedding batch (default: 256 on CPU, 4096 on a GPU).",
+    show_default=False,
+)
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    """A line for the user on stderr (through the library's logger, so --quiet silences it too)."""
+    logging.getLogger("retrieval.cli").info(msg)
 
 
 def print_json(obj) -> None:

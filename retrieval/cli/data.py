@@ -9,8 +9,7 @@ import typer
 
 from retrieval.cli import app
 from retrieval.cli.common import (
-    ClassesOption, DataRootOption, ExcludeOption, SeedOption, SpecHelp, SubsetOption, log, print_json,
-    root_or_default,
+    ClassesOption, DataRootOption, ExcludeOption, SeedOption, SpecHelp, SubsetOption, print_json, root_or_default,
 )
 
 data_app = typer.Typer(help="Fetch datasets and inspect them.", no_args_is_help=True)
@@ -30,7 +29,7 @@ def fetch(
     """
     from retrieval.data.fetch import fetch_dataset
 
-    folder = fetch_dataset(name.lower(), root_or_default(root), log=log, mirrors=not no_mirrors)
+    folder = fetch_dataset(name.lower(), root_or_default(root), mirrors=not no_mirrors)
     print(folder)
 
 
@@ -47,7 +46,7 @@ def info(
     """Number of images, image size, per-class counts and pixel mean/std of a dataset spec."""
     from retrieval.data.specs import load_dataset
 
-    ds = load_dataset(spec, root=root_or_default(root), classes=classes, exclude=exclude, subset=subset, seed=seed, log=log)
+    ds = load_dataset(spec, root=root_or_default(root), classes=classes, exclude=exclude, subset=subset, seed=seed)
     d = ds.describe()
     if json_out:
         print_json(d)

@@ -9,11 +9,10 @@ import typer
 
 from retrieval.cli import app
 from retrieval.cli.common import (
-    ClassesOption, DataRootOption, ExcludeOption, SeedOption, SpecHelp, SubsetOption, log, print_json,
-    root_or_default,
+    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, SeedOption, SpecHelp, SubsetOption,
+    print_json,
 )
-from retrieval.cli.index import BatchSizeOption, DeviceOption, resolve_device
-from retrieval.data.specs import SPEC_HELP
+from retrieval.data import SPEC_HELP
 from retrieval.errors import UsageError
 
 IndexOption = typer.Option(..., "--index", help="Index folder (from `retrieval index build`).")
@@ -26,7 +25,7 @@ IndexCheckpointOption = typer.Option(
 )
 
 
-def parse_ks(text: str) -> list[int]:
+def _k_list(text: str) -> list[int]:
     try:
         ks = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -34,15 +33,6 @@ def parse_ks(text: str) -> list[int]:
     if not ks or min(ks) <= 0:
         raise UsageError(f"--k expects comma-separated positive integers like 1,2,4,8,16; got {text!r}")
     return sorted(set(ks))
-
-
-def _describe_queries(iq) -> str:
-    ds = iq.dataset
-    text = f"{ds.spec}" + (f" {ds.filters}" if ds.filters else "") + f": {len(ds):,} images"
-    own = int((iq.self_ids >= 0).sum())
-    if own:
-        text += f", {own:,} of them in the index (left out of their own neighbours)"
-    return text
 
 
 @app.command("evaluate")
@@ -86,40 +76,14 @@ def evaluate(
 
     Example: retrieval evaluate --index indexes/run-mnist-train --queries mnist:test --report reports/mnist-test
     """
-    from retrieval.metrics import evaluate_index
+    from retrieval.workflows import evaluate as run
 
-    ks = parse_ks(k)
-    if report is not None:
-        from retrieval.reports import check_report_target
-
-        check_report_target(report)
-    data_root = root_or_default(root)
-    metrics, iq = evaluate_index(
-        index, queries, ks, root=data_root, classes=classes, exclude=exclude, subset=subset, seed=seed,
-        batch_size=batch_size, device=resolve_device(device), checkpoint=checkpoint, log=log,
-    )
-    if iq.missing_classes:
-        log(f"note: the index has no images of class(es) {', '.join(iq.missing_classes)}: "
-            f"{metrics.n_lone:,} lone queries are left out of the averages")
-    meta = iq.index.meta
-    context = {
-        "index": str(index),
-        "index_description": f"{meta['factory']}, metric {meta['metric']}, {len(iq.index):,} vectors, "
-                             f"{len(iq.index.classes)} classes",
-        "tower": f"{meta['tower'].get('name')} ({meta['tower'].get('fingerprint', '')[:12]}) "
-                 f"{meta['tower'].get('checkpoint', '')}",
-        "queries": _describe_queries(iq),
-    }
-    payload = {**metrics.to_json(), "index": str(index), "queries": queries, "filters": iq.dataset.filters,
-               "left_out_own_entries": int((iq.self_ids >= 0).sum())}
-    if report is not None:
-        from retrieval.reports import write_report
-
-        written = write_report(report, metrics, iq, context, payload=payload, root=data_root, seed=seed, log=log)
-        log(f"wrote {report}/ ({', '.join(p.name for p in written)})")
+    result = run(index, queries, _k_list(k), report=report, root=root, classes=classes, exclude=exclude,
+                 subset=subset, seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint)
     if json_out:
-        print_json(payload)
+        print_json(result.payload)
         return
+    metrics, context = result.metrics, result.context
     print(f"index       {index}  ({context['index_description']})")
     print(f"queries     {context['queries']}")
     if metrics.n_lone:
@@ -165,15 +129,11 @@ def evaluate_pairs(
 
     A checkpoint trained with the pair head scores a pair by the head's P(same); any other by the distance between the two embeddings. Reported: ROC AUC (rank-based, ties count half), and the accuracy at the best threshold with that threshold.
     """
-    from retrieval.checkpoint import load_checkpoint
-    from retrieval.data.specs import load_dataset
-    from retrieval.pairs import evaluate_pairs as run
+    from retrieval.workflows import evaluate_pairs as run
 
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, device=dev)
-    ds = load_dataset(data, root=root_or_default(root), classes=classes, exclude=exclude, subset=subset, seed=seed,
-                      log=log)
-    result = run(ckpt, ds, pairs_per_class, seed, batch_size=batch_size, device=dev, progress=True)
+    evaluation = run(checkpoint, data, pairs_per_class, seed, root=root, classes=classes, exclude=exclude,
+                     subset=subset, batch_size=batch_size, device=device)
+    result, ckpt, ds = evaluation.verification, evaluation.checkpoint, evaluation.dataset
     if json_out:
         print_json(result.to_json())
         return
@@ -207,12 +167,10 @@ def calibrate(
 
     Stored as meta.json "calibration" {"max_distance", "f1", "queries", "created", ...}; `retrieval query --max-distance` overrides it.
     """
-    from retrieval.pairs import calibrate_index
+    from retrieval.workflows import calibrate as run
 
-    cal, record = calibrate_index(
-        index, queries, root=root_or_default(root), classes=classes, exclude=exclude, subset=subset, seed=seed,
-        batch_size=batch_size, device=resolve_device(device), checkpoint=checkpoint, store=not dry_run, log=log,
-    )
+    cal, record = run(index, queries, store=not dry_run, root=root, classes=classes, exclude=exclude, subset=subset,
+                      seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint)
     if json_out:
         print_json(record)
     else:
@@ -226,4 +184,3 @@ def calibrate(
         print(f"max distance  {cal.max_distance:.4f}")
         print(f"F1            {cal.f1:.4f}  (precision {cal.precision:.4f}, recall {cal.recall:.4f}; "
               f"{cal.n_answered:,} of {cal.n_queries:,} answered)")
-    log("not stored (--dry-run)" if dry_run else f"stored in {Path(index) / 'meta.json'}")

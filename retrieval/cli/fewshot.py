@@ -8,10 +8,8 @@ from typing import Optional
 import typer
 
 from retrieval.cli import app
-from retrieval.cli.common import ClassesOption, DataRootOption, SpecHelp, log, print_json, root_or_default
+from retrieval.cli.common import ClassesOption, DataRootOption, DeviceOption, SpecHelp, print_json
 from retrieval.errors import UsageError
-
-PIXELS = "pixels"
 
 
 def parse_int_list(text: str, option: str) -> list[int]:
@@ -56,7 +54,7 @@ def fewshot(
                                                         "(a list of them for several shot counts)."),
     root: Optional[Path] = DataRootOption,
     batch_size: int = typer.Option(1024, "--batch-size", help="Images per embedding batch."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    device: str = DeviceOption,
 ) -> None:
     """Few-shot classification by the standard episodic protocol.
 
@@ -68,49 +66,15 @@ def fewshot(
 
       retrieval fewshot --checkpoint runs/mnist-fewshot --data mnist:test --classes 0,4,5,8 --ways 4 --shots 1,5
     """
-    import torch
-
-    from retrieval.data.specs import load_dataset
-    from retrieval.fewshot import METHODS, evaluate_fewshot, pixel_embeddings
+    from retrieval.workflows import fewshot as run
 
     shot_counts = parse_int_list(shots, "--shots")
-    if method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if k is not None and method != "knn":
         raise UsageError(f"--k applies to --method knn only; --method {method} classifies by the nearest class mean")
-    k = 1 if k is None else k
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
-    if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
-
-    if checkpoint == PIXELS:
-        tower = None
-    else:
-        from retrieval.checkpoint import load_checkpoint
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_checkpoint(checkpoint, device=device)
-        tower = loaded.tower
-    ds = load_dataset(data, root=root_or_default(root), classes=classes, log=log)
-
-    from retrieval.fewshot import check_episode_setting
-
-    for s in shot_counts:  # fail on impossible settings before spending time on embeddings
-        check_episode_setting(ds.labels.numpy(), ways, s, queries, episodes, ds.classes)
-    if tower is None:
-        embeddings = pixel_embeddings(ds.images)
-        what = "raw pixels"
-    else:
-        from retrieval.embed import embed_images
-
-        embeddings = embed_images(tower, ds.images, batch_size=batch_size, device=device, progress=True)
-        what = str(loaded.path)
-    results = evaluate_fewshot(
-        embeddings, ds.labels, ways, shot_counts, queries=queries, episodes=episodes, method=method, seed=seed, k=k,
-        class_names=ds.classes,
-    )
-
+    outcome = run(checkpoint, data, ways=ways, shots=shot_counts, queries=queries, episodes=episodes, method=method,
+                  k=1 if k is None else k, seed=seed, classes=classes, root=root, batch_size=batch_size,
+                  device=device)
+    results, ds, what = outcome.results, outcome.dataset, outcome.embeddings_of
     if json_out:
         rows = [{"ways": r.ways, "shots": r.shots, "episodes": r.episodes, "accuracy": r.accuracy, "ci95": r.ci95}
                 for r in results]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -9,10 +10,9 @@ import typer
 
 from retrieval.cli import app
 from retrieval.cli.common import (
-    ClassesOption, DataRootOption, ExcludeOption, SeedOption, SpecHelp, SubsetOption, log, print_json,
-    root_or_default,
+    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, SeedOption, SpecHelp, SubsetOption,
+    log, print_json,
 )
-from retrieval.errors import UsageError
 
 index_app = typer.Typer(
     help="Build, extend and inspect Faiss indexes of a trained tower's embeddings.", no_args_is_help=True
@@ -20,26 +20,6 @@ index_app = typer.Typer(
 app.add_typer(index_app, name="index")
 
 DataOption = typer.Option(..., "--data", help=f"{SpecHelp} Repeat --data to combine several.")
-BatchSizeOption = typer.Option(
-    None, "--batch-size", min=1, help="Images per embedding batch (default: 256 on CPU, 4096 on a GPU).",
-    show_default=False,
-)
-DeviceOption = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto (cuda when available).")
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    name = name.strip().lower()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {name!r}; expected cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    return str(device)
 
 
 @index_app.command("build")
@@ -76,20 +56,14 @@ def build(
     seed: int = SeedOption,
 ) -> None:
     """Embed a dataset with a trained tower and save a Faiss index of it (prints the index folder)."""
-    from retrieval.index import build_index_folder, default_index_name
+    from retrieval.workflows import build_index
 
-    if out is None:
-        out = Path("indexes") / default_index_name(
-            checkpoint, data, classes=classes, exclude=exclude, subset=subset, prototypes=prototypes
-        )
-    index = build_index_folder(
+    index = build_index(
         checkpoint, data, out, factory=factory, metric=metric, prototypes=prototypes, batch_size=batch_size,
-        device=resolve_device(device), root=root_or_default(root), classes=classes, exclude=exclude,
-        subset=subset, seed=seed, search_params=search_params, log=log,
+        device=device, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
+        search_params=search_params,
     )
-    log(f"index: {len(index):,} vectors of {index.dimension} dims, {index.meta['factory']} ({index.metric}), "
-        f"{len(index.label_counts())} classes -> {out}")
-    print(out)
+    print(index.folder)
 
 
 @index_app.command("add")
@@ -110,16 +84,10 @@ def add(
     seed: int = SeedOption,
 ) -> None:
     """Embed more images with the index's own tower and append them with new ids (new classes are added)."""
-    from retrieval.index import add_to_index_folder
+    from retrieval.workflows import add_to_index
 
-    idx, new_ids = add_to_index_folder(
-        index, data, checkpoint=checkpoint, batch_size=batch_size, device=resolve_device(device),
-        root=root_or_default(root), classes=classes, exclude=exclude, subset=subset, seed=seed, log=log,
-    )
-    log(f"added {len(new_ids):,} vectors (ids {new_ids[0]}..{new_ids[-1]}); the index now holds {len(idx):,}")
-    if idx.meta.get("calibration"):
-        log("note: the index has a calibrated distance threshold measured before this addition; "
-            "recalibrate it if its contents changed much")
+    add_to_index(index, data, checkpoint=checkpoint, batch_size=batch_size, device=device, root=root,
+                 classes=classes, exclude=exclude, subset=subset, seed=seed)
     print(index)
 
 
@@ -199,40 +167,19 @@ def query(
 
     Unreadable inputs are reported and the others still answered; the exit code is then 1.
     """
-    from retrieval.query import Searcher, format_result, resolve_query_inputs
+    from retrieval.query import format_result
+    from retrieval.workflows import query as run
 
-    if grid is not None:  # fail before answering anything, not after
-        from retrieval.fsutil import ensure_writable_dir
-
-        if grid.suffix.lower() != ".png":
-            raise UsageError(f"--grid {grid}: expected a .png file name")
-        ensure_writable_dir(grid.parent, "--grid folder")
-    searcher = Searcher.open(index, device=resolve_device(device), checkpoint=checkpoint,
-                             max_distance=max_distance, batch_size=batch_size)
-    k_used, note = searcher.effective_k(k)
-    if note:
-        log(note)
-    data_root = root_or_default(root)
-    inputs = resolve_query_inputs(paths, root=data_root, log=log)
-    results = searcher.query_inputs(inputs, k_used)
-    failed = [r for r in results if r.error is not None]
+    answers = run(index, paths, k, max_distance=max_distance, checkpoint=checkpoint, grid=grid,
+                  batch_size=batch_size, device=device, root=root)
     if json_out:
-        print_json([r.to_json() for r in results])
+        print_json([r.to_json() for r in answers.results])
     else:
-        for r in results:
+        for r in answers.results:
             if r.error is None:
-                print(format_result(r, searcher.max_distance))
-    for r in failed:
-        log(f"error: {r.error}")
-    if grid is not None:
-        from retrieval.grid import SourceImages, query_grid_rows, render_grid
-
-        rows = query_grid_rows(results, SourceImages(data_root))
-        if rows:
-            drawn = render_grid(rows, grid, title=f"{Path(index).name}: {k_used} nearest neighbours")
-            log(f"wrote {grid}" + (f" (first {drawn} of {len(rows)} queries)" if drawn < len(rows) else ""))
-        else:
-            log(f"no grid written to {grid}: no query was answered")
-    if failed:
-        log(f"{len(failed)} of {len(results)} queries could not be answered")
+                print(format_result(r, answers.max_distance))
+    for r in answers.failed:
+        print(f"error: {r.error}", file=sys.stderr)
+    if answers.failed:
+        log(f"{len(answers.failed)} of {len(answers.results)} queries could not be answered")
         raise typer.Exit(1)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from retrieval.cli import app
-from retrieval.cli.common import DataRootOption, log
+from retrieval.cli.common import DataRootOption, DeviceOption
 
 
 @app.command("quickstart")
@@ -18,7 +18,7 @@ def quickstart(
     tiny: bool = typer.Option(False, "--tiny", help="A smoke run: small subsets, one short epoch, few episodes."),
     fewshot: bool = typer.Option(True, "--fewshot/--no-fewshot",
                                  help="Also train configs/mnist-fewshot (without 0,4,5,8) and run few-shot episodes."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu or cuda."),
+    device: str = DeviceOption,
     root: Optional[Path] = DataRootOption,
 ) -> None:
     """Fetch MNIST, train mnist-default, index the training set, evaluate the test set against it
@@ -27,9 +27,7 @@ def quickstart(
 
     Re-running reuses finished steps (and resumes an interrupted training run) unless --force.
     """
-    from retrieval.quickstart import run_quickstart
-    from retrieval.train import resolve_device
+    from retrieval.workflows import quickstart as run
 
-    dev = str(resolve_device(device))
-    result = run_quickstart(out, force=force, tiny=tiny, fewshot=fewshot, device=dev, root=root, log=log)
+    result = run(out, force=force, tiny=tiny, fewshot_step=fewshot, device=device, root=root)
     print("\n".join(result.summary_lines()))

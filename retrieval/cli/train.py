@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from retrieval.cli import app
-from retrieval.cli.common import DataRootOption, log
+from retrieval.cli.common import DataRootOption, DeviceOption, log
 
 
 @app.command("train")
@@ -21,7 +21,7 @@ def train_command(
         None, "--out", help="Run folder (default: runs/<config name>/).", show_default=False,
     ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs.", show_default=False),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
+    device: str = DeviceOption,
     overrides: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a config key, typed like its default; repeatable: --set optimizer.lr=0.01",
         show_default=False, metavar="KEY=VALUE",
@@ -46,7 +46,8 @@ def train_command(
     Ctrl-C saves `last` and the training state (exit code 130); `--resume` then continues bit for bit.
     """
     from retrieval.errors import UsageError
-    from retrieval.train import TrainingInterrupted, train
+    from retrieval.trainer import TrainingInterrupted
+    from retrieval.workflows import train
 
     if config is None and not (resume and out is not None):
         raise UsageError("--config is required (only --resume --out RUN can reuse the run's own config)")
@@ -56,7 +57,7 @@ def train_command(
     if subset is not None:
         sets.append(f"data.subset={subset}")
     try:
-        run = train(config, out, device=device, resume=resume, log=log, overrides=sets, data_root=root,
+        run = train(config, out, device=device, resume=resume, overrides=sets, data_root=root,
                     overwrite=overwrite, progress=not no_progress, threads=threads)
     except TrainingInterrupted as e:
         log(f"interrupted: {e.message}")

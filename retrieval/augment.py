@@ -1,0 +1,159 @@
+"""Device-side batch augmentation and class expansion, each random draw from the step's seeded generator.
+
+BatchTransform: (x, generator) -> x, a float (N, 1, H, W) batch on its device, the same shape back (BatchAugment's
+affine, ElasticAugment's warp). ClassExpansion: (x, y, generator) -> (x, y), images and labels of new classes made
+from the sampled ones (CompositeClasses, DihedralClasses); they act on the sampler's class slots of `group`
+consecutive images.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+
+class BatchTransform(Protocol):
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+
+
+class ClassExpansion(Protocol):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class BatchAugment:
+    """Small random affine (rotation, translation, zoom, shear) on a float batch on its device, through
+    torchvision.transforms.v2.functional.affine. One random transform per group of `group` images: the v2 kernel
+    takes one set of parameters per call, and groups keep the number of calls per batch small."""
+
+    def __init__(self, degrees: float = 10.0, translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1),
+                 shear: float = 0.0, group: int = 8):
+        self.degrees, self.translate, self.scale, self.shear, self.group = degrees, translate, tuple(scale), shear, group
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.degrees or self.translate or self.shear or self.scale != (1.0, 1.0))
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        chunks = x.split(self.group)
+        u = torch.rand(len(chunks), 5, generator=generator, dtype=torch.float64).mul_(2).sub_(1).tolist()
+        h, w = x.shape[-2:]
+        lo, hi = self.scale
+        out = []
+        for chunk, (a, tx, ty, s, sh) in zip(chunks, u):
+            out.append(TF.affine(
+                chunk, angle=a * self.degrees, translate=[tx * self.translate * w, ty * self.translate * h],
+                scale=lo + (s + 1) / 2 * (hi - lo), shear=[sh * self.shear, 0.0],
+                interpolation=TF.InterpolationMode.BILINEAR,  # uncovered pixels are 0 (background)
+            ))
+        return torch.cat(out)
+
+    def describe(self) -> dict:
+        return {"degrees": self.degrees, "translate": self.translate, "scale": list(self.scale),
+                "shear": self.shear, "group": self.group, "kernel": "torchvision.transforms.v2.functional.affine"}
+
+
+class ElasticAugment:
+    """Elastic distortion (Simard et al., 2003): every image is warped by its own smooth random displacement
+    field, drawn on a coarse 4x4 grid and upsampled bicubically, moving pixels by at most `pixels` pixels. It
+    imitates handwriting's wobble, which affine transforms cannot, and teaches invariances that hold for any
+    digit (useful for classes never seen in training)."""
+
+    def __init__(self, pixels: float = 0.0):
+        self.pixels = float(pixels)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.pixels:
+            return x
+        n, _, h, w = x.shape
+        coarse = torch.rand(n, 2, 4, 4, generator=generator).mul_(2).sub_(1).to(x.device)
+        field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
+        field = field.clamp_(-1, 1).permute(0, 2, 3, 1) * torch.tensor([2 * self.pixels / w, 2 * self.pixels / h],
+                                                                           device=x.device)
+        ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device)
+        xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device)
+        identity = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
+        return torch.nn.functional.grid_sample(x, identity + field, mode="bilinear", padding_mode="zeros",
+                                               align_corners=False)
+
+
+class CompositeClasses:
+    """Class expansion by composition: with probability `p`, the `group` images of a class slot (class a) are
+    cut in half, top/bottom or left/right, and completed by the other halves of another slot's images
+    (class b); the triple (a, b, cut) counts as a class of its own, num_classes + (cut * num_classes + a) *
+    num_classes + b. Six digits give 60 such classes of strokes in new arrangements (the top of a 9 on the
+    bottom of a 6 is a double loop no training digit has): more to tell apart, so features carry over better
+    to classes never seen. Halves of two slots of the same class keep that class's label."""
+
+    CUTS = ("top/bottom", "left/right")
+
+    def __init__(self, p: float, num_classes: int, group: int = 1):
+        self.p, self.num_classes, self.group = float(p), int(num_classes), max(1, int(group))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        m, n_groups = self.group, len(x) // self.group
+        if not self.p or n_groups < 2:
+            return x, y
+        chosen = torch.rand(n_groups, generator=generator) < self.p
+        partner = torch.randint(0, n_groups - 1, (n_groups,), generator=generator)
+        partner += partner >= torch.arange(n_groups)  # any slot but itself
+        cut = torch.randint(0, len(self.CUTS), (n_groups,), generator=generator)
+        chosen, partner, cut = chosen.to(x.device), partner.to(x.device), cut.to(x.device)
+        n = n_groups * m
+        xg, yg = x[:n].unflatten(0, (n_groups, m)), y[:n].view(n_groups, m)
+        h, w = x.shape[-2:]
+        lower = (torch.arange(h, device=x.device) >= h // 2).view(h, 1).expand(h, w)
+        right = (torch.arange(w, device=x.device) >= w // 2).view(1, w).expand(h, w)
+        from_partner = torch.where(cut.view(-1, 1, 1) == 0, lower, right) & chosen.view(-1, 1, 1)  # (G, H, W)
+        out = torch.where(from_partner[:, None, None], xg[partner], xg).flatten(0, 1)
+        a, b, k = yg[:, 0], yg[partner, 0], self.num_classes
+        relabel = chosen & (a != b)
+        labels = torch.where(relabel.view(-1, 1), (k + (cut * k + a) * k + b).view(-1, 1), yg).flatten()
+        return torch.cat([out, x[n:]]), torch.cat([labels, y[n:]])
+
+
+class DihedralClasses:
+    """Class expansion: each group of `group` consecutive images (one class slot of the m-per-class sampler)
+    is turned by one of the 8 symmetries of the square (rotation by 0, 90, 180 or 270 degrees, mirrored or not)
+    and the pair (class, symmetry) counts as a class of its own, label * 8 + symmetry. Six digits become 48
+    classes of strokes in new arrangements: features learnt to tell those apart carry over to classes never
+    seen (as rotated classes do for Omniglot in Prototypical Networks)."""
+
+    def __init__(self, group: int = 1):
+        self.group = max(1, int(group))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        n_groups = -(-len(x) // self.group)
+        sym = torch.randint(0, 8, (n_groups,), generator=generator).repeat_interleave(self.group)[: len(x)]
+        sym = sym.to(x.device)
+        out = x.clone()
+        for s in range(8):
+            rows = torch.nonzero(sym == s).flatten()
+            if len(rows):
+                out[rows] = self.apply(x[rows], s)
+        return out, y * 8 + sym
+
+    @staticmethod
+    def apply(x: torch.Tensor, symmetry: int) -> torch.Tensor:
+        """Symmetry s of the square on (..., H, W) images: mirror left-right when s >= 4, then rotate by
+        (s mod 4) quarter turns counter-clockwise."""
+        if symmetry >= 4:
+            x = torch.flip(x, dims=(-1,))
+        return torch.rot90(x, symmetry % 4, dims=(-2, -1)) if symmetry % 4 else x
+
+
+def build_class_expansions(composite_classes: float, dihedral_classes: bool, num_classes: int,
+                           group: int) -> list[ClassExpansion]:
+    """augment.composite_classes, then augment.dihedral_classes (the symmetries turn composites as well)."""
+    out: list[ClassExpansion] = []
+    if composite_classes:
+        out.append(CompositeClasses(composite_classes, num_classes, group))
+    if dihedral_classes:
+        out.append(DihedralClasses(group))
+    return out

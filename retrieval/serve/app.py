@@ -1,0 +1,477 @@
+"""The FastAPI application of `retrieval serve`: the service state, its routes, limits and error answers.
+
+Every error is a JSON object `{"error": "..."}` with a 4xx status: 400 bad input (undecodable or empty image, bad
+base64, bad field), 401/403 missing or wrong token, 404 unknown item, 409 conflict (folder busy, prototype
+class taken), 413 body or pixel budget exceeded, 415 wrong content type, 422 a malformed path parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import inspect
+import json
+import logging
+import math
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+
+from retrieval.errors import RetrievalError, UsageError
+from retrieval.serve import library
+from retrieval.serve.batcher import MicroBatcher
+from retrieval.serve.library import ServiceError
+
+logger = logging.getLogger("retrieval.serve")
+
+DEFAULT_K = 5
+DEFAULT_CLASSIFY_K = 1
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 16 * 1024 * 1024  # a request body larger than this is refused (413)
+    max_images: int = 64  # images per request
+    max_k: int = 100  # neighbours per query (also clamped to the index size, like the CLI)
+    batch_wait: float = 0.002  # seconds the micro-batcher waits for requests that are still arriving
+    max_batch_items: int = 256  # images per tower forward
+    lock_timeout: float = 10.0  # seconds an add waits for another writer of the index folder
+    threads: int = 1  # torch and Faiss threads of the compute thread (1 suits small batches on few cores)
+
+
+@dataclass
+class QueryJob:
+    images: torch.Tensor  # uint8 (n, 28, 28)
+    names: list[str]
+    k: int
+    max_distance: float | None  # None: the server's threshold
+
+
+@dataclass
+class JobResult:
+    answers: list[dict]  # `retrieval query --json` entries
+    max_distance: float | None  # the threshold that applied
+
+
+@dataclass
+class Service:
+    """An opened index with its tower, the micro-batcher in front of them, and what adding items needs."""
+
+    folder: Path
+    folder_name: str
+    searcher: Any  # retrieval.query.Searcher; replaced (never mutated) when items are added
+    checkpoint: Any  # the tower's Checkpoint (its fingerprint is checked against the index on every add)
+    uploads: Path
+    token: str | None = None
+    max_distance: float | None = None  # --max-distance; None: the index's calibrated threshold
+    root: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        threads = self.limits.threads
+        self.batcher = MicroBatcher(self.process, max_wait=self.limits.batch_wait,
+                                    max_items=self.limits.max_batch_items,
+                                    thread_init=lambda: library.set_compute_threads(threads))
+        self.references = library.ReferenceImages(self.root)
+        self._reference_lock = asyncio.Lock()
+        self._add_lock = asyncio.Lock()
+        self.requests = 0
+
+    @classmethod
+    def open(cls, folder, *, device: str = "cpu", checkpoint=None, max_distance: float | None = None,
+             token_file=None, uploads=None, root=None, limits: Limits | None = None) -> "Service":
+        folder = Path(folder)
+        token = read_token(token_file) if token_file is not None else None
+        searcher, ckpt = library.open_index(folder, device=device, checkpoint=checkpoint, max_distance=max_distance)
+        return cls(folder=folder, folder_name=str(folder), searcher=searcher, checkpoint=ckpt,
+                   uploads=Path(uploads) if uploads else library.default_uploads_folder(folder), token=token,
+                   max_distance=max_distance, root=Path(root) if root else None, limits=limits or Limits())
+
+    # -- the compute thread -----------------------------------------------------------------------------------------
+    def process(self, jobs: list[QueryJob]) -> list[JobResult]:
+        """One tower forward for every image of `jobs`, one Faiss search per distinct (k, threshold)."""
+        searcher = self.searcher  # a snapshot: an add swaps in a new Searcher between batches
+        images = jobs[0].images if len(jobs) == 1 else torch.cat([j.images for j in jobs])
+        embeddings = library.embed(searcher, images)
+        groups: dict[tuple, list] = {}
+        start = 0
+        for i, job in enumerate(jobs):
+            k = library.effective_k(searcher, job.k)
+            groups.setdefault((k, job.max_distance), []).append((i, start, start + len(job.images)))
+            start += len(job.images)
+        out: list[JobResult | None] = [None] * len(jobs)
+        for (k, max_distance), members in groups.items():
+            view = searcher if max_distance is None else library.searcher_for(searcher, max_distance=max_distance)
+            rows = np.concatenate([np.arange(a, b) for _, a, b in members])
+            names = [name for i, _, _ in members for name in jobs[i].names]
+            answers = library.answer_queries(view, embeddings[rows], k, names)
+            at = 0
+            for i, a, b in members:
+                out[i] = JobResult(answers[at:at + b - a], view.max_distance)
+                at += b - a
+        return out
+
+    # -- adding items ------------------------------------------------------------------------------------------------
+    async def add(self, images: torch.Tensor, label: str):
+        """Serialised: one add at a time in this process, and the folder lock against other writers."""
+        async with self._add_lock:
+            loop = asyncio.get_running_loop()
+
+            def embed_on_compute_thread(x):
+                return self.batcher.executor.submit(library.embed, self.searcher, x).result()
+
+            def run():
+                return library.add_items(self.folder, self.checkpoint, embed_on_compute_thread, images, label,
+                                         self.uploads, lock_timeout=self.limits.lock_timeout)
+
+            index, new_ids = await loop.run_in_executor(None, run)
+            self.searcher = library.searcher_for(self.searcher, index=index, max_distance=self.max_distance)
+            return index, new_ids
+
+    async def reference_png(self, item_id: int) -> bytes:
+        async with self._reference_lock:  # the first lookup may load a dataset; do it once
+            image = await asyncio.get_running_loop().run_in_executor(
+                None, self.references.get, self.searcher.index, item_id)
+        if image is None:
+            raise ServiceError(f"item {item_id} has no stored image (a class prototype, or its file is gone)", 404)
+        return library.png_bytes(image)
+
+
+def read_token(path) -> str:
+    path = Path(path)
+    try:
+        token = path.read_text("utf-8").strip()
+    except FileNotFoundError:
+        raise UsageError(f"--token-file {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--token-file {path}: cannot read it ({e})") from None
+    if not token or len(token.split()) != 1:
+        raise UsageError(f"--token-file {path}: expected one token (a line without blanks)")
+    return token
+
+
+# -- request parsing ---------------------------------------------------------------------------------------------------
+JSON_TYPES = ("application/json",)
+MULTIPART = "multipart/form-data"
+
+
+def _content_type(request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _int_param(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.lstrip("+-").isdigit():
+            raise ServiceError(f"{name}: expected an integer, got {value[:40]!r}")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ServiceError(f"{name}: expected an integer, got {json.dumps(value)[:40]}")
+    if not lo <= value <= hi:
+        raise ServiceError(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _distance_param(name: str, value) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ServiceError(f"{name}: expected a number, got {value[:40]!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ServiceError(f"{name}: expected a number or null, got {json.dumps(value)[:40]}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ServiceError(f"{name}: must be a finite distance >= 0, got {value}")
+    return float(value)
+
+
+def _b64(name: str, text) -> bytes:
+    if not isinstance(text, str):
+        raise ServiceError(f"{name}: expected a base64 string, got {type(text).__name__}")
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if ";base64" not in head:
+            raise ServiceError(f"{name}: only base64 data: URLs are accepted")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServiceError(f"{name}: not valid base64") from None
+
+
+async def read_images(request, service: Service, fields: tuple[str, ...]) -> tuple[torch.Tensor, list[str], dict]:
+    """Images (multipart `images` files, or JSON `images`: base64 strings or {"name", "data"}) and the other
+    `fields` of a request -> (uint8 (n, 28, 28) images, names, fields)."""
+    limits = service.limits
+    kind = _content_type(request)
+    raw: list[tuple[str, bytes]] = []
+    params: dict = {}
+    if kind == MULTIPART:
+        try:
+            form = await request.form(max_files=limits.max_images + 1, max_fields=len(fields) + 2,
+                                      max_part_size=64 * 1024)
+        except AssertionError:  # python-multipart missing: a deployment bug, but answer it clearly
+            raise ServiceError("multipart uploads are not available on this server", 415) from None
+        try:
+            for key, value in form.multi_items():
+                if hasattr(value, "read"):  # an UploadFile
+                    if key not in ("images", "image"):
+                        raise ServiceError(f"unexpected file field {key!r}; send images as 'images'")
+                    raw.append((value.filename or str(len(raw)), await value.read()))
+                elif key in fields:
+                    if key in params:
+                        raise ServiceError(f"{key}: given more than once")
+                    params[key] = value
+                elif key in ("images", "image"):
+                    raise ServiceError(f"{key}: expected a file upload, got a text field")
+                else:
+                    raise ServiceError(f"unexpected field {key!r}; expected images, {', '.join(fields)}")
+        finally:
+            await form.close()
+    elif kind in JSON_TYPES:
+        body = await request.body()
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ServiceError(f"the body is not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise ServiceError('expected a JSON object like {"images": ["<base64 PNG>"]}')
+        unknown = [k for k in doc if k != "images" and k not in fields]
+        if unknown:
+            raise ServiceError(f"unexpected field {unknown[0]!r}; expected images, {', '.join(fields)}")
+        items = doc.get("images")
+        if items is None:
+            raise ServiceError('images: missing; expected a list of base64 PNG/JPEG strings')
+        if not isinstance(items, list):
+            raise ServiceError("images: expected a list of base64 strings or {\"name\", \"data\"} objects")
+        if len(items) > limits.max_images:
+            raise ServiceError(f"images: at most {limits.max_images} images per request, got {len(items)}")
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                extra = set(item) - {"name", "data"}
+                if extra or "data" not in item:
+                    raise ServiceError(f'images[{i}]: expected {{"name": ..., "data": "<base64>"}}')
+                name = item.get("name", str(i))
+                if not isinstance(name, str):
+                    raise ServiceError(f"images[{i}].name: expected a string")
+                raw.append((name, _b64(f"images[{i}].data", item["data"])))
+            else:
+                raw.append((str(i), _b64(f"images[{i}]", item)))
+        params = {k: doc[k] for k in fields if k in doc}
+    else:
+        raise ServiceError(f"expected multipart/form-data or application/json, got {kind or 'no content type'}", 415)
+    if not raw:
+        raise ServiceError("images: no image given")
+    if len(raw) > limits.max_images:
+        raise ServiceError(f"images: at most {limits.max_images} images per request, got {len(raw)}")
+    tensors = []
+    for name, data in raw:
+        img = library.open_upload(data, name)
+        if img.size[0] * img.size[1] <= library.INLINE_DECODE_PIXELS:
+            tensors.append(library.preprocess_upload(img, name))
+        else:  # a big picture: decode it off the event loop
+            tensors.append(await asyncio.get_running_loop().run_in_executor(
+                None, library.preprocess_upload, img, name))
+    return torch.stack(tensors), [name for name, _ in raw], params
+
+
+# -- the application ----------------------------------------------------------------------------------------------------
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes with 413 (by Content-Length, or while streaming)."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                return await _send_error(send, 413, f"request body over the limit of {self.limit:,} bytes")
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_error(send, 413, f"request body over the limit of {self.limit:,} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def page_html() -> str:
+    return resources.files("retrieval").joinpath("web/index.html").read_text("utf-8")
+
+
+def create_app(service: Service):
+    """The FastAPI app serving `service` (its lifespan starts and stops the micro-batcher)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from retrieval.serve import openapi
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await service.batcher.start()
+        try:
+            yield
+        finally:
+            await service.batcher.stop()
+
+    extra = {}
+    if "telemetry" in inspect.signature(FastAPI).parameters:  # newer FastAPI: no per-request tracing work
+        extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    app = FastAPI(title="retrieval serve", version=_version(), lifespan=lifespan, **extra,
+                  description="Nearest-neighbour queries against a retrieval index (Siamese tower + Faiss).")
+    app.state.service = service
+    page = page_html()
+
+    def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
+        return Response(json.dumps(obj, ensure_ascii=False).encode("utf-8"), status_code=status,
+                        media_type="application/json", headers=headers)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request, exc: ServiceError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return json_response({"error": str(exc)}, exc.status, headers)
+
+    @app.exception_handler(RetrievalError)
+    async def _retrieval_error(request, exc: RetrievalError):
+        return json_response({"error": str(exc)}, 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        status = exc.status_code if 400 <= exc.status_code < 500 else 400
+        return json_response({"error": str(exc.detail)}, status, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors()[:3]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query"))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return json_response({"error": "; ".join(parts) or "invalid request"}, 422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):  # a bug: say so, keep serving
+        logger.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return json_response({"error": f"internal error ({type(exc).__name__}); see the server log"}, 500)
+
+    @app.get("/", include_in_schema=False)
+    async def index_page():
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health", **openapi.HEALTH)
+    async def health():
+        s = service.searcher
+        return json_response({"status": "ok", "items": len(s.index), "classes": len(s.index.label_counts()),
+                              "max_distance": s.max_distance, "uptime_s": round(time.time() - service.started, 1),
+                              "adding": service.token is not None, "batching": service.batcher.stats.to_json()})
+
+    @app.get("/index", **openapi.INDEX)
+    async def index_info():
+        return json_response(library.index_info(service.folder_name, service.searcher.index))
+
+    async def _run_queries(request: Request, default_k: int) -> JobResult:
+        with service.batcher.arrival() as arrival:
+            images, names, params = await read_images(request, service, ("k", "max_distance"))
+            k = _int_param("k", params["k"], 1, service.limits.max_k) if "k" in params else default_k
+            max_distance = _distance_param("max_distance", params.get("max_distance"))
+            return await arrival.submit(QueryJob(images, names, k, max_distance), len(images))
+
+    @app.post("/query", **openapi.QUERY)
+    async def query(request: Request):
+        result = await _run_queries(request, DEFAULT_K)
+        return json_response(result.answers)
+
+    @app.post("/classify", **openapi.CLASSIFY)
+    async def classify(request: Request):
+        result = await _run_queries(request, DEFAULT_CLASSIFY_K)
+        out = []
+        for answer in result.answers:
+            nearest = answer["neighbors"][0] if answer["neighbors"] else None
+            out.append({"query": answer["query"], "label": answer["label"],
+                        "distance": nearest["distance"] if nearest else None,
+                        "max_distance": result.max_distance, "nearest": nearest})
+        return json_response(out)
+
+    @app.get("/items/{item_id}/image", **openapi.ITEM_IMAGE)
+    async def item_image(item_id: int):
+        if not -(2 ** 63) <= item_id < 2 ** 63:
+            raise ServiceError(f"no item with id {item_id} in the index", 404)
+        png = await service.reference_png(item_id)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/items", **openapi.ITEMS)
+    async def add_items(request: Request):
+        _check_token(service, request)
+        images, names, params = await read_images(request, service, ("label",))
+        label = library.check_label(params.get("label"))
+        index, new_ids = await service.add(images, label)
+        return json_response({"label": label, "ids": [int(i) for i in new_ids], "count": len(index),
+                              "label_counts": index.label_counts()}, 201)
+
+    app.openapi = lambda: openapi.build(app, service.limits)
+    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    return app
+
+
+def _check_token(service: Service, request) -> None:
+    if service.token is None:
+        raise ServiceError("adding items is disabled on this server (start `retrieval serve` with --token-file)", 403)
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if not header:
+        raise ServiceError("adding items needs the server's token: send 'Authorization: Bearer <token>'", 401)
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), service.token.encode()):
+        raise ServiceError("wrong token", 403)
+
+
+def _version() -> str:
+    import retrieval
+
+    return retrieval.__version__

@@ -1,0 +1,255 @@
+"""The service's calls into the retrieval library, kept in a few named functions.
+
+Everything `retrieval serve` does with an index or a tower goes through this module (open an index with its
+tower, describe it as `index info --json` does, decode an upload with the CLI's pixel budget and preprocessing,
+embed, answer queries as `retrieval query --json` does, add labelled images as `retrieval index add` does, find
+a reference's stored image), so the service can be re-pointed to another layer by editing these functions only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import os
+import re
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from retrieval.errors import RetrievalError, UsageError
+
+# Images above this many pixels are decoded off the event loop (a thread), smaller ones inline.
+INLINE_DECODE_PIXELS = 512 * 512
+# Class names taught through the service become folder names under the uploads folder (folder:DIR specs).
+LABEL_PATTERN = re.compile(r"^[^\W_][\w .+\-]{0,39}$")
+
+
+class ServiceError(RetrievalError):
+    """A request the service refuses, with the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# -- opening and describing ---------------------------------------------------------------------------------------
+def open_index(folder, *, device: str = "cpu", checkpoint=None, max_distance: float | None = None,
+               batch_size: int | None = None):
+    """(Searcher, Checkpoint) for an index folder: its tower loaded once and checked by fingerprint."""
+    from retrieval.index import load_index, load_index_tower
+    from retrieval.query import Searcher
+
+    index = load_index(folder)
+    ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
+    return Searcher(index, ckpt.tower, device=device, max_distance=max_distance, batch_size=batch_size), ckpt
+
+
+def searcher_for(searcher, index=None, max_distance: float | None = None):
+    """A Searcher sharing `searcher`'s tower, on `index` (default: the same index) with the distance threshold
+    `max_distance` (None: the index's calibrated threshold, if any)."""
+    from retrieval.query import Searcher
+
+    return Searcher(searcher.index if index is None else index, searcher.tower, device=searcher.device,
+                    max_distance=max_distance, batch_size=searcher.batch_size)
+
+
+def set_compute_threads(threads: int) -> None:
+    """Threads for the tower (torch's intra-op pool) and for Faiss (this thread's OpenMP team). A service answers
+    small batches: on a few cores, one thread each beats thread teams that wake and spin for every request."""
+    import faiss
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def index_info(folder_name: str, index) -> dict:
+    """What `retrieval index info --json` prints: the metadata and the per-label counts."""
+    return {"folder": folder_name, "meta": index.meta, "label_counts": index.label_counts()}
+
+
+# -- uploads --------------------------------------------------------------------------------------------------------
+def open_upload(data: bytes, name: str) -> Image.Image:
+    """Read an uploaded picture's header (not its pixels), refusing it when it is empty, not an image, or over the
+    pixel budget ($RETRIEVAL_MAX_PIXELS, the CLI's limit) before anything is decoded."""
+    from retrieval.data.preprocess import check_pixel_budget
+
+    if not data:
+        raise ServiceError(f"{name}: empty file, expected an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            check_pixel_budget(*img.size, name)
+    except RetrievalError as e:
+        raise ServiceError(str(e), 413) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ServiceError(f"{name}: over the pixel budget (decompression bomb?)", 413) from None
+    except UnidentifiedImageError:
+        raise ServiceError(f"{name}: not a readable image (unknown format)") from None
+    except Exception as e:  # any other failure to read untrusted bytes is the upload's, not the server's
+        raise ServiceError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    return img
+
+
+def preprocess_upload(img: Image.Image, name: str) -> torch.Tensor:
+    """Decode an opened upload and turn it into the uint8 28x28 image the tower sees (the CLI's recipe)."""
+    from retrieval.data.preprocess import preprocess_image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = ImageOps.exif_transpose(img)
+            img.load()
+        return preprocess_image(img, source=name)
+    except RetrievalError as e:
+        raise ServiceError(str(e), 413 if "pixel budget" in str(e) else 400) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ServiceError(f"{name}: over the pixel budget (decompression bomb?)", 413) from None
+    except Exception as e:  # a decoder failing on untrusted bytes: the upload's fault, answered 400
+        raise ServiceError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def decode_upload(data: bytes, name: str) -> torch.Tensor:
+    return preprocess_upload(open_upload(data, name), name)
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """A uint8 (28, 28) image as PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image.numpy())).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- queries --------------------------------------------------------------------------------------------------------
+def embed(searcher, images: torch.Tensor) -> np.ndarray:
+    """uint8 (n, 28, 28) -> float32 (n, d): one tower forward (in batches of the searcher's batch size)."""
+    return searcher.embed(images)
+
+
+def effective_k(searcher, k: int) -> int:
+    """k clamped to the index size, as `retrieval query` does."""
+    return searcher.effective_k(k)[0]
+
+
+def answer_queries(searcher, embeddings: np.ndarray, k: int, names: Sequence[str]) -> list[dict]:
+    """One Faiss search for these embeddings; each answer is what `retrieval query --json` prints for it."""
+    return [r.to_json() for r in searcher.search_embeddings(embeddings, k, list(names))]
+
+
+# -- adding items ---------------------------------------------------------------------------------------------------
+def check_label(label) -> str:
+    from retrieval.query import UNKNOWN
+
+    if not isinstance(label, str) or not label.strip():
+        raise ServiceError("label: a non-empty class name is required")
+    label = label.strip()
+    if label == UNKNOWN:
+        raise ServiceError(f"label: {UNKNOWN!r} is the answer for 'no class'; choose another name")
+    if not LABEL_PATTERN.match(label):
+        raise ServiceError("label: 1-40 characters: letters, digits, spaces and . + - _ (starting with a letter "
+                           f"or digit), got {label[:60]!r}")
+    return label
+
+
+def default_uploads_folder(folder: Path) -> Path:
+    """Where taught images go by default: a sibling of the index folder (`<index>.uploads/<label>/*.png`, so
+    `folder:<index>.uploads` rebuilds them)."""
+    folder = Path(folder)
+    return folder.parent / f"{folder.name}.uploads"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _locked(folder: Path, timeout: float):
+    """exclusive_lock(folder), waiting up to `timeout` seconds for another writer (a CLI `index add`...)."""
+    from retrieval.fsutil import exclusive_lock
+
+    deadline = time.monotonic() + timeout
+    while True:
+        lock = exclusive_lock(folder)
+        try:
+            lock.__enter__()
+            return lock
+        except RetrievalError:
+            if time.monotonic() >= deadline:
+                raise ServiceError(f"the index folder is being written by another process; try again", 409) from None
+            time.sleep(0.05)
+
+
+def add_items(folder, checkpoint, embed_images: Callable[[torch.Tensor], np.ndarray], images: torch.Tensor,
+              label: str, uploads: Path, *, lock_timeout: float = 10.0):
+    """Add `images` (uint8 (n, 28, 28)) under `label` to the index folder as `retrieval index add` does: under the
+    folder lock, the index as saved on disk, the tower checked by fingerprint, new ids appended, saved atomically.
+    The images are written to `uploads/<label>/` first (their sources); on failure nothing is committed and they
+    are removed. Returns (the saved EmbeddingIndex, new ids)."""
+    from retrieval.data.preprocess import PREPROCESSING
+    from retrieval.fsutil import atomic_write_bytes
+    from retrieval.index import check_tower_matches, class_prototypes, load_index, read_index_meta, save_index
+
+    folder = Path(folder)
+    lock = _locked(folder, lock_timeout)
+    written: list[Path] = []
+    try:
+        index = load_index(folder)
+        check_tower_matches(index, checkpoint)
+        prototypes = bool(index.meta.get("prototypes"))
+        if prototypes and label in index.classes:
+            raise ServiceError(f"{folder} holds one prototype per class and already has {label!r}; "
+                               "rebuild it to change that class", 409)
+        emb = embed_images(images)
+        labels = np.zeros(len(images), dtype=np.int64)
+        if prototypes:
+            emb, labels, sources = class_prototypes(emb, labels, [label])
+        else:
+            where = Path(uploads).resolve() / label
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+            sources = []
+            for image in images:
+                path = where / f"{stamp}-{uuid.uuid4().hex[:12]}.png"
+                atomic_write_bytes(path, png_bytes(image))
+                written.append(path)
+                sources.append(str(path))
+        entry = {"spec": f"serve:{label}", "filters": "", "images": len(images), "preprocessing": PREPROCESSING,
+                 "added": _now()}
+        before = int(index.meta.get("next_id", len(index)))
+        new_ids = index.add(emb, labels, [label], sources, data=[entry])
+        try:
+            save_index(index, folder, locked=True)
+        except BaseException:
+            try:
+                committed = int(read_index_meta(folder).get("next_id", -1)) > before
+            except RetrievalError:
+                committed = False
+            if committed:
+                written.clear()
+            raise
+        written.clear()
+        return index, new_ids
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+        lock.__exit__(None, None, None)
+
+
+# -- stored images ---------------------------------------------------------------------------------------------------
+class ReferenceImages:
+    """The stored image of an indexed item: a dataset item, an image file; None for prototypes or moved files."""
+
+    def __init__(self, root=None):
+        from retrieval.grid import SourceImages
+
+        self._sources = SourceImages(root)
+
+    def get(self, index, item_id: int) -> torch.Tensor | None:
+        pos = int(index.positions_of(np.array([item_id], dtype=np.int64))[0])
+        if pos < 0:
+            raise ServiceError(f"no item with id {item_id} in the index", 404)
+        return self._sources.get(index.sources[pos])

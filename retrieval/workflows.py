@@ -1,0 +1,684 @@
+"""Every end-to-end operation once, over paths and plain options, returning a result object.
+
+The CLI commands parse their options and call one of these; `quickstart` is a sequence of them; the HTTP service
+and the torchrun entry point call the same functions. Messages go to `logging.getLogger(__name__)` (the CLI shows
+them on stderr); errors are RetrievalError / UsageError naming the argument, never a CLI flag.
+
+    build_index     checkpoint + dataset specs -> an index folder
+    add_to_index    more dataset specs -> appended to an index folder with the index's own tower
+    query           image files, folders, dataset items -> neighbours and predicted labels (+ a PNG grid)
+    evaluate        a query spec against an index folder -> retrieval metrics (+ a report folder)
+    evaluate_pairs  a checkpoint on balanced same/different pairs -> verification accuracy, ROC AUC
+    calibrate       a query spec against an index folder -> the "unknown" distance threshold, stored
+    fewshot         a checkpoint (or raw pixels) on N-way K-shot episodes -> accuracy with confidence intervals
+    train           a config -> a run folder (retrieval.trainer.train)
+    quickstart      fetch, train, index, evaluate, few-shot, query: the whole chain into one folder
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from retrieval.checkpoint import Checkpoint, load_checkpoint
+from retrieval.data.preprocess import PREPROCESSING
+from retrieval.data.specs import DatasetCache, ImageDataset, default_data_root, load_dataset, parse_item_spec
+from retrieval.embed import default_batch_size, embed_images, resolve_device
+from retrieval.errors import RetrievalError, UsageError
+from retrieval.fewshot import (
+    FewShotResult, check_fewshot_settings, check_method, evaluate_fewshot, pixel_embeddings,
+)
+from retrieval.index import (
+    EmbeddingIndex, META_NAME, build_index as build_faiss_index, check_index_target, class_prototypes,
+    load_index, load_index_tower, read_index_meta, save_index, tower_meta, update_index_meta,
+)
+from retrieval.fsutil import exclusive_lock
+from retrieval.grid import SourceImages, check_grid_target, query_grid_rows, render_grid
+from retrieval.knn import ExactSearch, Search, nearest_neighbors
+from retrieval.metrics import DEFAULT_KS, RetrievalMetrics, retrieval_metrics
+from retrieval.pairs import Calibration, Verification, balanced_pairs, calibrate_threshold, verify_pairs
+from retrieval.query import QueryResult, Searcher, resolve_query_inputs
+
+logger = logging.getLogger(__name__)
+
+PIXELS = "pixels"  # fewshot's checkpoint argument for the raw-pixel baseline
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _data_root(root) -> Path:
+    return Path(root) if root is not None else default_data_root()
+
+
+# -- datasets and embeddings ----------------------------------------------------------------------------------------
+def merge_datasets(datasets: Sequence[ImageDataset]) -> tuple[torch.Tensor, np.ndarray, list[str], list[str]]:
+    """Concatenate ImageDatasets: images uint8 (N,28,28), labels into the union of the classes present (by name,
+    in order of first appearance), sources."""
+    classes: list[str] = []
+    images, labels, sources = [], [], []
+    for ds in datasets:
+        present = sorted(set(ds.labels.tolist()))
+        for i in present:
+            if ds.classes[i] not in classes:
+                classes.append(ds.classes[i])
+        mapping = torch.full((len(ds.classes),), -1, dtype=torch.int64)
+        for i in present:
+            mapping[i] = classes.index(ds.classes[i])
+        images.append(ds.images)
+        labels.append(mapping[ds.labels])
+        sources.extend(ds.sources)
+    return torch.cat(images), torch.cat(labels).numpy(), classes, sources
+
+
+def _load_datasets(data_specs: Sequence[str], root, classes, exclude, subset, seed) -> tuple[list, list[dict]]:
+    if not data_specs:
+        raise UsageError("`data`: give at least one dataset spec")
+    datasets = [load_dataset(spec, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed)
+                for spec in data_specs]
+    entries = [{"spec": ds.spec, "filters": ds.filters, "images": len(ds), "preprocessing": ds.preprocessing,
+                "added": _now()} for ds in datasets]
+    return datasets, entries
+
+
+def _embed(ckpt: Checkpoint, images: torch.Tensor, batch_size: int | None, device) -> np.ndarray:
+    """Embed with a progress bar, then log a one-line images/s summary."""
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
+    if batch_size <= 0:
+        raise UsageError(f"`batch_size` must be positive, got {batch_size}")
+    start = time.perf_counter()
+    emb = embed_images(ckpt.tower, images, batch_size=batch_size, device=device, progress=True)
+    seconds = time.perf_counter() - start
+    logger.info(f"embedded {len(images):,} images in {seconds:.1f}s ({len(images) / max(seconds, 1e-9):,.0f} images/s)")
+    return emb
+
+
+# -- index folders --------------------------------------------------------------------------------------------------
+def default_index_name(checkpoint: str | os.PathLike, data_specs: Sequence[str], **variant) -> str:
+    """`<run folder name>-<data specs>[-<variant>]`, sanitised to [A-Za-z0-9._-]."""
+    import re
+
+    p = Path(checkpoint)
+    run = p.name if p.is_dir() else (p.parent.name or p.stem) if p.suffix in (".safetensors", ".json") else p.parent.name or p.name
+    parts = [run or "index", *data_specs]
+    for key, value in variant.items():
+        if value is True:
+            parts.append(key)
+        elif value not in (None, False, "", []):
+            parts.append(f"{key}{value}")
+    name = re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(str(x) for x in parts)).strip("-.")
+    return re.sub(r"-{2,}", "-", name)[:120] or "index"
+
+
+def build_index(
+    checkpoint: str | os.PathLike,
+    data_specs: Sequence[str],
+    out: str | os.PathLike | None = None,
+    *,
+    factory: str = "Flat",
+    metric: str = "ip",
+    prototypes: bool = False,
+    batch_size: int | None = None,
+    device="auto",
+    root=None,
+    classes=None,
+    exclude=None,
+    subset: int | None = None,
+    seed: int = 0,
+    search_params: str | None = None,
+) -> EmbeddingIndex:
+    """Checkpoint + dataset specs -> an index saved in `out` (default indexes/<run>-<data>; the index's .folder),
+    replacing any index there atomically. The folder lock is held from the start, so a second build into the
+    same folder fails at once."""
+    from retrieval.index import normalize_factory, metric_code
+
+    if out is None:
+        out = Path("indexes") / default_index_name(checkpoint, data_specs, classes=classes, exclude=exclude,
+                                                   subset=subset, prototypes=prototypes)
+    out = Path(out)
+    factory = normalize_factory(factory)
+    metric_code(metric)
+    device = resolve_device(device)
+    existed = check_index_target(out)
+    try:
+        with exclusive_lock(out):
+            ckpt = load_checkpoint(checkpoint, device=device)
+            datasets, entries = _load_datasets(data_specs, _data_root(root), classes, exclude, subset, seed)
+            images, labels, names, sources = merge_datasets(datasets)
+            emb = _embed(ckpt, images, batch_size, device)
+            if prototypes:
+                emb, labels, sources = class_prototypes(emb, labels, names)
+                logger.info(f"{len(emb)} class prototypes (mean embedding per class) from {len(images):,} images")
+            else:
+                first = 0
+                for entry in entries:
+                    entry["ids"] = [first, first + entry["images"] - 1]
+                    first += entry["images"]
+            old = (out / META_NAME).is_file()
+            index = build_faiss_index(
+                emb, labels, names, sources, factory=factory, metric=metric, seed=seed, search_params=search_params,
+                tower=tower_meta(ckpt), preprocessing=PREPROCESSING, prototypes=bool(prototypes), data=entries,
+            )
+            save_index(index, out, locked=True)
+            if old:
+                logger.info(f"replaced the previous index in {out}")
+    except BaseException:
+        if not existed and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
+            (out / ".lock").unlink(missing_ok=True)
+            out.rmdir()
+        raise
+    logger.info(f"index: {len(index):,} vectors of {index.dimension} dims, {index.meta['factory']} ({index.metric}), "
+                f"{len(index.label_counts())} classes -> {out}")
+    return index
+
+
+def add_to_index(
+    folder: str | os.PathLike,
+    data_specs: Sequence[str],
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    device="auto",
+    root=None,
+    classes=None,
+    exclude=None,
+    subset: int | None = None,
+    seed: int = 0,
+) -> tuple[EmbeddingIndex, np.ndarray]:
+    """Embed more images with the index's own tower (fingerprint checked) and append them with new ids, saved
+    atomically. Returns the index and the new ids."""
+    folder = Path(folder)
+    device = resolve_device(device)
+    read_index_meta(folder)  # a clear error before taking the lock (which would create the folder)
+    with exclusive_lock(folder):
+        index = load_index(folder)
+        ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
+        datasets, entries = _load_datasets(data_specs, _data_root(root), classes, exclude, subset, seed)
+        images, labels, names, sources = merge_datasets(datasets)
+        emb = _embed(ckpt, images, batch_size, device)
+        if index.meta.get("prototypes"):
+            already = [c for c in names if c in index.classes]
+            if already:
+                raise UsageError(
+                    f"{folder} holds one prototype per class and already has {', '.join(already)}; rebuild it with "
+                    "prototypes giving every dataset spec, or add only new classes"
+                )
+            emb, labels, sources = class_prototypes(emb, labels, names)
+        new_ids = index.add(emb, labels, names, sources, data=entries)
+        save_index(index, folder, locked=True)
+    logger.info(f"added {len(new_ids):,} vectors (ids {new_ids[0]}..{new_ids[-1]}); the index now holds {len(index):,}")
+    if index.meta.get("calibration"):
+        logger.info("note: the index has a calibrated distance threshold measured before this addition; "
+                    "recalibrate it if its contents changed much")
+    return index, new_ids
+
+
+# -- queries --------------------------------------------------------------------------------------------------------
+@dataclass
+class QueryAnswers:
+    results: list[QueryResult]
+    k: int  # neighbours per query (k clamped to the index size)
+    max_distance: float | None  # the "unknown" threshold in force
+    grid: Path | None = None  # the PNG written, if any
+
+    @property
+    def failed(self) -> list[QueryResult]:
+        return [r for r in self.results if r.error is not None]
+
+
+def query(
+    index: str | os.PathLike,
+    inputs: Sequence[str],
+    k: int = 5,
+    *,
+    max_distance: float | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    grid: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    device="auto",
+    root=None,
+) -> QueryAnswers:
+    """Image files, folders (every image inside) and dataset items -> neighbours and predicted labels.
+
+    Unreadable inputs get a result with `error` and the others are still answered. With `grid`, a PNG of each
+    answered query beside its neighbours is written there."""
+    if grid is not None:
+        check_grid_target(grid)
+    searcher = Searcher.open(index, device=resolve_device(device), checkpoint=checkpoint, max_distance=max_distance,
+                             batch_size=batch_size)
+    k_used, note = searcher.effective_k(k)
+    if note:
+        logger.info(note)
+    data_root = _data_root(root)
+    datasets = DatasetCache(data_root)
+    results = searcher.query_inputs(resolve_query_inputs(inputs, root=data_root, datasets=datasets), k_used)
+    answers = QueryAnswers(results, k_used, searcher.max_distance)
+    if grid is not None:
+        rows = query_grid_rows(results, SourceImages(data_root, datasets))
+        if rows:
+            drawn = render_grid(rows, grid, title=f"{Path(index).name}: {k_used} nearest neighbours")
+            logger.info(f"wrote {grid}" + (f" (first {drawn} of {len(rows)} queries)" if drawn < len(rows) else ""))
+            answers.grid = Path(grid)
+        else:
+            logger.info(f"no grid written to {grid}: no query was answered")
+    return answers
+
+
+# -- query datasets against an index (evaluate, calibrate) ----------------------------------------------------------
+def index_search(index: EmbeddingIndex) -> Search:
+    """Exact search over a Flat index's vectors (the same neighbours, found faster than Faiss's k-heap at MAP@R
+    depths), else the index's own search."""
+    vectors = index.flat_vectors()
+    return index.search if vectors is None else ExactSearch(vectors, ids=index.ids)
+
+
+@dataclass
+class IndexQueries:
+    """A query dataset embedded by an index's tower, with labels in the index's class space."""
+
+    index: EmbeddingIndex
+    dataset: ImageDataset
+    embeddings: np.ndarray
+    labels: np.ndarray  # index class ids; classes the index lacks get ids len(index.classes), ...
+    classes: list[str]  # the index's classes, then the query classes it lacks
+    missing_classes: list[str]
+    self_ids: np.ndarray  # id of each query's own entry in the index (same source), else -1
+
+    def describe(self) -> str:
+        ds = self.dataset
+        text = f"{ds.spec}" + (f" {ds.filters}" if ds.filters else "") + f": {len(ds):,} images"
+        own = int((self.self_ids >= 0).sum())
+        if own:
+            text += f", {own:,} of them in the index (left out of their own neighbours)"
+        return text
+
+
+def _source_key(source: str) -> str:
+    return source if parse_item_spec(source) is not None else os.path.realpath(source)
+
+
+def load_index_queries(folder, query_spec: str, *, root=None, classes=None, exclude=None, subset=None,
+                       seed: int = 0, batch_size: int | None = None, device="auto",
+                       checkpoint=None) -> IndexQueries:
+    """Load the index in `folder` and its tower, load and embed the query spec, match labels by class name and
+    find each query's own entry in the index (by source) for leave-one-out."""
+    device = resolve_device(device)
+    index = load_index(folder)
+    if len(index) == 0:
+        raise RetrievalError(f"the index in {folder} is empty")
+    ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
+    ds = load_dataset(query_spec, root=_data_root(root), classes=classes, exclude=exclude, subset=subset, seed=seed)
+    emb = embed_images(ckpt.tower, ds.images, batch_size=batch_size or default_batch_size(device), device=device,
+                       progress=True, desc="embedding queries")
+    all_classes = list(index.classes)
+    missing = [c for c in ds.class_counts() if c not in all_classes]
+    all_classes += missing
+    to_index = np.array([all_classes.index(c) if c in all_classes else -1 for c in ds.classes], np.int64)
+    labels = to_index[ds.labels.numpy()]
+    by_source = {_source_key(s): i for s, i in zip(index.sources, index.ids.tolist())}
+    self_ids = np.array([by_source.get(_source_key(s), -1) for s in ds.sources], np.int64)
+    return IndexQueries(index, ds, emb, labels, all_classes, missing, self_ids)
+
+
+@dataclass
+class Evaluation:
+    metrics: RetrievalMetrics
+    queries: IndexQueries
+    payload: dict  # what `retrieval evaluate --json` prints and the report's metrics.json holds
+    context: dict  # how the report describes the index, tower and queries
+    report_files: list[Path] = field(default_factory=list)
+
+
+def evaluate(
+    index: str | os.PathLike,
+    queries: str,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    report: str | os.PathLike | None = None,
+    root=None,
+    classes=None,
+    exclude=None,
+    subset: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device="auto",
+    checkpoint=None,
+) -> Evaluation:
+    """Retrieval metrics of the images of `queries` against the index in `index` (see retrieval.metrics), and a
+    report folder in `report` (replaced atomically) when given.
+
+    Queries whose own image is in the index are evaluated leave-one-out; queries of classes the index lacks have
+    R = 0 and are left out of the averages (counted as lone). Exact (Flat) indexes are searched exactly over their
+    vectors, approximate ones with their own search, as their users get it."""
+    if report is not None:
+        from retrieval.reports import check_report_target
+
+        check_report_target(report)
+    iq = load_index_queries(index, queries, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
+                            batch_size=batch_size, device=device, checkpoint=checkpoint)
+    vectors = iq.index.flat_vectors()
+    metrics = retrieval_metrics(
+        iq.embeddings, iq.labels, vectors, iq.index.labels, search=None if vectors is not None else iq.index.search,
+        reference_ids=iq.index.ids, query_self_ids=iq.self_ids, ks=ks, classes=iq.classes, progress=True,
+    )
+    if iq.missing_classes:
+        logger.info(f"note: the index has no images of class(es) {', '.join(iq.missing_classes)}: "
+                    f"{metrics.n_lone:,} lone queries are left out of the averages")
+    meta = iq.index.meta
+    tower = meta.get("tower") or {}
+    context = {
+        "index": str(index),
+        "index_description": f"{meta['factory']}, metric {meta['metric']}, {len(iq.index):,} vectors, "
+                             f"{len(iq.index.classes)} classes",
+        "tower": f"{tower.get('name')} ({tower.get('fingerprint', '')[:12]}) {tower.get('checkpoint', '')}",
+        "queries": iq.describe(),
+    }
+    payload = {**metrics.to_json(), "index": str(index), "queries": queries, "filters": iq.dataset.filters,
+               "left_out_own_entries": int((iq.self_ids >= 0).sum())}
+    result = Evaluation(metrics, iq, payload, context)
+    if report is not None:
+        from retrieval.reports import write_report
+
+        result.report_files = write_report(report, metrics, iq, context, payload=payload, root=_data_root(root),
+                                           seed=seed)
+        logger.info(f"wrote {report}/ ({', '.join(p.name for p in result.report_files)})")
+    return result
+
+
+def calibrate(
+    index: str | os.PathLike,
+    queries: str,
+    *,
+    store: bool = True,
+    root=None,
+    classes=None,
+    exclude=None,
+    subset: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device="auto",
+    checkpoint=None,
+) -> tuple[Calibration, dict]:
+    """Embed `queries` with the index's tower, calibrate the "unknown" threshold on nearest neighbours (own entries
+    left out), and store it in the index metadata (unless store=False). Returns the calibration and the record."""
+    iq = load_index_queries(index, queries, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
+                            batch_size=batch_size, device=device, checkpoint=checkpoint)
+    dist, ids = nearest_neighbors(iq.embeddings, index_search(iq.index), 1, iq.self_ids)
+    correct = iq.index.labels_of(ids[:, 0]) == iq.labels
+    cal = calibrate_threshold(dist[:, 0], correct)
+    outside = iq.labels >= len(iq.index.classes)
+    record = {
+        **cal.to_json(),
+        "queries": queries,
+        "filters": iq.dataset.filters,
+        "classes_not_in_index": iq.missing_classes,
+        "rejected_not_in_index": int((dist[outside, 0] > cal.max_distance).sum()),
+        "queries_not_in_index": int(outside.sum()),
+        "left_out_own_entries": int((iq.self_ids >= 0).sum()),
+        "index_count": len(iq.index),
+        "created": _now(),
+    }
+    if store:
+        update_index_meta(os.fspath(index), calibration=record)
+        logger.info(f"stored in {Path(index) / META_NAME}")
+    else:
+        logger.info("not stored (dry run)")
+    return cal, record
+
+
+# -- towers on their own (pairs, few-shot) --------------------------------------------------------------------------
+@dataclass
+class PairEvaluation:
+    verification: Verification
+    checkpoint: Checkpoint
+    dataset: ImageDataset
+
+
+def evaluate_pairs(
+    checkpoint: str | os.PathLike,
+    data: str,
+    pairs_per_class: int = 500,
+    seed: int = 0,
+    *,
+    root=None,
+    classes=None,
+    exclude=None,
+    subset: int | None = None,
+    batch_size: int | None = None,
+    device="auto",
+) -> PairEvaluation:
+    """Balanced same/different pairs from `data` (seeded), embedded by the checkpoint's tower, verified by the pair
+    head (if the tower was trained with one) or by distance."""
+    device = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, device=device)
+    ds = load_dataset(data, root=_data_root(root), classes=classes, exclude=exclude, subset=subset, seed=seed)
+    pairs = balanced_pairs(ds.labels.numpy(), pairs_per_class, seed)
+    used, inverse = np.unique(np.r_[pairs.first, pairs.second], return_inverse=True)
+    emb = embed_images(ckpt.tower, ds.images[torch.from_numpy(used)],
+                       batch_size=batch_size or default_batch_size(device), device=device, progress=True)
+    a, b = emb[inverse[: len(pairs)]], emb[inverse[len(pairs):]]
+    result = verify_pairs(a, b, pairs.same, ckpt.head, pairs_per_class=pairs_per_class, seed=seed)
+    return PairEvaluation(result, ckpt, ds)
+
+
+@dataclass
+class FewShotRun:
+    results: list[FewShotResult]
+    embeddings_of: str  # "raw pixels" or the checkpoint path
+    dataset: ImageDataset
+
+
+def fewshot(
+    checkpoint: str | os.PathLike,
+    data: str,
+    *,
+    ways: int = 5,
+    shots: int | Sequence[int] = (1, 5),
+    queries: int = 15,
+    episodes: int = 1000,
+    method: str = "prototype",
+    k: int = 1,
+    seed: int = 0,
+    classes=None,
+    root=None,
+    batch_size: int = 1024,
+    device="auto",
+) -> FewShotRun:
+    """N-way K-shot episodes (see retrieval.fewshot) over the images of `data`, embedded once by the checkpoint's
+    tower, or by raw pixels when checkpoint is "pixels"."""
+    if batch_size < 1:
+        raise UsageError(f"`batch_size` must be a positive integer, got {batch_size}")
+    shot_counts = [shots] if isinstance(shots, int) else list(shots)
+    check_method(method, k, ways, shot_counts)  # before loading anything
+    ckpt = None
+    if str(checkpoint) != PIXELS:
+        device = resolve_device(device)
+        ckpt = load_checkpoint(checkpoint, device=device)
+    ds = load_dataset(data, root=_data_root(root), classes=classes)
+    # fail on impossible settings before spending time on embeddings
+    check_fewshot_settings(ds.labels.numpy(), ways, shot_counts, queries, episodes, method, k, ds.classes)
+    if ckpt is None:
+        embeddings, what = pixel_embeddings(ds.images), "raw pixels"
+    else:
+        embeddings = embed_images(ckpt.tower, ds.images, batch_size=batch_size, device=device, progress=True)
+        what = str(ckpt.path)
+    results = evaluate_fewshot(embeddings, ds.labels, ways, shot_counts, queries=queries, episodes=episodes,
+                               method=method, seed=seed, k=k, class_names=ds.classes)
+    return FewShotRun(results, what, ds)
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+def train(config, out_dir=None, **options) -> Path:
+    """Train a tower as `config` says into `out_dir` (see retrieval.trainer.train for the options)."""
+    from retrieval.trainer import train as run_training
+
+    return run_training(config, out_dir, **options)
+
+
+# -- the whole chain ------------------------------------------------------------------------------------------------
+FEWSHOT_CLASSES = ["0", "4", "5", "8"]
+QUICKSTART_QUERIES = [f"mnist:test[{i}]" for i in range(6)]
+# A tiny mode for tests and smoke checks: a small subset, one short epoch, few episodes.
+TINY = {"train_subset": 800, "val_size": 200, "epochs": 1, "query_subset": 300, "episodes": 100}
+
+
+@dataclass
+class QuickstartResult:
+    out: Path
+    run: Path
+    index: Path
+    report: Path
+    fewshot_run: Path | None
+    metrics: dict
+    fewshot: list = field(default_factory=list)
+    queries: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    def summary_lines(self) -> list[str]:
+        m = self.metrics
+        lines = ["", "quickstart summary", "------------------"]
+        rows = [(f"recall@{k}", m[f"recall@{k}"]) for k in (1, 2, 4, 8)]
+        rows += [("precision@1", m["precision@1"]), ("MAP@R", m["map@r"])]
+        lines.append(f"retrieval: mnist:test ({m['n_queries']:,} queries) vs index of mnist:train "
+                     f"({m['n_references']:,} references)")
+        lines += [f"  {name:<12} {value:.4f}" for name, value in rows]
+        if self.fewshot:
+            lines.append(f"few-shot: digits {','.join(FEWSHOT_CLASSES)} never seen in training, "
+                         f"{self.fewshot[0].ways}-way, {self.fewshot[0].episodes} episodes")
+            lines += [f"  {r.shots}-shot       {r.accuracy:.4f} +- {r.ci95:.4f}" for r in self.fewshot]
+        if self.queries:
+            lines.append("queries:")
+            for r in self.queries:
+                truth = f" (true {r.true_label})" if r.true_label is not None else ""
+                lines.append(f"  {r.query:<16} -> {r.label}{truth}, nearest distance {r.neighbors[0].distance:.3f}")
+        lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items()))
+        lines.append("wrote:")
+        lines.append(f"  run folder      {self.run}")
+        if self.fewshot_run:
+            lines.append(f"  few-shot run    {self.fewshot_run}")
+        lines.append(f"  index           {self.index}")
+        lines.append(f"  report          {self.report}  (summary.md, metrics.json, plots)")
+        return lines
+
+
+def _finished_run(run: Path, epochs: int) -> bool:
+    """A run folder whose `last` checkpoint is from the final epoch of an uninterrupted run."""
+    meta_path = run / "last.json"
+    if not (meta_path.is_file() and (run / "best.safetensors").is_file()):
+        return False
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+    except (ValueError, OSError):
+        return False
+    return meta.get("epoch") == epochs and not meta.get("interrupted")
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_config(name: str) -> Path:
+    """The path of a config shipped with the tool (configs/<name>.toml)."""
+    path = CONFIG_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise RetrievalError(f"shipped config {path} not found (quickstart runs from a source checkout)")
+    return path
+
+
+def _quickstart_train(config_name: str, run: Path, overrides: list[str], force: bool, device, root) -> Path:
+    from retrieval.config import load_config
+
+    path = shipped_config(config_name)
+    cfg = load_config(path, overrides)
+    if not force and _finished_run(run, cfg.train.epochs):
+        logger.info(f"[train] reusing the finished run in {run} (--force to retrain)")
+        return run
+    resume = not force and (run / "state.json").is_file()
+    logger.info(f"[train] {'resuming' if resume else 'training'} {config_name} -> {run}")
+    return train(path, run, device=device, resume=resume, overrides=overrides, data_root=root, overwrite=force)
+
+
+def _quickstart_index(run: Path, folder: Path, subset: int | None, force: bool, device, root) -> Path:
+    fingerprint = load_checkpoint(run).fingerprint
+    if not force and (folder / META_NAME).is_file():
+        try:
+            if read_index_meta(folder)["tower"]["fingerprint"] == fingerprint:
+                logger.info(f"[index] reusing {folder} (built by the same tower)")
+                return folder
+        except (RetrievalError, KeyError, TypeError):
+            pass
+    logger.info(f"[index] embedding mnist:train and building a Flat index -> {folder}")
+    build_index(run, ["mnist:train"], folder, subset=subset, device=device, root=root)
+    return folder
+
+
+def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, tiny: bool = False,
+               fewshot_step: bool = True, device="auto", root=None) -> QuickstartResult:
+    """Fetch MNIST, train mnist-default, index mnist:train, evaluate mnist:test with a report, train mnist-fewshot
+    and run its episodes, answer a few queries: every step into `out` (runs/, indexes/, reports/), each reusing
+    what an earlier run left there."""
+    from retrieval.data.fetch import fetch_dataset
+
+    out = Path(out)
+    root = _data_root(root)
+    device = str(resolve_device(device))
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[name] = now - t
+        t = now
+
+    logger.info(f"[data] MNIST in {root}")
+    fetch_dataset("mnist", root)
+    lap("fetch")
+
+    overrides = []
+    if tiny:
+        overrides = [f"data.subset={TINY['train_subset']}", f"data.val_size={TINY['val_size']}",
+                     f"train.epochs={TINY['epochs']}"]
+    run = _quickstart_train("mnist-default", out / "runs" / "mnist-default", overrides, force, device, root)
+    lap("train")
+
+    index = _quickstart_index(run, out / "indexes" / "mnist-default-train", TINY["train_subset"] if tiny else None,
+                              force, device, root)
+    lap("index")
+
+    logger.info("[evaluate] mnist:test against the index")
+    report = out / "reports" / "mnist-default-test"
+    evaluation = evaluate(index, "mnist:test", (1, 2, 4, 8, 16), report=report, root=root,
+                          subset=TINY["query_subset"] if tiny else None, device=device)
+    lap("evaluate")
+
+    fewshot_run, fewshot_results = None, []
+    if fewshot_step:
+        fewshot_run = _quickstart_train("mnist-fewshot", out / "runs" / "mnist-fewshot", overrides, force, device,
+                                        root)
+        logger.info(f"[fewshot] 4-way episodes on mnist:test digits {','.join(FEWSHOT_CLASSES)}")
+        fewshot_results = fewshot(fewshot_run, "mnist:test", classes=FEWSHOT_CLASSES, ways=4, shots=[1, 5],
+                                  queries=15, episodes=TINY["episodes"] if tiny else 1000, seed=0, root=root,
+                                  batch_size=256, device=device).results
+        lap("fewshot")
+    else:
+        logger.info("[fewshot] skipped; to run it: retrieval train --config configs/mnist-fewshot.toml && "
+                    "retrieval fewshot --checkpoint runs/mnist-fewshot --data mnist:test --classes 0,4,5,8 "
+                    "--ways 4 --shots 1,5")
+
+    logger.info(f"[query] {', '.join(QUICKSTART_QUERIES)}")
+    answers = query(index, QUICKSTART_QUERIES, k=5, device=device, root=root)
+    lap("query")
+
+    return QuickstartResult(out=out, run=run, index=index, report=report, fewshot_run=fewshot_run,
+                            metrics=evaluation.metrics.to_json(), fewshot=fewshot_results, queries=answers.results,
+                            seconds=seconds)
