@@ -21,20 +21,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 
-from retrieval.checkpoint import save_checkpoint
-from retrieval.fsutil import exclusive_lock
 from retrieval import workflows
+from retrieval.checkpoint import save_checkpoint
+from retrieval.errors import RetrievalError
+from retrieval.fsutil import exclusive_lock
 from retrieval.index import META_NAME, is_index_folder_content, load_index, save_index
 from retrieval.reports import REPORT_FILES, check_report_target, exchange_paths
 from retrieval.towers import build_tower
-from cli_helpers import run_cli
 
 RUN_TIMEOUT_S = 120  # one CLI run; they take a few seconds
 MUTATIONS = "rename,renameat,renameat2,unlink,unlinkat,rmdir"  # the syscalls that change what a folder names
@@ -42,7 +43,7 @@ STEP_DELAY_US = 50_000
 
 
 # -- running and killing the CLI --------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def slow_motion() -> tuple[str, ...] | None:
     """The strace command line that delays every rename/unlink of the program it runs, if strace works here."""
     exe = shutil.which("strace")
@@ -53,7 +54,8 @@ def slow_motion() -> tuple[str, ...] | None:
     probe = "import os, tempfile; os.rmdir(tempfile.mkdtemp())"
     start = time.perf_counter()
     try:
-        ok = subprocess.run([*cmd, sys.executable, "-c", probe], capture_output=True, timeout=60).returncode == 0
+        ok = subprocess.run([*cmd, sys.executable, "-c", probe], capture_output=True, timeout=60,
+                            check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return None
     return cmd if ok and time.perf_counter() - start >= STEP_DELAY_US / 1e6 else None
@@ -136,7 +138,7 @@ def base(tmp_path_factory, data_root):
     base = tmp_path_factory.mktemp("atomicity")
     for name, seed in (("run_a", 0), ("run_b", 1)):
         torch.manual_seed(seed)
-        save_checkpoint(base / name / "best", build_tower("default"), objective="none", data="mnist:test")
+        save_checkpoint(base / name / "best", build_tower("default"))
     workflows.build_index(base / "run_a", ["mnist:test"], base / "index", subset=200, root=data_root)
     return base
 
@@ -152,9 +154,9 @@ def _snapshot(folder: Path, queries: np.ndarray) -> tuple:
 
 def _leftovers(folder: Path) -> list[str]:
     """Files of the folder that its meta.json does not name (all of them must be the index's own files)."""
-    meta = json.loads((folder / META_NAME).read_text())
-    named = {META_NAME, ".lock", meta["files"]["faiss"], meta["files"]["items"]}
-    extra = sorted(p.name for p in folder.iterdir() if p.name not in named)
+    meta = (folder / META_NAME).read_text()
+    extra = sorted(p.name for p in folder.iterdir()
+                   if p.name not in (META_NAME, ".lock") and json.dumps(p.name) not in meta)
     assert all(is_index_folder_content(name) for name in extra), extra
     return extra
 
@@ -168,8 +170,8 @@ def _inode(path: Path) -> int | None:
 
 class IndexWatch:
     """Polls an index folder. `started`: a file the save writes (a temp file) appeared. `steps`: how many times
-    what the folder names changed since (a data file renamed into place, meta.json replaced, an old file
-    deleted): each is one rename or unlink of the save."""
+    what the folder names changed since (a file renamed into place, meta.json replaced, an old file deleted):
+    each is one rename or unlink of the save. `commit`: the step that replaced meta.json."""
 
     pause = 0.0002
 
@@ -179,6 +181,7 @@ class IndexWatch:
         self.state = self._state()
         self.started = False
         self.steps = 0
+        self.commit = None
         self.last = None  # when the folder last changed
 
     def _state(self):
@@ -190,13 +193,16 @@ class IndexWatch:
             self.started, self.last = True, time.perf_counter()
         state = self._state()
         if state != self.state:
+            if state[1] != self.state[1] and self.commit is None:
+                self.commit = self.steps + 1
             self.state, self.steps, self.last = state, self.steps + 1, time.perf_counter()
 
 
 def _kill_loop(base: Path, tmp_path: Path, data_root, args: Callable[[Path], list], *, anywhere: int,
-               steps: int | None, seed: int) -> list:
-    """Run `args(folder)` over a copy of the old index: `anywhere` kills at random moments, then kills right
-    after each step of the save (all of them, or `steps` of them drawn at random); old-or-new after each."""
+               steps: int, seed: int, last_run: bool) -> list:
+    """Run `args(folder)` over a copy of the old index: `anywhere` kills at random moments, and `steps` kills
+    right after steps of the save (when it begins and around its commit, the others drawn at random), then one
+    after its first step; old-or-new after each. With `last_run`, a whole run then follows the last kill."""
     folder = tmp_path / "index"
     shutil.copytree(base / "index", folder)
     old_index = load_index(folder)
@@ -208,13 +214,15 @@ def _kill_loop(base: Path, tmp_path: Path, data_root, args: Callable[[Path], lis
     drive(child, clean)
     new = _snapshot(folder, queries)
     assert new != old and _leftovers(folder) == []
-    assert clean.started and clean.steps >= 3, f"saw too little of the save: {clean.steps} steps"
+    assert clean.started and clean.commit and clean.steps >= 3, f"saw too little of the save: {clean.steps} steps"
     saved = clean.last - child.start  # when the save ended (the process then tears down for a while)
 
     rng = random.Random(seed)
-    points = [k for k in range(clean.steps + 1) if k != 1]  # 0: the save began (a temp file), k: after step k
-    plan = [("anywhere", rng.uniform(0, saved)) for _ in range(anywhere)]
-    plan += [("step", k) for k in (points if steps is None else rng.sample(points, min(steps, len(points))))]
+    # 0: the save began (a temp file); k: after its k-th step (after the last one, the new index is complete)
+    must = sorted({0, clean.commit - 1, clean.commit} - {1})  # just before and just after the commit
+    others = [k for k in range(clean.steps) if k not in must and k != 1]
+    points = must + rng.sample(others, max(0, min(steps - len(must), len(others))))
+    plan = [("anywhere", rng.uniform(0, saved)) for _ in range(anywhere)] + [("step", k) for k in points]
     rng.shuffle(plan)
     plan.append(("step", 1))  # last: a kill that leaves the old index and the new data files (see the end)
     outcomes = []
@@ -228,12 +236,12 @@ def _kill_loop(base: Path, tmp_path: Path, data_root, args: Callable[[Path], lis
             code = drive(child, watch, at=value)
             where = f"at {value:.3f}s (the save ends at {saved:.3f}s)"
         else:
-            code = drive(child, watch, when=lambda: watch.started and watch.steps >= value)
-            where = f"after step {value} of {clean.steps} of the save"
+            code = drive(child, watch, when=lambda w=watch, k=value: w.started and w.steps >= k)
+            where = f"after step {value} of {clean.steps} of the save (step {clean.commit} commits)"
         assert code in (-signal.SIGKILL, 0), (code, where)
         try:
             snap = _snapshot(folder, queries)
-        except Exception as e:
+        except (RetrievalError, OSError, ValueError, KeyError) as e:
             pytest.fail(f"killed {where}: the folder holds no whole index: {e}\nso far: {outcomes}")
         assert snap in (old, new), f"killed {where}: the folder holds neither the old nor the new index"
         outcomes.append((kind, "killed" if code else "finished", "old" if snap == old else "new",
@@ -244,24 +252,28 @@ def _kill_loop(base: Path, tmp_path: Path, data_root, args: Callable[[Path], lis
     assert len(in_save) >= 2, f"too few kills landed inside the save: {outcomes}"
     if slow_motion():
         assert all(o[1] == "killed" for o in outcomes if o[0] == "step"), outcomes
-        if steps is None:  # killed before the commit, and after it (the old data files not yet deleted)
-            assert {("old", True), ("new", True)} <= {(o[2], o[3] > 0) for o in outcomes}, outcomes
-    # the next CLI run over what the last kill left (the new data files) saves the new index, cleanly
-    assert outcomes[-1][1:3] == ("killed", "old") and outcomes[-1][3] > 0 or not slow_motion(), outcomes[-1]
-    drive(Child(args(folder), data_root, log=tmp_path / "last.log"))
-    assert _snapshot(folder, queries) == new and _leftovers(folder) == []
+        # killed before the commit, and after it (the old data files not yet deleted)
+        assert {("old", True), ("new", True)} <= {(o[2], o[3] > 0) for o in outcomes}, outcomes
+    if last_run:  # the next CLI run over what the last kill left (the new data files) saves the new index, cleanly
+        assert outcomes[-1][1:3] == ("killed", "old") and outcomes[-1][3] > 0 or not slow_motion(), outcomes[-1]
+        drive(Child(args(folder), data_root, log=tmp_path / "last.log"))
+        assert _snapshot(folder, queries) == new and _leftovers(folder) == []
     return outcomes
 
 
 def test_index_build_killed_at_any_moment_leaves_the_old_or_the_new_index(tmp_path, base, data_root):
-    args = lambda folder: ["index", "build", "--checkpoint", base / "run_b", "--data", "mnist:test",  # noqa: E731
-                           "--subset", 120, "--seed", 9, "--out", folder]
-    _kill_loop(base, tmp_path, data_root, args, anywhere=3, steps=None, seed=1)
+    def args(folder):
+        return ["index", "build", "--checkpoint", base / "run_b", "--data", "mnist:test", "--subset", 120,
+                "--seed", 9, "--out", folder]
+
+    _kill_loop(base, tmp_path, data_root, args, anywhere=2, steps=4, seed=1, last_run=True)
 
 
 def test_index_add_killed_at_any_moment_leaves_the_old_or_the_new_index(tmp_path, base, data_root):
-    args = lambda folder: ["index", "add", "--index", folder, "--data", "mnist:train", "--subset", 100]  # noqa: E731
-    _kill_loop(base, tmp_path, data_root, args, anywhere=2, steps=3, seed=2)
+    def args(folder):
+        return ["index", "add", "--index", folder, "--data", "mnist:train", "--subset", 100]
+
+    _kill_loop(base, tmp_path, data_root, args, anywhere=1, steps=3, seed=2, last_run=False)
 
 
 def test_a_second_writer_fails_at_once_and_leaves_the_index_alone(tmp_path, base, data_root):
@@ -269,11 +281,10 @@ def test_a_second_writer_fails_at_once_and_leaves_the_index_alone(tmp_path, base
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     build = ["index", "build", "--checkpoint", base / "run_b", "--data", "mnist:test", "--out", folder, "--subset"]
     with exclusive_lock(folder):  # another writer holds the folder (a real flock, as `index build` takes it)
-        for args in ([*build, 50], ["index", "add", "--index", folder, "--data", "mnist:train", "--subset", 50]):
-            proc = subprocess.run([sys.executable, "-m", "retrieval", *map(str, args)], env=_env(data_root),
-                                  capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-            assert proc.returncode == 1 and "is being written by another process" in proc.stderr, proc.stderr
-            assert "Traceback" not in proc.stderr
+        proc = subprocess.run([sys.executable, "-m", "retrieval", *map(str, [*build, 50])], env=_env(data_root),
+                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    assert proc.returncode == 1 and "is being written by another process" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     # two builds started together: each one wins whole or fails clearly; the folder holds a winner
     procs = [subprocess.Popen([sys.executable, "-m", "retrieval", *map(str, [*build, n])], env=_env(data_root),
@@ -358,7 +369,8 @@ def test_report_killed_at_any_moment_leaves_a_whole_report(tmp_path, base, data_
 
     rng = random.Random(3)
     plan = [("anywhere", rng.uniform(0, done))]  # start-up, embedding, searching, plotting, swapping
-    plan += [("step", k) for k in range(clean.steps + 1)]  # 0: every file written, k: after the k-th swap step
+    # 0: every file written; k: after the k-th step of the swap (after the last one, the clean-up is over)
+    plan += [("step", k) for k in range(clean.steps)]
     outcomes = []
     for kind, value in plan:
         shutil.rmtree(out)
@@ -372,7 +384,7 @@ def test_report_killed_at_any_moment_leaves_a_whole_report(tmp_path, base, data_
             code = drive(child, watch, at=value)
             where = f"at {value:.3f}s (the report is in place at {done:.3f}s)"
         else:
-            code = drive(child, watch, when=lambda: watch.ready and watch.steps >= value)
+            code = drive(child, watch, when=lambda w=watch, k=value: w.ready and w.steps >= k)
             where = f"after step {value} of {clean.steps} of the swap"
         assert code in (-signal.SIGKILL, 0), (code, where)
         assert not watch.gaps, f"{where}: the report folder was missing or incomplete while the run replaced it"
