@@ -52,10 +52,10 @@ def prepare_index(args) -> tuple[Path, str]:
     if checkpoint is None:
         checkpoint = REPO / "runs" / "serve-bench"
         if not (checkpoint / "best.safetensors").is_file():
-            print(f"training configs/mnist-default.toml for {args.train_epochs} epoch(s) -> {checkpoint}", flush=True)
-            run_cli("train", "--config", REPO / "configs" / "mnist-default.toml", "--out", checkpoint,
+            print(f"training the shipped config mnist-default for {args.train_epochs} epoch(s) -> {checkpoint}", flush=True)
+            run_cli("train", "--config", "mnist-default", "--out", checkpoint,
                     "--epochs", args.train_epochs, "--device", "cpu", "--no-progress")
-        how = (f"a {args.train_epochs}-epoch training of configs/mnist-default.toml (`retrieval train --epochs "
+        how = (f"a {args.train_epochs}-epoch training of the shipped mnist-default config (`retrieval train --epochs "
                f"{args.train_epochs}`; the shipped config trains 12)")
     out = REPO / "indexes" / "serve-bench"
     print(f"building the 60k index -> {out}", flush=True)
@@ -121,6 +121,12 @@ async def load(host: str, port: int, requests: list[bytes], clients: int, total:
             "p50_ms": statistics.median(latencies) * 1000, "p99_ms": q[98] * 1000}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -158,6 +164,7 @@ def main() -> None:
 
     index, how = prepare_index(args)
     requests = query_bodies(1000)
+    load_before = os.getloadavg()[0]
     cold_s, cold_rss = cli_cold_start(index, args.cold_repeats)
     print(f"CLI cold start: {cold_s:.2f} s, peak RSS {cold_rss:.0f} MiB", flush=True)
 
@@ -179,10 +186,13 @@ def main() -> None:
         startup_s = time.perf_counter() - t_start
         asyncio.run(load(host, port, requests, 8, 400))  # warm-up
         for clients in [int(c) for c in args.clients.split(",")]:
+            cpu0 = cpu_seconds(server.pid)
             row = asyncio.run(load(host, port, requests, clients, args.requests))
+            row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, row["answered"]) * 1000
             rows.append(row)
             print(f"{clients:3d} clients: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
-                  f"{row['qps']:,.0f} q/s, {row['errors']} errors {row['first_errors']}", flush=True)
+                  f"{row['qps']:,.0f} q/s, {row['errors']} errors {row['first_errors']}, "
+                  f"server CPU {row['cpu_ms']:.2f} ms/query", flush=True)
         # the long run: 32 clients, RSS sampled every 0.5 s
         stop = threading.Event()
 
@@ -194,7 +204,9 @@ def main() -> None:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
+        cpu0 = cpu_seconds(server.pid)
         long_row = asyncio.run(load(host, port, requests, 32, args.long))
+        long_row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, long_row["answered"]) * 1000
         stop.set()
         sampler.join()
         samples.append((samples[-1][0] + 0.01, rss_mib(server.pid)))
@@ -206,6 +218,7 @@ def main() -> None:
     print(f"long run: {long_row['answered']:,} answered, {long_row['errors']} errors, {long_row['qps']:,.0f} q/s, "
           f"RSS {samples[0][1]:.0f} -> {max(s for _, s in samples):.0f} (max) -> {samples[-1][1]:.0f} MiB", flush=True)
 
+    load_after = os.getloadavg()[0]
     first_q = [s for t, s in samples if t <= samples[-1][0] / 4]
     last_q = [s for t, s in samples if t >= samples[-1][0] * 3 / 4]
     batching = health.get("batching", {})
@@ -216,16 +229,15 @@ def main() -> None:
         "Each client holds one keep-alive connection and sends one query at a time: one mnist:test image as a PNG "
         "multipart upload to POST /query, k=5 (1,000 distinct images in rotation); latency from the first byte "
         "sent to the last byte received. The load generator (asyncio, no HTTP library) runs on the same 2 cores "
-        "as the server.",
+        "as the server. Other jobs shared the machine: load average "
+        f"{load_before:.1f} before the run, {load_after:.1f} after it (2 cores).",
         "",
-        "| clients | requests | p50 ms | p99 ms | queries/s | errors |",
-        "|---|---|---|---|---|---|",
+        "| clients | requests | p50 ms | p99 ms | queries/s | errors | server CPU ms/query |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in [*rows, {**long_row, "clients": "32 (long run)"}]:
         lines.append(f"| {r['clients']} | {r['requests']:,} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['qps']:,.0f} | {r['errors']} |")
-    lines.append(f"| 32 (long run) | {long_row['requests']:,} | {long_row['p50_ms']:.2f} | {long_row['p99_ms']:.2f} | "
-                 f"{long_row['qps']:,.0f} | {long_row['errors']} |")
+                     f"{r['qps']:,.0f} | {r['errors']} | {r['cpu_ms']:.2f} |")
     lines += [
         "",
         f"CLI cold start for one query (`retrieval query --index DIR --json mnist:test[0]`, a new process): "

@@ -1,21 +1,32 @@
 """Device-side batch augmentation and class expansion, each random draw from the step's seeded generator.
 
 BatchTransform: (x, generator) -> x, a float (N, 1, H, W) batch on its device, the same shape back (BatchAugment's
-affine, ElasticAugment's warp). ClassExpansion: (x, y, generator) -> (x, y), images and labels of new classes made
+affine, ElasticAugment's warp); given `rows` (one process's share of a distributed batch) it transforms those rows
+exactly as it would inside the whole batch. ClassExpansion: (x, y, generator) -> (x, y), images and labels of new classes made
 from the sampled ones (CompositeClasses, DihedralClasses); they act on the sampler's class slots of `group`
 consecutive images.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torchvision.transforms.v2.functional as TF
 
 
+class Rows(NamedTuple):
+    """Rows [start, stop) of a batch of `total` images: one process's share of a batch in a distributed run. A
+    transform given them draws its random numbers for the whole batch (the same draws as one process makes) and
+    applies those of these rows, so the shares of all processes together are the single-process result."""
+
+    start: int
+    stop: int
+    total: int
+
+
 class BatchTransform(Protocol):
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, rows: Rows | None = None) -> torch.Tensor: ...
 
 
 class ClassExpansion(Protocol):
@@ -36,17 +47,20 @@ class BatchAugment:
     def enabled(self) -> bool:
         return bool(self.degrees or self.translate or self.shear or self.scale != (1.0, 1.0))
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, rows: Rows | None = None) -> torch.Tensor:
         if not self.enabled:
             return x
-        chunks = x.split(self.group)
-        u = torch.rand(len(chunks), 5, generator=generator, dtype=torch.float64).mul_(2).sub_(1).tolist()
+        start, stop, total = rows if rows is not None else (0, len(x), len(x))
+        g = self.group
+        u = torch.rand(-(-total // g), 5, generator=generator, dtype=torch.float64).mul_(2).sub_(1).tolist()
         h, w = x.shape[-2:]
         lo, hi = self.scale
         out = []
-        for chunk, (a, tx, ty, s, sh) in zip(chunks, u):
+        for c in range(start // g, -(-stop // g)):  # the groups these rows touch, cut to these rows
+            a, tx, ty, s, sh = u[c]
             out.append(TF.affine(
-                chunk, angle=a * self.degrees, translate=[tx * self.translate * w, ty * self.translate * h],
+                x[max(c * g, start) - start:min((c + 1) * g, stop) - start],
+                angle=a * self.degrees, translate=[tx * self.translate * w, ty * self.translate * h],
                 scale=lo + (s + 1) / 2 * (hi - lo), shear=[sh * self.shear, 0.0],
                 interpolation=TF.InterpolationMode.BILINEAR,  # uncovered pixels are 0 (background)
             ))
@@ -66,11 +80,12 @@ class ElasticAugment:
     def __init__(self, pixels: float = 0.0):
         self.pixels = float(pixels)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, rows: Rows | None = None) -> torch.Tensor:
         if not self.pixels:
             return x
         n, _, h, w = x.shape
-        coarse = torch.rand(n, 2, 4, 4, generator=generator).mul_(2).sub_(1).to(x.device)
+        start, stop, total = rows if rows is not None else (0, n, n)
+        coarse = torch.rand(total, 2, 4, 4, generator=generator)[start:stop].mul_(2).sub_(1).to(x.device)
         field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
         field = field.clamp_(-1, 1).permute(0, 2, 3, 1) * torch.tensor([2 * self.pixels / w, 2 * self.pixels / h],
                                                                            device=x.device)

@@ -5,9 +5,14 @@ An index folder holds three artifacts named by `meta.json`:
     meta.json               factory, metric, dimension, count, classes, tower, data, files, checksums, ...
     index-<token>.faiss     the Faiss index (always an IndexIDMap2, so ids survive appends)
     items-<token>.json      per id: label (index into meta["classes"]) and source ("mnist:train[12]", a path, ...)
+    tower-<fp>.safetensors  a copy of the tower that embedded the vectors (<fp>: the start of its fingerprint),
+    tower-<fp>.json         with its checkpoint sidecar and its model card (meta["tower"]["files"] names them),
+    tower-<fp>.md           so a copied folder (cp -r, rsync, tar) answers queries anywhere
 
-Saving writes the two data files under fresh names, then atomically replaces meta.json (the commit point), then
-deletes the files the old meta.json named. A crash at any moment leaves either the old or the new index whole.
+Saving writes the tower files (unless the folder already holds them, byte for byte) and the two data files under
+fresh names, then atomically replaces meta.json (the commit point), then deletes the files the old meta.json named.
+A crash at any moment leaves either the old or the new index whole. Indexes written before the tower was copied
+name it by absolute path only (meta["tower"]["checkpoint"]); they still load, with a hint to rebuild.
 Writers hold `retrieval.fsutil.exclusive_lock(folder)`, so two builds into one folder never interleave.
 """
 
@@ -19,6 +24,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +36,7 @@ import retrieval
 from retrieval.checkpoint import load_checkpoint
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.fsutil import atomic_path, atomic_write_json, exclusive_lock, read_json
+from retrieval.items import SourceTable, read_items, write_items
 from retrieval.knn import PositionLookup
 
 FORMAT = "retrieval-index/1"
@@ -41,7 +48,13 @@ POINTS_PER_CENTROID = 39
 STRUCTURAL_KEYS = ("format", "files", "factory", "metric", "dimension", "count", "next_id", "classes")
 
 _IDMAP_PREFIX = re.compile(r"^\s*IDMap2?\s*,\s*", re.IGNORECASE)
-_OWN_FILE = re.compile(r"^(index-[0-9a-f]+\.faiss|items-[0-9a-f]+\.json|\.(index-[0-9a-f]+\.faiss|items-[0-9a-f]+\.json|meta\.json)\..*\.tmp)$")
+# Data files: the Faiss index, the items (.npz; .json in folders written before), the on-disk inverted lists.
+_DATA_FILE = r"(index-[0-9a-f]+\.faiss|items-[0-9a-f]+\.(json|npz)|lists-[0-9a-f]+\.ivfdata)"
+_OWN_FILE = re.compile(rf"^({_DATA_FILE}|\.({_DATA_FILE}|meta\.json)\..*\.tmp)$")
+# The copied tower: weights, checkpoint sidecar and model card (and their temp names while being written).
+_TOWER_FILE = re.compile(r"^tower-[0-9a-f]+\.(safetensors|json|md)$")
+_TOWER_TEMP = re.compile(r"^\.tower-[0-9a-f]+\.(safetensors|json|md)\..*\.tmp$")
+TOWER_KINDS = {"weights": ".safetensors", "sidecar": ".json", "card": ".md"}
 
 
 logger = logging.getLogger(__name__)
@@ -97,8 +110,35 @@ def _trainable_parts(index: faiss.Index):
     return parts
 
 
-def _train(index: faiss.Index, factory: str, x: np.ndarray, seed: int) -> None:
-    n = len(x)
+# The default training sample: this many vectors per centroid of the largest k-means the index runs (Faiss's k-means
+# wants 39 to 256), or DEFAULT_TRAIN_SIZE for indexes trained otherwise (scalar quantizers, PCA, ...).
+TRAIN_POINTS_PER_CENTROID = 64
+DEFAULT_TRAIN_SIZE = 65_536
+
+
+def needs_training(index: faiss.Index) -> bool:
+    return not index.is_trained
+
+
+def default_train_size(index: faiss.Index) -> int:
+    """How many vectors a trained index is trained on unless told (see TRAIN_POINTS_PER_CENTROID)."""
+    sizes = [TRAIN_POINTS_PER_CENTROID * k for _, k, _ in _trainable_parts(index)]
+    return max(sizes, default=DEFAULT_TRAIN_SIZE)
+
+
+def training_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """The positions (ascending) of a seeded sample of `size` of n vectors: all of them when size >= n."""
+    if size <= 0:
+        raise UsageError(f"`train_size` must be a positive number of vectors, got {size}")
+    if size >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False)).astype(np.int64)
+
+
+def check_training_size(index: faiss.Index, factory: str, n: int, available: int | None = None) -> None:
+    """Refuse n training vectors when a k-means of the index needs more (one per centroid); warn, once, when it
+    has fewer than Faiss wants (POINTS_PER_CENTROID per centroid). `available`: how many vectors there are to
+    train on (the hint then says whether `train_size` can be raised)."""
     for what, k, cp in _trainable_parts(index):
         if n < k:
             suggestion = f"IVF{max(1, n // POINTS_PER_CENTROID)}" if what == "inverted lists" else "fewer bits (e.g. PQ16x4)"
@@ -107,10 +147,21 @@ def _train(index: faiss.Index, factory: str, x: np.ndarray, seed: int) -> None:
                 f"use a smaller index ({suggestion}) or Flat"
             )
         if n < POINTS_PER_CENTROID * k:
+            more = (f"; raise `train_size` (up to the {available:,} vectors indexed)" if available is not None
+                    and available > n else "")
             logger.warning(
                 f"factory {factory!r}: {n:,} training vectors for {k:,} centroids ({what}); Faiss wants "
                 f"about {POINTS_PER_CENTROID} per centroid ({POINTS_PER_CENTROID * k:,}), so clustering will be poor"
+                f"{more}"
             )
+            break  # one warning
+
+
+def _train(index: faiss.Index, factory: str, x: np.ndarray, seed: int, *, checked: bool = False) -> None:
+    """Train `index` on `x` with seeded k-means (check_training_size first, unless the caller did)."""
+    if not checked:
+        check_training_size(index, factory, len(x))
+    for what, k, cp in _trainable_parts(index):
         cp.seed = int(seed)
         cp.min_points_per_centroid = 1  # we warned above, once, instead of Faiss once per sub-quantizer
     for part in _unwrapped(index):
@@ -144,13 +195,188 @@ def default_search_params(index: faiss.Index) -> str:
 
 
 def apply_search_params(index: faiss.Index, params: str) -> None:
+    """Set Faiss ParameterSpace settings ("nprobe=16,k_factor_rf=4") on the index itself (its default for every
+    search). `k_factor` is taken as `k_factor_rf` on a refined index (the field of IndexRefine is k_factor)."""
     if not params:
         return
+    params = _refine_alias(index, params)
     try:
         faiss.ParameterSpace().set_index_parameters(index, params)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1]
         raise UsageError(f"search parameters {params!r} do not apply to this index ({msg})") from None
+
+
+def _refine_alias(index: faiss.Index, params: str) -> str:
+    chain = _unwrapped(index)
+    if any(isinstance(p, faiss.IndexRefine) for p in chain) and not any(isinstance(p, faiss.IndexIVFPQR) for p in chain):
+        return re.sub(r"(^|,)\s*k_factor\s*=", r"\1k_factor_rf=", params)
+    return params
+
+
+# Per-query search parameters: Faiss SearchParameters objects, passed to one search, never stored in the index (so
+# concurrent searches with different settings do not interfere). The names are ParameterSpace's.
+SEARCH_PARAM_NAMES = ("nprobe", "max_codes", "efSearch", "quantizer_efSearch", "k_factor_rf", "k_factor")
+
+
+def parse_search_params(params: str) -> dict[str, float]:
+    """"nprobe=16,efSearch=64" -> {"nprobe": 16, "efSearch": 64}; a clear error for anything else."""
+    values: dict[str, float] = {}
+    for part in (params or "").split(","):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not eq or not name or not np.isfinite(number) or number < 0:
+            raise UsageError(f"search parameters {params!r}: expected name=value pairs separated by commas, e.g. "
+                             "nprobe=32 or efSearch=128,k_factor_rf=4")
+        values[name] = int(number) if number == int(number) else number
+    return values
+
+
+def search_parameters(index: faiss.Index, params: str) -> tuple[faiss.SearchParameters | None, list]:
+    """Faiss SearchParameters for one search of `index` with `params` (ParameterSpace names: nprobe, max_codes,
+    efSearch, quantizer_efSearch, k_factor_rf (or k_factor) for a refined index); settings not named keep the
+    index's own. Returns (parameters, the objects they point to, to keep alive while searching)."""
+    values = parse_search_params(params)
+    if not values:
+        return None, []
+    if "k_factor" in values and "k_factor_rf" not in values:
+        values["k_factor_rf"] = values["k_factor"]
+    used: set[str] = {"k_factor"} if "k_factor" in values else set()
+    keep: list = []
+
+    def build(ix):
+        ix = faiss.downcast_index(ix)
+        if isinstance(ix, faiss.IndexIDMap):
+            return build(ix.index)
+        if isinstance(ix, faiss.IndexPreTransform):
+            inner = build(ix.index)
+            if inner is None:
+                return None
+            p = faiss.SearchParametersPreTransform()
+            p.index_params = inner
+            keep.append(p)
+            return p
+        if isinstance(ix, faiss.IndexRefine):
+            p = faiss.IndexRefineSearchParameters()
+            p.k_factor = float(values.get("k_factor_rf", ix.k_factor))
+            used.add("k_factor_rf")
+            base = build(ix.base_index)
+            if base is not None:
+                p.base_index_params = base
+            keep.append(p)
+            return p
+        if isinstance(ix, faiss.IndexIVF):
+            p = faiss.SearchParametersIVF()
+            p.nprobe = int(values.get("nprobe", ix.nprobe))
+            p.max_codes = int(values.get("max_codes", ix.max_codes))
+            used.update(("nprobe", "max_codes"))
+            quantizer = faiss.downcast_index(ix.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                q = faiss.SearchParametersHNSW()
+                q.efSearch = int(values.get("quantizer_efSearch", quantizer.hnsw.efSearch))
+                used.add("quantizer_efSearch")
+                keep.append(q)
+                p.quantizer_params = q
+            keep.append(p)
+            return p
+        if isinstance(ix, faiss.IndexHNSW):
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = int(values.get("efSearch", ix.hnsw.efSearch))
+            used.add("efSearch")
+            keep.append(p)
+            return p
+        return None
+
+    top = build(index)
+    unused = [name for name in values if name not in used]
+    if unused:
+        known = [n for n in SEARCH_PARAM_NAMES if n in used] or ["none"]
+        raise UsageError(f"search parameters {params!r} do not apply to this index ({', '.join(unused)}: this "
+                         f"index takes {', '.join(known)})")
+    return top, keep  # `keep`: every object built, each level pointed to by the one above it
+
+
+# -- on-disk inverted lists -------------------------------------------------------------------------------------
+def index_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF level of an index (under id maps, pre-transforms and a refine stage), if any."""
+    inner = _unwrapped(index)[-1]
+    return inner if isinstance(inner, faiss.IndexIVF) else None
+
+
+def lists_on_disk(index: faiss.Index) -> bool:
+    ivf = index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+def check_on_disk(index: faiss.Index, factory: str) -> None:
+    """Refuse on-disk inverted lists for an index that cannot have them (not IVF, or fast-scan's packed lists)."""
+    ivf = index_ivf(index)
+    if ivf is None:
+        raise UsageError(f"`on_disk` needs an IVF index (e.g. IVF1024,Flat or IVF4096,PQ16), not {factory!r}")
+    if not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
+        raise UsageError(f"`on_disk`: {factory!r} keeps its inverted lists in a packed layout (fast-scan) that "
+                         "Faiss cannot keep on disk; use e.g. IVF4096,PQ16 or IVF1024,Flat")
+
+
+@contextlib.contextmanager
+def faiss_quiet():
+    """Faiss's on-disk inverted lists print progress lines on stdout from C++ ("resizing ..."), where the CLI
+    prints its results: point file descriptor 1 at /dev/null meanwhile (flushing C's buffer before restoring)."""
+    import ctypes
+
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def lists_to_memory(index: faiss.Index) -> None:
+    """Replace memory-mapped on-disk inverted lists by a copy in memory (before adding: the file that a committed
+    index names is never written to)."""
+    ivf = index_ivf(index)
+    if ivf is None or not lists_on_disk(index):
+        return
+    disk = faiss.downcast_InvertedLists(ivf.invlists)
+    memory = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    for i in range(ivf.nlist):
+        n = disk.list_size(i)
+        if n:
+            memory.add_entries(i, n, disk.get_ids(i), disk.get_codes(i))
+    ivf.replace_invlists(memory, True)
+    memory.this.disown()
+
+
+def write_lists(index: faiss.Index, path: Path, sources: Sequence | None = None) -> int:
+    """Write the index's inverted lists (or those of `sources`, InvertedLists of the same shape, concatenated per
+    list in order) as an on-disk lists file at `path`, written under a temp name and renamed, and make the index
+    use it. Returns its size in bytes."""
+    ivf = index_ivf(index)
+    sources = [ivf.invlists] if sources is None else list(sources)
+    with atomic_path(path) as tmp:
+        vector = faiss.InvertedListsPtrVector()
+        for lists in sources:
+            vector.push_back(lists)
+        with faiss_quiet():
+            disk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(tmp))
+            total = disk.merge_from_multiple(vector.data(), vector.size(), False)
+        ivf.replace_invlists(disk, True)
+        disk.this.disown()
+        ivf.ntotal = total
+    disk.filename = str(path)  # what the .faiss file records; read back relative to the index folder
+    return path.stat().st_size
 
 
 class EmbeddingIndex:
@@ -160,13 +386,15 @@ class EmbeddingIndex:
     slots past the end of the index hold id -1 and distance inf.
     """
 
-    def __init__(self, index: faiss.Index, meta: dict, ids: np.ndarray, labels: np.ndarray, sources: list[str]):
+    def __init__(self, index: faiss.Index, meta: dict, ids: np.ndarray, labels: np.ndarray,
+                 sources: Sequence[str] | SourceTable):
         self.index = index
         self.meta = meta
         self.ids = np.asarray(ids, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.sources = list(sources)
+        self.sources = sources if isinstance(sources, SourceTable) else SourceTable.from_strings(sources)
         self.folder: Path | None = None  # where it was loaded from or last saved to
+        self.lists_file: Path | None = None  # the on-disk inverted lists file the index maps, as it is there
         self._pos = None  # PositionLookup of self.ids, built on first use
 
     # -- description -------------------------------------------------------------------------------------------
@@ -205,8 +433,11 @@ class EmbeddingIndex:
         return [self.sources[p] if p >= 0 else None for p in pos.ravel().tolist()]
 
     # -- search --------------------------------------------------------------------------------------------------
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries float32 (n, d) -> (distances float32 (n, k) ascending, ids int64 (n, k))."""
+    def search(self, queries, k: int, params: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 (n, d) -> (distances float32 (n, k) ascending, ids int64 (n, k)).
+
+        `params`: search parameters for this search only (e.g. "nprobe=64"; see search_parameters), instead of
+        the index's own (meta["search_params"])."""
         k = int(k)
         if k <= 0:
             raise UsageError(f"k must be a positive number of neighbours, got {k}")
@@ -216,15 +447,16 @@ class EmbeddingIndex:
                 f"query embeddings have dimension {q.shape[1]} but the index holds {self.dimension}-d vectors "
                 "(a different tower?)"
             )
+        sp, _keep = search_parameters(self.index, params) if params else (None, [])
         if len(q) == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         if len(q) < faiss.omp_get_max_threads():
             # Faiss parallelises over queries: a lone query gains nothing from a thread team, and on a busy
             # machine waking one costs more than the search (measured in benchmarks/index.py).
             with _omp_threads(1):
-                scores, ids = self.index.search(q, k)
+                scores, ids = self.index.search(q, k, params=sp)
         else:
-            scores, ids = self.index.search(q, k)
+            scores, ids = self.index.search(q, k, params=sp)
         scores = np.where(ids >= 0, scores, 0.0)  # Faiss pads with -1 ids and +-FLT_MAX scores
         if self.metric == "ip":
             dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * scores))
@@ -266,6 +498,9 @@ class EmbeddingIndex:
         new_labels = mapping[labels] if len(labels) else labels
         start = int(self.meta.get("next_id", int(self.ids.max()) + 1 if len(self.ids) else 0))
         new_ids = np.arange(start, start + len(x), dtype=np.int64)
+        if lists_on_disk(self.index):  # the mapped file belongs to the committed index: add to a copy in memory
+            lists_to_memory(self.index)
+            self.lists_file = None
         _add_with_ids(self.index, x, new_ids)
         self.ids = np.concatenate([self.ids, new_ids])
         self.labels = np.concatenate([self.labels, new_labels])
@@ -318,13 +553,15 @@ def build_index(
     seed: int = 0,
     *,
     search_params: str | None = None,
+    train_size: int | None = None,
     **meta,
 ) -> EmbeddingIndex:
     """Build a Faiss index (faiss.index_factory string, metric ip|l2) over unit embeddings with ids 0..n-1.
 
-    Indexes that need training (IVF, PQ) are trained on `embeddings` (seeded). `search_params` (ParameterSpace
-    syntax, e.g. "nprobe=16") default to `default_search_params`. Extra keyword arguments go into the metadata
-    (tower, data, preprocessing, ...).
+    Indexes that need training (IVF, PQ) are trained on a seeded sample of `train_size` of the embeddings
+    (training_sample; default default_train_size). `search_params` (ParameterSpace syntax, e.g. "nprobe=16")
+    default to `default_search_params`. Extra keyword arguments go into the metadata (tower, data, preprocessing,
+    ...). retrieval.index_build builds the same index from chunks (and across processes).
     """
     factory = normalize_factory(factory)
     code = metric_code(metric)
@@ -342,23 +579,38 @@ def build_index(
         msg = str(e).strip().splitlines()[-1]
         msg = msg.split(": ", 1)[-1] if "index_factory" in msg else msg
         raise UsageError(f"`factory` {factory!r}: Faiss cannot build it ({msg})") from None
-    _train(sub, factory, x, seed)
+    trained_on = None
+    if needs_training(sub):
+        size = default_train_size(sub) if train_size is None else int(train_size)
+        sample = training_sample(len(x), size, seed)
+        check_training_size(sub, factory, len(sample), available=len(x))
+        _train(sub, factory, x if len(sample) == len(x) else x[sample], seed, checked=True)
+        trained_on = len(sample)
     index = faiss.IndexIDMap2(sub)
     if search_params is None:
         search_params = default_search_params(index)
     apply_search_params(index, search_params)
     ids = np.arange(len(x), dtype=np.int64)
     _add_with_ids(index, x, ids)
+    full_meta = new_index_meta(factory, metric, int(x.shape[1]), int(index.ntotal), len(x), classes, search_params,
+                               seed, trained_on, **meta)
+    return EmbeddingIndex(index, full_meta, ids, labels, [str(s) for s in sources])
+
+
+def new_index_meta(factory: str, metric: str, dimension: int, count: int, next_id: int, classes: Sequence[str],
+                   search_params: str, seed: int, trained_on: int | None, **meta) -> dict:
+    """The metadata of a freshly built index (extra keyword arguments: tower, data, preprocessing, ...)."""
     full_meta = {
         "format": FORMAT,
         "factory": factory,
         "metric": metric,
-        "dimension": int(x.shape[1]),
-        "count": int(index.ntotal),
-        "next_id": len(x),
+        "dimension": int(dimension),
+        "count": int(count),
+        "next_id": int(next_id),
         "classes": [str(c) for c in classes],
         "search_params": search_params,
         "seed": int(seed),
+        **({"train_size": int(trained_on)} if trained_on is not None else {}),
         "created": _now(),
         "tool_version": retrieval.__version__,
         "faiss_version": faiss.__version__,
@@ -367,7 +619,7 @@ def build_index(
         if key in STRUCTURAL_KEYS:
             raise ValueError(f"metadata key {key!r} is set by build_index")
         full_meta[key] = value
-    return EmbeddingIndex(index, full_meta, ids, labels, [str(s) for s in sources])
+    return full_meta
 
 
 # -- files ------------------------------------------------------------------------------------------------------
@@ -382,13 +634,87 @@ def _sha256(path: Path) -> str:
 def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
     """Delete our own data/temp files that meta.json no longer names (old versions, leftovers of killed saves)."""
     for p in folder.iterdir():
-        if p.name not in keep and _OWN_FILE.match(p.name):
+        if p.name not in keep and _is_own_file(p.name):
             p.unlink(missing_ok=True)
+
+
+def _is_own_file(name: str) -> bool:
+    return bool(_OWN_FILE.match(name) or _TOWER_FILE.match(name) or _TOWER_TEMP.match(name))
 
 
 def is_index_folder_content(name: str) -> bool:
     """True for the files an index folder may hold (used to refuse writing an index into an unrelated folder)."""
-    return name in (META_NAME, ".lock") or bool(_OWN_FILE.match(name))
+    return name in (META_NAME, ".lock") or _is_own_file(name)
+
+
+def tower_files(meta: dict) -> dict[str, str]:
+    """{"weights"|"sidecar"|"card": file name} of the tower copy an index's metadata names ({} for indexes written
+    before towers were copied); names that are not plain tower-<fp>.* file names are refused."""
+    files = (meta.get("tower") or {}).get("files") if isinstance(meta.get("tower"), dict) else None
+    if not isinstance(files, dict):
+        return {}
+    out = {}
+    for kind in TOWER_KINDS:
+        name = files.get(kind)
+        if name is None:
+            continue
+        if not isinstance(name, str) or not _TOWER_FILE.match(name) or not name.endswith(TOWER_KINDS[kind]):
+            raise RetrievalError(f"index metadata names tower file {name!r} for its {kind}; expected "
+                                 f"tower-<hex>{TOWER_KINDS[kind]} in the index folder")
+        out[kind] = name
+    return out
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                dst.write(block)
+
+
+def _save_tower_files(index: EmbeddingIndex, folder: Path) -> set[str]:
+    """Make `folder` hold the tower files the metadata names, each written atomically. Weights and sidecar: kept
+    when already there with the recorded SHA-256, else copied from the folder the index was loaded from, else from
+    the checkpoint it was built with (any source verified by SHA-256). The card: the run's card of a fresh build,
+    else kept or copied like the others, else rendered from the sidecar. Returns the file names."""
+    from retrieval.cards import checkpoint_card
+
+    names = tower_files(index.meta)
+    if not names:
+        return set()
+    info = index.meta["tower"]
+    files = info["files"]
+    original = Path(str(info["checkpoint"])) if info.get("checkpoint") else None
+    loaded_from = Path(index.folder) if index.folder is not None else None
+    for kind in ("weights", "sidecar"):
+        if kind not in names:
+            continue
+        name, want = names[kind], files.get(f"{kind}_sha256")
+        candidates = [folder / name] + ([loaded_from / name] if loaded_from else [])
+        if original is not None:
+            candidates.append(original.with_suffix(TOWER_KINDS[kind]))
+        source = next((p for p in candidates if p.is_file() and (want is None or _sha256(p) == want)), None)
+        if source is None:
+            raise RetrievalError(
+                f"cannot write the index into {folder}: its tower's {kind} ({name}, fingerprint "
+                f"{str(info.get('fingerprint'))[:12]}) is neither in the folder nor at {original} any more"
+            )
+        if source != folder / name:
+            _copy_file(source, folder / name)
+    if "card" in names:
+        target = folder / names["card"]
+        copy = loaded_from / names["card"] if loaded_from else None
+        if loaded_from is None and original is not None and original.is_file():
+            with atomic_path(target) as tmp:  # a fresh build: the run's card as it is now
+                tmp.write_text(checkpoint_card(original), encoding="utf-8")
+        elif target.is_file():
+            pass
+        elif copy is not None and copy.is_file():
+            _copy_file(copy, target)
+        elif "weights" in names:
+            with atomic_path(target) as tmp:
+                tmp.write_text(checkpoint_card(folder / names["weights"]), encoding="utf-8")
+    return set(names.values())
 
 
 def save_index(index: EmbeddingIndex, folder: str | os.PathLike, *, locked: bool = False) -> Path:
@@ -400,15 +726,17 @@ def save_index(index: EmbeddingIndex, folder: str | os.PathLike, *, locked: bool
     if not locked:
         with exclusive_lock(folder):
             return save_index(index, folder, locked=True)
+    tower_names = _save_tower_files(index, folder)
     token = uuid.uuid4().hex[:16]
-    faiss_name, items_name = f"index-{token}.faiss", f"items-{token}.json"
+    faiss_name, items_name = f"index-{token}.faiss", f"items-{token}.npz"
+    lists = _save_lists(index, folder, token) if index.meta.get("on_disk") else {}
     with atomic_path(folder / faiss_name) as tmp:
         try:
-            faiss.write_index(index.index, str(tmp))
+            with faiss_quiet() if lists else contextlib.nullcontext():
+                faiss.write_index(index.index, str(tmp))
         except RuntimeError as e:
             raise RetrievalError(f"cannot write {folder / faiss_name}: {str(e).strip().splitlines()[-1]}") from None
-    items = {"ids": index.ids.tolist(), "labels": index.labels.tolist(), "sources": index.sources}
-    atomic_write_json(folder / items_name, items)
+    write_items(folder / items_name, index.ids, index.labels, index.sources)
     meta = dict(index.meta)
     meta["count"] = len(index)
     meta["dimension"] = index.dimension
@@ -417,12 +745,32 @@ def save_index(index: EmbeddingIndex, folder: str | os.PathLike, *, locked: bool
         "faiss_sha256": _sha256(folder / faiss_name),
         "items": items_name,
         "items_sha256": _sha256(folder / items_name),
+        **lists,
     }
     atomic_write_json(folder / META_NAME, meta)  # the commit point
     index.meta = meta
     index.folder = folder
-    _remove_unreferenced(folder, {faiss_name, items_name})
+    _remove_unreferenced(folder, {faiss_name, items_name, *([lists["lists"]] if lists else []), *tower_names})
     return folder / META_NAME
+
+
+_LISTS_NAME = re.compile(r"^lists-[0-9a-f]+\.ivfdata$")
+
+
+def _save_lists(index: EmbeddingIndex, folder: Path, token: str) -> dict:
+    """The on-disk inverted lists of an index being saved into `folder`: the file it maps when that file is in
+    the folder and unchanged (a fresh build wrote it there), else a new file lists-<token>.ivfdata written from
+    its lists (in memory after an add, or mapped from another folder). Returns the meta["files"] entries."""
+    current = index.lists_file
+    known = index.meta.get("files") or {}
+    if (current is not None and lists_on_disk(index.index) and current.is_file()
+            and current.parent.resolve() == folder.resolve()):
+        sha = known.get("lists_sha256") if known.get("lists") == current.name else None
+        return {"lists": current.name, "lists_bytes": current.stat().st_size, "lists_sha256": sha or _sha256(current)}
+    path = folder / f"lists-{token}.ivfdata"
+    size = write_lists(index.index, path)
+    index.lists_file = path
+    return {"lists": path.name, "lists_bytes": size, "lists_sha256": _sha256(path)}
 
 
 def read_index_meta(folder: str | os.PathLike) -> dict:
@@ -450,16 +798,35 @@ def _load_files(folder: Path, meta: dict) -> EmbeddingIndex:
     meta_path = folder / META_NAME
     files = meta["files"]
     faiss_path, items_path = folder / files["faiss"], folder / files["items"]
-    for path, what in ((faiss_path, "index file"), (items_path, "index items file")):
-        if not path.is_file():
+    lists_name = files.get("lists")
+    if lists_name is not None and not (isinstance(lists_name, str) and _LISTS_NAME.match(lists_name)):
+        raise RetrievalError(f"{meta_path} names the inverted lists file {lists_name!r}; expected lists-<hex>.ivfdata")
+    lists_path = folder / lists_name if lists_name else None
+    for path, what in ((faiss_path, "index file"), (items_path, "index items file"),
+                       (lists_path, "on-disk inverted lists file")):
+        if path is not None and not path.is_file():
             raise FileNotFoundError(f"{what} not found: {path} (named by {meta_path})")
     for path, key in ((faiss_path, "faiss_sha256"), (items_path, "items_sha256")):
         if files.get(key) and _sha256(path) != files[key]:
             raise RetrievalError(f"{path} is corrupt or was changed: its SHA-256 does not match {meta_path}")
+    if lists_path is not None and files.get("lists_bytes") is not None \
+            and lists_path.stat().st_size != files["lists_bytes"]:
+        # the lists are not hashed at every load (they may be larger than memory); their size is checked
+        raise RetrievalError(f"{lists_path} is corrupt or was changed: it holds {lists_path.stat().st_size:,} bytes, "
+                             f"{meta_path} says {files['lists_bytes']:,}")
     try:
-        index = faiss.read_index(str(faiss_path))
+        if lists_path is None:
+            index = faiss.read_index(str(faiss_path))
+        else:  # the lists file is memory-mapped read-only, found beside the .faiss file wherever the folder is
+            with faiss_quiet():
+                index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError as e:
         raise RetrievalError(f"{faiss_path} is not a readable Faiss index ({str(e).strip().splitlines()[-1]})") from None
+    if lists_path is not None:
+        disk = faiss.downcast_InvertedLists(index_ivf(index).invlists) if index_ivf(index) is not None else None
+        if not isinstance(disk, faiss.OnDiskInvertedLists) or Path(disk.filename).name != lists_name:
+            raise RetrievalError(f"{faiss_path} does not use the inverted lists file {lists_name} that {meta_path} "
+                                 "names")
     if not isinstance(index, faiss.IndexIDMap2):
         raise RetrievalError(f"{faiss_path} is a {type(index).__name__}, expected an IndexIDMap2 (stable ids)")
     if index.d != meta["dimension"]:
@@ -470,13 +837,7 @@ def _load_files(folder: Path, meta: dict) -> EmbeddingIndex:
         raise RetrievalError(f"{meta_path} says {meta['count']} vectors but {faiss_path} holds {index.ntotal}")
     if meta["metric"] not in METRICS or index.metric_type != METRICS[meta["metric"]]:
         raise RetrievalError(f"{meta_path} says metric {meta['metric']!r} but {faiss_path} uses another metric")
-    items = read_json(items_path, "index items file")
-    try:
-        ids = np.asarray(items["ids"], dtype=np.int64)
-        labels = np.asarray(items["labels"], dtype=np.int64)
-        sources = [str(s) for s in items["sources"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise RetrievalError(f"{items_path} is not an index items file ({e})") from None
+    ids, labels, sources = read_items(items_path)
     if not (len(ids) == len(labels) == len(sources) == index.ntotal):
         raise RetrievalError(
             f"{items_path} lists {len(ids)} ids / {len(labels)} labels / {len(sources)} sources "
@@ -489,6 +850,7 @@ def _load_files(folder: Path, meta: dict) -> EmbeddingIndex:
     apply_search_params(index, meta.get("search_params") or "")
     loaded = EmbeddingIndex(index, meta, ids, labels, sources)
     loaded.folder = folder
+    loaded.lists_file = lists_path
     return loaded
 
 
@@ -530,16 +892,47 @@ def update_index_meta(folder: str | os.PathLike, **changes) -> dict:
 
 
 def load_index_tower(index: EmbeddingIndex, device="cpu", checkpoint: str | os.PathLike | None = None):
-    """The Checkpoint whose tower built `index` (from the metadata's checkpoint path, or `checkpoint`), verified by
-    fingerprint and embedding size."""
-    tower_meta = index.meta.get("tower") or {}
-    path = checkpoint if checkpoint is not None else tower_meta.get("checkpoint")
+    """The Checkpoint whose tower built `index`, verified by fingerprint and embedding size: `checkpoint` when given,
+    else the copy in the index folder, else (indexes written before towers were copied) the checkpoint path the
+    metadata names, with a hint to rebuild."""
+    info = index.meta.get("tower") or {}
+    names = tower_files(index.meta)
+    folder = Path(index.folder) if index.folder is not None else None
+    old_format = not names
+    hint = (f"the index {folder or ''} was written by an earlier version that did not copy its tower into the folder; "
+            "rebuild it with `retrieval index build` (or add to it with `retrieval index add`) so that it carries "
+            "its tower and works wherever the folder is copied")
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint, device=device)
+        check_tower_matches(index, ckpt)
+        if old_format:
+            logger.warning(f"note: {hint}")
+        return ckpt
+    if names.get("weights"):
+        copy = folder / names["weights"] if folder is not None else None
+        if copy is not None and copy.is_file():
+            ckpt = load_checkpoint(copy, device=device)
+            check_tower_matches(index, ckpt)
+            return ckpt
+        path = info.get("checkpoint")
+        if not (path and Path(path).is_file()):
+            where = f"{copy} is missing" if copy is not None else "the index was never saved"
+            raise RetrievalError(f"the index's copy of its tower is gone ({where}) and so is the checkpoint it was "
+                                 f"built with ({path}); give a copy of that checkpoint as `checkpoint`")
+        logger.warning(f"the index's copy of its tower is missing ({copy}); using the checkpoint it was built with, "
+                       f"{path}")
+        ckpt = load_checkpoint(path, device=device)
+        check_tower_matches(index, ckpt)
+        return ckpt
+    path = info.get("checkpoint")
     if not path:
         raise RetrievalError("the index metadata names no checkpoint; give it as `checkpoint`")
-    if checkpoint is None and not Path(path).exists() and not Path(str(path) + ".safetensors").exists():
+    if not Path(path).exists() and not Path(str(path) + ".safetensors").exists():
         raise RetrievalError(
-            f"the checkpoint this index was built with is gone: {path}; give a copy of it as `checkpoint`"
+            f"the checkpoint this index was built with is gone: {path}; give a copy of it as `checkpoint` "
+            f"(this index predates self-contained index folders: rebuild it so it carries its tower)"
         )
+    logger.warning(f"note: {hint}")
     ckpt = load_checkpoint(path, device=device)
     check_tower_matches(index, ckpt)
     return ckpt
@@ -562,22 +955,47 @@ def check_tower_matches(index: EmbeddingIndex, ckpt) -> None:
 
 
 def tower_meta(ckpt) -> dict:
-    """The metadata block describing the tower (from a Checkpoint) that an index stores."""
+    """The metadata block describing the tower (from a Checkpoint) that an index stores: name, size, fingerprint,
+    the checkpoint it came from, and the names (and SHA-256) of the copies save_index puts in the index folder."""
+    weights = Path(ckpt.path).resolve()
+    sidecar = weights.with_suffix(".json")
+    stem = f"tower-{ckpt.fingerprint[:16]}"
+    try:
+        recorded = read_json(sidecar, "checkpoint metadata").get("fingerprint")
+    except (RetrievalError, AttributeError):
+        recorded = None
+    if recorded != ckpt.fingerprint:
+        raise RetrievalError(f"{sidecar} changed while it was in use (another training run writing it?); try again")
     return {
         "name": ckpt.meta.get("tower", ckpt.tower.arch),
         "embedding_size": int(ckpt.tower.embedding_size),
         "fingerprint": ckpt.fingerprint,
-        "checkpoint": str(Path(ckpt.path).resolve()),
+        "checkpoint": str(weights),
+        "files": {
+            "weights": stem + TOWER_KINDS["weights"],
+            "weights_sha256": _sha256(weights),
+            "sidecar": stem + TOWER_KINDS["sidecar"],
+            "sidecar_sha256": _sha256(sidecar),
+            "card": stem + TOWER_KINDS["card"],
+        },
     }
 
 
 def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: Sequence[str]):
     """One unit vector per class present: the re-normalised mean embedding. Returns (vectors, labels, sources)."""
-    present = np.unique(labels)
-    vectors = np.stack([embeddings[labels == c].mean(axis=0) for c in present]).astype(np.float32)
+    labels = np.asarray(labels, np.int64)
+    sums = np.zeros((len(classes), embeddings.shape[1]), np.float64)
+    np.add.at(sums, labels, embeddings)
+    return prototypes_from_sums(sums, np.bincount(labels, minlength=len(classes)), classes)
+
+
+def prototypes_from_sums(sums: np.ndarray, counts: np.ndarray, classes: Sequence[str]):
+    """class_prototypes from per-class sums (float64 (classes, d)) and counts of embeddings (e.g. accumulated a
+    chunk at a time). Returns (vectors, labels, sources) of the classes present."""
+    present = np.flatnonzero(np.asarray(counts) > 0)
+    vectors = (sums[present] / np.asarray(counts)[present, None]).astype(np.float32)
     faiss.normalize_L2(vectors)
-    counts = [int((labels == c).sum()) for c in present]
-    sources = [f"prototype:{classes[c]} ({n} image{'s' if n != 1 else ''})" for c, n in zip(present, counts)]
+    sources = [f"prototype:{classes[c]} ({int(counts[c])} image{'s' if counts[c] != 1 else ''})" for c in present]
     return vectors, present.astype(np.int64), sources
 
 

@@ -6,6 +6,22 @@ An objective maps a batch of embeddings and labels to a scalar loss:
   other-class partner from the batch, |f(a) - f(b)| -> PairHead -> cross-entropy.
 Both are Objectives: what the trainer asks of one (the Protocol below). OBJECTIVES maps the names config key
 objective.name accepts to their builders.
+
+On a process group (retrieval.distributed) an objective's `distributed()` form computes the loss of the global
+batch from each process's share of it:
+- PML losses and miners are wrapped in PML's DistributedLossWrapper / DistributedMinerWrapper with
+  efficient=False: every process mines and computes the loss on the all-gathered batch (its own rows keeping their
+  gradient) and returns it times the number of processes N, so DDP's gradient average is exactly the gradient of
+  the single-process loss. efficient=True (own rows as anchors against the gathered batch) would compute a
+  (B/N x B) instead of a (B x B) similarity matrix, but the gradients that reach this process's rows as
+  positives/negatives of other processes' anchors are lost: another training (on 64 embeddings over 2
+  processes its gradient is 64% off the single-process one for each of these three losses, efficient=False's
+  1e-7). At these sizes (B = 256, 64-d) the B x B work is negligible next to the tower.
+- the pair objective is not a PML loss (the wrapper refuses it) and draws its pairs from the batch with the
+  step's generator: it gathers the batch in rank order (the single-process order, so the same pairs are drawn),
+  own rows keeping their gradient times N (retrieval.distributed.gather_batch), and computes the loss unscaled,
+  so the pair head, whose gradient is then the same on every process, is not multiplied by N.
+`loss_scale` says by how much the returned loss exceeds the global batch's loss (N, or 1).
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ class Objective(Protocol):
     """A module mapping a batch of embeddings and labels to a scalar loss (pairs drawn from `generator`)."""
 
     head: nn.Module | None  # the trainable part saved with the tower (the pair head), or None
+    loss_scale: float  # the returned loss over the batch's loss (> 1 only for distributed() forms)
 
     def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator | None = None) -> torch.Tensor: ...
@@ -38,6 +55,10 @@ class Objective(Protocol):
 
     def describe(self) -> dict:
         """Settings recorded in checkpoint metadata."""
+
+    def distributed(self) -> "Objective":
+        """This objective on the current process group: given this process's share of each batch, a loss whose
+        gradient, averaged over the processes by DDP, is that of this objective on the whole batch."""
 
 
 class PairHead(nn.Module):
@@ -59,6 +80,7 @@ class MetricLossObjective(nn.Module):
     """A PML loss fed by an optional PML miner: loss(emb, labels, miner(emb, labels))."""
 
     head = None
+    loss_scale = 1.0
 
     def __init__(self, name: str, loss: nn.Module, miner: nn.Module | None = None, settings: dict | None = None):
         super().__init__()
@@ -78,6 +100,19 @@ class MetricLossObjective(nn.Module):
             "miner": type(self.miner).__name__ if self.miner is not None else None,
             **self.settings,
         }
+
+    def distributed(self) -> "MetricLossObjective":
+        import torch.distributed as dist
+        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper, DistributedMinerWrapper
+
+        if any(True for _ in self.loss.parameters()):  # the N x loss would scale their gradient by N
+            raise UsageError(f"objective {self.name}: a loss with trainable parameters cannot be trained on "
+                             "several processes")
+        miner = DistributedMinerWrapper(self.miner, efficient=False) if self.miner is not None else None
+        wrapped = MetricLossObjective(self.name, DistributedLossWrapper(self.loss, efficient=False), miner,
+                                      self.settings)
+        wrapped.loss_scale = float(dist.get_world_size())
+        return wrapped
 
 
 def balanced_pairs(labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,6 +143,7 @@ class PairObjective(nn.Module):
     """Cross-entropy of the pair head on balanced positive/negative pairs drawn on the fly from the batch."""
 
     name = "pair"
+    loss_scale = 1.0
 
     def __init__(self, head: PairHead):
         super().__init__()
@@ -125,6 +161,19 @@ class PairObjective(nn.Module):
     def describe(self) -> dict:
         return {"name": "pair", "loss": "CrossEntropyLoss", "miner": None, "head": "|a-b| -> Linear -> 2 logits",
                 "pairs": "per anchor one same-class and one other-class partner from the batch"}
+
+    def distributed(self) -> "PairObjective":
+        return DistributedPairObjective(self.head)
+
+
+class DistributedPairObjective(PairObjective):
+    """The pair objective on a process group: pairs drawn from, and the loss computed on, the gathered batch."""
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
+        from retrieval.distributed import gather_batch
+
+        batch, batch_labels = gather_batch(embeddings, labels)
+        return super().forward(batch, batch_labels, generator)
 
 
 # Objective name -> (PML loss class, default loss kwargs, default miner name)

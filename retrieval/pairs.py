@@ -65,52 +65,54 @@ def balanced_pairs(labels, pairs_per_class: int = 500, seed: int = 0) -> Pairs:
     return Pairs(np.concatenate(first), np.concatenate(second), np.concatenate(same))
 
 
-def roc_auc(scores, positive) -> float:
-    """Area under the ROC curve of `scores` (higher = more likely positive): the Mann-Whitney U statistic with
-    average ranks for ties, divided by n_pos * n_neg."""
+def _binary(scores, positive) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
+    if scores.shape != positive.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and labels {positive.shape} must be 1-d and of one length")
+    return scores, positive
+
+
+def roc_auc(scores, positive) -> float:
+    """Area under the ROC curve of `scores` (higher = more likely positive), ties counted half (scikit-learn's
+    roc_auc_score: the Mann-Whitney U statistic over n_pos * n_neg)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, positive = _binary(scores, positive)
     n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == len(positive):
         raise RetrievalError("ROC AUC needs both same and different pairs")
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    # average rank (1-based) of each group of equal scores
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    group_rank = (starts + 1 + ends) / 2.0
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat(group_rank, ends - starts)
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(positive, scores))
 
 
 def best_threshold(scores, positive) -> tuple[float, float]:
     """(accuracy, threshold) of the rule "positive when score >= threshold" that classifies most pairs right.
 
-    Thresholds lie halfway between consecutive distinct scores (or just beyond the extremes)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
+    Every distinct score is a candidate cut (scikit-learn's roc_curve, all points kept); ties in accuracy go to the
+    stricter cut. Thresholds lie halfway between consecutive distinct scores (or just beyond the extremes)."""
+    from sklearn.metrics import roc_curve
+
+    scores, positive = _binary(scores, positive)
     if len(scores) == 0:
         raise RetrievalError("no pairs to score")
-    order = np.argsort(-scores, kind="stable")
-    s, p = scores[order], positive[order]
-    last_of_group = np.r_[s[1:] != s[:-1], True]
-    # accepting everything down to the end of each group of equal scores
-    tp = np.cumsum(p)[last_of_group]
-    accepted = np.flatnonzero(last_of_group) + 1
-    correct = tp + ((len(p) - accepted) - (p.sum() - tp))  # true positives + true negatives
-    correct = np.r_[len(p) - p.sum(), correct]  # accepting nothing
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    values, counts = np.unique(scores, return_counts=True)
+    values = values[::-1]  # distinct scores, descending: the cuts roc_curve walks through
+    if n_pos == 0 or n_neg == 0:  # one class only (no ROC curve): right = accepted, or right = rejected
+        accepted = np.r_[0, np.cumsum(counts[::-1])]
+        correct = accepted if n_neg == 0 else len(scores) - accepted
+    else:
+        fpr, tpr, _ = roc_curve(positive, scores, drop_intermediate=False)  # first point: accept nothing
+        correct = np.rint(tpr * n_pos + (1.0 - fpr) * n_neg).astype(np.int64)  # true positives + true negatives
     best = int(np.argmax(correct))
-    values = s[last_of_group]
     if best == 0:
         threshold = values[0] + max(1e-6, abs(values[0]) * 1e-6)
     elif best == len(values):
         threshold = values[-1]
     else:
         threshold = (values[best - 1] + values[best]) / 2.0
-    return float(correct[best] / len(p)), float(threshold)
+    return float(correct[best] / len(scores)), float(threshold)
 
 
 @dataclass
@@ -171,10 +173,14 @@ class Calibration:
 
 
 def calibrate_threshold(nn_distances, nn_correct) -> Calibration:
-    """The threshold t maximising F1 of "answered (distance <= t) and right" (see the module docstring).
+    """The threshold t maximising F1 of "answered (distance <= t) and right" (see the module docstring): precision
+    and recall of "right" ranked by -distance, every distinct distance a candidate (scikit-learn's
+    precision_recall_curve); ties in F1 go to the smaller threshold.
 
     t lies halfway between the last accepted distance and the next one (the largest distance when all are
     accepted)."""
+    from sklearn.metrics import precision_recall_curve
+
     d = np.asarray(nn_distances, dtype=np.float64)
     ok = np.asarray(nn_correct, dtype=bool)
     keep = np.isfinite(d)
@@ -184,14 +190,13 @@ def calibrate_threshold(nn_distances, nn_correct) -> Calibration:
     total_correct = int(ok.sum())
     if total_correct == 0:
         raise RetrievalError("no query's nearest neighbour has its label; a threshold cannot help (wrong tower?)")
-    order = np.argsort(d, kind="stable")
-    d, ok = d[order], ok[order]
-    last_of_group = np.r_[d[1:] != d[:-1], True]
-    tp = np.cumsum(ok)[last_of_group]
-    answered = np.flatnonzero(last_of_group) + 1
+    _, recall, cuts = precision_recall_curve(ok, -d, drop_intermediate=False)
+    # cuts ascend in -distance; drop the final (precision 1, recall 0) point and walk distances ascending
+    recall, values = recall[:-1][::-1], -cuts[::-1]
+    tp = np.rint(recall * total_correct).astype(np.int64)
+    answered = np.searchsorted(np.sort(d), values, side="right")  # queries within each candidate distance
     f1 = 2.0 * tp / (answered + total_correct)
     best = int(np.argmax(f1))
-    values = d[last_of_group]
     threshold = values[best] if best == len(values) - 1 else (values[best] + values[best + 1]) / 2.0
     return Calibration(
         max_distance=float(threshold),

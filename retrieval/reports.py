@@ -96,16 +96,21 @@ def plot_confusion(metrics, path: Path, title: str = "") -> None:
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
-    """Project onto the two principal components (deterministic signs: largest loading positive)."""
+    """Project onto the two principal components (scikit-learn's exact PCA; deterministic signs: each component's
+    largest loading positive). Fewer than two samples or dimensions give zero columns."""
+    from sklearn.decomposition import PCA
+
     x = np.asarray(x, dtype=np.float64)
-    centered = x - x.mean(0)
-    _, _, vt = np.linalg.svd(centered, full_matrices=False)
-    components = vt[:2]
+    if x.ndim != 2:
+        raise ValueError(f"pca_2d expects a 2-d array, got shape {x.shape}")
+    n_components = min(2, x.shape[0] - 1, x.shape[1]) if len(x) > 1 else 0
+    out = np.zeros((len(x), 2))
+    if n_components <= 0:
+        return out
+    pca = PCA(n_components=n_components, svd_solver="full").fit(x)
+    components = pca.components_
     signs = np.sign(components[np.arange(len(components)), np.abs(components).argmax(1)])
-    components = components * signs[:, None]
-    out = centered @ components.T
-    if out.shape[1] < 2:
-        out = np.c_[out, np.zeros(len(out))]
+    out[:, :n_components] = (x - pca.mean_) @ (components * signs[:, None]).T
     return out
 
 

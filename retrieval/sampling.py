@@ -112,6 +112,42 @@ class RandomBatchSampler:
         return {"name": self.name, "batch_size": self.batch_size}
 
 
+class ShardedBatchSampler:
+    """One process's share of another sampler's batches, for training on N processes: every global batch (of
+    `sampler.batch_size` images) is cut into N equal consecutive runs of rows and process `rank` takes run
+    number `rank`. The shards of one step are disjoint and together they are the single-process batch, in its
+    order, so N processes with per-process batch B/N see the same global batches as one process with batch B;
+    it is as seeded and epoch-addressable as the sampler it shares out.
+    """
+
+    def __init__(self, sampler: Sampler, rank: int, world_size: int):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UsageError(f"rank {rank} is not among the {world_size} processes")
+        if sampler.batch_size % world_size:
+            raise UsageError(f"train.batch_size ({sampler.batch_size}) must be a multiple of the number of "
+                             f"processes ({world_size}): each process takes an equal share of every batch")
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+        self.global_batch_size = sampler.batch_size
+        self.batch_size = sampler.batch_size // world_size
+        self.m = sampler.m
+        self.start = rank * self.batch_size  # this process's rows of each global batch: [start, stop)
+        self.stop = self.start + self.batch_size
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def global_batches(self, epoch: int) -> torch.Tensor:
+        """(len(self), global batch size): the batches of all processes together."""
+        return self.sampler.epoch_batches(epoch)
+
+    def epoch_batches(self, epoch: int) -> torch.Tensor:
+        """(len(self), batch_size): this process's columns of the global batches."""
+        return self.global_batches(epoch)[:, self.start:self.stop]
+
+    def describe(self) -> dict:
+        return self.sampler.describe()  # the global batches are the run's; how many processes share them is not
+
+
 SAMPLERS: dict[str, Callable[[torch.Tensor, int, int, int], Sampler]] = {
     "m-per-class": ClassBalancedBatchSampler,
     "random": lambda labels, batch_size, m, seed: RandomBatchSampler(labels, batch_size, seed),

@@ -12,6 +12,14 @@ Run folder (everything written to a temp name and renamed):
 Reproducibility: every random choice of epoch e, step s is drawn from a generator seeded with (seed, e, s)
 (retrieval.seeding), so the training state is just weights + optimizer + scheduler + position, and a resumed run
 ends with the same weights as an uninterrupted one (bit for bit on CPU with the same thread count).
+
+Distributed (launched by torchrun with more than one process, retrieval.distributed): every process holds the
+data and a replica of the tower (batch norm over the global batch, DistributedDataParallel), takes its disjoint
+share of each global batch (sampling.ShardedBatchSampler; train.batch_size is the global batch), augments its rows
+with the whole batch's seeded draws, and computes the objective's loss of the global batch (objectives'
+distributed() forms), so N processes train as one process would, up to floating-point rounding. Rank 0 alone
+validates, writes the run folder (checkpoints, metrics.jsonl, the state), logs and draws the progress bar; the
+state is the same whatever the number of processes, so a run resumes under any number of them.
 """
 
 from __future__ import annotations
@@ -34,13 +42,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
 from tqdm import tqdm
 
-from retrieval.augment import BatchAugment, BatchTransform, ClassExpansion, ElasticAugment, build_class_expansions
+from retrieval.augment import BatchAugment, BatchTransform, ClassExpansion, ElasticAugment, Rows, build_class_expansions
 from retrieval.checkpoint import fingerprint_state, save_checkpoint
 from retrieval.config import Config, OptimizerConfig, config_diff, load_config, resolve_config
 from retrieval.data.specs import load_dataset
+from retrieval.distributed import ProcessGroup, is_comm_error
+from retrieval.distributed import join as join_process_group
 from retrieval.embed import available_cores, embed_images, resolve_device
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.fsutil import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir, exclusive_lock, read_json
@@ -48,7 +60,7 @@ from retrieval.logs import show_progress
 from retrieval.metrics import retrieval_metrics
 from retrieval.objectives import Objective, build_objective
 from retrieval.optim import OPTIMIZERS, SCHEDULES
-from retrieval.sampling import SAMPLERS, Sampler
+from retrieval.sampling import SAMPLERS, Sampler, ShardedBatchSampler
 from retrieval.seeding import derive_seed, make_generator
 from retrieval.towers import Tower, build_tower
 
@@ -125,12 +137,37 @@ class StepInfo:
     trainer: "Trainer"
 
 
+class _TrainStep(torch.nn.Module):
+    """Tower and objective as one module, for DistributedDataParallel around both (the pair head included):
+    this process's rows -> embeddings (bf16 autocast on CUDA) -> the objective's distributed loss."""
+
+    def __init__(self, tower: Tower, objective: Objective, autocast: bool):
+        super().__init__()
+        self.tower, self.objective, self.autocast = tower, objective, autocast
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                emb = self.tower(x)
+        else:
+            emb = self.tower(x)
+        return self.objective(emb.float(), y, generator)
+
+
+def lost_contact_message(group: ProcessGroup, e: BaseException, where: str) -> str:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (f"rank {group.rank} of {group.world_size}: distributed training stopped {where}: another process of the "
+            f"job failed or stopped answering within {group.timeout_s:g}s ({reason}); the run folder keeps the state "
+            "saved at the last finished epoch (or Ctrl-C): `resume` continues from it, with any number of processes")
+
+
 class Trainer:
     """Runs the training loop over a composition of parts; owns nothing global (device and data are passed in).
 
     tower; objective (it may carry a trainable head); sampler: the positions into `images` of each step's batch;
     augment and elastic: batch transforms, after the class expansions; optimizer, scheduler: torch objects over
-    the tower's and the objective's parameters, the scheduler stepped once per optimizer step.
+    the tower's and the objective's parameters, the scheduler stepped once per optimizer step. group: the process
+    group of a distributed run (then `sampler` is a ShardedBatchSampler and the tower's batch norm global).
     """
 
     def __init__(
@@ -156,6 +193,7 @@ class Trainer:
         on_step: Callable[[StepInfo], None] | None = None,
         elastic: BatchTransform | None = None,
         class_expansions: Sequence[ClassExpansion] = (),
+        group: ProcessGroup | None = None,
     ):
         self.tower, self.objective, self.sampler, self.augment = tower, objective, sampler, augment
         self.elastic, self.class_expansions = elastic, tuple(class_expansions)
@@ -178,6 +216,23 @@ class Trainer:
         self._session: dict = {}
         self._running_loss = float("nan")
         self._reset_epoch_totals()
+        self.group = group
+        self.is_main = group is None or group.is_main  # the process that validates, writes, logs, draws the bar
+        self._rows: Rows | None = None  # this process's rows of each global batch (distributed)
+        self._ddp: torch.nn.Module | None = None
+        self._loss_scale = 1.0
+        if group is not None:
+            if not isinstance(sampler, ShardedBatchSampler):
+                raise ValueError("a distributed Trainer needs a ShardedBatchSampler")
+            self._rows = Rows(sampler.start, sampler.stop, sampler.global_batch_size)
+            step_objective = objective.distributed()
+            self._loss_scale = step_objective.loss_scale
+            self._ddp = group.wrap(_TrainStep(tower, step_objective, autocast=device.type == "cuda"))
+
+    @property
+    def images_per_step(self) -> int:
+        """Images of one optimizer step, over all processes."""
+        return getattr(self.sampler, "global_batch_size", self.sampler.batch_size)
 
     def _reset_epoch_totals(self, loss_sum: float = 0.0, steps: int = 0, seconds: float = 0.0) -> None:
         self._loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=self.device)
@@ -185,19 +240,28 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------------------
     def make_batch(self, positions: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index the on-device uint8 images, scale to [0, 1] and augment: the whole data path of a step."""
+        """Index the on-device uint8 images, scale to [0, 1] and augment: the whole data path of a step.
+
+        Distributed: `positions` are this process's share of the step's batch, or the whole batch when class
+        expansions mix it (they then run on the whole batch and this process keeps its rows); the transforms
+        draw for the whole batch and apply this process's rows (augment.Rows)."""
         x = self.images[positions].unsqueeze(1).float().div_(255.0)
         y = self.labels[positions]
         for expand in self.class_expansions:  # new classes made from the sampled ones (few-shot towers)
             x, y = expand(x, y, generator)
-        x = self.augment(x, generator)
+        rows = self._rows
+        if rows is not None and len(x) == rows.total:  # the whole batch was made here: keep this process's rows
+            x, y = x[rows.start:rows.stop], y[rows.start:rows.stop]
+        x = self.augment(x, generator) if rows is None else self.augment(x, generator, rows)
         if self.elastic is not None:
-            x = self.elastic(x, generator)
+            x = self.elastic(x, generator) if rows is None else self.elastic(x, generator, rows)
         # channels-last: faster convolutions on CUDA and with oneDNN on CPU
         return x.contiguous(memory_format=torch.channels_last), y
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Forward (bf16 autocast on CUDA), objective, backward, optimizer and scheduler step; returns the loss."""
+        if self._ddp is not None:
+            return self._distributed_step(x, y, generator)
         self.tower.train()
         self.objective.train()
         if self.device.type == "cuda":
@@ -213,6 +277,31 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return loss.detach()
+
+    def _distributed_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """train_step on this process's rows: DDP averages the gradients of the global batch's loss over the
+        processes; returns the global batch's loss (the same on every process)."""
+        self.tower.train()
+        self.objective.train()
+        loss = self._ddp(x, y, generator)
+        value = loss.detach() / self._loss_scale if self._loss_scale != 1 else loss.detach()
+        if self.device.type == "cpu":
+            self._check_finite(float(value))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return value
+
+    def _stop_agreed(self, requested: bool) -> bool:
+        """Whether to stop after this step: Ctrl-C reaches the processes at different moments (or only those of
+        one machine), so in a distributed run they agree, after every step (on CUDA every 20 steps and at epoch
+        ends, to spare a device sync), to stop after the same one."""
+        if self.group is None:
+            return requested
+        if self.device.type == "cuda" and self.step % 20 and self.step != self.steps_per_epoch and self.step:
+            return False
+        return self.group.any(requested)
 
     def _check_finite(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -235,23 +324,27 @@ class Trainer:
         if resume:
             self.load_state()
             if self.epoch >= self.epochs:
-                logger.info(f"{self.out_dir}: training already finished ({self.epochs} epochs); nothing to do")
+                if self.is_main:
+                    logger.info(f"{self.out_dir}: training already finished ({self.epochs} epochs); nothing to do")
                 return self.out_dir
-            logger.info(f"resuming {self.out_dir} at epoch {self.epoch + 1}, step {self.step} of {self.steps_per_epoch}")
+            if self.is_main:
+                logger.info(f"resuming {self.out_dir} at epoch {self.epoch + 1}, step {self.step} of "
+                            f"{self.steps_per_epoch}")
         self._session = {"started_at_step": self.global_step, "steps_run": 0, "device": self.device.type,
-                         "threads": self._threads()}
+                         "threads": self._threads(), "processes": self.group.world_size if self.group else 1}
         if resume:
             self._warn_if_threads_differ()
         self.tower.to(self.device)
         self.objective.to(self.device)
         total = self.epochs * self.steps_per_epoch
         bar = tqdm(total=total, initial=self.global_step, desc="train", unit="step",
-                   disable=not show_progress(self.progress), dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+                   disable=not (self.is_main and show_progress(self.progress)), dynamic_ncols=True, mininterval=0.5,
+                   file=sys.stderr)
         consistent = True  # False while weights/optimizer are mid-update: nothing may be saved then
         try:
             with _StopRequest() as stop:
                 while self.epoch < self.epochs:
-                    plan = self.sampler.epoch_batches(self.epoch).to(self.device)
+                    plan = self.epoch_plan(self.epoch).to(self.device)
                     while self.step < self.steps_per_epoch:
                         t0 = time.perf_counter()
                         consistent = False
@@ -276,13 +369,13 @@ class Trainer:
                         if self.on_step is not None:
                             self.on_step(StepInfo(self.epoch, self.step, self.global_step, self.steps_per_epoch,
                                                   loss, self))
-                        if stop.requested:
+                        if self._stop_agreed(stop.requested):
                             raise KeyboardInterrupt
                     consistent = False  # validation and checkpoints: a forced stop here keeps the older state
                     self._end_epoch()
                     bar.set_postfix_str(self._postfix())
                     consistent = True
-                    if stop.requested:
+                    if self._stop_agreed(stop.requested):
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
@@ -290,43 +383,72 @@ class Trainer:
                 raise TrainingInterrupted(
                     f"stopped at once; the last saved state (epoch {len(self.history)}) is kept in {self.out_dir}",
                     saved=False, run_dir=self.out_dir) from None
-            self.save_state()
-            save_checkpoint(self.out_dir / "last", self.tower, self.objective.head,
-                            **self._ckpt_meta(interrupted=True))
+            if self.is_main:
+                self.save_state()
+                save_checkpoint(self.out_dir / "last", self.tower, self.objective.head,
+                                **self._ckpt_meta(interrupted=True))
+            if self.group is not None:  # the others wait: torchrun stops the job when a process exits non-zero
+                self.group.barrier()
             raise TrainingInterrupted(
                 f"interrupted at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}; saved "
                 f"{self.out_dir / 'last.safetensors'} and the training state", saved=True, run_dir=self.out_dir) from None
+        except Exception as e:
+            bar.close()
+            if self.group is not None and is_comm_error(e):
+                raise RetrievalError(lost_contact_message(self.group, e, f"at epoch {self.epoch + 1}, step "
+                                                                         f"{self.step + 1}")) from None
+            raise
         bar.close()
         return self.out_dir
+
+    def epoch_plan(self, epoch: int) -> torch.Tensor:
+        """The positions of each step's batch: this process's share, or in a distributed run with class
+        expansions the whole batch (make_batch keeps this process's rows after expanding)."""
+        if self._rows is not None and self.class_expansions:
+            return self.sampler.global_batches(epoch)
+        return self.sampler.epoch_batches(epoch)
 
     def _threads(self) -> int | None:
         return torch.get_num_threads() if self.device.type == "cpu" else None
 
     def _warn_if_threads_differ(self) -> None:
         # CPU kernels split reductions by thread, so another thread count changes the last bits of the weights.
+        if not self.is_main:
+            return
         before = self.sessions[-1].get("threads") if self.sessions else None
         now = self._session["threads"]
         if before is not None and now is not None and before != now:
             logger.warning(f"{self.out_dir} was trained with {before} CPU threads and resumes with {now}: "
                            f"training continues, but the weights will not be bit-identical to an uninterrupted run "
                            f"(resume with --threads {before} for that)")
+        before = self.sessions[-1].get("processes", 1) if self.sessions else None
+        now = self._session["processes"]
+        if before is not None and before != now:
+            logger.warning(f"{self.out_dir} was trained with {before} process(es) and resumes with {now}: the global "
+                           "batches are the same, but floating-point sums differ in the last bits, so the weights "
+                           "will not be bit-identical to an uninterrupted run")
 
     def _postfix(self) -> str:
         lr = self.scheduler.get_last_lr()[0]
         last = self.history[-1] if self.history else {}
         # between epochs (totals just reset) show the finished epoch's speed rather than 0
-        ips = (self._epoch_steps * self.sampler.batch_size / max(self._epoch_seconds, 1e-9) if self._epoch_steps
+        ips = (self._epoch_steps * self.images_per_step / max(self._epoch_seconds, 1e-9) if self._epoch_steps
                else last.get("images_per_s", 0.0))
         val = f" val MAP@R {last['val_map_at_r']:.4f}" if "val_map_at_r" in last else ""
         return f"epoch {min(self.epoch + 1, self.epochs)}/{self.epochs} loss {self._running_loss:.4f} lr {lr:.2e} {ips:,.0f} img/s{val}"
 
     def _end_epoch(self) -> None:
+        if not self.is_main:  # rank 0 validates, writes and logs; the others move on to the next epoch
+            self.epoch += 1
+            self.step = 0
+            self._reset_epoch_totals()
+            return
         record = {
             "epoch": self.epoch + 1,
             "global_step": self.global_step,
             "loss": float(self._loss_sum) / max(self._epoch_steps, 1),
             "lr": self.scheduler.get_last_lr()[0],
-            "images_per_s": self._epoch_steps * self.sampler.batch_size / max(self._epoch_seconds, 1e-9),
+            "images_per_s": self._epoch_steps * self.images_per_step / max(self._epoch_seconds, 1e-9),
             "epoch_seconds": self._epoch_seconds,
             "train_seconds": self.train_seconds,
         }
@@ -410,6 +532,23 @@ class Trainer:
                 old.unlink(missing_ok=True)
 
     def load_state(self) -> None:
+        """The saved training state, checked against this run. Distributed: rank 0 reads the run folder (the
+        other processes may run on machines without it) and sends its contents to the others."""
+        state, tensors = self._read_state() if self.group is None else self._shared_state()
+        self._apply_state(state, tensors)
+
+    def _shared_state(self) -> tuple[dict, dict]:
+        read: dict = {}
+
+        def on_main() -> dict:
+            state, read["tensors"] = self._read_state()
+            return state
+
+        state = self.group.from_main(on_main, "to read the training state")
+        blob = self.group.broadcast_bytes(save_bytes(read["tensors"]) if self.is_main else None)
+        return state, (read["tensors"] if self.is_main else load_bytes(blob))
+
+    def _read_state(self) -> tuple[dict, dict]:
         path = self.out_dir / "state.json"
         state = read_json(path, "training state")
         if state.get("format") != STATE_FORMAT:
@@ -428,7 +567,9 @@ class Trainer:
             raise RetrievalError(f"{weights}: cannot read the training state ({e})") from None
         if fingerprint_state(tensors) != state["tensors_fingerprint"]:
             raise RetrievalError(f"{weights} does not match {path} (file changed or corrupt)")
+        return state, tensors
 
+    def _apply_state(self, state: dict, tensors: dict) -> None:
         def part(prefix: str) -> dict:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -452,7 +593,7 @@ class Trainer:
         self._reset_epoch_totals(partial["loss_sum"], partial["steps"], partial["seconds"])
         metrics = self.out_dir / "metrics.jsonl"
         self.history = []
-        if metrics.is_file():
+        if self.is_main and metrics.is_file():
             for line in metrics.read_text("utf-8").splitlines():
                 if line.strip():
                     record = json.loads(line)
@@ -485,6 +626,7 @@ def train(
     progress: bool = True,
     on_step: Callable[[StepInfo], None] | None = None,
     threads: int | None = None,
+    dist_timeout: float | None = None,
 ) -> Path:
     """Train a tower as `config` says (a Config, a TOML/YAML path or a dict over the defaults) into `out_dir`.
 
@@ -492,7 +634,58 @@ def train(
     the run's own config.json is used; a given config must agree with it). overwrite=True starts afresh in a
     folder that holds a run. On CPU torch uses `threads` threads (default: all cores this process may use; bit-exact
     resumption needs the same count). Returns the run folder. Raises TrainingInterrupted after Ctrl-C.
+
+    Launched by torchrun with more than one process, every process calls this with the same arguments: each joins
+    the job's process group (`device` auto/cuda: the GPU of its local rank; `threads` default: this machine's
+    cores shared out among its processes; `dist_timeout`: seconds any process waits for the others, default
+    retrieval.distributed.DEFAULT_TIMEOUT_S), rank 0 does all of the above with the run folder, and all train
+    together; every process returns the run folder.
     """
+    group = join_process_group(device, dist_timeout)  # None: a plain run (no torchrun, or a single process)
+    if group is None:
+        return _train(config, out_dir, resolve_device(device), resume, overrides, data_root, overwrite, progress,
+                      on_step, threads, None)
+    try:
+        if threads is None and group.device.type == "cpu":
+            threads = max(1, available_cores() // group.local_world_size)
+        if group.is_main:
+            return _train(config, out_dir, group.device, resume, overrides, data_root, overwrite, progress, on_step,
+                          threads, group)
+        return _follow(group, data_root, on_step, threads)
+    except Exception as e:
+        if is_comm_error(e):
+            raise RetrievalError(lost_contact_message(group, e, "before training")) from None
+        raise
+    finally:
+        group.close()
+
+
+def _follow(group: ProcessGroup, data_root, on_step, threads: int | None) -> Path:
+    """A process other than rank 0: train alongside it with the config and run folder it sends, writing nothing."""
+    setup = group.wait_release("to set up the run")
+    cfg = resolve_config(setup["config"], source="rank 0's config")
+    out = Path(setup["out"])
+    with _cpu_threads(group.device, threads):
+        trainer = build_trainer(cfg, out, group.device, data_root, progress=False, on_step=on_step, group=group)
+        trainer.run(resume=setup["resume"])
+    return out
+
+
+def _train(config, out_dir, dev: torch.device, resume: bool, overrides, data_root, overwrite: bool, progress: bool,
+           on_step, threads: int | None, group: ProcessGroup | None) -> Path:
+    """train() in one process, or as rank 0 of a distributed run (which releases the others once the run folder
+    is checked, or hands them its error)."""
+    try:
+        return _train_checked(config, out_dir, dev, resume, overrides, data_root, overwrite, progress, on_step,
+                              threads, group)
+    except BaseException as e:
+        if group is not None and not group.released:
+            group.fail(e)
+        raise
+
+
+def _train_checked(config, out_dir, dev: torch.device, resume: bool, overrides, data_root, overwrite: bool,
+                   progress: bool, on_step, threads: int | None, group: ProcessGroup | None) -> Path:
     if config is None:
         if not (resume and out_dir):
             raise UsageError("a config is needed (only resuming a run folder can reuse the run's own config)")
@@ -503,11 +696,10 @@ def train(
     else:
         cfg = resolve_config(config, overrides, source="config")
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    dev = resolve_device(device)
     created = not out.exists()
     ensure_writable_dir(out, "run folder")
     try:
-        _train_in(out, cfg, dev, resume, overwrite, data_root, progress, on_step, threads)
+        _train_in(out, cfg, dev, resume, overwrite, data_root, progress, on_step, threads, group)
     except BaseException:
         if created and out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
             shutil.rmtree(out, ignore_errors=True)  # failed before writing anything: leave no empty run folder
@@ -516,7 +708,7 @@ def train(
 
 
 def _train_in(out: Path, cfg: Config, dev: torch.device, resume: bool, overwrite: bool, data_root, progress: bool,
-              on_step, threads: int | None) -> None:
+              on_step, threads: int | None, group: ProcessGroup | None = None) -> None:
     with exclusive_lock(out):
         if resume:
             if not (out / "state.json").is_file():
@@ -529,18 +721,36 @@ def _train_in(out: Path, cfg: Config, dev: torch.device, resume: bool, overwrite
             if not overwrite:
                 raise RetrievalError(f"{out} already holds a training run; use `resume` to continue it, "
                                      "`overwrite` to start afresh, or another run folder")
-            for old in [*out.glob("state*"), *out.glob("last.*"), *out.glob("best.*"), out / "metrics.jsonl"]:
+            for old in [*out.glob("state*"), *out.glob("last.*"), *out.glob("best.*"), out / "metrics.jsonl",
+                        out / "card.md"]:
                 old.unlink(missing_ok=True)
+        if group is not None:  # the run folder is fine: the other processes may start
+            group.release({"config": cfg.to_dict(), "out": str(out), "resume": resume})
         with _cpu_threads(dev, threads):
-            trainer = build_trainer(cfg, out, dev, data_root, progress, on_step)
+            trainer = build_trainer(cfg, out, dev, data_root, progress, on_step, group)
             if not resume:
                 atomic_write_json(out / "config.json", cfg.to_dict())
             where = f"{dev.type}" + (f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else "")
+            if group is not None:
+                where = f"{group.world_size} processes ({group.backend}; rank 0 on {where})"
             logger.info(
                 f"training {cfg.name}: {cfg.tower.name} tower, {cfg.objective.name} objective, "
                 f"{len(trainer.images):,} images ({len(trainer.val_labels) if trainer.val_labels is not None else 0:,} "
                 f"for validation), {trainer.epochs} epochs x {trainer.steps_per_epoch} steps on {where} -> {out}")
-            trainer.run(resume=resume)
+            try:
+                trainer.run(resume=resume)
+            finally:
+                _write_card(out)  # finished or interrupted: the card says which
+
+
+def _write_card(out: Path) -> None:
+    """The run's model card (retrieval.cards); a failure to write it is a warning, never the run's outcome."""
+    from retrieval.cards import write_run_card
+
+    try:
+        write_run_card(out)
+    except (OSError, RetrievalError, ValueError, TypeError, KeyError) as e:
+        logger.warning(f"could not write the model card {out / 'card.md'}: {e}")
 
 
 # the data layer names its arguments in backticks; here they are the config's data.* keys
@@ -548,9 +758,10 @@ _DATA_ARGUMENT = re.compile(r"`(classes|exclude|subset)`")
 
 
 def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, progress: bool = True,
-                  on_step: Callable[[StepInfo], None] | None = None) -> Trainer:
+                  on_step: Callable[[StepInfo], None] | None = None, group: ProcessGroup | None = None) -> Trainer:
     """Everything a resolved config describes: data (on `dev`), validation slice, seeded tower, objective,
-    sampler, augmentation, optimizer and schedule, composed into a Trainer that writes to `out`."""
+    sampler, augmentation, optimizer and schedule, composed into a Trainer that writes to `out`. With a process
+    `group`: batch norm over the global batch and this process's share of each batch."""
     d, t, o, a, seed = cfg.data, cfg.tower, cfg.objective, cfg.augment, cfg.seed
     try:
         ds = load_dataset(d.spec, root=data_root, classes=d.classes or None, exclude=d.exclude or None,
@@ -572,6 +783,9 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
     tower.to(dev, memory_format=torch.channels_last)
     objective.to(dev)
     sampler = SAMPLERS[cfg.sampler.name](train_labels, cfg.train.batch_size, cfg.sampler.m, seed)
+    if group is not None:
+        tower = group.sync_batchnorm(tower)
+        sampler = ShardedBatchSampler(sampler, group.rank, group.world_size)
     augment = BatchAugment(a.degrees, a.translate, a.scale, a.shear, a.group)
     params = list(tower.parameters()) + list(objective.parameters())
     optimizer, scheduler = build_optimizer(cfg.optimizer, params, cfg.train.epochs * len(sampler))
@@ -591,6 +805,8 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         "augment": {**augment.describe(), "elastic": a.elastic, "composite_classes": a.composite_classes,
                     "dihedral_classes": a.dihedral_classes},
     }
+    if group is not None:
+        checkpoint_meta["distributed"] = group.describe()
     state_meta = {"config_sha256": hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()}
     val_images = ds.images[val_pos].to(dev) if len(val_pos) else None
     val_labels = ds.labels[val_pos] if len(val_pos) else None
@@ -603,4 +819,5 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         progress=progress, on_step=on_step,
         elastic=ElasticAugment(a.elastic) if a.elastic else None,
         class_expansions=build_class_expansions(a.composite_classes, a.dihedral_classes, len(ds.classes), sampler.m),
+        group=group,
     )

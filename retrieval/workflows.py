@@ -11,6 +11,7 @@ them on stderr); errors are RetrievalError / UsageError naming the argument, nev
     evaluate_pairs  a checkpoint on balanced same/different pairs -> verification accuracy, ROC AUC
     calibrate       a query spec against an index folder -> the "unknown" distance threshold, stored
     fewshot         a checkpoint (or raw pixels) on N-way K-shot episodes -> accuracy with confidence intervals
+    export          a checkpoint -> its tower as an ONNX or TorchScript inference graph with a JSON sidecar
     train           a config -> a run folder (retrieval.trainer.train)
     quickstart      fetch, train, index, evaluate, few-shot, query: the whole chain into one folder
 """
@@ -21,6 +22,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,8 @@ from retrieval.fewshot import (
 )
 from retrieval.index import (
     EmbeddingIndex, META_NAME, build_index as build_faiss_index, check_index_target, class_prototypes,
-    load_index, load_index_tower, read_index_meta, save_index, tower_meta, update_index_meta,
+    load_index, load_index_tower, metric_code, normalize_factory, read_index_meta, save_index, tower_files, tower_meta,
+    update_index_meta,
 )
 from retrieval.fsutil import exclusive_lock
 from retrieval.grid import SourceImages, check_grid_target, query_grid_rows, render_grid
@@ -106,8 +109,6 @@ def _embed(ckpt: Checkpoint, images: torch.Tensor, batch_size: int | None, devic
 # -- index folders --------------------------------------------------------------------------------------------------
 def default_index_name(checkpoint: str | os.PathLike, data_specs: Sequence[str], **variant) -> str:
     """`<run folder name>-<data specs>[-<variant>]`, sanitised to [A-Za-z0-9._-]."""
-    import re
-
     p = Path(checkpoint)
     run = p.name if p.is_dir() else (p.parent.name or p.stem) if p.suffix in (".safetensors", ".json") else p.parent.name or p.name
     parts = [run or "index", *data_specs]
@@ -136,11 +137,22 @@ def build_index(
     subset: int | None = None,
     seed: int = 0,
     search_params: str | None = None,
-) -> EmbeddingIndex:
+    train_size: int | None = None,
+    on_disk: bool = False,
+    chunk_size: int | None = None,
+    dist_timeout: float | None = None,
+) -> EmbeddingIndex | None:
     """Checkpoint + dataset specs -> an index saved in `out` (default indexes/<run>-<data>; the index's .folder),
     replacing any index there atomically. The folder lock is held from the start, so a second build into the
-    same folder fails at once."""
-    from retrieval.index import normalize_factory, metric_code
+    same folder fails at once.
+
+    The images are read and embedded `chunk_size` at a time (retrieval.index_build: memory for the tower, the
+    index and one chunk); trained indexes (IVF, PQ, ...) are trained on a seeded sample of `train_size` vectors
+    (default from the factory). `on_disk`: an IVF index's inverted lists in a file of the folder, memory-mapped
+    when searched. Launched by torchrun with more than one process, every process calls this with the same
+    arguments: each embeds its share of the rows (`dist_timeout`: seconds a process waits for the others), rank 0
+    merges the shares, writes the folder and returns the index; the others return None."""
+    from retrieval.distributed import is_comm_error, join as join_process_group
 
     if out is None:
         out = Path("indexes") / default_index_name(checkpoint, data_specs, classes=classes, exclude=exclude,
@@ -148,31 +160,52 @@ def build_index(
     out = Path(out)
     factory = normalize_factory(factory)
     metric_code(metric)
-    device = resolve_device(device)
-    existed = check_index_target(out)
+    for name, value in (("train_size", train_size), ("chunk_size", chunk_size), ("batch_size", batch_size)):
+        if value is not None and value <= 0:
+            raise UsageError(f"`{name}` must be positive, got {value}")
+    if prototypes and on_disk:
+        raise UsageError("`on_disk` does not apply to `prototypes` (one vector per class)")
+    group = join_process_group(device, dist_timeout)  # None: one process
+    device = group.device if group is not None else resolve_device(device)
+    options = dict(factory=factory, metric=metric, prototypes=prototypes, batch_size=batch_size, device=device,
+                   root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
+                   search_params=search_params, train_size=train_size, on_disk=on_disk, chunk_size=chunk_size)
+    try:
+        if group is not None and not group.is_main:
+            group.wait_release("to set up the index build")
+            _build_rows(checkpoint, data_specs, None, group, **options)
+            return None
+        return _build_main(checkpoint, data_specs, out, group, **options)
+    except Exception as e:
+        if group is not None and is_comm_error(e):
+            raise RetrievalError(f"rank {group.rank} of {group.world_size}: the index build stopped: another "
+                                 f"process of the job failed or stopped answering ({str(e).strip().splitlines()[0]})"
+                                 ) from None
+        raise
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _build_main(checkpoint, data_specs, out: Path, group, **options) -> EmbeddingIndex:
+    """build_index in one process, or as rank 0 of a torchrun job (which releases the others once the folder,
+    checkpoint and data are checked, or hands them its error)."""
+    try:
+        existed = check_index_target(out)
+    except BaseException as e:
+        if group is not None:
+            group.fail(e)
+        raise
     try:
         with exclusive_lock(out):
-            ckpt = load_checkpoint(checkpoint, device=device)
-            datasets, entries = _load_datasets(data_specs, _data_root(root), classes, exclude, subset, seed)
-            images, labels, names, sources = merge_datasets(datasets)
-            emb = _embed(ckpt, images, batch_size, device)
-            if prototypes:
-                emb, labels, sources = class_prototypes(emb, labels, names)
-                logger.info(f"{len(emb)} class prototypes (mean embedding per class) from {len(images):,} images")
-            else:
-                first = 0
-                for entry in entries:
-                    entry["ids"] = [first, first + entry["images"] - 1]
-                    first += entry["images"]
             old = (out / META_NAME).is_file()
-            index = build_faiss_index(
-                emb, labels, names, sources, factory=factory, metric=metric, seed=seed, search_params=search_params,
-                tower=tower_meta(ckpt), preprocessing=PREPROCESSING, prototypes=bool(prototypes), data=entries,
-            )
+            index = _build_rows(checkpoint, data_specs, out, group, **options)
             save_index(index, out, locked=True)
             if old:
                 logger.info(f"replaced the previous index in {out}")
-    except BaseException:
+    except BaseException as e:
+        if group is not None and not group.released:
+            group.fail(e)
         if not existed and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
             (out / ".lock").unlink(missing_ok=True)
             out.rmdir()
@@ -180,6 +213,48 @@ def build_index(
     logger.info(f"index: {len(index):,} vectors of {index.dimension} dims, {index.meta['factory']} ({index.metric}), "
                 f"{len(index.label_counts())} classes -> {out}")
     return index
+
+
+def _build_rows(checkpoint, data_specs, out: Path | None, group, *, factory, metric, prototypes, batch_size, device,
+                root, classes, exclude, subset, seed, search_params, train_size, on_disk,
+                chunk_size) -> EmbeddingIndex | None:
+    """Open the datasets and run retrieval.index_build.build_streaming (rank 0 releases the others first)."""
+    from retrieval.data.stream import open_dataset
+    from retrieval.index_build import DEFAULT_CHUNK_SIZE, BuildPlan, build_streaming
+
+    main = group is None or group.is_main
+    ckpt = load_checkpoint(checkpoint, device=device)
+    if not data_specs:
+        raise UsageError("`data`: give at least one dataset spec")
+    datasets = [open_dataset(spec, root=_data_root(root), classes=classes, exclude=exclude, subset=subset, seed=seed)
+                for spec in data_specs]
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
+    chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    chunk = -(-chunk // batch_size) * batch_size  # whole batches: a chunk embeds as it would in one pass
+    plan = BuildPlan.of(datasets, chunk)
+    entries = []
+    for ds, first in zip(datasets, plan.starts):
+        entry = {"spec": ds.spec, "filters": ds.filters, "images": len(ds), "preprocessing": ds.preprocessing,
+                 "added": _now()}
+        if not prototypes:
+            entry["ids"] = [first, first + len(ds) - 1]
+        entries.append(entry)
+    meta = dict(tower=tower_meta(ckpt), preprocessing=PREPROCESSING, prototypes=bool(prototypes), data=entries) \
+        if main else {}
+    if group is not None and main:
+        group.release(None)  # the folder, checkpoint and data are fine: the others start
+    try:
+        result = build_streaming(plan, ckpt.tower, factory=factory, metric=metric, seed=seed, train_size=train_size,
+                                 search_params=search_params, on_disk=on_disk, prototypes=prototypes,
+                                 batch_size=batch_size, device=device, group=group, out=out, meta=meta)
+    finally:
+        plan.close()
+    embed = result.seconds.get("embed", 0.0)
+    if main:
+        where = f" (this process; {group.world_size} processes embedded their shares)" if group is not None else ""
+        logger.info(f"embedded {result.rows_embedded:,} images in {embed:.1f}s "
+                    f"({result.rows_embedded / max(embed, 1e-9):,.0f} images/s){where}")
+    return result.index
 
 
 def add_to_index(
@@ -203,6 +278,9 @@ def add_to_index(
     with exclusive_lock(folder):
         index = load_index(folder)
         ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
+        if not tower_files(index.meta):  # written before towers were copied: it carries its tower from now on
+            index.meta["tower"] = tower_meta(ckpt)
+            logger.info(f"copying the tower into {folder} (the index named it by path only)")
         datasets, entries = _load_datasets(data_specs, _data_root(root), classes, exclude, subset, seed)
         images, labels, names, sources = merge_datasets(datasets)
         emb = _embed(ckpt, images, batch_size, device)
@@ -517,12 +595,92 @@ def fewshot(
     return FewShotRun(results, what, ds)
 
 
+@dataclass
+class Export:
+    path: Path  # the ONNX / TorchScript file
+    sidecar_path: Path  # its JSON sidecar
+    sidecar: dict
+
+
+def export(checkpoint: str | os.PathLike, format: str, out: str | os.PathLike, *, opset: int | None = None) -> Export:
+    """The checkpoint's tower as an inference graph in `out` (see retrieval.export): ONNX (`opset`, default 17) or
+    TorchScript, checked against the tower before it is written, with a JSON sidecar beside it."""
+    from retrieval.export import DEFAULT_OPSET, FORMATS, check_export, export_tower
+
+    if format not in FORMATS:
+        raise UsageError(f"`format` {format!r}: expected one of: {', '.join(FORMATS)}")
+    if opset is not None and format != "onnx":
+        raise UsageError("`opset` applies to the onnx `format` only")
+    ckpt = load_checkpoint(checkpoint, device="cpu")
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    check_export(format, ckpt.tower, opset)
+    start = time.perf_counter()
+    sidecar = export_tower(ckpt, format, out, opset=opset)
+    out = Path(out)
+    parity = sidecar.get("parity")
+    checked = (f"; max |difference| from the tower {parity['max_abs_diff']:.1e} on {parity['images']} check images "
+               f"({parity['runtime']})") if parity else ""
+    logger.info(f"exported the {sidecar['tower']} tower ({sidecar['embedding_size']}-d, inference options "
+                f"deskew={sidecar['inference']['deskew']}, test_shifts={sidecar['inference']['test_shifts']}) as "
+                f"{format} to {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f}s{checked}")
+    return Export(out, out.with_name(out.name + ".json"), sidecar)
+
+
 # -- training -------------------------------------------------------------------------------------------------------
 def train(config, out_dir=None, **options) -> Path:
-    """Train a tower as `config` says into `out_dir` (see retrieval.trainer.train for the options)."""
+    """Train a tower as `config` says (a config file, the name of a shipped config such as "mnist-default", a
+    Config or a dict) into `out_dir` (see retrieval.trainer.train for the options)."""
     from retrieval.trainer import train as run_training
 
+    if isinstance(config, (str, os.PathLike)):
+        config = resolve_config_path(config)
     return run_training(config, out_dir, **options)
+
+
+def run_summary(run: str | os.PathLike, seconds: float | None = None) -> dict:
+    """What a finished (or interrupted) training run amounts to, as `retrieval train --json` prints it: the best
+    epoch and its validation figures, the last epoch's, the files written and the times (`seconds`: this call's
+    wall time, when the caller measured it)."""
+    run = Path(run)
+    history = []
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        history = [json.loads(line) for line in metrics.read_text("utf-8").splitlines() if line.strip()]
+
+    def checkpoint(name: str) -> dict | None:
+        path = run / f"{name}.json"
+        if not path.is_file():
+            return None
+        meta = json.loads(path.read_text("utf-8"))
+        val = meta.get("val") or {}
+        return {"epoch": meta.get("epoch"), "val_precision_at_1": val.get("precision_at_1"),
+                "val_map_at_r": val.get("map_at_r"), "fingerprint": meta.get("fingerprint"),
+                "checkpoint": str(run / f"{name}.safetensors"), "interrupted": bool(meta.get("interrupted"))}
+
+    state = {}
+    if (run / "state.json").is_file():
+        state = json.loads((run / "state.json").read_text("utf-8"))
+    last = checkpoint("last")
+    config = json.loads((run / "config.json").read_text("utf-8")) if (run / "config.json").is_file() else {}
+    return {
+        "run": str(run),
+        "config": config.get("name"),
+        "epochs": (config.get("train") or {}).get("epochs"),
+        "epochs_done": len(history),
+        "finished": bool(state.get("finished")),
+        "best": checkpoint("best"),
+        "last": last,
+        "validation": [{k: r.get(k) for k in ("epoch", "loss", "val_precision_at_1", "val_map_at_r")}
+                       for r in history],
+        "times": {
+            "train_seconds": state.get("train_seconds", sum(float(r.get("epoch_seconds") or 0) for r in history)),
+            "validation_seconds": sum(float(r.get("val_seconds") or 0) for r in history),
+            "images_per_s_last_epoch": history[-1].get("images_per_s") if history else None,
+            **({"wall_seconds": seconds} if seconds is not None else {}),
+        },
+        "files": {name: str(run / name) for name in ("config.json", "metrics.jsonl", "card.md", "state.json")
+                  if (run / name).is_file()},
+    }
 
 
 # -- the whole chain ------------------------------------------------------------------------------------------------
@@ -568,7 +726,20 @@ class QuickstartResult:
             lines.append(f"  few-shot run    {self.fewshot_run}")
         lines.append(f"  index           {self.index}")
         lines.append(f"  report          {self.report}  (summary.md, metrics.json, plots)")
+        lines.append(f"  model card      {self.run / 'card.md'}")
         return lines
+
+    def to_json(self) -> dict:
+        """What `retrieval quickstart --json` prints."""
+        return {
+            "out": str(self.out), "run": str(self.run),
+            "fewshot_run": str(self.fewshot_run) if self.fewshot_run else None,
+            "index": str(self.index), "report": str(self.report), "card": str(self.run / "card.md"),
+            "metrics": self.metrics,
+            "fewshot": [{"classes": FEWSHOT_CLASSES, **r.to_dict()} for r in self.fewshot],
+            "queries": [r.to_json() for r in self.queries],
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
 
 
 def _finished_run(run: Path, epochs: int) -> bool:
@@ -583,15 +754,31 @@ def _finished_run(run: Path, epochs: int) -> bool:
     return meta.get("epoch") == epochs and not meta.get("interrupted")
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped inside the package (retrieval/configs/<name>.toml, package data)."""
+    from importlib.resources import files
+
+    folder = files("retrieval").joinpath("configs")
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml")) if folder.is_dir() else []
 
 
 def shipped_config(name: str) -> Path:
-    """The path of a config shipped with the tool (configs/<name>.toml)."""
-    path = CONFIG_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise RetrievalError(f"shipped config {path} not found (quickstart runs from a source checkout)")
-    return path
+    """The path of a config shipped with the tool, by name (mnist-default, ...): package data, so it is found in
+    a source checkout and in any installation alike."""
+    from importlib.resources import files
+
+    resource = files("retrieval").joinpath("configs", f"{name}.toml")
+    if not resource.is_file():
+        raise UsageError(f"`config` {name!r}: no shipped config of that name; shipped: {', '.join(shipped_configs())}")
+    return Path(os.fspath(resource))  # the package is installed as files (a wheel or a checkout), never zipped
+
+
+def resolve_config_path(config: str | os.PathLike) -> Path:
+    """A config file path, or the name of a shipped config (mnist-default) when no such file exists."""
+    path = Path(config)
+    if path.is_file() or path.suffix or len(path.parts) != 1:
+        return path
+    return shipped_config(str(config))
 
 
 def _quickstart_train(config_name: str, run: Path, overrides: list[str], force: bool, device, root) -> Path:
@@ -619,6 +806,19 @@ def _quickstart_index(run: Path, folder: Path, subset: int | None, force: bool, 
     logger.info(f"[index] embedding mnist:train and building a Flat index -> {folder}")
     build_index(run, ["mnist:train"], folder, subset=subset, device=device, root=root)
     return folder
+
+
+def _card_with_test_figures(run: Path, evaluation: "Evaluation") -> None:
+    """Rewrite the run's model card with the test figures just measured."""
+    from retrieval.cards import write_run_card
+
+    m = evaluation.metrics.to_json()
+    ds = evaluation.queries.dataset
+    test = {**{k: m.get(k) for k in ("recall@1", "precision@1", "map@r", "r_precision", "per_class")},
+            "queries": f"{ds.spec} ({len(ds):,} images" + "".join(f", {k} {v}" for k, v in (ds.filters or {}).items())
+                       + ")",
+            "references": f"an index of mnist:train ({m['n_references']:,} images)"}
+    write_run_card(run, test=test)
 
 
 def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, tiny: bool = False,
@@ -659,6 +859,7 @@ def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, ti
     report = out / "reports" / "mnist-default-test"
     evaluation = evaluate(index, "mnist:test", (1, 2, 4, 8, 16), report=report, root=root,
                           subset=TINY["query_subset"] if tiny else None, device=device)
+    _card_with_test_figures(run, evaluation)
     lap("evaluate")
 
     fewshot_run, fewshot_results = None, []
@@ -671,7 +872,7 @@ def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, ti
                                   batch_size=256, device=device).results
         lap("fewshot")
     else:
-        logger.info("[fewshot] skipped; to run it: retrieval train --config configs/mnist-fewshot.toml && "
+        logger.info("[fewshot] skipped; to run it: retrieval train --config mnist-fewshot && "
                     "retrieval fewshot --checkpoint runs/mnist-fewshot --data mnist:test --classes 0,4,5,8 "
                     "--ways 4 --shots 1,5")
 

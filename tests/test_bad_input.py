@@ -297,7 +297,7 @@ def test_output_path_that_is_not_writable(tmp_path, artifacts, data_root):
     blocker.write_text("I am a file, not a folder")
     assert_clean_failure(cli("index", "build", "--checkpoint", artifacts / "run", "--data", "mnist:test",
                              "--subset", "20", "--out", blocker / "ix", data_root=data_root), 1, "a-file")
-    assert_clean_failure(cli("train", "--config", Path(__file__).parents[1] / "configs" / "mnist-default.toml",
+    assert_clean_failure(cli("train", "--config", "mnist-default",
                              "--out", blocker / "run", data_root=data_root), 1, "a-file")
     assert_clean_failure(cli("evaluate", "--index", artifacts / "index", "--queries", "mnist:test", "--subset", "20",
                              "--report", blocker, data_root=data_root), 2, "--report", "a-file")
@@ -350,7 +350,7 @@ def test_kill_9_during_training_then_resume_gives_the_same_weights(tmp_path, dat
 
 
 # Covered in other modules: kill -9 and signals during `data fetch` (tests/test_fetch_interrupt.py), kill -9 during
-# `index build` / `index add` and report writing (tests/test_atomicity.py), two builds into one index folder
-# (tests/test_index.py), Ctrl-C during training (tests/test_train.py), pixel budget / truncated PNG / IDX details
+# `index build` / `index add` and report writing, two writers into one index folder (tests/test_atomicity.py),
+# Ctrl-C during training (tests/test_train.py), pixel budget / truncated PNG / IDX details
 # (tests/test_data.py), bad few-shot settings (tests/test_fewshot.py), bad evaluate/calibrate input
 # (tests/test_evaluate.py).

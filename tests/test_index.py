@@ -175,9 +175,12 @@ def test_items_file_disagreeing_with_faiss_is_refused(tmp_path, runs):
     folder = built_index(tmp_path, runs)
     meta = json.loads((folder / META_NAME).read_text())
     items_path = folder / meta["files"]["items"]
-    items = json.loads(items_path.read_text())
+    assert items_path.suffix == ".npz"  # arrays, not one JSON object per item
+    with np.load(items_path) as z:
+        items = {name: z[name] for name in z.files}
     items["ids"] = items["ids"][:-1]
-    items_path.write_text(json.dumps(items))
+    with open(items_path, "wb") as f:
+        np.savez(f, **items)
     meta["files"].pop("items_sha256")
     (folder / META_NAME).write_text(json.dumps(meta))
     with pytest.raises(RetrievalError, match=f"{items_path.name} lists 199 ids"):

@@ -29,17 +29,27 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import retrieval
+
+        print(f"retrieval {retrieval.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also debug messages on stderr."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_print_version,
+                                 is_eager=True),
 ) -> None:
     setup_cli_logging(-1 if quiet else 1 if verbose else 0)
 
 
 def _register() -> None:
     # Each module adds its commands/groups to `app`.
-    for name in ("data", "train", "index", "evaluate", "fewshot", "quickstart", "serve"):
+    for name in ("data", "train", "index", "evaluate", "fewshot", "export", "quickstart", "serve"):
         __import__(f"retrieval.cli.{name}")
 
 

@@ -54,16 +54,32 @@ def build(
     exclude: Optional[str] = ExcludeOption,
     subset: Optional[int] = SubsetOption,
     seed: int = SeedOption,
+    json_out: bool = typer.Option(
+        False, "--json",
+        help='Print {"folder", "meta", "label_counts", "seconds"} (as `index info --json`, with the build time) '
+             "instead of the folder.",
+    ),
 ) -> None:
-    """Embed a dataset with a trained tower and save a Faiss index of it (prints the index folder)."""
+    """Embed a dataset with a trained tower and save a Faiss index of it (prints the index folder).
+
+    The folder carries a copy of the tower (weights, sidecar, model card: a few MB at most), so it can be copied
+    anywhere (cp -r, rsync, tar) and queried there without the run folder.
+    """
+    import time
+
     from retrieval.workflows import build_index
 
+    start = time.perf_counter()
     index = build_index(
         checkpoint, data, out, factory=factory, metric=metric, prototypes=prototypes, batch_size=batch_size,
         device=device, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
         search_params=search_params,
     )
-    print(index.folder)
+    if json_out:
+        print_json({"folder": str(index.folder), "meta": index.meta, "label_counts": index.label_counts(),
+                    "seconds": round(time.perf_counter() - start, 3)})
+    else:
+        print(index.folder)
 
 
 @index_app.command("add")
@@ -105,9 +121,19 @@ def info(
     if json_out:
         print_json({"folder": str(folder), "meta": meta, "label_counts": counts})
         return
+    from retrieval.index import tower_files
+
     tower = meta.get("tower") or {}
     checkpoint = tower.get("checkpoint")
-    present = "" if checkpoint and Path(checkpoint).exists() else "  (missing)"
+    copied = tower_files(meta)
+    if copied:
+        here = all((Path(folder) / name).is_file() for kind, name in copied.items() if kind != "card")
+        tower_row = ("tower files", ", ".join(copied.values()) + ("" if here else "  (missing from the folder)"))
+        checkpoint_row = ("built from", str(checkpoint))
+    else:
+        present = "" if checkpoint and Path(checkpoint).exists() else "  (missing)"
+        tower_row = ("checkpoint", f"{checkpoint}{present}")
+        checkpoint_row = ("note", "written by an earlier version: the folder does not carry its tower; rebuild it")
     rows = [
         ("folder", str(folder)),
         ("vectors", f"{len(index):,}" + ("  (one prototype per class)" if meta.get("prototypes") else "")),
@@ -116,7 +142,8 @@ def info(
         ("dimension", str(meta["dimension"])),
         ("search params", meta.get("search_params") or "(Faiss defaults)"),
         ("tower", f"{tower.get('name')} ({tower.get('embedding_size')}-d), fingerprint {str(tower.get('fingerprint'))[:12]}"),
-        ("checkpoint", f"{checkpoint}{present}"),
+        tower_row,
+        checkpoint_row,
         ("preprocessing", str(meta.get("preprocessing"))),
         ("created", f"{meta.get('created')} by retrieval {meta.get('tool_version')} (faiss {meta.get('faiss_version')})"),
     ]

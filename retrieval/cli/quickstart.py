@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from retrieval.cli import app
-from retrieval.cli.common import DataRootOption, DeviceOption
+from retrieval.cli.common import DataRootOption, DeviceOption, print_json
 
 
 @app.command("quickstart")
@@ -17,9 +17,14 @@ def quickstart(
     force: bool = typer.Option(False, "--force", help="Redo every step instead of reusing what --out holds."),
     tiny: bool = typer.Option(False, "--tiny", help="A smoke run: small subsets, one short epoch, few episodes."),
     fewshot: bool = typer.Option(True, "--fewshot/--no-fewshot",
-                                 help="Also train configs/mnist-fewshot (without 0,4,5,8) and run few-shot episodes."),
+                                 help="Also train the mnist-fewshot config (without 0,4,5,8) and run few-shot episodes."),
     device: str = DeviceOption,
     root: Optional[Path] = DataRootOption,
+    json_out: bool = typer.Option(
+        False, "--json",
+        help='Print the summary as JSON: {"out", "run", "fewshot_run", "index", "report", "metrics", "fewshot", '
+             '"queries", "seconds"}.',
+    ),
 ) -> None:
     """Fetch MNIST, train mnist-default, index the training set, evaluate the test set against it
     (recall@1/2/4/8, precision@1, MAP@R, with a report), train mnist-fewshot and classify the held-out digits
@@ -30,4 +35,7 @@ def quickstart(
     from retrieval.workflows import quickstart as run
 
     result = run(out, force=force, tiny=tiny, fewshot_step=fewshot, device=device, root=root)
-    print("\n".join(result.summary_lines()))
+    if json_out:
+        print_json(result.to_json())
+    else:
+        print("\n".join(result.summary_lines()))

@@ -8,13 +8,15 @@ from typing import List, Optional
 import typer
 
 from retrieval.cli import app
-from retrieval.cli.common import DataRootOption, DeviceOption, log
+from retrieval.cli.common import DataRootOption, DeviceOption, log, print_json
 
 
 @app.command("train")
 def train_command(
     config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="Config file (TOML; YAML with PyYAML), e.g. configs/mnist-default.toml.",
+        None, "--config", "-c",
+        help="Config file (TOML; YAML with PyYAML), or the name of a shipped config: mnist-default, mnist-triplet, "
+             "mnist-contrastive, mnist-seed-pair, mnist-fewshot.",
         show_default=False,
     ),
     out: Optional[Path] = typer.Option(
@@ -39,15 +41,37 @@ def train_command(
     ),
     root: Optional[Path] = DataRootOption,
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (epoch lines are still logged)."),
+    dist_timeout: Optional[float] = typer.Option(
+        None, "--dist-timeout", min=0.001, metavar="SECONDS",
+        help="Under torchrun: how long a process waits for the others (joining, any collective) before the job "
+             "fails with a message, instead of hanging (default 300).", show_default=False,
+    ),
+    json_out: bool = typer.Option(
+        False, "--json",
+        help='Print the final summary as JSON instead of the run folder: {"run", "best": {"epoch", '
+             '"val_precision_at_1", "val_map_at_r", "checkpoint", ...}, "last", "validation": [per epoch], '
+             '"times", "files"}.',
+    ),
 ) -> None:
     """Train a tower with the config's objective; write checkpoints `best` and `last`, metrics.jsonl and the
     resolved config to the run folder, then print the folder.
 
     Ctrl-C saves `last` and the training state (exit code 130); `--resume` then continues bit for bit.
+
+    Several processes or machines: torchrun --standalone --nproc-per-node N -m retrieval train ... (train.batch_size
+    is the global batch, shared out; rank 0 writes the run folder and prints; README "Scaling out").
     """
+    import time
+
+    from retrieval.distributed import is_follower, launched_world_size
     from retrieval.errors import UsageError
+    from retrieval.logs import setup_cli_logging
     from retrieval.trainer import TrainingInterrupted
-    from retrieval.workflows import train
+    from retrieval.workflows import run_summary, train
+
+    follower = is_follower()  # a process of a torchrun launch other than rank 0: warnings and errors only
+    if follower:
+        setup_cli_logging(-1)
 
     if config is None and not (resume and out is not None):
         raise UsageError("--config is required (only --resume --out RUN can reuse the run's own config)")
@@ -56,16 +80,27 @@ def train_command(
         sets.append(f"train.epochs={epochs}")
     if subset is not None:
         sets.append(f"data.subset={subset}")
+    start = time.perf_counter()
     try:
         run = train(config, out, device=device, resume=resume, overrides=sets, data_root=root,
-                    overwrite=overwrite, progress=not no_progress, threads=threads)
+                    overwrite=overwrite, progress=not no_progress, threads=threads, dist_timeout=dist_timeout)
     except TrainingInterrupted as e:
         log(f"interrupted: {e.message}")
         if e.saved:
-            log(f"continue with: retrieval train --resume --out {e.run_dir}")
+            if launched_world_size() > 1:
+                log(f"continue with: torchrun ... -m retrieval train --resume --out {e.run_dir} (the same launch "
+                    "options, or another number of processes)")
+            else:
+                log(f"continue with: retrieval train --resume --out {e.run_dir}")
         raise typer.Exit(130)
+    seconds = time.perf_counter() - start
+    if follower:
+        return
     _summary(run)
-    print(run)
+    if json_out:
+        print_json(run_summary(run, seconds=round(seconds, 3)))
+    else:
+        print(run)
 
 
 def _summary(run: Path) -> None:

@@ -8,6 +8,7 @@ a reference's stored image), so the service can be re-pointed to another layer b
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import os
@@ -168,20 +169,25 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _locked(folder: Path, timeout: float):
+@contextlib.contextmanager
+def _folder_lock(folder: Path, timeout: float):
     """exclusive_lock(folder), waiting up to `timeout` seconds for another writer (a CLI `index add`...)."""
     from retrieval.fsutil import exclusive_lock
 
     deadline = time.monotonic() + timeout
     while True:
-        lock = exclusive_lock(folder)
+        acquired = False
         try:
-            lock.__enter__()
-            return lock
+            with exclusive_lock(folder):
+                acquired = True
+                yield
+                return
         except RetrievalError:
+            if acquired:
+                raise
             if time.monotonic() >= deadline:
-                raise ServiceError(f"the index folder is being written by another process; try again", 409) from None
-            time.sleep(0.05)
+                raise ServiceError("the index folder is being written by another process; try again", 409) from None
+        time.sleep(0.05)
 
 
 def add_items(folder, checkpoint, embed_images: Callable[[torch.Tensor], np.ndarray], images: torch.Tensor,
@@ -195,48 +201,49 @@ def add_items(folder, checkpoint, embed_images: Callable[[torch.Tensor], np.ndar
     from retrieval.index import check_tower_matches, class_prototypes, load_index, read_index_meta, save_index
 
     folder = Path(folder)
-    lock = _locked(folder, lock_timeout)
     written: list[Path] = []
-    try:
-        index = load_index(folder)
-        check_tower_matches(index, checkpoint)
-        prototypes = bool(index.meta.get("prototypes"))
-        if prototypes and label in index.classes:
-            raise ServiceError(f"{folder} holds one prototype per class and already has {label!r}; "
-                               "rebuild it to change that class", 409)
-        emb = embed_images(images)
-        labels = np.zeros(len(images), dtype=np.int64)
-        if prototypes:
-            emb, labels, sources = class_prototypes(emb, labels, [label])
-        else:
-            where = Path(uploads).resolve() / label
-            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-            sources = []
-            for image in images:
-                path = where / f"{stamp}-{uuid.uuid4().hex[:12]}.png"
-                atomic_write_bytes(path, png_bytes(image))
-                written.append(path)
-                sources.append(str(path))
-        entry = {"spec": f"serve:{label}", "filters": "", "images": len(images), "preprocessing": PREPROCESSING,
-                 "added": _now()}
-        before = int(index.meta.get("next_id", len(index)))
-        new_ids = index.add(emb, labels, [label], sources, data=[entry])
+    with _folder_lock(folder, lock_timeout):
         try:
-            save_index(index, folder, locked=True)
-        except BaseException:
+            index = load_index(folder)
+            check_tower_matches(index, checkpoint)
+            prototypes = bool(index.meta.get("prototypes"))
+            if prototypes and label in index.classes:
+                raise ServiceError(f"{folder} holds one prototype per class and already has {label!r}; "
+                                   "rebuild it to change that class", 409)
+            emb = embed_images(images)
+            labels = np.zeros(len(images), dtype=np.int64)
+            if prototypes:
+                emb, labels, sources = class_prototypes(emb, labels, [label])
+            else:
+                where = Path(uploads).resolve() / label
+                stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+                sources = []
+                for image in images:
+                    path = where / f"{stamp}-{uuid.uuid4().hex[:12]}.png"
+                    atomic_write_bytes(path, png_bytes(image))
+                    written.append(path)
+                    sources.append(str(path))
+            entry = {"spec": f"serve:{label}", "filters": "", "images": len(images),
+                     "preprocessing": PREPROCESSING, "added": _now()}
+            before = int(index.meta.get("next_id", len(index)))
+            new_ids = index.add(emb, labels, [label], sources, data=[entry])
             try:
-                committed = int(read_index_meta(folder).get("next_id", -1)) > before
-            except RetrievalError:
-                committed = False
-            if committed:
-                written.clear()
-            raise
-        written.clear()
-        return index, new_ids
-    finally:
-        for path in written:
-            path.unlink(missing_ok=True)
-        lock.__exit__(None, None, None)
+                save_index(index, folder, locked=True)
+            except BaseException:
+                try:  # a failure after the commit point (cleaning old files) keeps the images it names
+                    if int(read_index_meta(folder).get("next_id", -1)) > before:
+                        written.clear()
+                except RetrievalError:
+                    pass
+                raise
+            written.clear()
+            return index, new_ids
+        finally:
+            for path in written:
+                path.unlink(missing_ok=True)
+            for parent in {p.parent for p in written}:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()  # only when it is empty (a class this request would have started)
 
 
 # -- stored images ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,297 @@
+"""Dataset specs read in chunks: what `load_dataset` selects (the same classes, exclusions and seeded subset, in
+the same order, with the same sources), but only the labels and where each image lives are held in memory; the
+images are read a chunk at a time, so indexing millions of images needs memory for one chunk, not for all.
+
+    ds = open_dataset("mnist:train", root)           # or idx:DIR, folder:DIR; classes=, exclude=, subset=, seed=
+    len(ds), ds.labels, ds.classes
+    images, kept = ds.read(0, 4096)                  # uint8 (k, 28, 28) of rows 0..4095 that could be read
+    ds.source_table()                                # the rows' sources, compact (retrieval.items.SourceTable)
+
+IDX files (MNIST's, or an `idx:DIR` pair) are read at the positions asked for: uncompressed files by seeking,
+gzipped ones by decompressing forward. Folder images are decoded when their chunk is read; one that cannot be
+decoded is skipped with a warning (`kept` is False for it), where `load_dataset` drops it before anything else
+(so with unreadable files, `subset` picks among the files listed rather than among the readable ones).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from retrieval.data.fetch import (
+    DATASETS, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, dataset_dir, dataset_files_present, fetch_dataset,
+)
+from retrieval.data.idx import read_idx
+from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
+from retrieval.data.specs import _IDX_IMAGES, _as_name_list, _class_sort_key, _split_spec, default_data_root
+from retrieval.data import SPEC_HELP
+from retrieval.errors import RetrievalError, UsageError
+from retrieval.items import SourceTable
+
+logger = logging.getLogger(__name__)
+
+_UBYTE = 0x08
+
+
+class IdxImages:
+    """The images of an IDX file (N, H, W), read at given positions without loading the rest."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.gz = _is_gzip(self.path)
+        self._file = None
+        with self._open() as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] or head[1] or head[2] != _UBYTE or head[3] != 3:
+                raise RetrievalError(f"{self.path} is not an IDX file of unsigned bytes holding images "
+                                     f"(magic {head.hex()}, expected 00000803)")
+            dims = f.read(12)
+            if len(dims) < 12:
+                raise RetrievalError(f"{self.path} is truncated inside its header")
+        self.count, self.height, self.width = struct.unpack(">3I", dims)
+        self.header = 16
+        self.item_bytes = self.height * self.width
+        expected = self.header + self.count * self.item_bytes
+        size = self._data_size()
+        if size is not None and size != expected:
+            state = "truncated" if size < expected else "longer than its header says"
+            raise RetrievalError(f"{self.path} is {state}: header {[self.count, self.height, self.width]} needs "
+                                 f"{expected - self.header} bytes of data, found {size - self.header}")
+
+    def _open(self):
+        return gzip.open(self.path, "rb") if self.gz else open(self.path, "rb")
+
+    def _data_size(self) -> int | None:
+        """Bytes of IDX data: the file size, or for gzip the size its trailer records (modulo 2**32)."""
+        if not self.gz:
+            return self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            recorded = struct.unpack("<I", f.read(4))[0]
+        expected = self.header + self.count * self.item_bytes
+        return expected if recorded == expected % (1 << 32) else recorded
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """uint8 (len(positions), H, W) at ascending `positions`."""
+        positions = np.asarray(positions, np.int64)
+        out = np.empty((len(positions), self.height, self.width), np.uint8)
+        if not len(positions):
+            return out
+        if self._file is None:
+            self._file = self._open()
+        f = self._file
+        first, last = int(positions[0]), int(positions[-1])
+        if self.gz and f.tell() > self.header + first * self.item_bytes:
+            f.seek(0)  # gzip seeks backwards by starting over
+        if last - first + 1 <= 4 * len(positions) + 64:  # dense: one read of the span
+            f.seek(self.header + first * self.item_bytes)
+            span = f.read((last - first + 1) * self.item_bytes)
+            if len(span) != (last - first + 1) * self.item_bytes:
+                raise RetrievalError(f"{self.path} is truncated: images {first}..{last} are not all there")
+            block = np.frombuffer(span, np.uint8).reshape(-1, self.height, self.width)
+            out[:] = block[positions - first]
+            return out
+        for i, p in enumerate(positions.tolist()):
+            f.seek(self.header + p * self.item_bytes)
+            data = f.read(self.item_bytes)
+            if len(data) != self.item_bytes:
+                raise RetrievalError(f"{self.path} is truncated: image {p} is not all there")
+            out[i] = np.frombuffer(data, np.uint8).reshape(self.height, self.width)
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except FileNotFoundError:
+        raise RetrievalError(f"IDX file not found: {path}") from None
+    except OSError as e:
+        raise RetrievalError(f"cannot read IDX file {path}: {e.strerror or e}") from None
+
+
+@dataclass
+class StreamedDataset:
+    """A dataset spec's selection, its images read on demand (see the module docstring)."""
+
+    spec: str
+    classes: list[str]
+    labels: np.ndarray  # int64 (n,), indices into classes
+    rows: np.ndarray  # int64 (n,): each item's position in its IDX file or folder listing
+    preprocessing: str
+    filters: dict = field(default_factory=dict)
+    prefix: str | None = None  # sources are f"{prefix}[{row}]" (IDX datasets)
+    paths: list[str] | None = None  # folder datasets: the file of each listing position
+    idx: IdxImages | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.classes)).tolist()
+        return {name: n for name, n in zip(self.classes, counts) if n > 0}
+
+    def read(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Rows [start, stop): (uint8 images of the rows that could be read, bool mask of those rows)."""
+        rows = self.rows[start:stop]
+        if self.idx is not None:
+            return torch.from_numpy(self.idx.read(rows)), np.ones(len(rows), bool)
+        images, kept = [], np.zeros(len(rows), bool)
+        for i, r in enumerate(rows.tolist()):
+            try:
+                images.append(load_image_file(self.paths[r]))
+                kept[i] = True
+            except RetrievalError as e:
+                logger.warning(f"skipped {e}")
+        if not images:
+            return torch.zeros((0, 28, 28), dtype=torch.uint8), kept
+        return torch.stack(images), kept
+
+    def source_table(self, mask: np.ndarray | None = None) -> SourceTable:
+        """Sources of the rows (those where `mask` is true)."""
+        rows = self.rows if mask is None else self.rows[mask]
+        if self.prefix is not None:
+            return SourceTable.indexed(self.prefix, rows)
+        return SourceTable.from_strings(self.paths[r] for r in rows.tolist())
+
+    def sources(self, start: int, stop: int) -> list[str]:
+        return [f"{self.prefix}[{r}]" if self.prefix is not None else self.paths[r]
+                for r in self.rows[start:stop].tolist()]
+
+    def close(self) -> None:
+        if self.idx is not None:
+            self.idx.close()
+
+
+def _list_folder(folder: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """classes, image paths and their labels of folder:DIR, listed as load_dataset lists them (nothing decoded)."""
+    if not folder.is_dir():
+        raise RetrievalError(f"folder:{folder}: folder not found")
+    class_dirs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                        key=lambda d: _class_sort_key(d.name))
+    if not class_dirs:
+        raise RetrievalError(f"folder:{folder}: no class sub-folders; expected {folder}/<label>/*.png")
+    classes = [d.name for d in class_dirs]
+    paths, labels = [], []
+    for label, d in enumerate(class_dirs):
+        for path in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                logger.warning(f"skipped {path} (not an image extension)")
+                continue
+            paths.append(str(path))
+            labels.append(label)
+    if not paths:
+        raise RetrievalError(f"folder:{folder}: no image files in {len(classes)} class folder(s)")
+    return classes, paths, np.asarray(labels, np.int64)
+
+
+def _idx_pair(folder: Path) -> tuple[Path, Path]:
+    if not folder.is_dir():
+        raise RetrievalError(f"idx:{folder}: folder not found")
+    import re
+
+    pairs = []
+    for img in sorted(folder.iterdir()):
+        m = _IDX_IMAGES.match(img.name)
+        if not m:
+            continue
+        prefix = m.group(1)
+        stem = prefix[: -len("images-")] if prefix.endswith("images-") else prefix
+        candidates = [p for p in folder.iterdir() if re.match(re.escape(stem) + r"(labels-)?idx1-ubyte(\.gz)?$", p.name)]
+        if candidates:
+            pairs.append((img, sorted(candidates)[0]))
+    if len(pairs) != 1:
+        found = ", ".join(p[0].name for p in pairs) or "none"
+        raise RetrievalError(
+            f"idx:{folder}: expected exactly one pair of *idx3-ubyte[.gz] / *idx1-ubyte[.gz] files, found {found}"
+        )
+    return pairs[0]
+
+
+def open_dataset(
+    spec: str,
+    root: str | os.PathLike | None = None,
+    classes: Sequence[str | int] | str | None = None,
+    exclude: Sequence[str | int] | str | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    fetch: bool = True,
+) -> StreamedDataset:
+    """The selection load_dataset(spec, ...) makes, with the images left where they are."""
+    root = Path(root) if root is not None else default_data_root()
+    kind, rest = _split_spec(spec)
+    idx = paths = prefix = None
+    preprocessing = "none (MNIST-format IDX)"
+    if kind in DATASETS:
+        split = rest.strip().lower()
+        if split not in ("train", "test"):
+            raise UsageError(f"dataset spec {kind}:{split}: split must be 'train' or 'test'")
+        if not dataset_files_present(kind, root):
+            if not fetch:
+                raise RetrievalError(f"{kind} is not in {root}; run `retrieval data fetch {kind}`")
+            logger.info(f"{kind} not found in {root}; fetching it")
+            fetch_dataset(kind, root)
+        folder = dataset_dir(root, kind)
+        images_path, labels_path = ((folder / TRAIN_IMAGES, folder / TRAIN_LABELS) if split == "train"
+                                    else (folder / TEST_IMAGES, folder / TEST_LABELS))
+        names = list(DATASETS[kind].classes)
+        prefix = f"{kind}:{split}"
+    elif kind == "idx":
+        images_path, labels_path = _idx_pair(Path(rest).expanduser())
+        names = None
+        prefix = f"idx:{rest}"
+    elif kind == "folder":
+        names, paths, labels = _list_folder(Path(rest).expanduser())
+        preprocessing = PREPROCESSING
+    else:
+        raise UsageError(f"unknown dataset spec {spec!r}; expected {SPEC_HELP}")
+    if paths is None:
+        idx = IdxImages(images_path)
+        labels = read_idx(labels_path, expect_ndim=1).astype(np.int64)
+        if idx.count != len(labels):
+            raise RetrievalError(f"{images_path} holds {idx.count} images but {labels_path} holds {len(labels)} labels")
+        if names is None:
+            names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+    rows = np.arange(len(labels), dtype=np.int64)
+
+    keep, drop = _as_name_list(classes), _as_name_list(exclude)
+    mask = np.ones(len(labels), bool)
+    for option, wanted in (("classes", keep), ("exclude", drop)):
+        if wanted is None:
+            continue
+        unknown = [c for c in wanted if c not in names]
+        if unknown:
+            raise UsageError(f"`{option}`: {', '.join(unknown)} not among the classes of {spec} ({', '.join(names)})")
+        hit = np.isin(labels, [names.index(c) for c in wanted])
+        mask &= hit if option == "classes" else ~hit
+    filters = {}
+    if keep is not None:
+        filters["classes"] = keep
+    if drop is not None:
+        filters["exclude"] = drop
+    if not mask.all():
+        rows, labels = rows[mask], labels[mask]
+    if subset is not None:
+        if subset <= 0:
+            raise UsageError(f"`subset` must be a positive number of images, got {subset}")
+        if subset < len(rows):
+            g = torch.Generator().manual_seed(seed)  # the draw load_dataset makes
+            pick = torch.randperm(len(rows), generator=g)[:subset].sort().values.numpy()
+            rows, labels = rows[pick], labels[pick]
+        filters.update(subset=subset, seed=seed)
+    if len(rows) == 0:
+        raise RetrievalError(f"{spec}: no images left after filtering ({filters})")
+    return StreamedDataset(spec, names, labels, rows, preprocessing, filters, prefix, paths, idx)
