@@ -96,6 +96,123 @@ class ElasticAugment:
                                                align_corners=False)
 
 
+class DegradeAugment:
+    """What scans, photos and drawing tools do to a digit, on a float batch on its device (issue 15): each image
+    independently, with probability `p` for each kind, gets its stroke width changed (thinner by up to 1 px or
+    thicker by up to `stroke` px), its resolution lost (area-downsampled to 7..14 px and upscaled bilinearly),
+    a Gaussian blur (sigma up to `blur` px), its contrast changed (background lifted by up to `contrast` with a
+    linear gradient across the image, ink dimmed by up to `contrast` / 2) and noise added (Gaussian with std up to
+    `noise`, salt and pepper on up to 0.6 * `noise` of the pixels), in that order; 0 turns a kind off. All draws
+    are made for the whole batch from the step's generator (then cut to `rows`), so runs are reproducible."""
+
+    DRAWS = 16
+
+    def __init__(self, lowres: float = 0.0, blur: float = 0.0, stroke: float = 0.0, noise: float = 0.0,
+                 contrast: float = 0.0, p: float = 0.5):
+        self.lowres, self.blur, self.stroke = float(lowres), float(blur), float(stroke)
+        self.noise, self.contrast, self.p = float(noise), float(contrast), float(p)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.lowres or self.blur or self.stroke or self.noise or self.contrast)
+
+    def describe(self) -> dict:
+        return {"lowres": self.lowres, "blur": self.blur, "stroke": self.stroke, "noise": self.noise,
+                "contrast": self.contrast, "p": self.p}
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, rows: Rows | None = None) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        n, _, h, w = x.shape
+        start, stop, total = rows if rows is not None else (0, n, n)
+        u = torch.rand(total, self.DRAWS, generator=generator)[start:stop].to(x.device)
+        on = u[:, :5] < self.p  # stroke, lowres, blur, contrast, noise
+        pix = torch.rand(total, 2, h, w, generator=generator)[start:stop].to(x.device) if self.noise else None
+        gauss = torch.randn(total, 1, h, w, generator=generator)[start:stop].to(x.device) if self.noise else None
+        if self.stroke:
+            x = self._stroke(x, on[:, 0], u[:, 5])
+        if self.lowres:
+            x = self._lowres(x, on[:, 1], u[:, 6])
+        if self.blur:
+            x = self._blur(x, on[:, 2], u[:, 7])
+        if self.contrast:
+            x = self._contrast(x, on[:, 3], u[:, 8:12])
+        if self.noise:
+            std = (u[:, 12] * self.noise * on[:, 4]).view(-1, 1, 1, 1)
+            frac = (u[:, 13] * 0.6 * self.noise * on[:, 4]).view(-1, 1, 1, 1)
+            x = (x + std * gauss).clamp_(0, 1)
+            hit = pix[:, :1] < frac
+            x = torch.where(hit, (pix[:, 1:] < 0.5).to(x.dtype), x)
+        return x
+
+    def _stroke(self, x, on, u):
+        # amount in [-1, stroke] px: thinner (erosion at twice the resolution, 0.5 px a side) or thicker (3x3 grey
+        # dilations, one per pixel), fractional amounts blended linearly
+        amount = (u * (self.stroke + 1.0) - 1.0) * on
+        pool = torch.nn.functional.max_pool2d
+        h, w = x.shape[-2:]
+        up = torch.nn.functional.interpolate(x, size=(2 * h, 2 * w), mode="bilinear", align_corners=False)
+        thin = torch.nn.functional.avg_pool2d(-pool(-up, 3, 1, 1), 2)
+        peak = x.amax(dim=(-2, -1), keepdim=True)
+        thin = thin * (peak / thin.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+        out = x + amount.clamp(max=0).abs().view(-1, 1, 1, 1) * (thin - x)
+        grown, level = x, 0
+        while level < self.stroke:
+            nxt = pool(grown, 3, 1, 1)
+            frac = (amount - level).clamp(0, 1).view(-1, 1, 1, 1)
+            out = torch.where((amount > level).view(-1, 1, 1, 1), grown + frac * (nxt - grown), out)
+            grown, level = nxt, level + 1
+        return out
+
+    def _lowres(self, x, on, u):
+        h, w = x.shape[-2:]
+        sizes = (7 + (u * 8).floor().clamp(max=7)).long()  # 7..14 px
+        out = x.clone()
+        for s in sizes[on].unique().tolist():
+            pick = torch.nonzero(on & (sizes == s)).flatten()
+            small = torch.nn.functional.adaptive_avg_pool2d(x[pick], s)
+            out[pick] = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        return out
+
+    def _blur(self, x, on, u):
+        sigma = (0.3 + u * (self.blur - 0.3)).clamp_min(0.3)
+        radius = max(1, int(2 * self.blur + 0.999))
+        t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+        k = torch.exp(-t.view(1, -1) ** 2 / (2 * sigma.view(-1, 1) ** 2))
+        k = k / k.sum(dim=1, keepdim=True)
+        n = len(x)
+        y = x.transpose(0, 1)  # (1, N, H, W): one group per image
+        y = torch.nn.functional.conv2d(y, k.view(n, 1, 1, -1), padding=(0, radius), groups=n)
+        y = torch.nn.functional.conv2d(y, k.view(n, 1, -1, 1), padding=(radius, 0), groups=n).transpose(0, 1)
+        return torch.where(on.view(-1, 1, 1, 1), y, x)
+
+    def _contrast(self, x, on, u):
+        h, w = x.shape[-2:]
+        lift = u[:, 0] * self.contrast
+        dim = u[:, 1] * self.contrast / 2
+        angle = u[:, 2] * 2 * torch.pi
+        slope = u[:, 3] * self.contrast / 2
+        ys = torch.linspace(-0.5, 0.5, h, device=x.device).view(1, h, 1)
+        xs = torch.linspace(-0.5, 0.5, w, device=x.device).view(1, 1, w)
+        ramp = torch.cos(angle).view(-1, 1, 1) * xs + torch.sin(angle).view(-1, 1, 1) * ys
+        background = (lift.view(-1, 1, 1) + slope.view(-1, 1, 1) * ramp).clamp(0, 0.8).unsqueeze(1)
+        ink = (1 - dim).view(-1, 1, 1, 1)
+        y = (background + (ink - background).clamp_min(0.15) * x).clamp(0, 1)
+        return torch.where(on.view(-1, 1, 1, 1), y, x)
+
+
+class Chain:
+    """BatchTransforms applied one after the other (each drawing from the same generator, in order)."""
+
+    def __init__(self, *transforms: BatchTransform):
+        self.transforms = [t for t in transforms if t is not None]
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, rows: Rows | None = None) -> torch.Tensor:
+        for t in self.transforms:
+            x = t(x, generator) if rows is None else t(x, generator, rows)
+        return x
+
+
 class CompositeClasses:
     """Class expansion by composition: with probability `p`, the `group` images of a class slot (class a) are
     cut in half, top/bottom or left/right, and completed by the other halves of another slot's images

@@ -94,6 +94,15 @@ class AugmentConfig:
     shear: float = 0.0  # random shear in [-shear, shear] degrees
     group: int = 8  # images sharing one random affine (the transform is applied per group, on the device)
     elastic: float = 0.0  # elastic distortion: smooth random warp of each image by at most this many pixels (0: off)
+    # What scans, photos and drawing tools do (augment.DegradeAugment; each image gets each kind with probability
+    # degrade_p; 0 turns a kind off): resolution loss (lowres > 0: on), Gaussian blur up to this sigma in pixels, stroke width thicker by up to this many pixels (or thinner by up to 1), Gaussian noise std
+    # and salt-and-pepper fraction (x 0.6), background lift / ink dimming as a fraction of full scale.
+    lowres: float = 0.0
+    blur: float = 0.0
+    stroke: float = 0.0
+    noise: float = 0.0
+    contrast: float = 0.0
+    degrade_p: float = 0.5
     dihedral_classes: bool = False  # class expansion: each class slot turned by one of the square's 8 symmetries,
     # (class, symmetry) counting as a class of its own (for towers meant to generalise to unseen classes)
     composite_classes: float = 0.0  # class expansion: probability that a class slot is joined half-and-half
@@ -354,6 +363,10 @@ def _validate(config: Config, source: str) -> Config:
         raise fail("augment.composite_classes", "a probability between 0 and 1")
     if not 0 <= c.augment.elastic <= 7:
         raise fail("augment.elastic", "a displacement in pixels between 0 and 7")
+    for key, top in (("augment.lowres", 1), ("augment.blur", 3), ("augment.stroke", 3), ("augment.noise", 1),
+                     ("augment.contrast", 1), ("augment.degrade_p", 1)):
+        if not 0 <= _get(c, key) <= top:
+            raise fail(key, f"a number between 0 and {top}")
     return config
 
 

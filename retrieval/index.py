@@ -135,7 +135,8 @@ def training_sample(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False)).astype(np.int64)
 
 
-def check_training_size(index: faiss.Index, factory: str, n: int, available: int | None = None) -> None:
+def check_training_size(index: faiss.Index, factory: str, n: int, available: int | None = None,
+                        warn: bool = True) -> None:
     """Refuse n training vectors when a k-means of the index needs more (one per centroid); warn, once, when it
     has fewer than Faiss wants (POINTS_PER_CENTROID per centroid). `available`: how many vectors there are to
     train on (the hint then says whether `train_size` can be raised)."""
@@ -146,7 +147,7 @@ def check_training_size(index: faiss.Index, factory: str, n: int, available: int
                 f"factory {factory!r} needs at least {k:,} training vectors for its {what}, got {n:,}; "
                 f"use a smaller index ({suggestion}) or Flat"
             )
-        if n < POINTS_PER_CENTROID * k:
+        if warn and n < POINTS_PER_CENTROID * k:
             more = (f"; raise `train_size` (up to the {available:,} vectors indexed)" if available is not None
                     and available > n else "")
             logger.warning(
@@ -534,11 +535,31 @@ def _omp_threads(n: int):
         faiss.omp_set_num_threads(before)
 
 
+# HNSW inserts the vectors of one add() by level, highest first, so its graph depends on how the vectors are cut
+# into add() calls: they are always added in pieces ending at multiples of this many vectors (hnsw_pieces), so an
+# index built at once, from chunks of any size (retrieval.index_build) or across processes has the same graph.
+HNSW_BATCH = 4096
+
+
+def hnsw_pieces(start: int, n: int) -> list[tuple[int, int]]:
+    """[a, b) slices of n vectors appended at position `start`, cut where start + b is a multiple of HNSW_BATCH."""
+    pieces, pos = [], 0
+    while pos < n:
+        take = min(n - pos, HNSW_BATCH - (start + pos) % HNSW_BATCH)
+        pieces.append((pos, pos + take))
+        pos += take
+    return pieces
+
+
 def _add_with_ids(index: faiss.Index, x: np.ndarray, ids: np.ndarray) -> None:
     if _is_hnsw(index):
         # HNSW inserts in parallel in a nondeterministic order; one thread gives the same graph every time.
         with _omp_threads(1):
-            index.add_with_ids(x, ids)
+            if isinstance(_unwrapped(index)[-1], faiss.IndexHNSW):
+                for a, b in hnsw_pieces(int(index.ntotal), len(x)):
+                    index.add_with_ids(x[a:b], ids[a:b])
+            else:
+                index.add_with_ids(x, ids)
     else:
         index.add_with_ids(x, ids)
 
@@ -867,6 +888,40 @@ def load_index(folder: str | os.PathLike) -> EmbeddingIndex:
                 continue
             raise RetrievalError(str(e)) from None
     raise AssertionError("unreachable")
+
+
+# IndexIDMap2 keeps a hash map from id to position beside its id array: about this many bytes per vector.
+REV_MAP_BYTES = 40
+
+
+def index_sizes(index: EmbeddingIndex) -> dict:
+    """Bytes of the index: on disk, per file of its folder (faiss, items, lists, tower) and in total; and about how
+    much memory it takes loaded (the Faiss structures as written, the items arrays, the id map's hash map), with
+    the on-disk inverted lists apart (memory-mapped: paged in as searched, never all resident unless read all)."""
+    folder = Path(index.folder) if index.folder is not None else None
+    files = index.meta.get("files") or {}
+    disk: dict[str, int] = {}
+    if folder is not None:
+        for key in ("faiss", "items", "lists"):
+            if files.get(key) and (folder / files[key]).is_file():
+                disk[key] = (folder / files[key]).stat().st_size
+        tower = sum((folder / name).stat().st_size for name in tower_files(index.meta).values()
+                    if (folder / name).is_file())
+        if tower:
+            disk["tower"] = tower
+    sources = index.sources.arrays()
+    items_memory = int(index.ids.nbytes + index.labels.nbytes + sum(a.nbytes for a in sources.values()))
+    faiss_memory = disk.get("faiss")
+    if faiss_memory is None:  # not saved: measure the serialized form
+        with faiss_quiet() if lists_on_disk(index.index) else contextlib.nullcontext():
+            faiss_memory = int(faiss.serialize_index(index.index).nbytes)
+    memory = faiss_memory + items_memory + REV_MAP_BYTES * len(index)
+    return {
+        "disk": {**disk, "total": sum(disk.values())},
+        "memory": {"index": faiss_memory, "items": items_memory, "id_map": REV_MAP_BYTES * len(index),
+                   "total": memory},
+        "mapped": disk.get("lists", 0),  # on-disk inverted lists: mapped, not loaded
+    }
 
 
 def update_index_meta(folder: str | os.PathLike, **changes) -> dict:

@@ -46,7 +46,8 @@ from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.index import (
     EmbeddingIndex, _as_unit_float32, _omp_threads, _train, _unwrapped, apply_search_params, check_on_disk,
-    check_training_size, default_search_params, default_train_size, faiss_quiet, index_ivf, metric_code,
+    HNSW_BATCH, check_training_size, default_search_params, default_train_size, faiss_quiet, hnsw_pieces, index_ivf,
+    metric_code,
     needs_training, new_index_meta, normalize_factory, prototypes_from_sums, training_sample,
 )
 from retrieval.items import SourceTable
@@ -188,8 +189,9 @@ def _add_at(index: faiss.Index, x: np.ndarray, positions: np.ndarray) -> None:
     elif isinstance(ix, faiss.IndexIVF):
         ix.add_with_ids(x, positions)
     elif isinstance(ix, faiss.IndexHNSW):
-        with _omp_threads(1):  # one thread: the same graph every time (index._add_with_ids)
-            ix.add(x)
+        with _omp_threads(1):  # one thread, pieces cut as index._add_with_ids cuts them: the same graph
+            for a, b in hnsw_pieces(int(ix.ntotal), len(x)):
+                ix.add(x[a:b])
     else:
         ix.add(x)
 
@@ -255,8 +257,18 @@ class _Copy:
         self.empty, self.spool, self.block_size, self.rank = empty, spool, block_size, rank
         self.index = faiss.deserialize_index(np.frombuffer(empty, np.uint8))
         self.blocks: list[Path] = []
+        # a graph takes its vectors in pieces ending at multiples of HNSW_BATCH (hnsw_pieces): hold the rest
+        self.graph = isinstance(_unwrapped(self.index)[-1], faiss.IndexHNSW)
+        self.held: list[np.ndarray] = []
 
     def add(self, x: np.ndarray, positions: np.ndarray) -> None:
+        if self.graph:
+            x = np.concatenate([*self.held, x]) if self.held else x
+            now = len(x) - (int(self.index.ntotal) + len(x)) % HNSW_BATCH
+            if now > 0:
+                _add_at(self.index, x[:now], positions[:now])
+            self.held = [x[now:]] if now < len(x) else []
+            return
         start = 0
         while start < len(x):
             room = len(x) - start if self.block_size is None else self.block_size - int(self.index.ntotal)
@@ -275,6 +287,9 @@ class _Copy:
         self.index = faiss.deserialize_index(np.frombuffer(self.empty, np.uint8))
 
     def finish(self) -> None:
+        if self.held:
+            _add_at(self.index, self.held[0], np.zeros(0, np.int64))
+            self.held = []
         self._flush()
 
 
@@ -323,7 +338,7 @@ def build_streaming(
         raise UsageError(f"`factory` {factory!r}: Faiss cannot build it ({msg})") from None
     if on_disk:
         check_on_disk(sub, factory)
-        if out is None:
+        if out is None and rank == 0:
             raise ValueError("an on-disk build needs the index folder `out`")
     if prototypes and on_disk:
         raise UsageError("`prototypes` stores one vector per class in memory; `on_disk` does not apply")
@@ -335,7 +350,7 @@ def build_streaming(
     if training:
         size = default_train_size(sub) if train_size is None else int(train_size)
         sample = training_sample(rows, size, seed)
-        check_training_size(sub, factory, len(sample), available=rows)  # fail before embedding anything
+        check_training_size(sub, factory, len(sample), available=rows, warn=rank == 0)  # fail before embedding
     else:
         sample = np.zeros(0, np.int64)
     merge = mergeable(sub)
@@ -407,8 +422,8 @@ def build_streaming(
             copy = _Copy(empty, spool_dir, block_size, rank)
             for first, x in spool.chunks(plan.chunk_size):
                 copy.add(x, np.arange(offset + first, offset + first + len(x), dtype=np.int64))
-        if copy is not None:
-            copy.finish()
+        if copy is not None and merge:
+            copy.finish()  # (a graph takes the others' vectors first, in _gather)
         seconds["fill"] = time.perf_counter() - t0
 
         # 5. merge (rank 0) / hand over (the others)
@@ -521,15 +536,13 @@ def _gather(links: _Links, merge: bool, copy: _Copy, kept: np.ndarray, empty: by
                 path.unlink()
         return _Final(final), kept_all
     # a graph: rank 0's own vectors are in; insert the others' in row order
-    final = copy.index
-    position = int(final.ntotal)
     for _, paths in received:
         for path in paths:
-            x = np.fromfile(path, np.float32).reshape(-1, final.d)
-            _add_at(final, x, np.arange(position, position + len(x), dtype=np.int64))
-            position += len(x)
+            x = np.fromfile(path, np.float32).reshape(-1, copy.index.d)
+            copy.add(x, np.zeros(len(x), np.int64))  # (a graph's positions are its order)
             path.unlink()
-    return _Final(final), kept_all
+    copy.finish()
+    return _Final(copy.index), kept_all
 
 
 def _merge_on_disk(empty: bytes, blocks: list[Path], out: Path, total: int) -> _Final:

@@ -18,7 +18,9 @@ class _CliFormatter(logging.Formatter):
         if record.levelno >= logging.ERROR:
             return f"error: {message}"
         if record.levelno >= logging.WARNING:
-            return f"warning: {message}"
+            from retrieval.errors import as_cli_message  # warnings name arguments as errors do: --train-size
+
+            return f"warning: {as_cli_message(message)}"
         return message
 
 

@@ -172,6 +172,36 @@ class Calibration:
         return asdict(self)
 
 
+DEFAULT_ACCEPT = 0.99  # calibrate's default rule without out-of-index queries: answer 99% of in-distribution ones
+
+
+def acceptance_threshold(nn_distances, nn_correct, accept: float = DEFAULT_ACCEPT) -> Calibration:
+    """The threshold that answers the fraction `accept` of the queries (all taken as in-distribution): halfway
+    between the ceil(accept * n)-th smallest nearest-neighbour distance and the next (the largest distance when
+    accept is 1). No negatives needed: what lies farther than nearly every real query is "unknown". Precision,
+    recall and F1 are reported as calibrate_threshold reports them, at this threshold."""
+    if not 0 < accept <= 1:
+        raise UsageError(f"`accept` must be a fraction in (0, 1], got {accept}")
+    d = np.asarray(nn_distances, dtype=np.float64)
+    ok = np.asarray(nn_correct, dtype=bool)
+    keep = np.isfinite(d)
+    d, ok = d[keep], ok[keep]
+    if len(d) == 0:
+        raise RetrievalError("no query has a nearest neighbour; nothing to calibrate")
+    order = np.argsort(d, kind="stable")
+    ds = d[order]
+    k = min(len(d), max(1, int(np.ceil(accept * len(d) - 1e-9))))
+    threshold = ds[-1] if k == len(d) else (ds[k - 1] + ds[k]) / 2.0
+    answered = d <= threshold
+    n_answered, total_correct = int(answered.sum()), int(ok.sum())
+    tp = int((answered & ok).sum())
+    precision = tp / n_answered if n_answered else 0.0
+    recall = tp / total_correct if total_correct else 0.0
+    f1 = 2.0 * tp / (n_answered + total_correct) if (n_answered + total_correct) else 0.0
+    return Calibration(max_distance=float(threshold), f1=float(f1), precision=float(precision),
+                       recall=float(recall), n_answered=n_answered, n_queries=len(d), n_correct=total_correct)
+
+
 def calibrate_threshold(nn_distances, nn_correct) -> Calibration:
     """The threshold t maximising F1 of "answered (distance <= t) and right" (see the module docstring): precision
     and recall of "right" ranked by -distance, every distinct distance a candidate (scikit-learn's

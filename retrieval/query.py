@@ -24,7 +24,7 @@ from retrieval.data.preprocess import IMAGE_EXTENSIONS, load_image_file
 from retrieval.data.specs import DatasetCache, parse_item_spec
 from retrieval.embed import default_batch_size, embed_images
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.index import EmbeddingIndex, load_index, load_index_tower
+from retrieval.index import EmbeddingIndex, load_index, load_index_tower, search_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +161,12 @@ class Searcher:
     """An index with the tower that built it: embeds query images and answers nearest-neighbour queries."""
 
     def __init__(self, index: EmbeddingIndex, tower, device="cpu", max_distance: float | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, search_params: str | None = None):
         if max_distance is not None and not max_distance >= 0:
             raise UsageError(f"`max_distance` must be a distance >= 0, got {max_distance}")
+        if search_params:
+            search_parameters(index.index, search_params)  # a clear error now, not at the first query
+        self.search_params = search_params or None  # Faiss search parameters for every query, else the index's
         self.index = index
         self.tower = tower
         self.device = torch.device(device)
@@ -174,12 +177,15 @@ class Searcher:
 
     @classmethod
     def open(cls, folder: str | os.PathLike, device="cpu", checkpoint=None, max_distance: float | None = None,
-             batch_size: int | None = None) -> "Searcher":
+             batch_size: int | None = None, search_params: str | None = None) -> "Searcher":
         """Load the index in `folder` and its tower (the metadata's checkpoint, or `checkpoint` with the same
         fingerprint)."""
         index = load_index(folder)
+        if search_params:
+            search_parameters(index.index, search_params)  # before loading the tower
         ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
-        return cls(index, ckpt.tower, device=device, max_distance=max_distance, batch_size=batch_size)
+        return cls(index, ckpt.tower, device=device, max_distance=max_distance, batch_size=batch_size,
+                   search_params=search_params)
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
         """uint8 (n, 28, 28) -> float32 (n, d) unit embeddings."""
@@ -203,9 +209,11 @@ class Searcher:
         return k, None
 
     def search_embeddings(self, embeddings, k: int, names: Sequence[str] | None = None,
-                          true_labels: Sequence[str | None] | None = None) -> list[QueryResult]:
-        """Neighbours and predicted labels for query embeddings (k must not exceed the index size)."""
-        dist, ids = self.index.search(embeddings, k)
+                          true_labels: Sequence[str | None] | None = None,
+                          search_params: str | None = None) -> list[QueryResult]:
+        """Neighbours and predicted labels for query embeddings (k must not exceed the index size).
+        `search_params`: Faiss search parameters for this search (default: the Searcher's, else the index's)."""
+        dist, ids = self.index.search(embeddings, k, params=search_params or self.search_params)
         nb_labels = self.index.labels_of(ids)
         predicted = predict_labels(nb_labels, dist, self.max_distance)
         classes = self.index.classes

@@ -51,7 +51,7 @@ from retrieval.augment import BatchAugment, BatchTransform, ClassExpansion, Elas
 from retrieval.checkpoint import fingerprint_state, save_checkpoint
 from retrieval.config import Config, OptimizerConfig, config_diff, load_config, resolve_config
 from retrieval.data.specs import load_dataset
-from retrieval.distributed import ProcessGroup, is_comm_error
+from retrieval.distributed import ProcessGroup, is_comm_error, sigterm_as_error
 from retrieval.distributed import join as join_process_group
 from retrieval.embed import available_cores, embed_images, resolve_device
 from retrieval.errors import RetrievalError, UsageError
@@ -67,6 +67,7 @@ from retrieval.towers import Tower, build_tower
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "retrieval-train-state/1"
+STOP_CHECK_STEPS = 10  # distributed: how often the processes agree on stopping (Ctrl-C)
 
 
 def _above_bars(msg: str, level: int = logging.INFO) -> None:
@@ -295,11 +296,12 @@ class Trainer:
 
     def _stop_agreed(self, requested: bool) -> bool:
         """Whether to stop after this step: Ctrl-C reaches the processes at different moments (or only those of
-        one machine), so in a distributed run they agree, after every step (on CUDA every 20 steps and at epoch
-        ends, to spare a device sync), to stop after the same one."""
+        one machine), so in a distributed run they agree to stop after the same step; they compare notes every
+        STOP_CHECK_STEPS steps and at epoch ends (each check is one more point where every process waits for the
+        slowest), so a distributed run stops up to that many steps after Ctrl-C."""
         if self.group is None:
             return requested
-        if self.device.type == "cuda" and self.step % 20 and self.step != self.steps_per_epoch and self.step:
+        if self.step % STOP_CHECK_STEPS and self.step != self.steps_per_epoch:
             return False
         return self.group.any(requested)
 
@@ -648,10 +650,11 @@ def train(
     try:
         if threads is None and group.device.type == "cpu":
             threads = max(1, available_cores() // group.local_world_size)
-        if group.is_main:
-            return _train(config, out_dir, group.device, resume, overrides, data_root, overwrite, progress, on_step,
-                          threads, group)
-        return _follow(group, data_root, on_step, threads)
+        with sigterm_as_error(group):
+            if group.is_main:
+                return _train(config, out_dir, group.device, resume, overrides, data_root, overwrite, progress,
+                              on_step, threads, group)
+            return _follow(group, data_root, on_step, threads)
     except Exception as e:
         if is_comm_error(e):
             raise RetrievalError(lost_contact_message(group, e, "before training")) from None

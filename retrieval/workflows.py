@@ -10,6 +10,7 @@ them on stderr); errors are RetrievalError / UsageError naming the argument, nev
     evaluate        a query spec against an index folder -> retrieval metrics (+ a report folder)
     evaluate_pairs  a checkpoint on balanced same/different pairs -> verification accuracy, ROC AUC
     calibrate       a query spec against an index folder -> the "unknown" distance threshold, stored
+    tune_index      a query spec against an index folder -> the fastest search parameters reaching a recall, stored
     fewshot         a checkpoint (or raw pixels) on N-way K-shot episodes -> accuracy with confidence intervals
     export          a checkpoint -> its tower as an ONNX or TorchScript inference graph with a JSON sidecar
     train           a config -> a run folder (retrieval.trainer.train)
@@ -33,7 +34,7 @@ import torch
 
 from retrieval.checkpoint import Checkpoint, load_checkpoint
 from retrieval.data.preprocess import PREPROCESSING
-from retrieval.data.specs import DatasetCache, ImageDataset, default_data_root, load_dataset, parse_item_spec
+from retrieval.data.specs import DatasetCache, ImageDataset, default_data_root, load_dataset
 from retrieval.embed import default_batch_size, embed_images, resolve_device
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.fewshot import (
@@ -48,7 +49,9 @@ from retrieval.fsutil import exclusive_lock
 from retrieval.grid import SourceImages, check_grid_target, query_grid_rows, render_grid
 from retrieval.knn import ExactSearch, Search, nearest_neighbors
 from retrieval.metrics import DEFAULT_KS, RetrievalMetrics, retrieval_metrics
-from retrieval.pairs import Calibration, Verification, balanced_pairs, calibrate_threshold, verify_pairs
+from retrieval.pairs import (
+    DEFAULT_ACCEPT, Calibration, Verification, acceptance_threshold, balanced_pairs, calibrate_threshold, verify_pairs,
+)
 from retrieval.query import QueryResult, Searcher, resolve_query_inputs
 
 logger = logging.getLogger(__name__)
@@ -140,6 +143,7 @@ def build_index(
     train_size: int | None = None,
     on_disk: bool = False,
     chunk_size: int | None = None,
+    block_size: int | None = None,
     dist_timeout: float | None = None,
 ) -> EmbeddingIndex | None:
     """Checkpoint + dataset specs -> an index saved in `out` (default indexes/<run>-<data>; the index's .folder),
@@ -149,7 +153,7 @@ def build_index(
     The images are read and embedded `chunk_size` at a time (retrieval.index_build: memory for the tower, the
     index and one chunk); trained indexes (IVF, PQ, ...) are trained on a seeded sample of `train_size` vectors
     (default from the factory). `on_disk`: an IVF index's inverted lists in a file of the folder, memory-mapped
-    when searched. Launched by torchrun with more than one process, every process calls this with the same
+    when searched, built in blocks of `block_size` vectors (retrieval.index_build.DEFAULT_BLOCK_SIZE). Launched by torchrun with more than one process, every process calls this with the same
     arguments: each embeds its share of the rows (`dist_timeout`: seconds a process waits for the others), rank 0
     merges the shares, writes the folder and returns the index; the others return None."""
     from retrieval.distributed import is_comm_error, join as join_process_group
@@ -160,7 +164,8 @@ def build_index(
     out = Path(out)
     factory = normalize_factory(factory)
     metric_code(metric)
-    for name, value in (("train_size", train_size), ("chunk_size", chunk_size), ("batch_size", batch_size)):
+    for name, value in (("train_size", train_size), ("chunk_size", chunk_size), ("batch_size", batch_size),
+                        ("block_size", block_size)):
         if value is not None and value <= 0:
             raise UsageError(f"`{name}` must be positive, got {value}")
     if prototypes and on_disk:
@@ -169,7 +174,8 @@ def build_index(
     device = group.device if group is not None else resolve_device(device)
     options = dict(factory=factory, metric=metric, prototypes=prototypes, batch_size=batch_size, device=device,
                    root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
-                   search_params=search_params, train_size=train_size, on_disk=on_disk, chunk_size=chunk_size)
+                   search_params=search_params, train_size=train_size, on_disk=on_disk, chunk_size=chunk_size,
+                   block_size=block_size)
     try:
         if group is not None and not group.is_main:
             group.wait_release("to set up the index build")
@@ -217,7 +223,7 @@ def _build_main(checkpoint, data_specs, out: Path, group, **options) -> Embeddin
 
 def _build_rows(checkpoint, data_specs, out: Path | None, group, *, factory, metric, prototypes, batch_size, device,
                 root, classes, exclude, subset, seed, search_params, train_size, on_disk,
-                chunk_size) -> EmbeddingIndex | None:
+                chunk_size, block_size) -> EmbeddingIndex | None:
     """Open the datasets and run retrieval.index_build.build_streaming (rank 0 releases the others first)."""
     from retrieval.data.stream import open_dataset
     from retrieval.index_build import DEFAULT_CHUNK_SIZE, BuildPlan, build_streaming
@@ -246,10 +252,14 @@ def _build_rows(checkpoint, data_specs, out: Path | None, group, *, factory, met
     try:
         result = build_streaming(plan, ckpt.tower, factory=factory, metric=metric, seed=seed, train_size=train_size,
                                  search_params=search_params, on_disk=on_disk, prototypes=prototypes,
-                                 batch_size=batch_size, device=device, group=group, out=out, meta=meta)
+                                 batch_size=batch_size, device=device, block_size=block_size, group=group,
+                                 out=out, meta=meta)
     finally:
         plan.close()
     embed = result.seconds.get("embed", 0.0)
+    if main and result.index is not None:
+        result.index.meta["build"] = {"processes": group.world_size if group is not None else 1, "chunk_size": chunk,
+                                      "seconds": {k: round(v, 3) for k, v in result.seconds.items()}}
     if main:
         where = f" (this process; {group.world_size} processes embedded their shares)" if group is not None else ""
         logger.info(f"embedded {result.rows_embedded:,} images in {embed:.1f}s "
@@ -301,6 +311,69 @@ def add_to_index(
     return index, new_ids
 
 
+@dataclass
+class Tuning:
+    results: list  # retrieval.tune.Setting per grid point, in grid order
+    chosen: object | None  # the fastest Setting reaching the target recall (None: none does)
+    k: int
+    target_recall: float
+    queries: str  # what the queries were
+    stored: bool  # whether the chosen setting was stored as the index's search parameters
+
+
+def tune_index(
+    folder: str | os.PathLike,
+    queries: str,
+    *,
+    k: int = 10,
+    target_recall: float = 0.95,
+    grid: dict | None = None,
+    store: bool = True,
+    repeats: int = 3,
+    root=None,
+    classes=None,
+    exclude=None,
+    subset: int | None = 1000,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device="auto",
+    checkpoint=None,
+) -> Tuning:
+    """Measure recall@k against exact search and queries/s of the index in `folder` for every point of `grid`
+    (Faiss search parameters; default retrieval.tune.default_grid) with the images of `queries` (a seeded `subset`
+    of them, default 1000), and store the fastest setting that reaches `target_recall` as the index's search
+    parameters (meta "search_params", with the measurements under "tuned")."""
+    from retrieval.tune import default_grid, fastest_reaching, measure_grid
+
+    if not 0 < target_recall <= 1:
+        raise UsageError(f"`target_recall` must be in (0, 1], got {target_recall}")
+    if k <= 0:
+        raise UsageError(f"`k` must be a positive number of neighbours, got {k}")
+    iq = load_index_queries(folder, queries, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
+                            batch_size=batch_size, device=device, checkpoint=checkpoint)
+    index = iq.index
+    k = min(k, len(index))
+    grid = default_grid(index) if grid is None else grid
+
+    def progress(setting):
+        logger.info(f"  {setting.search_params:<28} recall@{k} {setting.recall:.4f}  "
+                    f"{setting.queries_per_s:>10,.0f} queries/s  {setting.latency_ms:.3f} ms/query")
+
+    logger.info(f"tuning {index.meta['factory']} ({len(index):,} vectors) with {iq.describe()}")
+    results, _ = measure_grid(index, iq.embeddings, k, grid, repeats=repeats, progress=progress)
+    chosen = fastest_reaching(results, target_recall)
+    stored = False
+    if chosen is not None and store:
+        update_index_meta(folder, search_params=chosen.search_params, tuned={
+            "search_params": chosen.search_params, "k": k, "recall": round(chosen.recall, 6),
+            "target_recall": target_recall, "queries_per_s": round(chosen.queries_per_s, 1),
+            "latency_ms": round(chosen.latency_ms, 4), "queries": iq.describe(), "when": _now(),
+            "grid": [r.to_json() for r in results],
+        })
+        stored = True
+    return Tuning(results, chosen, k, target_recall, iq.describe(), stored)
+
+
 # -- queries --------------------------------------------------------------------------------------------------------
 @dataclass
 class QueryAnswers:
@@ -325,15 +398,17 @@ def query(
     batch_size: int | None = None,
     device="auto",
     root=None,
+    search_params: str | None = None,
 ) -> QueryAnswers:
     """Image files, folders (every image inside) and dataset items -> neighbours and predicted labels.
 
     Unreadable inputs get a result with `error` and the others are still answered. With `grid`, a PNG of each
-    answered query beside its neighbours is written there."""
+    answered query beside its neighbours is written there. `search_params` (Faiss's names: "nprobe=64",
+    "efSearch=128", "k_factor_rf=8") replace the index's stored search parameters for these queries."""
     if grid is not None:
         check_grid_target(grid)
     searcher = Searcher.open(index, device=resolve_device(device), checkpoint=checkpoint, max_distance=max_distance,
-                             batch_size=batch_size)
+                             batch_size=batch_size, search_params=search_params)
     k_used, note = searcher.effective_k(k)
     if note:
         logger.info(note)
@@ -381,10 +456,6 @@ class IndexQueries:
         return text
 
 
-def _source_key(source: str) -> str:
-    return source if parse_item_spec(source) is not None else os.path.realpath(source)
-
-
 def load_index_queries(folder, query_spec: str, *, root=None, classes=None, exclude=None, subset=None,
                        seed: int = 0, batch_size: int | None = None, device="auto",
                        checkpoint=None) -> IndexQueries:
@@ -403,8 +474,8 @@ def load_index_queries(folder, query_spec: str, *, root=None, classes=None, excl
     all_classes += missing
     to_index = np.array([all_classes.index(c) if c in all_classes else -1 for c in ds.classes], np.int64)
     labels = to_index[ds.labels.numpy()]
-    by_source = {_source_key(s): i for s, i in zip(index.sources, index.ids.tolist())}
-    self_ids = np.array([by_source.get(_source_key(s), -1) for s in ds.sources], np.int64)
+    rows = index.sources.rows_of(ds.sources, key=os.path.realpath)  # item specs as they are, paths resolved
+    self_ids = np.where(rows >= 0, index.ids[np.maximum(rows, 0)], -1).astype(np.int64)
     return IndexQueries(index, ds, emb, labels, all_classes, missing, self_ids)
 
 
@@ -486,17 +557,37 @@ def calibrate(
     batch_size: int | None = None,
     device="auto",
     checkpoint=None,
+    accept: float | None = None,
 ) -> tuple[Calibration, dict]:
     """Embed `queries` with the index's tower, calibrate the "unknown" threshold on nearest neighbours (own entries
-    left out), and store it in the index metadata (unless store=False). Returns the calibration and the record."""
+    left out), and store it in the index metadata (unless store=False). Returns the calibration and the record.
+
+    The rule: with `accept` given, the threshold answers that fraction of the in-distribution queries (those of the
+    index's classes; pairs.acceptance_threshold). Without it: when some queries are of classes the index lacks
+    (negatives), the threshold maximising F1 of "answered and right" (pairs.calibrate_threshold); when none are,
+    the default acceptance rate pairs.DEFAULT_ACCEPT (0.99) of the queries, so that no hand-picked negatives
+    are needed (F1 alone would then answer almost everything)."""
     iq = load_index_queries(index, queries, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
                             batch_size=batch_size, device=device, checkpoint=checkpoint)
     dist, ids = nearest_neighbors(iq.embeddings, index_search(iq.index), 1, iq.self_ids)
     correct = iq.index.labels_of(ids[:, 0]) == iq.labels
-    cal = calibrate_threshold(dist[:, 0], correct)
     outside = iq.labels >= len(iq.index.classes)
+    if accept is None and outside.any():
+        cal, rule = calibrate_threshold(dist[:, 0], correct), "max-f1"
+    else:
+        rate = DEFAULT_ACCEPT if accept is None else float(accept)
+        inside = ~outside
+        base = acceptance_threshold(dist[inside, 0], correct[inside], rate)
+        if outside.any():  # report over all queries, as the F1 rule does
+            answered = dist[:, 0] <= base.max_distance
+            tp, total = int((answered & correct).sum()), int(correct.sum())
+            n = int(answered.sum())
+            base = Calibration(base.max_distance, 2.0 * tp / (n + total) if n + total else 0.0, tp / n if n else 0.0,
+                               tp / total if total else 0.0, n, int(np.isfinite(dist[:, 0]).sum()), total)
+        cal, rule = base, f"accept {rate:g} of in-distribution queries"
     record = {
         **cal.to_json(),
+        "rule": rule,
         "queries": queries,
         "filters": iq.dataset.filters,
         "classes_not_in_index": iq.missing_classes,

@@ -3,12 +3,15 @@ step's gradients on 2 processes against 1, whole runs launched the way users lau
 subprocess, one thread per process) against a plain run, Ctrl-C and resume under another number of processes, a
 dying process and an unreachable rendezvous.
 
-Tolerances. One step's loss, gradients and batch-norm statistics on 2 processes equal one process's to float
-rounding (relative 1e-5; a batch norm over each process's half instead of the global batch is off by 1e-2, the
-gradient of PML's efficient=True mode by 0.6). Over a whole run the difference grows, as any change of float
-summation order does in training with Adam: a plain run on 2 threads instead of 1 drifts as far (measured on this
-tiny config: epoch losses within 1.2%, checkpoint embeddings' cosine >= 0.995). So whole runs are held to: the
-first epoch's loss within 1e-3, every epoch's within 3%, embeddings' cosine >= 0.98 (mean >= 0.99).
+Tolerances. One step on 2 processes against 1: the loss within 1e-5 (relative; measured <= 1.5e-6); gradients
+and batch-norm statistics against the same step computed in float64: within 5e-2 and within 5x one float32
+process's own error (measured: <= 6.8e-3 and <= 3.9x; float32 batch norm backward loses 1e-3..1e-2 of the
+gradients behind it to cancellation, in one process as in two). Bugs broken in on purpose are far outside: batch
+norm over each process's half, PML's efficient=True, the pair objective without its gradient scaling (0.5 and more
+off). Over a whole run the difference grows, as any change of float summation order does in training with Adam:
+a plain run on 2 threads instead of 1 drifts as far (measured on this tiny config: epoch losses within 1.2%,
+checkpoint embeddings' cosine >= 0.995). So whole runs are held to: the first epoch's loss within 1e-3, every
+epoch's within 3%, the last checkpoint's embeddings' cosine >= 0.98 (mean >= 0.99) on 200 test images.
 
 This file is also the gradient check's worker: torchrun runs it as a script (see _gradient_worker).
 """
@@ -208,10 +211,12 @@ def test_one_step_on_two_processes_has_the_gradients_of_one(tmp_path, data_root)
         assert any(k.startswith("head.") for k in one) == (case == "pair")
         assert error(two["loss"], one["loss"]) < 1e-5, case
         for key, want in exact.items():
-            # torch's CPU batch norm backward loses ~1e-3 of the gradient to cancellation in float32 (one process:
-            # up to 2e-2 off the float64 gradient); the global batch norm's autograd formula keeps ~1e-6
-            assert error(two[key], want) < 1e-4, f"{case} {key}: 2 processes off by {error(two[key], want):.1e}"
-            assert error(one[key], want) < 5e-2, f"{case} {key}: 1 process off by {error(one[key], want):.1e}"
+            # float32 batch norm backward loses 1e-3..1e-2 of the gradients behind it to cancellation (torch's
+            # kernels in one process; the same kernels with global sums on two): both are held to 5e-2 of the
+            # float64 gradient, two processes also to 5x one process's error (a bug is off by 0.5 or more)
+            two_err, one_err = error(two[key], want), error(one[key], want)
+            assert two_err < 5e-2 and two_err < 5 * one_err + 1e-4, f"{case} {key}: {two_err:.1e} ({one_err:.1e})"
+            assert one_err < 5e-2, f"{case} {key}: 1 process off by {one_err:.1e}"
 
 
 # ------------------------------------------------------------------------------------------ whole runs, torchrun
@@ -240,6 +245,7 @@ def test_resumed_on_two_processes_a_run_ends_as_the_plain_run(tmp_path, data_roo
     _assert_same_training(run, reference, test_images)
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker processes through /proc")
 def test_ctrl_c_stops_all_processes_after_one_step_and_one_process_resumes(tmp_path, data_root, reference,
                                                                            test_images):
     config = tmp_path / "tiny.toml"
@@ -251,7 +257,11 @@ def test_ctrl_c_stops_all_processes_after_one_step_and_one_process_resumes(tmp_p
     while not (run / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, f"training ended before it could be interrupted: {proc.communicate()[1][-3000:]}"
-    proc.send_signal(signal.SIGINT)  # Ctrl-C in a terminal reaches torchrun, which passes it on to the workers
+    # Ctrl-C reaches torchrun, which passes it on to its machine's processes, at slightly different moments; with
+    # two machines, only those of one: here rank 1 alone gets it, and rank 0 must stop after the same step and save
+    rank1 = [pid for pid, env in _children(proc.pid).items() if env.get("RANK") == "1"]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted at epoch" in err and "--resume" in err, err[-3000:]
     state = json.loads((run / "state.json").read_text())
@@ -261,6 +271,21 @@ def test_ctrl_c_stops_all_processes_after_one_step_and_one_process_resumes(tmp_p
     train(None, run, device="cpu", resume=True, data_root=data_root, progress=False, threads=1)
     assert _sessions(run)[-1] == (state["global_step"], 20 - state["global_step"], 1)
     _assert_same_training(run, reference, test_images)
+
+
+def test_torchrun_with_one_process_is_a_plain_run(tmp_path, data_root, reference):
+    from safetensors.torch import load_file
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    cmd = _train_cmd(config, tmp_path / "run")
+    cmd[cmd.index("--nproc-per-node") + 1] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(data_root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "run" / "last.safetensors")), load_file(str(reference / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert _sessions(tmp_path / "run") == [(0, 20, 1)] and "distributed" not in load_checkpoint(
+        tmp_path / "run" / "last").meta
 
 
 def _children(parent: int) -> dict[int, dict]:
@@ -297,8 +322,8 @@ def test_a_dying_process_takes_the_job_down_with_a_message(tmp_path, data_root):
     os.kill(rank1[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - killed < 60
-    assert "rank 0 of 2: distributed training stopped at epoch" in err, err[-3000:]
-    assert "another process of the job failed or stopped answering" in err
+    # rank 0 says it, whether the broken connection or torchrun's SIGTERM reaches it first
+    assert "rank 0 of 2: " in err and "another process of the job failed" in err, err[-3000:]
     assert json.loads((run / "state.json").read_text())["epoch"] >= 1  # the last finished epoch's state is kept
 
 
@@ -308,27 +333,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_unreachable_rendezvous_fails_with_a_message_naming_it(tmp_path, data_root):
+def test_an_unreachable_rendezvous_fails_with_a_message_naming_it(tmp_path, data_root, monkeypatch, capfd):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_TOML)
     port = _free_port()  # nothing listens there
     # the second machine of a two-machine launch whose first machine never came up
     proc = subprocess.run(
         _torchrun("--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "1", "--rdzv-endpoint",
-                  f"127.0.0.1:{port}", "--rdzv-conf", "timeout=2", "-m", "retrieval", "train", "--config",
+                  f"127.0.0.1:{port}", "--rdzv-conf", "timeout=1", "-m", "retrieval", "train", "--config",
                   str(config), "--out", str(tmp_path / "run"), "--device", "cpu"),
         capture_output=True, text=True, timeout=120, env=_env(data_root))
     assert proc.returncode != 0 and f"127.0.0.1, {port}" in proc.stderr, proc.stderr[-3000:]
     # a process started by another launcher (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT) that cannot reach rank 0
-    env = {**_env(data_root), "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    proc = subprocess.run([sys.executable, "-m", "retrieval", "train", "--config", str(config), "--out",
-                           str(tmp_path / "run"), "--device", "cpu", "--dist-timeout", "2"],
-                          capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.startswith(f"error: cannot join the training job's process group at 127.0.0.1:{port} "
-                                  "(rank 1 of 2"), proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    from retrieval.cli import main
+
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu",
+              "--dist-timeout", "2"])
+    err = capfd.readouterr().err
+    assert exit_info.value.code == 1
+    assert err.startswith(f"error: cannot join the training job's process group at 127.0.0.1:{port} (rank 1 of 2"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    assert not torch.distributed.is_initialized()
 
 
 if __name__ == "__main__":  # torchrun tests/test_distributed.py OUT DATA_ROOT

@@ -152,6 +152,9 @@ def calibrate(
     queries: str = QueriesOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Measure and print, but do not store the threshold."),
     json_out: bool = typer.Option(False, "--json", help="Print the stored calibration record as JSON."),
+    accept: Optional[float] = typer.Option(
+        None, "--accept", help="Answer this fraction of the in-distribution queries (e.g. 0.99). Default: 0.99 when "
+        "no query is of a class the index lacks, else the threshold of best F1."),
     classes: Optional[str] = ClassesOption,
     exclude: Optional[str] = ExcludeOption,
     subset: Optional[int] = SubsetOption,
@@ -163,14 +166,14 @@ def calibrate(
 ) -> None:
     """Choose the distance beyond which `retrieval query` answers "unknown", and store it in the index.
 
-    For each query image, its nearest indexed image (its own entry left out) is either of its class (right) or not. The threshold t maximises F1 of "answered and right", where a query is answered when its nearest neighbour is within t: precision = right answered / answered, recall = right answered / right. Queries of classes the index lacks are never right, so include some (e.g. --queries mnist:test on an index built with --exclude) to learn where "unknown" should begin.
+    For each query image, its nearest indexed image (its own entry left out) is either of its class (right) or not. Without negatives (every query of a class the index holds), the default threshold answers 99% of the queries (--accept sets the rate): farther than nearly every real query means "unknown". With queries of classes the index lacks (e.g. --queries mnist:test on an index built with --exclude), the threshold t maximises F1 of "answered and right", where a query is answered when its nearest neighbour is within t: precision = right answered / answered, recall = right answered / right; --accept then applies the acceptance rule instead.
 
     Stored as meta.json "calibration" {"max_distance", "f1", "queries", "created", ...}; `retrieval query --max-distance` overrides it.
     """
     from retrieval.workflows import calibrate as run
 
     cal, record = run(index, queries, store=not dry_run, root=root, classes=classes, exclude=exclude, subset=subset,
-                      seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint)
+                      seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint, accept=accept)
     if json_out:
         print_json(record)
     else:
@@ -181,6 +184,7 @@ def calibrate(
             print(f"unknown       {record['queries_not_in_index']:,} queries of classes the index lacks "
                   f"({', '.join(record['classes_not_in_index'])}); {record['rejected_not_in_index']:,} of them "
                   "answered unknown at this threshold")
+        print(f"rule          {record['rule']}")
         print(f"max distance  {cal.max_distance:.4f}")
         print(f"F1            {cal.f1:.4f}  (precision {cal.precision:.4f}, recall {cal.recall:.4f}; "
               f"{cal.n_answered:,} of {cal.n_queries:,} answered)")

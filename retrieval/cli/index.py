@@ -47,6 +47,27 @@ def build(
         help="Store one vector per class (the re-normalised mean embedding) instead of every image: few-shot "
              "classification from a folder:DIR of a few labelled pictures per class.",
     ),
+    train_size: Optional[int] = typer.Option(
+        None, "--train-size", min=1,
+        help="Train IVF/PQ/OPQ indexes on a seeded sample of this many vectors (default: 64 per centroid of the "
+             "largest k-means, e.g. 262,144 for IVF4096; a warning says when it is under Faiss's 39 per centroid).",
+        show_default=False,
+    ),
+    on_disk: bool = typer.Option(
+        False, "--on-disk",
+        help="IVF indexes only: keep the inverted lists in a file of the index folder, memory-mapped when searched, "
+             "so an index larger than memory can be built (in blocks) and searched.",
+    ),
+    chunk_size: Optional[int] = typer.Option(
+        None, "--chunk-size", min=1,
+        help="Images read and embedded at a time (default 16,384): memory holds the tower, the index and one chunk.",
+        show_default=False,
+    ),
+    dist_timeout: Optional[float] = typer.Option(
+        None, "--dist-timeout", min=0.001, metavar="SECONDS",
+        help="Under torchrun: how long a process waits for the others before the job fails with a message "
+             "(default 300).", show_default=False,
+    ),
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
     root: Optional[Path] = DataRootOption,
@@ -64,17 +85,29 @@ def build(
 
     The folder carries a copy of the tower (weights, sidecar, model card: a few MB at most), so it can be copied
     anywhere (cp -r, rsync, tar) and queried there without the run folder.
+
+    Several processes or machines: torchrun --nproc-per-node N -m retrieval index build ... (each process embeds
+    its share of the images; rank 0 merges the shares with Faiss, writes the folder and prints; the index is the
+    one a single process builds).
     """
     import time
 
+    from retrieval.distributed import is_follower
+    from retrieval.logs import setup_cli_logging
     from retrieval.workflows import build_index
 
+    follower = is_follower()  # a process of a torchrun launch other than rank 0: warnings and errors only
+    if follower:
+        setup_cli_logging(-1)
     start = time.perf_counter()
     index = build_index(
         checkpoint, data, out, factory=factory, metric=metric, prototypes=prototypes, batch_size=batch_size,
         device=device, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
-        search_params=search_params,
+        search_params=search_params, train_size=train_size, on_disk=on_disk, chunk_size=chunk_size,
+        dist_timeout=dist_timeout,
     )
+    if index is None:
+        return
     if json_out:
         print_json({"folder": str(index.folder), "meta": index.meta, "label_counts": index.label_counts(),
                     "seconds": round(time.perf_counter() - start, 3)})
@@ -112,14 +145,16 @@ def info(
     folder: Path = typer.Argument(..., help="Index folder."),
     json_out: bool = typer.Option(False, "--json", help="Print the metadata and per-label counts as JSON."),
 ) -> None:
-    """Show an index's metadata (factory, metric, tower, data, ...) and how many vectors each label has."""
-    from retrieval.index import load_index
+    """Show an index's metadata (factory, metric, tower, data, ...), its size on disk and in memory, and how many
+    vectors each label has."""
+    from retrieval.index import index_sizes, load_index
 
     index = load_index(folder)
     counts = index.label_counts()
     meta = index.meta
+    sizes = index_sizes(index)
     if json_out:
-        print_json({"folder": str(folder), "meta": meta, "label_counts": counts})
+        print_json({"folder": str(folder), "meta": meta, "label_counts": counts, "sizes": sizes})
         return
     from retrieval.index import tower_files
 
@@ -137,16 +172,24 @@ def info(
     rows = [
         ("folder", str(folder)),
         ("vectors", f"{len(index):,}" + ("  (one prototype per class)" if meta.get("prototypes") else "")),
-        ("factory", meta["factory"]),
+        ("factory", meta["factory"] + ("  (inverted lists on disk)" if meta.get("on_disk") else "")
+         + (f"  (trained on {meta['train_size']:,} vectors)" if meta.get("train_size") else "")),
         ("metric", meta["metric"]),
         ("dimension", str(meta["dimension"])),
         ("search params", meta.get("search_params") or "(Faiss defaults)"),
+        ("size on disk", f"{_bytes(sizes['disk']['total'])}  ("
+                         + ", ".join(f"{k} {_bytes(v)}" for k, v in sizes["disk"].items() if k != "total") + ")"),
+        ("in memory", f"about {_bytes(sizes['memory']['total'])} loaded"
+                      + (f"; the inverted lists ({_bytes(sizes['mapped'])}) stay on disk, memory-mapped and paged in "
+                         "as searched" if sizes["mapped"] else "")),
         ("tower", f"{tower.get('name')} ({tower.get('embedding_size')}-d), fingerprint {str(tower.get('fingerprint'))[:12]}"),
         tower_row,
         checkpoint_row,
         ("preprocessing", str(meta.get("preprocessing"))),
         ("created", f"{meta.get('created')} by retrieval {meta.get('tool_version')} (faiss {meta.get('faiss_version')})"),
     ]
+    if meta.get("tuned"):
+        rows.insert(6, ("tuned", _tuned_row(meta["tuned"])))
     if meta.get("updated"):
         rows.append(("updated", meta["updated"]))
     for entry in meta.get("data", []):
@@ -162,6 +205,74 @@ def info(
     name_width = max([len(c) for c in counts] + [5])
     for name, n in counts.items():
         print(f"  {name:>{name_width}}  {n:8,d}")
+
+
+@index_app.command("tune")
+def tune(
+    index: Path = typer.Option(..., "--index", help="Index folder to tune."),
+    queries: str = typer.Option(..., "--queries", help=f"Query images. {SpecHelp}"),
+    k: int = typer.Option(10, "--k", "-k", min=1, help="recall@k is measured against exact search."),
+    recall: float = typer.Option(0.95, "--recall", min=0.0, max=1.0, help="The recall@k the setting must reach."),
+    grid: Optional[List[str]] = typer.Option(
+        None, "--grid",
+        help="Values to try for one Faiss search parameter, e.g. --grid nprobe=8,16,32 --grid k_factor_rf=2,4 "
+             "(default: nprobe 1..nlist, efSearch 16..512, k_factor_rf 1..16, as the index has them).",
+    ),
+    subset: Optional[int] = typer.Option(1000, "--subset", help="Take a seeded random subset of this many queries."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per setting (the median is kept)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Measure and print, but store nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the measurements and the choice as JSON."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
+    ),
+    batch_size: Optional[int] = BatchSizeOption,
+    device: str = DeviceOption,
+    root: Optional[Path] = DataRootOption,
+    classes: Optional[str] = ClassesOption,
+    exclude: Optional[str] = ExcludeOption,
+    seed: int = SeedOption,
+) -> None:
+    """Measure recall@k against exact search and queries/s for a grid of search parameters, and store the fastest
+    setting that reaches --recall as the index's search parameters (`retrieval query` and the service use them).
+
+    Exits 1 when no setting of the grid reaches the recall (nothing is stored).
+    """
+    from retrieval.tune import parse_grid
+    from retrieval.workflows import tune_index
+
+    result = tune_index(index, queries, k=k, target_recall=recall, grid=parse_grid(grid) if grid else None,
+                        store=not dry_run, repeats=repeats, root=root, classes=classes, exclude=exclude,
+                        subset=subset, seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint)
+    chosen = result.chosen
+    if json_out:
+        print_json({"index": str(index), "k": result.k, "target_recall": recall, "queries": result.queries,
+                    "settings": [r.to_json() for r in result.results],
+                    "chosen": chosen.to_json() if chosen else None, "stored": result.stored})
+    else:
+        width = max(len(r.search_params) for r in result.results)
+        print(f"{'search params':<{width}}  recall@{result.k}  queries/s  ms/query")
+        for r in result.results:
+            mark = "  <- chosen" if chosen is not None and r.search_params == chosen.search_params else ""
+            print(f"{r.search_params:<{width}}  {r.recall:9.4f}  {r.queries_per_s:9,.0f}  {r.latency_ms:8.3f}{mark}")
+    if chosen is None:
+        best = max(result.results, key=lambda r: r.recall)
+        log(f"no setting reaches recall@{result.k} >= {recall} (best {best.recall:.4f} with {best.search_params}); "
+            "nothing stored: try a larger --grid, or an index with more lists probed or a refine stage")
+        raise typer.Exit(1)
+    log(f"{'stored' if result.stored else 'would store (--dry-run)'} search params {chosen.search_params} in "
+        f"{index}: recall@{result.k} {chosen.recall:.4f}, {chosen.queries_per_s:,.0f} queries/s")
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _tuned_row(tuned: dict) -> str:
+    return (f"{tuned.get('search_params')}: recall@{tuned.get('k')} {tuned.get('recall'):.4f} (target "
+            f"{tuned.get('target_recall')}), {tuned.get('queries_per_s'):,.0f} queries/s on {tuned.get('queries')}")
 
 
 @app.command("query")
@@ -184,6 +295,11 @@ def query(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
     ),
+    search_params: Optional[str] = typer.Option(
+        None, "--search-params",
+        help="Faiss search parameters for these queries instead of the index's stored ones (`index info`), by "
+             "Faiss's names: nprobe=64 (IVF), efSearch=128 (HNSW), k_factor_rf=8 (refine), e.g. nprobe=64,k_factor_rf=8.",
+    ),
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
     root: Optional[Path] = DataRootOption,
@@ -198,7 +314,7 @@ def query(
     from retrieval.workflows import query as run
 
     answers = run(index, paths, k, max_distance=max_distance, checkpoint=checkpoint, grid=grid,
-                  batch_size=batch_size, device=device, root=root)
+                  batch_size=batch_size, device=device, root=root, search_params=search_params)
     if json_out:
         print_json([r.to_json() for r in answers.results])
     else:

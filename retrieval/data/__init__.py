@@ -10,7 +10,8 @@ import importlib
 
 SPEC_HELP = (
     "mnist:train, mnist:test, fashion-mnist:train, fashion-mnist:test, "
-    "idx:DIR (one IDX image/label pair in DIR) or folder:DIR (DIR/<label>/*.png|jpg|...)"
+    "idx:DIR (one IDX image/label pair in DIR), folder:DIR (DIR/<label>/*.png|jpg|...) "
+    "or mnist-c:test/NAME (MNIST test corrupted: fog, lowres-8, thick, photo, canvas...; retrieval.data.corrupt)"
 )
 
 _EXPORTS = {

@@ -23,6 +23,7 @@ from retrieval.data.fetch import (
     dataset_files_present,
     fetch_dataset,
 )
+from retrieval.data import corrupt
 from retrieval.data.idx import read_idx_pair
 from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
 from retrieval.errors import RetrievalError, UsageError
@@ -198,6 +199,12 @@ def load_dataset(
         images, labels, names = _load_idx_dir(Path(rest).expanduser())
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
         sources = [f"idx:{rest}[{i}]" for i in range(len(labels))]
+    elif kind == corrupt.KIND:  # mnist-c:test/fog: MNIST with a corruption, made once and cached in the root
+        split, name = corrupt.parse_spec(rest)
+        folder = corrupt.ensure_corrupted(rest, root, fetch)
+        images, labels = read_idx_pair(folder / corrupt.IMAGES, folder / corrupt.LABELS)
+        images, labels, names = torch.from_numpy(images), torch.from_numpy(labels), list(DATASETS["mnist"].classes)
+        sources = [f"{corrupt.KIND}:{split}/{name}[{i}]" for i in range(len(labels))]
     elif kind == "folder":
         images, labels, names, sources = _load_folder(Path(rest).expanduser())
         preprocessing = PREPROCESSING
@@ -245,7 +252,7 @@ def parse_item_spec(text: str) -> tuple[str, int] | None:
     if not m:
         return None
     kind = m.group("spec").split(":", 1)[0]
-    if kind not in DATASETS and kind != "idx":
+    if kind not in DATASETS and kind not in ("idx", corrupt.KIND):
         return None
     return m.group("spec"), int(m.group("pos"))
 

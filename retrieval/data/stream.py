@@ -29,6 +29,7 @@ import torch
 from retrieval.data.fetch import (
     DATASETS, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, dataset_dir, dataset_files_present, fetch_dataset,
 )
+from retrieval.data import corrupt
 from retrieval.data.idx import read_idx
 from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
 from retrieval.data.specs import _IDX_IMAGES, _as_name_list, _class_sort_key, _split_spec, default_data_root
@@ -253,6 +254,12 @@ def open_dataset(
         images_path, labels_path = _idx_pair(Path(rest).expanduser())
         names = None
         prefix = f"idx:{rest}"
+    elif kind == corrupt.KIND:  # mnist-c:test/fog, made once and cached in the root (retrieval.data.corrupt)
+        split, name = corrupt.parse_spec(rest)
+        folder = corrupt.ensure_corrupted(rest, root, fetch)
+        images_path, labels_path = folder / corrupt.IMAGES, folder / corrupt.LABELS
+        names = list(DATASETS["mnist"].classes)
+        prefix = f"{corrupt.KIND}:{split}/{name}"
     elif kind == "folder":
         names, paths, labels = _list_folder(Path(rest).expanduser())
         preprocessing = PREPROCESSING

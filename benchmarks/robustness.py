@@ -1,0 +1,374 @@
+"""Robustness of trained towers to corrupted queries: precision@1 and MAP@R per corruption (retrieval.data.corrupt:
+the 15 MNIST-C corruptions, low resolution, stroke width, photo-like, web canvas) against the clean train index.
+
+Test mode (default): for every run given (by default /work/runs/NAME or runs/NAME for each shipped config that has
+a checkpoint), a Flat index of mnist:train is built with the run's tower (workflows.build_index), and every
+`mnist-c:test/NAME` spec (made once and cached in the data root) is evaluated against it (workflows.evaluate: the
+same code as `retrieval evaluate`), on a seeded subset of the 10,000 test images (`--subset`, 0 for all). One table
+(rows: corruptions, columns: runs) goes to stdout and, with --write, to benchmarks/README.md.
+
+Selection mode (--selection): the split used to CHOOSE a recipe. References are the run's training slice of
+mnist:train, queries its validation slice (the 5,000 images the trainer held out, same seed), corrupted with seed 1
+(test sets use seed 0); nothing from mnist:test is read.
+
+    .venv/bin/python benchmarks/robustness.py --runs /work/runs/mnist-default --subset 2000
+    .venv/bin/python benchmarks/robustness.py --selection --runs /work/runs/mnist-default /work/runs/mnist-robust
+    .venv/bin/python benchmarks/robustness.py --tiny   # a tiny-tower run end to end (the test suite runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._report import append_section, machine  # noqa: E402
+from retrieval.data.corrupt import CORRUPTIONS, KIND, corrupt  # noqa: E402
+
+# Families the mnist-robust recipe's training augmentation imitates; the others are held out from training.
+TRAINED_FAMILIES = {"noise", "blur", "low resolution", "stroke width", "contrast", "affine"}
+TRAINED_EXCEPT = {"fog"}  # contrast family, but fog's plasma texture is nothing the training draws
+
+
+def trained(name: str) -> bool:
+    c = CORRUPTIONS[name]
+    return c.family in TRAINED_FAMILIES and name not in TRAINED_EXCEPT
+
+
+def default_runs() -> list[Path]:
+    from retrieval.workflows import shipped_configs
+
+    out = []
+    for name in shipped_configs():
+        for base in (Path("/work/runs"), ROOT / "runs"):
+            if (base / name / "best.safetensors").is_file():
+                out.append(base / name)
+                break
+    return out
+
+
+def test_figures(run: Path, names: list[str], subset: int | None, root, device: str, index_subset=None) -> dict:
+    from retrieval.workflows import build_index, evaluate
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
+        folder = Path(tmp) / "index"
+        build_index(run, ["mnist:train"], folder, root=root, device=device, subset=index_subset, seed=0)
+        for name in ["clean", *names]:
+            spec = "mnist:test" if name == "clean" else f"{KIND}:test/{name}"
+            t = time.perf_counter()
+            ev = evaluate(folder, spec, ks=(1,), root=root, subset=subset, seed=0, device=device)
+            out[name] = {"precision@1": ev.metrics.precision[1], "map@r": ev.metrics.map_at_r,
+                         "seconds": time.perf_counter() - t}
+            print(f"{run.name:24s} {name:16s} p@1 {out[name]['precision@1']:.4f}  MAP@R {out[name]['map@r']:.4f}",
+                  flush=True)
+    return out
+
+
+def selection_figures(run: Path, names: list[str], subset: int | None, root, device: str) -> dict:
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.data.specs import load_dataset
+    from retrieval.embed import embed_images
+    from retrieval.metrics import retrieval_metrics
+    from retrieval.trainer import split_validation
+
+    ckpt = load_checkpoint(run)
+    data = ckpt.meta.get("data", {})
+    ds = load_dataset("mnist:train", root=root)
+    train_pos, val_pos = split_validation(ds.labels, int(data.get("val_images") or 5000), int(data.get("val_seed", 0)))
+    if subset and subset < len(val_pos):
+        g = torch.Generator().manual_seed(0)
+        val_pos = val_pos[torch.randperm(len(val_pos), generator=g)[:subset].sort().values]
+    refs = embed_images(ckpt.tower, ds.images[train_pos], device=device)
+    ref_labels = ds.labels[train_pos].numpy()
+    clean = ds.images[val_pos].numpy()
+    labels = ds.labels[val_pos].numpy()
+    out = {}
+    for name in ["clean", *names]:
+        images = clean if name == "clean" else corrupt(clean, name, seed=1)
+        emb = embed_images(ckpt.tower, torch.from_numpy(images), device=device)
+        m = retrieval_metrics(emb, labels, refs, ref_labels, ks=(1,))
+        out[name] = {"precision@1": m.precision[1], "map@r": m.map_at_r}
+        print(f"{run.name:24s} {name:16s} p@1 {m.precision[1]:.4f}  MAP@R {m.map_at_r:.4f}", flush=True)
+    return out
+
+
+NON_DIGITS = ("letters", "symbols", "scribbles", "shapes", "blank", "noisy")
+
+
+def non_digit_pictures(kind: str, n: int, seed: int = 0) -> list[np.ndarray]:
+    """Pictures (uint8 grey, 112x112, dark marks on light paper) of things that are not digits, never used in
+    training: letters and symbols rendered from the system's fonts, random pen scribbles, geometric shapes, blank
+    pages (paper tone and a little noise) and noisy pages (strong noise, specks)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng([seed, len(kind)])
+    fonts = sorted(Path("/usr/share/fonts/truetype").rglob("*.ttf"))
+    letters = "ABCDEFGHJKMNPQRTUVWXYabcdefhkmnprtuvwxyz"  # not the ones that are digits in disguise (O, l, I, S...)
+    symbols = "@#%&*+=?!$<>{}[]~^"
+    out = []
+    for i in range(n):
+        paper = int(rng.integers(170, 256))
+        img = Image.new("L", (112, 112), paper)
+        d = ImageDraw.Draw(img)
+        ink = int(rng.integers(0, max(1, paper - 90)))
+        if kind in ("letters", "symbols"):
+            chars = letters if kind == "letters" else symbols
+            font = ImageFont.truetype(str(fonts[int(rng.integers(len(fonts)))]), int(rng.integers(60, 90)))
+            d.text((56, 56), chars[int(rng.integers(len(chars)))], fill=ink, font=font, anchor="mm")
+        elif kind == "scribbles":
+            pts = np.cumsum(rng.normal(0, 14, (int(rng.integers(4, 12)), 2)), axis=0) + 56
+            d.line([tuple(p) for p in np.clip(pts, 8, 104)], fill=ink, width=int(rng.integers(3, 9)), joint="curve")
+        elif kind == "shapes":
+            x0, y0 = rng.integers(10, 45, 2)
+            x1, y1 = rng.integers(65, 102, 2)
+            which = int(rng.integers(3))
+            w = int(rng.integers(3, 9))
+            if which == 0:
+                d.ellipse((x0, y0, x1, y1), outline=ink, width=w)
+            elif which == 1:
+                d.rectangle((x0, y0, x1, y1), outline=ink, width=w)
+            else:
+                d.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], outline=ink, width=w)
+        a = np.asarray(img, dtype=np.float32)
+        if kind == "blank":
+            a = a + rng.normal(0, 3, a.shape)
+        elif kind == "noisy":
+            a = a + rng.normal(0, 40, a.shape)
+            specks = rng.random(a.shape) < 0.03
+            a[specks] = 0
+        out.append(np.clip(a, 0, 255).astype(np.uint8))
+    return out
+
+
+def unknown_figures(run: Path, names: list[str], subset: int | None, root, device: str, accept: float) -> dict:
+    """Calibrate `accept` of clean mnist:test (the documented default rule, no negatives) on a Flat index of
+    mnist:train; then the fraction of non-digits rejected and of each corrupted set still answered."""
+    from PIL import Image
+
+    from retrieval.data.fetch import dataset_files_present
+    from retrieval.data.idx import write_idx
+    from retrieval.data.preprocess import preprocess_image
+    from retrieval.data.specs import default_data_root
+    from retrieval.errors import RetrievalError
+    from retrieval.knn import nearest_neighbors
+    from retrieval.workflows import build_index, calibrate, index_search, load_index_queries
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="robustness-unknown-") as tmp:
+        folder = Path(tmp) / "index"
+        build_index(run, ["mnist:train"], folder, root=root, device=device)
+        cal, record = calibrate(folder, "mnist:test", root=root, subset=subset, seed=0, device=device, accept=accept)
+        t = cal.max_distance
+        out["threshold"] = t
+
+        def rate(spec):
+            iq = load_index_queries(folder, spec, root=root, subset=subset, seed=1, device=device)
+            dist, _ = nearest_neighbors(iq.embeddings, index_search(iq.index), 1, iq.self_ids)
+            return dist[:, 0] > t, len(dist)
+
+        rejected, n = rate("mnist:test")  # seed 1: other images than the calibration's (when a subset)
+        out["clean mnist:test answered"] = float(1 - rejected.mean())
+        for name in names:
+            rejected, n = rate(f"{KIND}:test/{name}")
+            out[f"{name} answered"] = float(1 - rejected.mean())
+        data_root = Path(root) if root else default_data_root()
+        if dataset_files_present("fashion-mnist", data_root):
+            rejected, n = rate("fashion-mnist:test")
+            out["fashion-mnist:test rejected"] = float(rejected.mean())
+        for kind in NON_DIGITS:
+            pics, failed = [], 0
+            for p in non_digit_pictures(kind, 300):
+                try:
+                    pics.append(preprocess_image(Image.fromarray(p, mode="L")).numpy())
+                except RetrievalError:  # no ink: the query fails, nothing answered
+                    failed += 1
+            rejected_n = failed
+            if pics:
+                d = Path(tmp) / kind
+                d.mkdir()
+                write_idx(d / "images-idx3-ubyte", np.stack(pics))
+                write_idx(d / "labels-idx1-ubyte", np.zeros(len(pics), np.uint8))
+                rejected, _ = rate(f"idx:{d}")
+                rejected_n += int(rejected.sum())
+            out[f"{kind} rejected"] = rejected_n / 300
+        for k, v in out.items():
+            print(f"{run.name:24s} {k:36s} {v:.4f}", flush=True)
+    return out
+
+
+def step_times(configs: list[str], steps: int, block: int, root, device: str) -> dict:
+    """Median training step time (make_batch: index, scale, augment; then train_step) of shipped configs built
+    side by side in one process, blocks of `block` steps alternating so machine load hits them alike."""
+    from retrieval.config import load_config
+    from retrieval.seeding import make_generator
+    from retrieval.trainer import build_trainer
+    from retrieval.workflows import shipped_config
+
+    dev = torch.device(device)
+    trainers = {}
+    for name in configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainers[name] = build_trainer(load_config(shipped_config(name)), Path(tmp), dev, data_root=root,
+                                           progress=False)
+    plans = {n: t.sampler.epoch_batches(0).to(dev) for n, t in trainers.items()}
+    times: dict[str, list[float]] = {n: [] for n in trainers}
+    s = 0
+    while min(len(v) for v in times.values()) < steps:
+        for n, t in trainers.items():
+            for _ in range(block):
+                g = make_generator(0, "bench", s)
+                t0 = time.perf_counter()
+                x, y = t.make_batch(plans[n][s % len(plans[n])], g)
+                t.train_step(x, y, g)
+                times[n].append(time.perf_counter() - t0)
+                s += 1
+    out = {n: {"step_ms": statistics.median(v[1:]) * 1e3, "steps": len(v)} for n, v in times.items()}
+    base = out[configs[0]]["step_ms"]
+    for n in out:
+        out[n]["ratio"] = out[n]["step_ms"] / base
+        print(f"{n:24s} median step {out[n]['step_ms']:.1f} ms  ({out[n]['ratio']:.3f}x {configs[0]})", flush=True)
+    return out
+
+
+def summary_rows(results: dict[str, dict], names: list[str]) -> list[tuple[str, dict]]:
+    """Mean p@1 / MAP@R over groups: MNIST-C, low resolution, stroke width, trained / held-out families."""
+    groups = {
+        "mean, MNIST-C (15)": [n for n in names if CORRUPTIONS[n].mnist_c],
+        "mean, low resolution": [n for n in names if CORRUPTIONS[n].family == "low resolution"],
+        "mean, stroke width": [n for n in names if CORRUPTIONS[n].family == "stroke width"],
+        "mean, photo + canvas": [n for n in names if CORRUPTIONS[n].family in ("photo", "canvas")],
+        "mean, families in mnist-robust's training": [n for n in names if trained(n)],
+        "mean, held out from mnist-robust's training": [n for n in names if not trained(n)],
+    }
+    rows = []
+    for label, members in groups.items():
+        if not members:
+            continue
+        row = {}
+        for run, figs in results.items():
+            row[run] = {k: statistics.fmean(figs[n][k] for n in members) for k in ("precision@1", "map@r")}
+        rows.append((label, row))
+    return rows
+
+
+def table(results: dict[str, dict], names: list[str]) -> list[str]:
+    runs = list(results)
+    head = "| queries | family | " + " | ".join(f"{r} p@1 / MAP@R" for r in runs) + " |"
+    lines = [head, "|" + "---|" * (2 + len(runs))]
+
+    def cell(f):
+        return f"{f['precision@1']:.4f} / {f['map@r']:.4f}"
+
+    for name in ["clean", *names]:
+        fam = "-" if name == "clean" else CORRUPTIONS[name].family + ("" if trained(name) else " (held out)")
+        lines.append(f"| {name} | {fam} | " + " | ".join(cell(results[r][name]) for r in runs) + " |")
+    for label, row in summary_rows(results, names):
+        lines.append(f"| **{label}** | | " + " | ".join(cell(row[r]) for r in runs) + " |")
+    return lines
+
+
+def tiny(root, names: list[str]) -> dict:
+    """A tiny tower trained for a handful of steps, every corruption on 40 test queries against 300 references:
+    the suite end to end (workflows.build_index + workflows.evaluate on every mnist-c spec)."""
+    from retrieval.workflows import train
+
+    with tempfile.TemporaryDirectory(prefix="robustness-tiny-") as tmp:
+        run = Path(tmp) / "run"
+        cfg = {"name": "tiny", "data": {"subset": 300, "val_size": 60}, "train": {"epochs": 1, "batch_size": 32},
+               "sampler": {"m": 8}}
+        train(cfg, run, data_root=root, threads=1, device="cpu", progress=False)
+        res = {"tiny": test_figures(run, names, 40, root, "cpu", index_subset=300)}
+    print("\n".join(table(res, names)))
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", nargs="*", type=Path, help="run folders (default: a run for every shipped config)")
+    p.add_argument("--corruptions", default=",".join(CORRUPTIONS), help="comma-separated names")
+    p.add_argument("--subset", type=int, default=2000, help="query images per set, seeded (0: all)")
+    p.add_argument("--selection", action="store_true", help="corrupted validation slice of mnist:train instead")
+    p.add_argument("--root", default=None, help="data root (default: $RETRIEVAL_DATA_ROOT or the cache)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/README.md")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--note", default="", help="a paragraph added under the table")
+    p.add_argument("--tiny", action="store_true", help="a tiny-tower run of the whole suite (for the tests)")
+    p.add_argument("--unknown", action="store_true",
+                   help="unknown inputs: calibrate --accept of clean test, then rejection of non-digits")
+    p.add_argument("--accept", type=float, default=0.99)
+    p.add_argument("--steptime", default="", help="configs to time training steps of, side by side "
+                   "(e.g. mnist-default,mnist-robust)")
+    a = p.parse_args(argv)
+    if a.steptime:
+        res = step_times([c.strip() for c in a.steptime.split(",")], 30, 5, a.root, a.device)
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=2) + "\n")
+        return 0
+    names = [n.strip() for n in a.corruptions.split(",") if n.strip()]
+    if a.tiny:
+        tiny(a.root, names)
+        return 0
+    if a.unknown:
+        start = time.perf_counter()
+        runs = a.runs or default_runs()
+        res = {r.name: unknown_figures(r, names, a.subset or None, a.root, a.device, a.accept) for r in runs}
+        rows = list(next(iter(res.values())))
+        lines = ["| measure | " + " | ".join(res) + " |", "|" + "---|" * (1 + len(res))]
+        lines += [f"| {k} | " + " | ".join(f"{res[r][k]:.4f}" for r in res) + " |" for k in rows]
+        print("\n".join(lines))
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=2) + "\n")
+        if a.write:
+            append_section([
+                f"## Unknown inputs: rejection with the default calibration ({dt.date.today().isoformat()})", "",
+                f"Machine: {machine()}. `benchmarks/robustness.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+                f" ({time.perf_counter() - start:.0f} s). Flat index of all mnist:train; threshold from `calibrate` "
+                f"with no negatives (answer {a.accept:g} of clean mnist:test, {a.subset or 'all'} images, seed 0); "
+                "answered fractions on other test images (seed 1) and the corrupted sets; rejected fractions on "
+                "non-digits never used in training (Fashion-MNIST test; 300 each of letters and symbols from the "
+                "system fonts, pen scribbles, shapes, blank and noisy pages, through the query preprocessing; a "
+                "picture with no ink fails preprocessing and counts as rejected).", "",
+                *lines, "", *([a.note, ""] if a.note else []),
+            ])
+        return 0
+    runs = a.runs or default_runs()
+    subset = a.subset or None
+    start = time.perf_counter()
+    results = {}
+    for run in runs:
+        fn = selection_figures if a.selection else test_figures
+        results[run.name] = fn(run, names, subset, a.root, a.device)
+    lines = table(results, names)
+    print("\n".join(lines))
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2) + "\n")
+    if a.write:
+        split = ("SELECTION split: mnist:train validation slice corrupted with seed 1, references the run's "
+                 "training slice" if a.selection else "TEST split: mnist-c:test/NAME specs (seed 0) against a Flat "
+                 "index of all 60,000 mnist:train images")
+        append_section([
+            f"## Robustness to corrupted queries ({dt.date.today().isoformat()}, {a.device})", "",
+            f"Machine: {machine()}. `benchmarks/robustness.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+            f" ({time.perf_counter() - start:.0f} s). {split}; {subset or 'all'} queries per set (seeded subset). "
+            "Columns: precision@1 / MAP@R per run. Families marked \"held out\" are not imitated by mnist-robust's "
+            "training augmentation (retrieval/configs/mnist-robust.toml).", "",
+            *lines, "", *( [a.note, ""] if a.note else []),
+        ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Robustness suite (issue 15): corrupted query sets (`mnist-c:SPLIT/NAME`), the degradations of training
+augmentation, and the suite end to end with a tiny tower (benchmarks/robustness.py --tiny)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.augment import DegradeAugment, Rows
+from retrieval.checkpoint import save_checkpoint
+from retrieval.data.corrupt import CORRUPTIONS, corrupt, corrupted_dir
+from retrieval.data.specs import load_dataset
+from retrieval.errors import UsageError
+from retrieval.towers import build_tower
+from cli_helpers import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+CHEAP = ["stripe", "brightness", "lowres-8"]  # fast to make for the whole test split (cached in the data root)
+
+
+@pytest.fixture(scope="module")
+def digits(data_root):
+    return load_dataset("mnist:test", subset=12, seed=0).images.numpy()
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_each_corruption_is_deterministic_keeps_shape_and_dtype_and_changes_pixels(digits, name):
+    a = corrupt(digits, name, seed=3)
+    assert a.shape == digits.shape and a.dtype == np.uint8
+    assert np.array_equal(a, corrupt(digits, name, seed=3))
+    changed = (a != digits).any(axis=(1, 2))
+    assert changed.all(), f"{name} left {int((~changed).sum())} image(s) unchanged"
+
+
+def test_random_corruptions_depend_on_the_seed(digits):
+    for name in ("shot_noise", "impulse_noise", "glass_blur", "motion_blur", "fog", "spatter", "zigzag", "photo",
+                 "canvas"):
+        assert not np.array_equal(corrupt(digits, name, seed=0), corrupt(digits, name, seed=1)), name
+
+
+def test_corrupt_refuses_bad_input(digits):
+    with pytest.raises(UsageError, match="unknown corruption 'nope'"):
+        corrupt(digits, "nope")
+    with pytest.raises(UsageError, match="uint8"):
+        corrupt(digits.astype(np.float32), "fog")
+
+
+@pytest.fixture
+def own_root(tmp_path, data_root):
+    """A data root of the test's own, with the run's MNIST linked in: the corrupted sets it makes stay here."""
+    (tmp_path / "mnist").symlink_to(Path(data_root) / "mnist")
+    return tmp_path
+
+
+def test_corrupted_spec_is_made_once_cached_and_loads_like_any_spec(own_root):
+    clean = load_dataset("mnist:test", root=own_root)
+    ds = load_dataset("mnist-c:test/stripe", root=own_root)
+    assert ds.images.shape == clean.images.shape and ds.images.dtype == torch.uint8
+    assert torch.equal(ds.labels, clean.labels) and ds.classes == clean.classes
+    assert ds.sources[5] == "mnist-c:test/stripe[5]"
+    assert np.array_equal(ds.images[:100].numpy(), corrupt(clean.images[:2000].numpy(), "stripe")[:100])
+    folder = corrupted_dir(own_root, "test", "stripe")
+    stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again = load_dataset("mnist-c:test/stripe", root=own_root, classes="3", subset=20, seed=1)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp  # read from the cache
+    assert len(again) == 20 and set(again.label_names()) == {"3"}
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("mnist-c:test/nope", "unknown corruption 'nope'"),
+    ("mnist-c:fog", "expected mnist-c:train/NAME or mnist-c:test/NAME"),
+    ("mnist-c:valid/fog", "expected mnist-c:train/NAME"),
+])
+def test_bad_corrupted_specs_are_refused_in_one_line(own_root, capsys, spec, message):
+    code, out, err = run_cli(capsys, "data", "info", spec, "--root", own_root)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (own_root / "mnist-c").exists() or not any((own_root / "mnist-c").iterdir())
+
+
+@pytest.fixture(scope="module")
+def seeded_run(tmp_path_factory, data_root):
+    base = tmp_path_factory.mktemp("robust-run")
+    torch.manual_seed(0)
+    save_checkpoint(base / "best", build_tower("default"))
+    return base
+
+
+def test_corrupted_spec_works_wherever_a_spec_is_accepted(seeded_run, tmp_path, capsys):
+    index = tmp_path / "ix"
+    code, out, err = run_cli(capsys, "index", "build", "--checkpoint", seeded_run, "--data", "mnist-c:test/lowres-8",
+                             "--subset", 200, "--out", index, "--device", "cpu")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "evaluate", "--index", index, "--queries", "mnist-c:test/brightness",
+                             "--subset", 50, "--json", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out)["n_queries"] == 50
+    code, out, err = run_cli(capsys, "query", "--index", index, "mnist-c:test/stripe[3]", "--json", "--device", "cpu")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer[0]["query"] == "mnist-c:test/stripe[3]" and len(answer[0]["neighbors"]) == 5
+    code, out, err = run_cli(capsys, "fewshot", "--checkpoint", seeded_run, "--data", "mnist-c:test/stripe",
+                             "--ways", 3, "--shots", 1, "--queries", 2, "--episodes", 5, "--json", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out)["episodes"] == 5
+
+
+def test_robustness_suite_end_to_end_with_a_tiny_tower(data_root):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "robustness.py"), "--tiny", "--corruptions",
+                           ",".join(CHEAP)], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:1 + 1 + len(CHEAP)]] == ["clean", *CHEAP]
+    assert any("held out" in r for r in rows) or all(CORRUPTIONS[n].family != "occlusion" for n in CHEAP)
+    figures = [float(v) for r in rows[1:] for v in r.split("|")[3].split("/")]
+    assert all(0.0 <= v <= 1.0 for v in figures)
+
+
+# -- training-side degradations ----------------------------------------------------------------------------------
+def test_degrade_augment_is_seeded_keeps_shape_and_splits_by_rows(digits):
+    x = torch.from_numpy(digits).unsqueeze(1).float().div(255).repeat(4, 1, 1, 1)  # 48 images
+    aug = DegradeAugment(lowres=1, blur=1.5, stroke=1.5, noise=0.3, contrast=0.6, p=0.5)
+    a = aug(x, torch.Generator().manual_seed(7))
+    assert a.shape == x.shape and a.dtype == x.dtype and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, aug(x, torch.Generator().manual_seed(7)))
+    assert not torch.equal(a, aug(x, torch.Generator().manual_seed(8)))
+    changed = (a - x).abs().amax(dim=(1, 2, 3)) > 1e-3
+    assert 0.5 < float(changed.float().mean()) < 1.0  # most images, not all (each kind on half of them)
+    parts = [aug(x[s:e], torch.Generator().manual_seed(7), Rows(s, e, len(x))) for s, e in ((0, 20), (20, 48))]
+    assert torch.allclose(torch.cat(parts), a, atol=1e-6)
+    off = DegradeAugment()
+    assert not off.enabled and off(x, torch.Generator().manual_seed(0)) is x
+
+
+@pytest.mark.parametrize("key, value", [("blur", 9.0), ("noise", -0.1), ("degrade_p", 2.0)])
+def test_degrade_options_are_validated(key, value):
+    from retrieval.config import resolve_config
+
+    with pytest.raises(UsageError, match=f"augment.{key}"):
+        resolve_config({"augment": {key: value}})
+
+
+def test_shipped_robust_config_turns_every_degradation_on():
+    from retrieval.config import load_config
+
+    a = load_config(REPO / "retrieval" / "configs" / "mnist-robust.toml").augment
+    assert a.lowres and a.blur and a.stroke and a.noise and a.contrast and 0 < a.degrade_p < 1
+
+
+# -- unknown inputs: calibrate without negatives ----------------------------------------------------------------
+def test_acceptance_threshold_answers_the_asked_fraction():
+    from retrieval.pairs import acceptance_threshold
+
+    d = np.arange(100, dtype=float) / 100
+    ok = np.ones(100, bool)
+    cal = acceptance_threshold(d, ok, 0.9)
+    assert cal.n_answered == 90 and 0.89 < cal.max_distance < 0.90 and cal.recall == pytest.approx(0.9)
+    assert acceptance_threshold(d, ok, 1.0).n_answered == 100
+    assert acceptance_threshold(d, ok).n_answered == 99  # the documented default, 0.99
+    with pytest.raises(UsageError, match="`accept`"):
+        acceptance_threshold(d, ok, 0.0)
+
+
+def test_calibrate_without_negatives_defaults_to_an_acceptance_rate(seeded_run, tmp_path, capsys):
+    index = tmp_path / "ix"
+    code, _, err = run_cli(capsys, "index", "build", "--checkpoint", seeded_run, "--data", "mnist:train",
+                           "--subset", 300, "--out", index, "--device", "cpu")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "calibrate", "--index", index, "--queries", "mnist:test", "--subset", 200,
+                             "--json", "--device", "cpu")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["rule"] == "accept 0.99 of in-distribution queries" and record["n_answered"] == 198
+    code, out, err = run_cli(capsys, "calibrate", "--index", index, "--queries", "mnist:test", "--subset", 200,
+                             "--accept", 0.9, "--json", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out)["n_answered"] == 180
+    assert json.loads((index / "meta.json").read_text())["calibration"]["n_answered"] == 180
+    # with negatives (classes the index lacks) the F1 rule stays the default
+    part = tmp_path / "ix04"
+    code, _, err = run_cli(capsys, "index", "build", "--checkpoint", seeded_run, "--data", "mnist:train",
+                           "--classes", "0,1,2,3,4", "--subset", 300, "--out", part, "--device", "cpu")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "calibrate", "--index", part, "--queries", "mnist:test", "--subset", 200,
+                             "--json", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out)["rule"] == "max-f1"
+
+
+# -- query preprocessing on photos ---------------------------------------------------------------------------------
+def test_preprocessing_finds_the_digit_on_uneven_grey_paper(digits):
+    from PIL import Image
+
+    from retrieval.data.preprocess import preprocess_image
+
+    def picture(digit, paper):
+        ink = np.asarray(Image.fromarray(digit).resize((112, 112), Image.Resampling.BILINEAR), np.float32) / 255
+        return Image.fromarray(np.clip(paper * (1 - ink) + 0.2 * paper * ink, 0, 255).astype(np.uint8))
+
+    yy, xx = np.mgrid[0:112, 0:112] / 111.0
+    uneven = 120 + 110 * xx + 10 * yy - 60 * np.exp(-((yy - 0.3) ** 2 + (xx - 0.7) ** 2) / 0.05)
+    rng = np.random.default_rng(0)
+    scores = []
+    for digit in digits:
+        clean = preprocess_image(picture(digit, np.full((112, 112), 250.0))).numpy().astype(float)
+        noisy = uneven + rng.normal(0, 4, uneven.shape)
+        photo = preprocess_image(picture(digit, noisy)).numpy().astype(float)
+        scores.append(np.corrcoef(clean.ravel(), photo.ravel())[0, 1])
+    assert np.mean(scores) > 0.85 and min(scores) > 0.6, [round(s, 3) for s in scores]
