@@ -199,7 +199,9 @@ def main() -> None:
         "",
         f"Scaling efficiency, 2 processes against 1 (one thread each, same global batch): {ips['p2']:,.0f} / "
         f"(2 x {ips['p1']:,.0f}) = {eff:.2f} (speed-up {ips['p2'] / ips['p1']:.2f}x). Two processes against a "
-        f"plain run using both cores (p1-t2): {ips['p2'] / ips['p1-t2']:.2f}x.",
+        f"plain run using both cores (p1-t2): {ips['p2'] / ips['p1-t2']:.2f}x. Per round (runs of one round are "
+        "seconds apart), p2 over p1: " + ", ".join(f"{a['step_s'] / b['step_s']:.2f}x"
+                                                    for a, b in zip(results["p1"], results["p2"])) + ".",
         "",
         f"Time in collectives per step on rank 0 of p2 (median): {comm_total * 1000:.1f} ms in all, of which "
         + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in comm.items())

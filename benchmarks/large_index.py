@@ -34,8 +34,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# On a shared machine, OpenMP threads that spin while waiting lose their cores to the other jobs: the default
+# tower embedded 9,500 images/s on 1 thread but 2,200 on 2 (load 5-7 on 2 cores). Passive waiting keeps 2 threads
+# at least as fast as 1. Set here, before torch and Faiss start, for this process and the builds it runs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,9 +48,13 @@ from benchmarks._report import append_section, machine  # noqa: E402
 
 K = 10
 TARGET_RECALL = 0.95
-COMPRESSED = "IVF4096,PQ16x4fs,RFlat"
+COMPRESSED = "IVF4096,PQ16x4fs,RFlat"  # Faiss's parser makes PQ..x4fs without residuals (by_residual = False)
+RESIDUAL = "IVF4096,PQ16x4fsr,RFlat"  # the same codes on the residuals to the list centroids
 ON_DISK = "IVF1024,Flat"
-TUNE_GRID = {"IVF": {"nprobe": [4, 8, 16, 32, 64, 128]}, "refine": {"k_factor_rf": [1, 2, 4, 8]},
+# the grid `index tune` walks here (with its pruning: along the last parameter, a row stops at the first setting
+# reaching the recall); narrower than its default to keep the run short, around where the settings fall
+TUNE_GRID = {"IVF": {"nprobe": [4, 8, 12, 16, 20, 24, 32, 48, 64]},
+             "refine": {"k_factor_rf": [64, 128, 256, 384, 512, 768, 1024]},
              "HNSW": {"efSearch": [16, 32, 64, 128, 256]}}
 
 
@@ -185,7 +194,7 @@ def measure_index(name: str, index, select_q: np.ndarray, test_q: np.ndarray, ex
     chosen = None
     tuned = []
     if grid:
-        results, _ = measure_grid(index, select_q, K, grid, repeats=repeats, single=50)
+        results, _ = measure_grid(index, select_q, K, grid, repeats=repeats, single=50, target=TARGET_RECALL)
         tuned = [r.to_json() for r in results]
         best = fastest_reaching(results, TARGET_RECALL)
         chosen = best.search_params if best else max(results, key=lambda r: r.recall).search_params
@@ -216,8 +225,10 @@ def embed_queries(args, folder: Path) -> np.ndarray:
 def rss_of_search(folder: Path, queries: Path) -> dict:
     """A fresh process: resident memory after loading the index, and after searching 1,000 queries."""
     code = (
-        "import json, resource, sys, numpy as np\n"
-        "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "import json, sys, numpy as np\n"
+        "def rss():  # anonymous (the process's own) and file-backed (mapped files, page cache) resident memory\n"
+        "    f = dict(l.split(':', 1) for l in open('/proc/self/status') if l.startswith(('RssAnon', 'RssFile')))\n"
+        "    return {k: int(v.split()[0]) * 1024 for k, v in f.items()}\n"
         "import faiss, torch\n"
         "from retrieval.index import load_index\n"
         "before = rss()\n"
@@ -225,7 +236,8 @@ def rss_of_search(folder: Path, queries: Path) -> dict:
         "loaded = rss()\n"
         f"q = np.load({str(queries)!r})\n"
         "ix.search(q, 10)\n"
-        "print(json.dumps({'imports': before, 'loaded': loaded - before, 'searched': rss() - before}))\n"
+        "after = rss()\n"
+        "print(json.dumps({k: {'loaded': loaded[k] - before[k], 'searched': after[k] - before[k]} for k in before}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -235,7 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path("/work/runs/mnist-default"))
     parser.add_argument("--images", type=int, default=1_000_000)
-    parser.add_argument("--shard-images", type=int, default=100_000, help="images of the 1 vs 2 process builds")
+    parser.add_argument("--shard-images", type=int, default=300_000, help="images of the 1 vs 2 process builds")
     parser.add_argument("--work", type=Path, default=Path("/tmp/retrieval-large-index"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--single", type=int, default=500, help="queries timed one at a time")
@@ -265,7 +277,7 @@ def main() -> None:
 
     in_process = {}
     indexes = {}
-    for factory in ("Flat", "HNSW32", ON_DISK):
+    for factory in ("Flat", "HNSW32", ON_DISK, RESIDUAL):
         print(f"[build] {factory} from the vectors, load {load()}", file=sys.stderr)
         start = time.perf_counter()
         indexes[factory] = build_index(vectors, labels, classes, sources, factory=factory, seed=args.seed)
@@ -274,6 +286,7 @@ def main() -> None:
         print(f"[build]   {in_process[factory]['seconds']:.1f}s", file=sys.stderr)
     del vectors
     indexes[COMPRESSED] = compressed
+    indexes[RESIDUAL] = indexes.pop(RESIDUAL)
     indexes[f"{ON_DISK} on disk"] = on_disk
 
     select_q, test_q = embed_queries(args, folders["select"]), embed_queries(args, folders["test"])
@@ -305,7 +318,8 @@ def main() -> None:
     total = time.perf_counter() - t_all
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "images": args.images, "builds": builds,
               "in_process": in_process, "searches": searches, "sizes": sizes, "resident": resident,
-              "shard": shard, "shard_same_answers": same, "seconds": total, "load_end": load()}
+              "shard": shard, "shard_same_answers": same, "seconds": total, "load_end": load(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "single": args.single}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     lines = summarize(report)
@@ -321,7 +335,8 @@ def summarize(r: dict) -> list[str]:
              f"`benchmarks/large_index.py`: {r['images']:,} real embeddings (mnist-default tower, MNIST train+test "
              f"and seeded affine+elastic copies), {r['machine']}; load average at the end {r['load_end']} (other "
              f"engineers' jobs ran alongside: absolute times are for this load; each ratio is measured within one "
-             f"process). Total benchmark time {r['seconds'] / 60:.1f} min.", "",
+             f"process; OMP_WAIT_POLICY={r.get('omp_wait_policy')}, see the script). Total benchmark time "
+             f"{r['seconds'] / 60:.1f} min.", "",
              "Builds from the CLI (`retrieval index build --data idx:DIR`, 1 process, 2 threads); *embed* is the "
              "build's own embedding phase (read + embed the chunks), timed in the same process:", "",
              "| factory | wall | embed | train | fill + merge | wall / embed (target <= 1.2) | peak RSS | peak RSS "
@@ -339,7 +354,7 @@ def summarize(r: dict) -> list[str]:
               f"Search: each index's setting chosen on 1,000 `select` queries (fastest with recall@10 >= "
               f"{TARGET_RECALL} on the select set), then measured once on 1,000 other `test` queries (held-out "
               "augmented test digits); recall@10 against exact (Flat) search; batched = all 1,000 in one call "
-              "(median of 3), one at a time = median (p95) over 500 single-query calls:", "",
+              f"(median of 3), one at a time = median (p95) over {r['single']} single-query calls:", "",
               "| index | setting | recall@10 | queries/s batched | ms per query | size on disk | in memory |",
               "|---|---|---|---|---|---|---|"]
     for name, s in r["searches"].items():
@@ -349,19 +364,29 @@ def summarize(r: dict) -> list[str]:
         lines.append(f"| {name} | {s['search_params'] or '(exact)'} | {s['recall']:.4f} | {s['qps']:,.0f} | "
                      f"{s['latency_ms']:.3f} ({s['latency_p95_ms']:.3f}) | {sz['disk'] / 2**20:.0f} MiB | {mem} |")
     res = r["resident"]
-    lines += ["", f"Resident memory of a fresh process that loads {ON_DISK} and searches the 1,000 test queries: "
-              f"in memory {res['in memory']['searched'] / 2**20:.0f} MiB, on disk "
-              f"{res['on disk']['searched'] / 2**20:.0f} MiB (after loading: "
-              f"{res['in memory']['loaded'] / 2**20:.0f} vs {res['on disk']['loaded'] / 2**20:.0f} MiB).", ""]
+
+    def mib(where, kind, when):
+        return f"{res[where][kind][when] / 2**20:.0f}"
+
+    lines += ["", f"Resident memory a fresh process adds by loading {ON_DISK} and searching the 1,000 test queries "
+              "(default nprobe=64: most lists are read), its own (anonymous) and file-backed (the mapped lists: page "
+              "cache the kernel may evict): in memory "
+              f"{mib('in memory', 'RssAnon', 'loaded')} MiB own after loading, {mib('in memory', 'RssAnon', 'searched')}"
+              f" after searching; on disk {mib('on disk', 'RssAnon', 'loaded')} / "
+              f"{mib('on disk', 'RssAnon', 'searched')} MiB own, plus {mib('on disk', 'RssFile', 'searched')} MiB of "
+              "the lists file mapped after searching.", ""]
     s1, s2 = r["shard"][1], r["shard"][2]
     lines += [f"Sharded build of {COMPRESSED} over {s1['count']:,} images: 1 process (2 threads) "
               f"{s1['wall']:.0f} s (embed {s1['phases']['embed']:.0f} s), torchrun 2 processes (1 thread each) "
               f"{s2['wall']:.0f} s (embed {s2['phases']['embed']:.0f} s): x{s1['wall'] / s2['wall']:.2f}; same "
               f"answers and ids: {r['shard_same_answers']}.", ""]
-    best = r["searches"][COMPRESSED]
+    compressed = [r["searches"][n] for n in (COMPRESSED, RESIDUAL)]
+    meeting = [s for s in compressed if s["recall"] >= 0.95]
+    best = max(meeting, key=lambda s: s["qps"]) if meeting else max(compressed, key=lambda s: s["recall"])
     lines += [f"Targets: build peak RSS beyond the index <= 2 GiB: "
               f"{'met' if all(r['builds'][k]['max_rss'] - r['sizes'][COMPRESSED if k == 'compressed' else ON_DISK + ' on disk']['memory'] <= 2 * gib for k in r['builds']) else 'missed'}; "
-              f"compressed at recall@10 >= 0.95 with >= 2,000 q/s batched and <= 2 ms per query: "
+              f"best compressed ({best['name']}, {best['search_params']}) at recall@10 >= 0.95 with >= 2,000 q/s "
+              f"batched and <= 2 ms per query: "
               f"{'met' if best['recall'] >= 0.95 and best['qps'] >= 2000 and best['latency_ms'] <= 2 else 'missed'} "
               f"({best['recall']:.4f}, {best['qps']:,.0f} q/s, {best['latency_ms']:.2f} ms); build <= 1.2x the "
               f"embedding: "

@@ -7,7 +7,8 @@ plain run. Backend gloo on CPU, NCCL on CUDA (each process takes the GPU of its 
 
 What keeps N processes equal to one (see retrieval.trainer and retrieval.objectives for the rest):
 - batch norm over the global batch: torch.nn.SyncBatchNorm on CUDA; on CPU, where torch refuses it,
-  GlobalBatchNorm2d below (per-channel sums all-reduced through an autograd-aware all_reduce);
+  GlobalBatchNorm2d below (torch's fused CPU batch-norm kernels, with the per-channel statistics and the
+  per-channel gradient sums all-reduced);
 - gather_batch: every process's share of a batch in rank order (the order of the single-process batch), the
   local rows keeping their gradient, for objectives that are not PML losses (the pair head);
 - DistributedDataParallel around the modules that hold parameters (gradients averaged over the processes).
@@ -39,7 +40,6 @@ from retrieval.errors import RetrievalError, UsageError
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
-ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launched_world_size() -> int:

@@ -4,13 +4,17 @@ An index folder holds three artifacts named by `meta.json`:
 
     meta.json               factory, metric, dimension, count, classes, tower, data, files, checksums, ...
     index-<token>.faiss     the Faiss index (always an IndexIDMap2, so ids survive appends)
-    items-<token>.json      per id: label (index into meta["classes"]) and source ("mnist:train[12]", a path, ...)
+    items-<token>.npz       per id: label (index into meta["classes"]) and source ("mnist:train[12]", a path, ...)
+                            as arrays (retrieval.items; items-<token>.json in folders written before, still read)
+    lists-<token>.ivfdata   with `on_disk` (IVF only): the inverted lists, memory-mapped read-only when loaded
     tower-<fp>.safetensors  a copy of the tower that embedded the vectors (<fp>: the start of its fingerprint),
     tower-<fp>.json         with its checkpoint sidecar and its model card (meta["tower"]["files"] names them),
     tower-<fp>.md           so a copied folder (cp -r, rsync, tar) answers queries anywhere
 
-Saving writes the tower files (unless the folder already holds them, byte for byte) and the two data files under
-fresh names, then atomically replaces meta.json (the commit point), then deletes the files the old meta.json named.
+Saving writes the tower files (unless the folder already holds them, byte for byte) and the data files under
+fresh names (an on-disk lists file the index already maps in this folder is kept: a build writes it there, under a
+temp name until complete), then atomically replaces meta.json (the commit point), then deletes the files the old
+meta.json named. A committed lists file is never written to: adding to an on-disk index copies its lists.
 A crash at any moment leaves either the old or the new index whole. Indexes written before the tower was copied
 name it by absolute path only (meta["tower"]["checkpoint"]); they still load, with a hint to rebuild.
 Writers hold `retrieval.fsutil.exclusive_lock(folder)`, so two builds into one folder never interleave.
@@ -110,9 +114,10 @@ def _trainable_parts(index: faiss.Index):
     return parts
 
 
-# The default training sample: this many vectors per centroid of the largest k-means the index runs (Faiss's k-means
-# wants 39 to 256), or DEFAULT_TRAIN_SIZE for indexes trained otherwise (scalar quantizers, PCA, ...).
-TRAIN_POINTS_PER_CENTROID = 64
+# The default training sample: this many vectors per centroid of the largest k-means the index runs (the least Faiss
+# accepts without a warning; training time grows with it, recall barely: benchmarks/README.md, "Indexes of a
+# million"), or DEFAULT_TRAIN_SIZE for indexes trained otherwise (scalar quantizers, PCA, ...).
+TRAIN_POINTS_PER_CENTROID = POINTS_PER_CENTROID
 DEFAULT_TRAIN_SIZE = 65_536
 
 
@@ -232,9 +237,11 @@ def parse_search_params(params: str) -> dict[str, float]:
             number = float(value)
         except ValueError:
             number = float("nan")
-        if not eq or not name or not np.isfinite(number) or number < 0:
+        if not eq or not name or not np.isfinite(number):
             raise UsageError(f"search parameters {params!r}: expected name=value pairs separated by commas, e.g. "
                              "nprobe=32 or efSearch=128,k_factor_rf=4")
+        if not 0 < number <= 1_000_000_000:
+            raise UsageError(f"search parameters {params!r}: {name} must be positive (and at most 1e9)")
         values[name] = int(number) if number == int(number) else number
     return values
 
@@ -344,6 +351,15 @@ def faiss_quiet():
         os.close(devnull)
 
 
+def no_prefetch(index: faiss.Index) -> None:
+    """Turn off the prefetch threads of on-disk inverted lists: Faiss starts 32 of them per search to read the lists
+    a search will visit ahead of it, which pays on a cold, slow disk, but costs about 1 ms per query (a lone query
+    took 1.3-1.5 ms instead of 0.15-0.26 ms) once the lists are in the page cache, where searched lists stay."""
+    ivf = index_ivf(index)
+    if ivf is not None and lists_on_disk(index):
+        faiss.downcast_InvertedLists(ivf.invlists).prefetch_nthread = 0
+
+
 def lists_to_memory(index: faiss.Index) -> None:
     """Replace memory-mapped on-disk inverted lists by a copy in memory (before adding: the file that a committed
     index names is never written to)."""
@@ -377,6 +393,7 @@ def write_lists(index: faiss.Index, path: Path, sources: Sequence | None = None)
         disk.this.disown()
         ivf.ntotal = total
     disk.filename = str(path)  # what the .faiss file records; read back relative to the index folder
+    no_prefetch(index)
     return path.stat().st_size
 
 
@@ -848,6 +865,7 @@ def _load_files(folder: Path, meta: dict) -> EmbeddingIndex:
         if not isinstance(disk, faiss.OnDiskInvertedLists) or Path(disk.filename).name != lists_name:
             raise RetrievalError(f"{faiss_path} does not use the inverted lists file {lists_name} that {meta_path} "
                                  "names")
+        no_prefetch(index)
     if not isinstance(index, faiss.IndexIDMap2):
         raise RetrievalError(f"{faiss_path} is a {type(index).__name__}, expected an IndexIDMap2 (stable ids)")
     if index.d != meta["dimension"]:

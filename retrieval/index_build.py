@@ -47,7 +47,7 @@ from retrieval.errors import RetrievalError, UsageError
 from retrieval.index import (
     EmbeddingIndex, _as_unit_float32, _omp_threads, _train, _unwrapped, apply_search_params, check_on_disk,
     HNSW_BATCH, check_training_size, default_search_params, default_train_size, faiss_quiet, hnsw_pieces, index_ivf,
-    metric_code,
+    metric_code, no_prefetch,
     needs_training, new_index_meta, normalize_factory, prototypes_from_sums, training_sample,
 )
 from retrieval.items import SourceTable
@@ -560,6 +560,7 @@ def _merge_on_disk(empty: bytes, blocks: list[Path], out: Path, total: int) -> _
         with faiss_quiet(), _quiet_faiss_logger():
             merge_ondisk(ivf, [str(p) for p in blocks], str(tmp))
     faiss.downcast_InvertedLists(ivf.invlists).filename = str(path)  # as the .faiss file records it
+    no_prefetch(final)
     if any(isinstance(part, faiss.IndexRefine) for part in _unwrapped(final)):
         refine = next(faiss.downcast_index(p) for p in _unwrapped(final) if isinstance(p, faiss.IndexRefine))
         for block in blocks:

@@ -47,7 +47,9 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_bytes
 from tqdm import tqdm
 
-from retrieval.augment import BatchAugment, BatchTransform, ClassExpansion, ElasticAugment, Rows, build_class_expansions
+from retrieval.augment import (
+    BatchAugment, BatchTransform, Chain, ClassExpansion, DegradeAugment, ElasticAugment, Rows, build_class_expansions,
+)
 from retrieval.checkpoint import fingerprint_state, save_checkpoint
 from retrieval.config import Config, OptimizerConfig, config_diff, load_config, resolve_config
 from retrieval.data.specs import load_dataset
@@ -683,7 +685,8 @@ def _train(config, out_dir, dev: torch.device, resume: bool, overrides, data_roo
                               threads, group)
     except BaseException as e:
         if group is not None and not group.released:
-            group.fail(e)
+            with contextlib.suppress(Exception):  # the others may be gone already: the error at hand is e
+                group.fail(e)
         raise
 
 
@@ -790,6 +793,7 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         tower = group.sync_batchnorm(tower)
         sampler = ShardedBatchSampler(sampler, group.rank, group.world_size)
     augment = BatchAugment(a.degrees, a.translate, a.scale, a.shear, a.group)
+    degrade = DegradeAugment(a.lowres, a.blur, a.stroke, a.noise, a.contrast, a.degrade_p)
     params = list(tower.parameters()) + list(objective.parameters())
     optimizer, scheduler = build_optimizer(cfg.optimizer, params, cfg.train.epochs * len(sampler))
     data_meta = {"spec": d.spec, "classes": list(d.classes) or None, "exclude": list(d.exclude) or None,
@@ -806,7 +810,8 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         "epochs": cfg.train.epochs,
         "sampler": sampler.describe(),
         "augment": {**augment.describe(), "elastic": a.elastic, "composite_classes": a.composite_classes,
-                    "dihedral_classes": a.dihedral_classes},
+                    "dihedral_classes": a.dihedral_classes,
+                    **({"degrade": degrade.describe()} if degrade.enabled else {})},
     }
     if group is not None:
         checkpoint_meta["distributed"] = group.describe()
@@ -820,7 +825,8 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         val_images=val_images, val_labels=val_labels,
         checkpoint_meta=checkpoint_meta, state_meta=state_meta,
         progress=progress, on_step=on_step,
-        elastic=ElasticAugment(a.elastic) if a.elastic else None,
+        elastic=(Chain(ElasticAugment(a.elastic) if a.elastic else None, degrade) if degrade.enabled
+                 else ElasticAugment(a.elastic) if a.elastic else None),  # after the affine: elastic, then degrade
         class_expansions=build_class_expansions(a.composite_classes, a.dihedral_classes, len(ds.classes), sampler.m),
         group=group,
     )

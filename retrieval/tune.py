@@ -48,11 +48,13 @@ def default_grid(index: EmbeddingIndex) -> dict[str, list[int]]:
     inner, grid = chain[-1], {}
     if isinstance(inner, faiss.IndexIVF):
         nlist = int(inner.nlist)
-        grid["nprobe"] = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if p <= nlist]
+        grid["nprobe"] = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= nlist]
     elif isinstance(inner, faiss.IndexHNSW):
         grid["efSearch"] = [16, 32, 64, 128, 256, 512]
     if any(isinstance(p, faiss.IndexRefine) for p in chain):
-        grid["k_factor_rf"] = [1, 2, 4, 8, 16]
+        # fast-scan PQ codes (PQ16x4fs) are coarse and cheap to scan: they may need ~1,000 candidates per
+        # neighbour re-ranked (benchmarks/README.md, "Indexes of a million")
+        grid["k_factor_rf"] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
     return grid
 
 
@@ -162,8 +164,13 @@ def measure(index: EmbeddingIndex, queries: np.ndarray, k: int, params: str, exa
 
 
 def measure_grid(index: EmbeddingIndex, queries: np.ndarray, k: int, grid: dict[str, list],
-                 repeats: int = 3, single: int = 200, progress=None) -> tuple[list[Setting], np.ndarray]:
-    """Every setting of the grid measured (see measure); also returns the exact neighbours used."""
+                 repeats: int = 3, single: int = 200, progress=None,
+                 target: float | None = None) -> tuple[list[Setting], np.ndarray]:
+    """The settings of the grid measured (see measure); also returns the exact neighbours used.
+
+    With a `target` recall, a setting is skipped when the one before it in the grid's last parameter (same other
+    values, a smaller last value) already reached the target: every tuned parameter (nprobe, efSearch,
+    k_factor_rf) only adds work as it grows, so the skipped settings are slower for no need."""
     settings = grid_settings(grid)
     if not settings:
         raise UsageError("`grid`: no search parameters to try (a Flat index is exact: there is nothing to tune)")
@@ -171,8 +178,14 @@ def measure_grid(index: EmbeddingIndex, queries: np.ndarray, k: int, grid: dict[
         search_parameters(index.index, params)  # a clear error before the exact search
     exact = exact_neighbors(index, queries, k)
     results = []
+    reached: set[str] = set()  # the other parameters' values of rows that reached the target
     for params in settings:
+        row = params.rsplit(",", 1)[0] if "," in params else ""
+        if target is not None and row in reached:
+            continue
         results.append(measure(index, queries, k, params, exact, repeats, single))
+        if target is not None and results[-1].recall >= target:
+            reached.add(row)
         if progress is not None:
             progress(results[-1])
     return results, exact

@@ -360,7 +360,8 @@ def tune_index(
                     f"{setting.queries_per_s:>10,.0f} queries/s  {setting.latency_ms:.3f} ms/query")
 
     logger.info(f"tuning {index.meta['factory']} ({len(index):,} vectors) with {iq.describe()}")
-    results, _ = measure_grid(index, iq.embeddings, k, grid, repeats=repeats, progress=progress)
+    results, _ = measure_grid(index, iq.embeddings, k, grid, repeats=repeats, progress=progress,
+                              target=target_recall)
     chosen = fastest_reaching(results, target_recall)
     stored = False
     if chosen is not None and store:

@@ -293,7 +293,7 @@ def test_the_wheel_carries_configs_and_web_page_and_quickstart_runs_from_it(tmp_
     (wheel,) = (tmp_path / "dist").glob("retrieval-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = sorted(p.name for p in (REPO / "retrieval" / "configs").glob("*.toml"))
-    assert len(shipped) == 5 and {f"retrieval/configs/{n}" for n in shipped} <= names
+    assert len(shipped) == 6 and {f"retrieval/configs/{n}" for n in shipped} <= names  # mnist-robust: the 6th
     assert "retrieval/web/index.html" in names and "retrieval/export.py" in names
 
     # installed as files (not editable), used from a folder far from the checkout

@@ -54,11 +54,11 @@ batch_size = 64
 [sampler]
 m = 8
 """
-# one step's gradients are compared for each objective, and with class expansions (made from the whole batch) and
-# the elastic warp (drawn for the whole batch)
+# one step's gradients are compared for each kind of objective (multi-similarity and contrastive: PML loss and
+# miner wrappers, triplet goes the same way; pair: the gathered batch), and with class expansions (made from the
+# whole batch) and the elastic warp (drawn for the whole batch)
 GRADIENT_CASES = {
     "multi-similarity": {},
-    "triplet": {"objective": {"name": "triplet"}},
     "contrastive": {"objective": {"name": "contrastive"}},
     "pair": {"objective": {"name": "pair"}},
     "expansions": {"augment": {"dihedral_classes": True, "composite_classes": 0.5, "elastic": 1.5}},
@@ -262,7 +262,7 @@ def test_ctrl_c_stops_all_processes_after_one_step_and_one_process_resumes(tmp_p
     rank1 = [pid for pid, env in _children(proc.pid).items() if env.get("RANK") == "1"]
     assert len(rank1) == 1
     os.kill(rank1[0], signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted at epoch" in err and "--resume" in err, err[-3000:]
     state = json.loads((run / "state.json").read_text())
     assert not state["finished"] and 5 <= state["global_step"] < 20
@@ -320,7 +320,7 @@ def test_a_dying_process_takes_the_job_down_with_a_message(tmp_path, data_root):
     assert len(rank1) == 1
     killed = time.time()
     os.kill(rank1[0], signal.SIGKILL)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - killed < 60
     # rank 0 says it, whether the broken connection or torchrun's SIGTERM reaches it first
     assert "rank 0 of 2: " in err and "another process of the job failed" in err, err[-3000:]

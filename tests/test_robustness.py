@@ -215,3 +215,22 @@ def test_preprocessing_finds_the_digit_on_uneven_grey_paper(digits):
         photo = preprocess_image(picture(digit, noisy)).numpy().astype(float)
         scores.append(np.corrcoef(clean.ravel(), photo.ravel())[0, 1])
     assert np.mean(scores) > 0.85 and min(scores) > 0.6, [round(s, 3) for s in scores]
+
+
+def test_training_applies_the_degradations_a_config_asks_for(data_root, tmp_path):
+    from retrieval.config import resolve_config
+    from retrieval.seeding import make_generator
+    from retrieval.trainer import build_trainer
+
+    def batch(**augment):
+        cfg = resolve_config({"name": "tiny", "data": {"subset": 400, "val_size": 80}, "sampler": {"m": 8},
+                              "train": {"epochs": 1, "batch_size": 32},
+                              "augment": {"degrees": 0.0, "translate": 0.0, "scale": [1.0, 1.0], **augment}})
+        trainer = build_trainer(cfg, tmp_path / str(len(augment)), torch.device("cpu"), progress=False)
+        x, _ = trainer.make_batch(trainer.sampler.epoch_batches(0)[0], make_generator(0, "t"))
+        return x, trainer.checkpoint_meta["augment"]
+
+    plain, meta = batch()
+    degraded, dmeta = batch(noise=0.3, contrast=0.6, degrade_p=1.0)
+    assert "degrade" not in meta and dmeta["degrade"]["noise"] == 0.3
+    assert plain.shape == degraded.shape and (degraded - plain).abs().amax() > 0.1

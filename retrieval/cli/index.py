@@ -49,8 +49,8 @@ def build(
     ),
     train_size: Optional[int] = typer.Option(
         None, "--train-size", min=1,
-        help="Train IVF/PQ/OPQ indexes on a seeded sample of this many vectors (default: 64 per centroid of the "
-             "largest k-means, e.g. 262,144 for IVF4096; a warning says when it is under Faiss's 39 per centroid).",
+        help="Train IVF/PQ/OPQ indexes on a seeded sample of this many vectors (default: 39 per centroid of the "
+             "largest k-means, Faiss's minimum, e.g. 159,744 for IVF4096; a warning says when there are fewer).",
         show_default=False,
     ),
     on_disk: bool = typer.Option(

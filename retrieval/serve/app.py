@@ -56,6 +56,7 @@ class QueryJob:
     names: list[str]
     k: int
     max_distance: float | None  # None: the server's threshold
+    search_params: str | None = None  # Faiss search parameters for this request ("nprobe=64"); None: the index's
 
 
 @dataclass
@@ -114,17 +115,18 @@ class Service:
         start = 0
         for i, job in enumerate(jobs):
             k = library.effective_k(searcher, job.k)
-            groups.setdefault((k, job.max_distance), []).append((i, start, start + len(job.images)))
+            groups.setdefault((k, job.max_distance, job.search_params), []).append(
+                (i, start, start + len(job.images)))
             start += len(job.images)
         out: list[JobResult | None] = [None] * len(jobs)
-        for (k, max_distance), members in groups.items():
+        for (k, max_distance, search_params), members in groups.items():
             view = searcher if max_distance is None else library.searcher_for(searcher, max_distance=max_distance)
             if len(groups) == 1:  # the usual case: every job asks the same k and threshold
                 subset = embeddings
             else:
                 subset = embeddings[np.concatenate([np.arange(a, b) for _, a, b in members])]
             names = [name for i, _, _ in members for name in jobs[i].names]
-            answers = library.answer_queries(view, subset, k, names)
+            answers = library.answer_queries(view, subset, k, names, search_params)
             at = 0
             for i, a, b in members:
                 out[i] = JobResult(answers[at:at + b - a], view.max_distance)
@@ -192,6 +194,20 @@ def _int_param(name: str, value, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ServiceError(f"{name}: must be between {lo} and {hi}, got {value}")
     return value
+
+
+def _search_params_param(service: "Service", value) -> str | None:
+    """`search_params` of a request: Faiss search parameters for its search ("nprobe=64,k_factor_rf=8"), checked
+    against the served index; None (absent or empty): the index's own."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str) or len(value) > 200:
+        raise ServiceError(f"search_params: expected a string such as \"nprobe=32\", got {json.dumps(value)[:40]}")
+    try:
+        library.check_search_params(service.searcher, value)
+    except RetrievalError as e:
+        raise ServiceError(f"search_params: {e}") from None
+    return value.strip()
 
 
 def _distance_param(name: str, value) -> float | None:
@@ -436,10 +452,11 @@ def create_app(service: Service):
 
     async def _run_queries(request: Request, default_k: int) -> JobResult:
         with service.batcher.arrival() as arrival:
-            images, names, params = await read_images(request, service, ("k", "max_distance"))
+            images, names, params = await read_images(request, service, ("k", "max_distance", "search_params"))
             k = _int_param("k", params["k"], 1, service.limits.max_k) if "k" in params else default_k
             max_distance = _distance_param("max_distance", params.get("max_distance"))
-            return await arrival.submit(QueryJob(images, names, k, max_distance), len(images))
+            search_params = _search_params_param(service, params.get("search_params"))
+            return await arrival.submit(QueryJob(images, names, k, max_distance, search_params), len(images))
 
     @app.post("/query", **openapi.QUERY)
     async def query(request: Request):

@@ -70,8 +70,11 @@ def set_compute_threads(threads: int) -> None:
 
 
 def index_info(folder_name: str, index) -> dict:
-    """What `retrieval index info --json` prints: the metadata and the per-label counts."""
-    return {"folder": folder_name, "meta": index.meta, "label_counts": index.label_counts()}
+    """What `retrieval index info --json` prints: the metadata, the per-label counts and the sizes."""
+    from retrieval.index import index_sizes
+
+    return {"folder": folder_name, "meta": index.meta, "label_counts": index.label_counts(),
+            "sizes": index_sizes(index)}
 
 
 # -- uploads --------------------------------------------------------------------------------------------------------
@@ -138,9 +141,18 @@ def effective_k(searcher, k: int) -> int:
     return searcher.effective_k(k)[0]
 
 
-def answer_queries(searcher, embeddings: np.ndarray, k: int, names: Sequence[str]) -> list[dict]:
-    """One Faiss search for these embeddings; each answer is what `retrieval query --json` prints for it."""
-    return [r.to_json() for r in searcher.search_embeddings(embeddings, k, list(names))]
+def answer_queries(searcher, embeddings: np.ndarray, k: int, names: Sequence[str],
+                   search_params: str | None = None) -> list[dict]:
+    """One Faiss search for these embeddings (with `search_params` instead of the index's, when given); each answer
+    is what `retrieval query --json` prints for it."""
+    return [r.to_json() for r in searcher.search_embeddings(embeddings, k, list(names), search_params=search_params)]
+
+
+def check_search_params(searcher, params: str) -> None:
+    """A UsageError unless `params` are Faiss search parameters that apply to the served index."""
+    from retrieval.index import search_parameters
+
+    search_parameters(searcher.index.index, params)
 
 
 # -- adding items ---------------------------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ QUERY = dict(
     summary="Nearest neighbours of one or several images (as `retrieval query --json`)",
     description="Send images as multipart uploads (`images`, repeated) or JSON (`images`: base64 PNG/JPEG strings "
                 "or {name, data} objects). `k` (default 5) is clamped to the index size like the CLI; "
-                "`max_distance` overrides the calibrated threshold past which the label is `unknown`.",
+                "`max_distance` overrides the calibrated threshold past which the label is `unknown`; "
+                "`search_params` (Faiss's names, e.g. `nprobe=64` or `efSearch=128,k_factor_rf=8`) replace the "
+                "index's search parameters for this request, as `retrieval query --search-params`.",
     responses={200: _json("One answer per image, in order", {"type": "array", "items": _ref("QueryAnswer")}),
                400: BAD_INPUT, 413: TOO_LARGE, 415: WRONG_TYPE},
     openapi_extra=_body("QueryJSON", "QueryMultipart"),
@@ -81,6 +83,9 @@ def schemas(limits) -> dict:
                         "items": {"type": "string", "format": "binary"}}
     k = {"type": "integer", "minimum": 1, "maximum": limits.max_k}
     max_distance = {"type": ["number", "null"], "minimum": 0}
+    search_params = {"type": "string", "maxLength": 200,
+                     "description": "Faiss search parameters for this request, e.g. nprobe=64 (IVF), efSearch=128 "
+                                    "(HNSW), k_factor_rf=8 (refine stage); empty: the index's own"}
     label = {"type": "string", "minLength": 1, "maxLength": 40,
              "description": "class name: letters, digits, spaces and . + - _; not 'unknown'"}
     neighbor = {"type": "object", "required": ["id", "label", "distance", "source"], "properties": {
@@ -105,15 +110,18 @@ def schemas(limits) -> dict:
             "adding": {"type": "boolean"}, "batching": {"type": "object"}}},
         "IndexInfo": {"type": "object", "required": ["folder", "meta", "label_counts"], "properties": {
             "folder": {"type": "string"}, "meta": {"type": "object"},
-            "label_counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+            "label_counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "sizes": {"type": "object", "description": "bytes on disk per file, about how many in memory, and how "
+                                                       "many are memory-mapped (on-disk inverted lists)"}}},
         "AddResult": {"type": "object", "required": ["label", "ids", "count", "label_counts"], "properties": {
             "label": {"type": "string"}, "ids": {"type": "array", "items": {"type": "integer"}},
             "count": {"type": "integer"},
             "label_counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
         "QueryJSON": {"type": "object", "required": ["images"], "additionalProperties": False, "properties": {
-            "images": images_json, "k": k, "max_distance": max_distance}},
+            "images": images_json, "k": k, "max_distance": max_distance, "search_params": search_params}},
         "QueryMultipart": {"type": "object", "required": ["images"], "additionalProperties": False, "properties": {
-            "images": images_multipart, "k": k, "max_distance": {"type": "number", "minimum": 0}}},
+            "images": images_multipart, "k": k, "max_distance": {"type": "number", "minimum": 0},
+            "search_params": search_params}},
         "AddJSON": {"type": "object", "required": ["images", "label"], "additionalProperties": False,
                     "properties": {"images": images_json, "label": label}},
         "AddMultipart": {"type": "object", "required": ["images", "label"], "additionalProperties": False,
