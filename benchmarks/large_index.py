@@ -188,7 +188,7 @@ def grid_for(index) -> dict:
 def measure_index(name: str, index, select_q: np.ndarray, test_q: np.ndarray, exact_test: np.ndarray,
                   single: int, repeats: int) -> dict:
     """Tune on `select` (fastest setting with recall@10 >= 0.95), then measure it once on `test`."""
-    from retrieval.tune import fastest_reaching, measure, measure_grid, recall_at_k
+    from retrieval.tune import fastest_reaching, measure, measure_grid
 
     grid = grid_for(index)
     chosen = None

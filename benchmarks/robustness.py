@@ -313,7 +313,7 @@ def main(argv=None) -> int:
                    "(e.g. mnist-default,mnist-robust)")
     a = p.parse_args(argv)
     if a.steptime:
-        res = step_times([c.strip() for c in a.steptime.split(",")], 30, 5, a.root, a.device)
+        res = step_times([c.strip() for c in a.steptime.split(",")], 40, 10, a.root, a.device)
         if a.json:
             a.json.write_text(json.dumps(res, indent=2) + "\n")
         return 0

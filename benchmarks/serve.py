@@ -171,7 +171,6 @@ def main() -> None:
     t_start = time.perf_counter()
     server = subprocess.Popen([*RETRIEVAL, "serve", "--index", str(index), "--port", "0"], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = None
     for line in server.stderr:
         m = re.search(r"listening on http://([\d.]+):(\d+)/", line)
         if m:

@@ -130,11 +130,11 @@ class DegradeAugment:
         pix = torch.rand(total, 2, h, w, generator=generator)[start:stop].to(x.device) if self.noise else None
         gauss = torch.randn(total, 1, h, w, generator=generator)[start:stop].to(x.device) if self.noise else None
         if self.stroke:
-            x = self._stroke(x, on[:, 0], u[:, 5])
+            x = self._only(self._stroke, x, on[:, 0], u[:, 5])
         if self.lowres:
             x = self._lowres(x, on[:, 1], u[:, 6])
         if self.blur:
-            x = self._blur(x, on[:, 2], u[:, 7])
+            x = self._only(self._blur, x, on[:, 2], u[:, 7])
         if self.contrast:
             x = self._contrast(x, on[:, 3], u[:, 8:12])
         if self.noise:
@@ -144,6 +144,16 @@ class DegradeAugment:
             hit = pix[:, :1] < frac
             x = torch.where(hit, (pix[:, 1:] < 0.5).to(x.dtype), x)
         return x
+
+    @staticmethod
+    def _only(op, x, on, u):
+        """op on the images it is drawn for (each image's result depends on that image alone), the others kept."""
+        rows = torch.nonzero(on).flatten()
+        if len(rows) == 0:
+            return x
+        out = x.clone()
+        out[rows] = op(x[rows], on[rows], u[rows])
+        return out
 
     def _stroke(self, x, on, u):
         # amount in [-1, stroke] px: thinner (erosion at twice the resolution, 0.5 px a side) or thicker (3x3 grey

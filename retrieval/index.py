@@ -472,9 +472,9 @@ class EmbeddingIndex:
             # Faiss parallelises over queries: a lone query gains nothing from a thread team, and on a busy
             # machine waking one costs more than the search (measured in benchmarks/index.py).
             with _omp_threads(1):
-                scores, ids = self.index.search(q, k, params=sp)
+                scores, ids = _faiss_search(self.index, q, k, sp)
         else:
-            scores, ids = self.index.search(q, k, params=sp)
+            scores, ids = _faiss_search(self.index, q, k, sp)
         scores = np.where(ids >= 0, scores, 0.0)  # Faiss pads with -1 ids and +-FLT_MAX scores
         if self.metric == "ip":
             dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * scores))
@@ -536,6 +536,14 @@ class EmbeddingIndex:
         if name not in self.meta["classes"]:
             self.meta["classes"].append(name)
         return self.meta["classes"].index(name)
+
+
+def _faiss_search(index: faiss.Index, x: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+    """index.search, with SearchParameters when given. faiss.contrib.torch_utils (imported by pytorch-metric-learning)
+    replaces Index.search by a torch-aware one without `params`, keeping the numpy one as search_numpy."""
+    if params is None:
+        return index.search(x, k)
+    return getattr(index, "search_numpy", index.search)(x, k, params=params)
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ from retrieval.fewshot import (
     FewShotResult, check_fewshot_settings, check_method, evaluate_fewshot, pixel_embeddings,
 )
 from retrieval.index import (
-    EmbeddingIndex, META_NAME, build_index as build_faiss_index, check_index_target, class_prototypes,
+    EmbeddingIndex, META_NAME, check_index_target, class_prototypes,
     load_index, load_index_tower, metric_code, normalize_factory, read_index_meta, save_index, tower_files, tower_meta,
     update_index_meta,
 )
@@ -294,21 +294,31 @@ def add_to_index(
         datasets, entries = _load_datasets(data_specs, _data_root(root), classes, exclude, subset, seed)
         images, labels, names, sources = merge_datasets(datasets)
         emb = _embed(ckpt, images, batch_size, device)
-        if index.meta.get("prototypes"):
-            already = [c for c in names if c in index.classes]
-            if already:
-                raise UsageError(
-                    f"{folder} holds one prototype per class and already has {', '.join(already)}; rebuild it with "
-                    "prototypes giving every dataset spec, or add only new classes"
-                )
-            emb, labels, sources = class_prototypes(emb, labels, names)
-        new_ids = index.add(emb, labels, names, sources, data=entries)
-        save_index(index, folder, locked=True)
+        new_ids = append_embeddings(index, folder, emb, labels, names, sources, entries)
+    return index, new_ids
+
+
+def append_embeddings(index: EmbeddingIndex, folder: str | os.PathLike, embeddings: np.ndarray, labels: np.ndarray,
+                      classes: Sequence[str], sources: Sequence[str], data: Sequence[dict] = ()) -> np.ndarray:
+    """Append embeddings of the index's own tower (labels index `classes`) with new ids and save the index into
+    `folder` atomically; the caller holds the folder lock and loaded `index` under it (add_to_index, the
+    service's POST /items). An index of class prototypes gets one new prototype per new class and refuses
+    classes it has. Returns the new ids."""
+    if index.meta.get("prototypes"):
+        already = [c for c in dict.fromkeys(np.asarray(classes)[np.unique(labels)].tolist()) if c in index.classes]
+        if already:
+            raise UsageError(
+                f"{folder} holds one prototype per class and already has {', '.join(already)}; rebuild it with "
+                "prototypes giving every dataset spec, or add only new classes"
+            )
+        embeddings, labels, sources = class_prototypes(embeddings, labels, classes)
+    new_ids = index.add(embeddings, labels, classes, sources, data=data)
+    save_index(index, folder, locked=True)
     logger.info(f"added {len(new_ids):,} vectors (ids {new_ids[0]}..{new_ids[-1]}); the index now holds {len(index):,}")
     if index.meta.get("calibration"):
         logger.info("note: the index has a calibrated distance threshold measured before this addition; "
                     "recalibrate it if its contents changed much")
-    return index, new_ids
+    return new_ids
 
 
 @dataclass

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tracemalloc
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -27,8 +26,7 @@ from retrieval.data.specs import load_dataset
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.index import (
-    META_NAME, build_index, default_train_size, index_sizes, lists_on_disk, load_index, save_index,
-    search_parameters,
+    META_NAME, build_index, default_train_size, lists_on_disk, load_index, search_parameters,
 )
 from retrieval.items import SourceTable, read_items, write_items
 from retrieval.towers import build_tower
@@ -184,6 +182,8 @@ def test_on_disk_ivf_is_searchable_anywhere_and_info_shows_sizes(tmp_path, run, 
 
 # -- search parameters per query -------------------------------------------------------------------------------------
 def test_search_params_per_query_leave_the_index_alone(tmp_path, run, data, capsys):
+    import faiss.contrib.torch_utils  # noqa: F401  (as pytorch-metric-learning does: it replaces Index.search)
+
     ds, emb, queries = data
     index = build_index(emb, ds.labels.numpy(), ds.classes, ds.sources, factory="IVF16,PQ8x4fs,RFlat", seed=1)
     assert index.meta["search_params"] == "nprobe=8,k_factor_rf=4"
@@ -208,7 +208,7 @@ def test_search_params_per_query_leave_the_index_alone(tmp_path, run, data, caps
 
 # -- index tune ------------------------------------------------------------------------------------------------------
 def test_tune_stores_the_fastest_setting_reaching_the_recall(tmp_path, run, data, capsys):
-    from retrieval.tune import exact_neighbors, recall_at_k
+    from retrieval.tune import Setting, exact_neighbors, fastest_reaching, recall_at_k
 
     folder = tmp_path / "ix"
     workflows.build_index(run, ["mnist:test"], folder, subset=N, seed=1, factory="IVF32,Flat",
@@ -233,6 +233,11 @@ def test_tune_stores_the_fastest_setting_reaching_the_recall(tmp_path, run, data
     np.testing.assert_array_equal(exact_neighbors(index, q, 10), flat.search(q, 10)[1])
     nprobe_one = recall_at_k(index.search(q, 10, params="nprobe=1")[1], flat.search(q, 10)[1])
     assert nprobe_one < 0.9  # so the choice was not trivial
+
+    # the rule: the most queries/s among the settings reaching the recall
+    picks = [Setting("nprobe=4", 0.96, 1000.0, 1.0), Setting("nprobe=2", 0.99, 3000.0, 1.0),
+             Setting("nprobe=1", 0.90, 9000.0, 1.0)]
+    assert fastest_reaching(picks, 0.95).search_params == "nprobe=2" and fastest_reaching(picks, 0.999) is None
 
     code, out, err = run_cli(capsys, "index", "tune", "--index", folder, "--queries", "mnist:train", "--subset", 100,
                              "--grid", "nprobe=1", "--recall", 1.0, "--repeats", 1)

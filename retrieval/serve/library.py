@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import io
-import os
 import re
 import time
 import uuid
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from retrieval.errors import RetrievalError, UsageError
+from retrieval.errors import RetrievalError
 
 # Images above this many pixels are decoded off the event loop (a thread), smaller ones inline.
 INLINE_DECODE_PIXELS = 512 * 512
@@ -210,7 +209,8 @@ def add_items(folder, checkpoint, embed_images: Callable[[torch.Tensor], np.ndar
     are removed. Returns (the saved EmbeddingIndex, new ids)."""
     from retrieval.data.preprocess import PREPROCESSING
     from retrieval.fsutil import atomic_write_bytes
-    from retrieval.index import check_tower_matches, class_prototypes, load_index, read_index_meta, save_index
+    from retrieval.index import check_tower_matches, load_index, read_index_meta
+    from retrieval.workflows import append_embeddings
 
     folder = Path(folder)
     written: list[Path] = []
@@ -224,9 +224,8 @@ def add_items(folder, checkpoint, embed_images: Callable[[torch.Tensor], np.ndar
                                    "rebuild it to change that class", 409)
             emb = embed_images(images)
             labels = np.zeros(len(images), dtype=np.int64)
-            if prototypes:
-                emb, labels, sources = class_prototypes(emb, labels, [label])
-            else:
+            sources = [f"serve:{label}"] * len(images)  # prototypes name their own source
+            if not prototypes:
                 where = Path(uploads).resolve() / label
                 stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
                 sources = []
@@ -238,9 +237,8 @@ def add_items(folder, checkpoint, embed_images: Callable[[torch.Tensor], np.ndar
             entry = {"spec": f"serve:{label}", "filters": "", "images": len(images),
                      "preprocessing": PREPROCESSING, "added": _now()}
             before = int(index.meta.get("next_id", len(index)))
-            new_ids = index.add(emb, labels, [label], sources, data=[entry])
             try:
-                save_index(index, folder, locked=True)
+                new_ids = append_embeddings(index, folder, emb, labels, [label], sources, [entry])
             except BaseException:
                 try:  # a failure after the commit point (cleaning old files) keeps the images it names
                     if int(read_index_meta(folder).get("next_id", -1)) > before:
