@@ -432,7 +432,9 @@ def build_streaming(
             _hand_over(links, merge, copy, spool, kept, plan.chunk_size)
             seconds["merge"] = time.perf_counter() - t0
             return BuildResult(None, seconds, len(kept))
-        final, kept_all = _gather(links, merge, copy, kept, empty, plan.chunk_size, on_disk, spool_dir, out, total)
+        with _all_cores(links):
+            final, kept_all = _gather(links, merge, copy, kept, empty, plan.chunk_size, on_disk, spool_dir, out,
+                                      total)
         seconds["merge"] = time.perf_counter() - t0
     finally:
         if spool is not None:
@@ -454,6 +456,19 @@ def build_streaming(
     return BuildResult(index, seconds, len(kept))
 
 
+@contextlib.contextmanager
+def _all_cores(links: _Links):
+    """Faiss on every core of this machine while rank 0 works alone (training, merging): torchrun gives each process
+    one thread, and the other processes are waiting meanwhile. A no-op in a single process (its own settings)."""
+    if links.world == 1:
+        yield
+        return
+    from retrieval.embed import available_cores
+
+    with _omp_threads(available_cores()):
+        yield
+
+
 def _train_once(links: _Links, sub, factory: str, sample_x: list, d: int, seed: int, rows: int,
                 planned: int) -> bytes:
     """Rank 0 trains `sub` on the sample (gathered from every rank in row order); every rank gets it trained."""
@@ -471,7 +486,8 @@ def _train_once(links: _Links, sub, factory: str, sample_x: list, d: int, seed: 
         if len(x) != planned:  # unreadable images left the sample short (checked already when complete)
             check_training_size(sub, factory, len(x), available=rows)
         t0 = time.perf_counter()
-        _train(sub, factory, x, seed, checked=True)
+        with _all_cores(links):
+            _train(sub, factory, x, seed, checked=True)
         logger.info(f"trained {factory} on {len(x):,} vectors in {time.perf_counter() - t0:.1f}s")
         trained = faiss.serialize_index(sub).tobytes()
     except BaseException as e:
