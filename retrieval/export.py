@@ -18,7 +18,6 @@ metadata_props, the TorchScript file as the extra file `retrieval.json`.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import logging
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.fsutil import atomic_path, atomic_write_json
+from retrieval.fsutil import atomic_path, atomic_write_json, sha256_file
 from retrieval.towers import PIXEL_MEAN, PIXEL_STD
 
 logger = logging.getLogger(__name__)
@@ -44,14 +43,6 @@ GRID_SAMPLE_OPSET = 16  # deskew resamples the image (GridSample), an operator o
 PARITY_TOLERANCE = 1e-4  # the exported graph must agree with the tower this closely on the check batch
 INPUT_SCALING = (f"float32 N x 1 x 28 x 28, pixel / 255: background 0.0, ink 1.0 (a light digit on a dark background, "
                  f"as MNIST); the graph itself subtracts the MNIST mean {PIXEL_MEAN} and divides by the std {PIXEL_STD}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sidecar_name(out: str | os.PathLike) -> Path:
@@ -224,7 +215,7 @@ def export_tower(ckpt, fmt: str, out: str | os.PathLike, *, opset: int = DEFAULT
         **metadata,
         "export_format": fmt,
         "file": out.name,
-        "file_sha256": _sha256(out),
+        "file_sha256": sha256_file(out),
         **({"opset": int(opset)} if fmt == "onnx" else {}),
         "parity": parity,
         "checkpoint": str(Path(ckpt.path).resolve()),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import logging
 import os
 import re
@@ -39,7 +38,7 @@ import numpy as np
 import retrieval
 from retrieval.checkpoint import load_checkpoint
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.fsutil import atomic_path, atomic_write_json, exclusive_lock, read_json
+from retrieval.fsutil import atomic_path, atomic_write_json, exclusive_lock, read_json, sha256_file
 from retrieval.items import SourceTable, read_items, write_items
 from retrieval.knn import PositionLookup
 
@@ -669,14 +668,6 @@ def new_index_meta(factory: str, metric: str, dimension: int, count: int, next_i
 
 
 # -- files ------------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
     """Delete our own data/temp files that meta.json no longer names (old versions, leftovers of killed saves)."""
     for p in folder.iterdir():
@@ -739,7 +730,7 @@ def _save_tower_files(index: EmbeddingIndex, folder: Path) -> set[str]:
         candidates = [folder / name] + ([loaded_from / name] if loaded_from else [])
         if original is not None:
             candidates.append(original.with_suffix(TOWER_KINDS[kind]))
-        source = next((p for p in candidates if p.is_file() and (want is None or _sha256(p) == want)), None)
+        source = next((p for p in candidates if p.is_file() and (want is None or sha256_file(p) == want)), None)
         if source is None:
             raise RetrievalError(
                 f"cannot write the index into {folder}: its tower's {kind} ({name}, fingerprint "
@@ -788,9 +779,9 @@ def save_index(index: EmbeddingIndex, folder: str | os.PathLike, *, locked: bool
     meta["dimension"] = index.dimension
     meta["files"] = {
         "faiss": faiss_name,
-        "faiss_sha256": _sha256(folder / faiss_name),
+        "faiss_sha256": sha256_file(folder / faiss_name),
         "items": items_name,
-        "items_sha256": _sha256(folder / items_name),
+        "items_sha256": sha256_file(folder / items_name),
         **lists,
     }
     atomic_write_json(folder / META_NAME, meta)  # the commit point
@@ -812,11 +803,11 @@ def _save_lists(index: EmbeddingIndex, folder: Path, token: str) -> dict:
     if (current is not None and lists_on_disk(index.index) and current.is_file()
             and current.parent.resolve() == folder.resolve()):
         sha = known.get("lists_sha256") if known.get("lists") == current.name else None
-        return {"lists": current.name, "lists_bytes": current.stat().st_size, "lists_sha256": sha or _sha256(current)}
+        return {"lists": current.name, "lists_bytes": current.stat().st_size, "lists_sha256": sha or sha256_file(current)}
     path = folder / f"lists-{token}.ivfdata"
     size = write_lists(index.index, path)
     index.lists_file = path
-    return {"lists": path.name, "lists_bytes": size, "lists_sha256": _sha256(path)}
+    return {"lists": path.name, "lists_bytes": size, "lists_sha256": sha256_file(path)}
 
 
 def read_index_meta(folder: str | os.PathLike) -> dict:
@@ -853,7 +844,7 @@ def _load_files(folder: Path, meta: dict) -> EmbeddingIndex:
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{what} not found: {path} (named by {meta_path})")
     for path, key in ((faiss_path, "faiss_sha256"), (items_path, "items_sha256")):
-        if files.get(key) and _sha256(path) != files[key]:
+        if files.get(key) and sha256_file(path) != files[key]:
             raise RetrievalError(f"{path} is corrupt or was changed: its SHA-256 does not match {meta_path}")
     if lists_path is not None and files.get("lists_bytes") is not None \
             and lists_path.stat().st_size != files["lists_bytes"]:
@@ -1054,9 +1045,9 @@ def tower_meta(ckpt) -> dict:
         "checkpoint": str(weights),
         "files": {
             "weights": stem + TOWER_KINDS["weights"],
-            "weights_sha256": _sha256(weights),
+            "weights_sha256": sha256_file(weights),
             "sidecar": stem + TOWER_KINDS["sidecar"],
-            "sidecar_sha256": _sha256(sidecar),
+            "sidecar_sha256": sha256_file(sidecar),
             "card": stem + TOWER_KINDS["card"],
         },
     }

@@ -175,6 +175,16 @@ class Calibration:
 DEFAULT_ACCEPT = 0.99  # calibrate's default rule without out-of-index queries: answer 99% of in-distribution ones
 
 
+def _answered_queries(nn_distances, nn_correct) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour distances and rightness of the queries that have a neighbour (finite distance)."""
+    d = np.asarray(nn_distances, dtype=np.float64)
+    ok = np.asarray(nn_correct, dtype=bool)
+    keep = np.isfinite(d)
+    if not keep.any():
+        raise RetrievalError("no query has a nearest neighbour; nothing to calibrate")
+    return d[keep], ok[keep]
+
+
 def acceptance_threshold(nn_distances, nn_correct, accept: float = DEFAULT_ACCEPT) -> Calibration:
     """The threshold that answers the fraction `accept` of the queries (all taken as in-distribution): halfway
     between the ceil(accept * n)-th smallest nearest-neighbour distance and the next (the largest distance when
@@ -182,12 +192,7 @@ def acceptance_threshold(nn_distances, nn_correct, accept: float = DEFAULT_ACCEP
     recall and F1 are reported as calibrate_threshold reports them, at this threshold."""
     if not 0 < accept <= 1:
         raise UsageError(f"`accept` must be a fraction in (0, 1], got {accept}")
-    d = np.asarray(nn_distances, dtype=np.float64)
-    ok = np.asarray(nn_correct, dtype=bool)
-    keep = np.isfinite(d)
-    d, ok = d[keep], ok[keep]
-    if len(d) == 0:
-        raise RetrievalError("no query has a nearest neighbour; nothing to calibrate")
+    d, ok = _answered_queries(nn_distances, nn_correct)
     order = np.argsort(d, kind="stable")
     ds = d[order]
     k = min(len(d), max(1, int(np.ceil(accept * len(d) - 1e-9))))
@@ -211,12 +216,7 @@ def calibrate_threshold(nn_distances, nn_correct) -> Calibration:
     accepted)."""
     from sklearn.metrics import precision_recall_curve
 
-    d = np.asarray(nn_distances, dtype=np.float64)
-    ok = np.asarray(nn_correct, dtype=bool)
-    keep = np.isfinite(d)
-    d, ok = d[keep], ok[keep]
-    if len(d) == 0:
-        raise RetrievalError("no query has a nearest neighbour; nothing to calibrate")
+    d, ok = _answered_queries(nn_distances, nn_correct)
     total_correct = int(ok.sum())
     if total_correct == 0:
         raise RetrievalError("no query's nearest neighbour has its label; a threshold cannot help (wrong tower?)")

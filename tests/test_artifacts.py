@@ -227,9 +227,7 @@ def test_exported_tower_gives_the_towers_embeddings_and_neighbours(tmp_path, par
     want = embed_images(ckpt.tower, images, batch_size=128)
     got = run_exported(out, fmt, images.unsqueeze(1).float().div(255.0).numpy())
     diff = float(np.abs(got - want).max())
-    with capsys.disabled():
-        print(f"\n{kind} {fmt}: max |exported - tower| = {diff:.2e} over {len(images)} MNIST test images")
-    assert got.shape == want.shape and diff <= 1e-5
+    assert got.shape == want.shape and diff <= 1e-5, f"{kind} {fmt}: max |exported - tower| = {diff:.2e}"
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     # the same nearest neighbours on a small index of the tower's own embeddings
     index = build_index(want[:300], labels[:300], [str(c) for c in range(10)], [str(i) for i in range(300)])

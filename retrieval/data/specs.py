@@ -114,7 +114,8 @@ def _load_builtin(name: str, split: str, root: Path, fetch: bool) -> tuple[np.nd
 _IDX_IMAGES = re.compile(r"(.*)idx3-ubyte(\.gz)?$")
 
 
-def _load_idx_dir(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def idx_pair(folder: Path) -> tuple[Path, Path]:
+    """The one (images, labels) IDX file pair of an `idx:DIR` folder."""
     if not folder.is_dir():
         raise RetrievalError(f"idx:{folder}: folder not found")
     pairs = []
@@ -132,7 +133,11 @@ def _load_idx_dir(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise RetrievalError(
             f"idx:{folder}: expected exactly one pair of *idx3-ubyte[.gz] / *idx1-ubyte[.gz] files, found {found}"
         )
-    images, labels = read_idx_pair(*pairs[0])
+    return pairs[0]
+
+
+def _load_idx_dir(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    images, labels = read_idx_pair(*idx_pair(folder))
     classes = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
     return images, labels, classes
 

@@ -32,7 +32,7 @@ from retrieval.data.fetch import (
 from retrieval.data import corrupt
 from retrieval.data.idx import read_idx
 from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
-from retrieval.data.specs import _IDX_IMAGES, _as_name_list, _class_sort_key, _split_spec, default_data_root
+from retrieval.data.specs import _as_name_list, _class_sort_key, _split_spec, default_data_root, idx_pair
 from retrieval.data import SPEC_HELP
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.items import SourceTable
@@ -199,29 +199,6 @@ def _list_folder(folder: Path) -> tuple[list[str], list[str], np.ndarray]:
     return classes, paths, np.asarray(labels, np.int64)
 
 
-def _idx_pair(folder: Path) -> tuple[Path, Path]:
-    if not folder.is_dir():
-        raise RetrievalError(f"idx:{folder}: folder not found")
-    import re
-
-    pairs = []
-    for img in sorted(folder.iterdir()):
-        m = _IDX_IMAGES.match(img.name)
-        if not m:
-            continue
-        prefix = m.group(1)
-        stem = prefix[: -len("images-")] if prefix.endswith("images-") else prefix
-        candidates = [p for p in folder.iterdir() if re.match(re.escape(stem) + r"(labels-)?idx1-ubyte(\.gz)?$", p.name)]
-        if candidates:
-            pairs.append((img, sorted(candidates)[0]))
-    if len(pairs) != 1:
-        found = ", ".join(p[0].name for p in pairs) or "none"
-        raise RetrievalError(
-            f"idx:{folder}: expected exactly one pair of *idx3-ubyte[.gz] / *idx1-ubyte[.gz] files, found {found}"
-        )
-    return pairs[0]
-
-
 def open_dataset(
     spec: str,
     root: str | os.PathLike | None = None,
@@ -251,7 +228,7 @@ def open_dataset(
         names = list(DATASETS[kind].classes)
         prefix = f"{kind}:{split}"
     elif kind == "idx":
-        images_path, labels_path = _idx_pair(Path(rest).expanduser())
+        images_path, labels_path = idx_pair(Path(rest).expanduser())
         names = None
         prefix = f"idx:{rest}"
     elif kind == corrupt.KIND:  # mnist-c:test/fog, made once and cached in the root (retrieval.data.corrupt)
