@@ -182,6 +182,39 @@ def _as_name_list(values) -> list[str] | None:
     return [str(v).strip() for v in values]
 
 
+def select_rows(labels: np.ndarray, names: Sequence[str], spec: str, classes=None, exclude=None,
+                subset: int | None = None, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """The rows (ascending positions) a dataset keeps: classes kept / excluded by name, then a seeded subset of
+    `subset` rows; and the filters that record it. Shared by load_dataset and the streamed open_dataset, so both
+    select the very same images."""
+    keep, drop = _as_name_list(classes), _as_name_list(exclude)
+    mask = np.ones(len(labels), bool)
+    for option, wanted in (("classes", keep), ("exclude", drop)):
+        if wanted is None:
+            continue
+        unknown = [c for c in wanted if c not in names]
+        if unknown:
+            raise UsageError(f"`{option}`: {', '.join(unknown)} not among the classes of {spec} ({', '.join(names)})")
+        hit = np.isin(labels, [names.index(c) for c in wanted])
+        mask &= hit if option == "classes" else ~hit
+    filters = {}
+    if keep is not None:
+        filters["classes"] = keep
+    if drop is not None:
+        filters["exclude"] = drop
+    rows = np.flatnonzero(mask).astype(np.int64)
+    if subset is not None:
+        if subset <= 0:
+            raise UsageError(f"`subset` must be a positive number of images, got {subset}")
+        if subset < len(rows):
+            g = torch.Generator().manual_seed(seed)
+            rows = rows[torch.randperm(len(rows), generator=g)[:subset].sort().values.numpy()]
+        filters.update(subset=subset, seed=seed)
+    if len(rows) == 0:
+        raise RetrievalError(f"{spec}: no images left after filtering ({filters})")
+    return rows, filters
+
+
 def load_dataset(
     spec: str,
     root: str | os.PathLike | None = None,
@@ -217,33 +250,9 @@ def load_dataset(
         raise UsageError(f"unknown dataset spec {spec!r}; expected {SPEC_HELP}")
     ds = ImageDataset(images, labels, names, sources, spec, preprocessing)
 
-    keep, drop = _as_name_list(classes), _as_name_list(exclude)
-    mask = torch.ones(len(ds), dtype=torch.bool)
-    for option, wanted in (("classes", keep), ("exclude", drop)):
-        if wanted is None:
-            continue
-        unknown = [c for c in wanted if c not in names]
-        if unknown:
-            raise UsageError(f"`{option}`: {', '.join(unknown)} not among the classes of {spec} ({', '.join(names)})")
-        ids = torch.tensor([names.index(c) for c in wanted], dtype=torch.int64)
-        hit = torch.isin(ds.labels, ids)
-        mask &= hit if option == "classes" else ~hit
-    filters = {}
-    if keep is not None:
-        filters["classes"] = keep
-    if drop is not None:
-        filters["exclude"] = drop
-    if not bool(mask.all()):
-        ds = ds.select(torch.nonzero(mask).flatten())
-    if subset is not None:
-        if subset <= 0:
-            raise UsageError(f"`subset` must be a positive number of images, got {subset}")
-        if subset < len(ds):
-            g = torch.Generator().manual_seed(seed)
-            ds = ds.select(torch.randperm(len(ds), generator=g)[:subset].sort().values)
-        filters.update(subset=subset, seed=seed)
-    if len(ds) == 0:
-        raise RetrievalError(f"{spec}: no images left after filtering ({filters})")
+    rows, filters = select_rows(ds.labels.numpy(), names, spec, classes, exclude, subset, seed)
+    if len(rows) < len(ds):
+        ds = ds.select(torch.from_numpy(rows))
     ds.filters = filters
     return ds
 

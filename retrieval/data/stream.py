@@ -32,7 +32,7 @@ from retrieval.data.fetch import (
 from retrieval.data import corrupt
 from retrieval.data.idx import read_idx
 from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
-from retrieval.data.specs import _as_name_list, _class_sort_key, _split_spec, default_data_root, idx_pair
+from retrieval.data.specs import _class_sort_key, _split_spec, default_data_root, idx_pair, select_rows
 from retrieval.data import SPEC_HELP
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.items import SourceTable
@@ -249,33 +249,6 @@ def open_dataset(
             raise RetrievalError(f"{images_path} holds {idx.count} images but {labels_path} holds {len(labels)} labels")
         if names is None:
             names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
-    rows = np.arange(len(labels), dtype=np.int64)
-
-    keep, drop = _as_name_list(classes), _as_name_list(exclude)
-    mask = np.ones(len(labels), bool)
-    for option, wanted in (("classes", keep), ("exclude", drop)):
-        if wanted is None:
-            continue
-        unknown = [c for c in wanted if c not in names]
-        if unknown:
-            raise UsageError(f"`{option}`: {', '.join(unknown)} not among the classes of {spec} ({', '.join(names)})")
-        hit = np.isin(labels, [names.index(c) for c in wanted])
-        mask &= hit if option == "classes" else ~hit
-    filters = {}
-    if keep is not None:
-        filters["classes"] = keep
-    if drop is not None:
-        filters["exclude"] = drop
-    if not mask.all():
-        rows, labels = rows[mask], labels[mask]
-    if subset is not None:
-        if subset <= 0:
-            raise UsageError(f"`subset` must be a positive number of images, got {subset}")
-        if subset < len(rows):
-            g = torch.Generator().manual_seed(seed)  # the draw load_dataset makes
-            pick = torch.randperm(len(rows), generator=g)[:subset].sort().values.numpy()
-            rows, labels = rows[pick], labels[pick]
-        filters.update(subset=subset, seed=seed)
-    if len(rows) == 0:
-        raise RetrievalError(f"{spec}: no images left after filtering ({filters})")
+    rows, filters = select_rows(labels, names, spec, classes, exclude, subset, seed)
+    labels = labels[rows]
     return StreamedDataset(spec, names, labels, rows, preprocessing, filters, prefix, paths, idx)
