@@ -22,6 +22,9 @@ ExcludeOption = typer.Option(None, "--exclude", help="Drop these classes (comma-
 SubsetOption = typer.Option(None, "--subset", help="Take a seeded random subset of this many images.")
 SeedOption = typer.Option(0, "--seed", help="Seed for every random choice.")
 DeviceOption = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda or cuda:N.")
+IndexCheckpointOption = typer.Option(
+    None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
+)
 BatchSizeOption = typer.Option(
     None, "--batch-size", min=1, help="Images per embedding batch (default: 256 on CPU, 4096 on a GPU).",
     show_default=False,

@@ -9,7 +9,8 @@ import typer
 
 from retrieval.cli import app
 from retrieval.cli.common import (
-    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, SeedOption, SpecHelp, SubsetOption,
+    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, IndexCheckpointOption, SeedOption,
+    SpecHelp, SubsetOption,
     print_json,
 )
 from retrieval.data import SPEC_HELP
@@ -20,10 +21,6 @@ QueriesOption = typer.Option(
     ..., "--queries",
     help=f"Query images, as a dataset spec ({SPEC_HELP}). Labels are matched to the index's classes by name.",
 )
-IndexCheckpointOption = typer.Option(
-    None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
-)
-
 
 def _k_list(text: str) -> list[int]:
     try:

@@ -10,7 +10,8 @@ import typer
 
 from retrieval.cli import app
 from retrieval.cli.common import (
-    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, SeedOption, SpecHelp, SubsetOption,
+    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, IndexCheckpointOption, SeedOption,
+    SpecHelp, SubsetOption,
     log, print_json,
 )
 
@@ -222,9 +223,7 @@ def tune(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per setting (the median is kept)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Measure and print, but store nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the measurements and the choice as JSON."),
-    checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
-    ),
+    checkpoint: Optional[Path] = IndexCheckpointOption,
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
     root: Optional[Path] = DataRootOption,
@@ -292,9 +291,7 @@ def query(
         help="Answer 'unknown' when the nearest neighbour is farther than this (default: the calibrated threshold "
              "stored in the index, if any).",
     ),
-    checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
-    ),
+    checkpoint: Optional[Path] = IndexCheckpointOption,
     search_params: Optional[str] = typer.Option(
         None, "--search-params",
         help="Faiss search parameters for these queries instead of the index's stored ones (`index info`), by "

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from retrieval.cli import app
-from retrieval.cli.common import DataRootOption, DeviceOption, root_or_default
+from retrieval.cli.common import DataRootOption, DeviceOption, IndexCheckpointOption, root_or_default
 
 
 @app.command("serve")
@@ -25,9 +25,7 @@ def serve(
         None, "--max-distance", min=0.0,
         help="Answer 'unknown' past this nearest-neighbour distance (default: the calibrated threshold in the index).",
     ),
-    checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
-    ),
+    checkpoint: Optional[Path] = IndexCheckpointOption,
     uploads: Optional[Path] = typer.Option(
         None, "--uploads",
         help="Folder for images added through the service, as <label>/<name>.png (default: <index>.uploads "
