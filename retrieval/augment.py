@@ -98,27 +98,34 @@ class ElasticAugment:
 
 class DegradeAugment:
     """What scans, photos and drawing tools do to a digit, on a float batch on its device (issue 15): each image
-    independently, with probability `p` for each kind, gets its stroke width changed (thinner by up to 1 px or
-    thicker by up to `stroke` px), its resolution lost (area-downsampled to 7..14 px and upscaled bilinearly),
-    a Gaussian blur (sigma up to `blur` px), its contrast changed (background lifted by up to `contrast` with a
-    linear gradient across the image, ink dimmed by up to `contrast` / 2) and noise added (Gaussian with std up to
-    `noise`, salt and pepper on up to 0.6 * `noise` of the pixels), in that order; 0 turns a kind off. All draws
-    are made for the whole batch from the step's generator (then cut to `rows`), so runs are reproducible."""
+    independently, with probability `p` for each kind, is replaced by its outline (`edges`: Canny's edges or a
+    1 px contour of its ink, as edge detectors and outline fonts draw a digit), gets its stroke width
+    changed (thinner by up to 1 px or thicker by up to `stroke` px), its resolution lost (area-downsampled to
+    7..14 px and upscaled bilinearly), a Gaussian blur (sigma up to `blur` px), its contrast changed (background
+    lifted by up to `contrast` with a linear gradient across the image, ink dimmed by up to `contrast` / 2), bands
+    at two opposite sides inverted (`bands`: each up to that many pixels wide, columns or rows, as a scanner's
+    dark margins or a photo's shadowed edges) and noise added (Gaussian with std up to `noise`, salt and pepper on
+    up to 0.6 * `noise` of the pixels), in that order; 0 turns a kind off. All draws are made for the whole batch
+    from the step's generator (then cut to `rows`), so runs are reproducible; edges and bands draw after the
+    others, so recipes without them draw exactly as before they existed."""
 
     DRAWS = 16
 
     def __init__(self, lowres: float = 0.0, blur: float = 0.0, stroke: float = 0.0, noise: float = 0.0,
-                 contrast: float = 0.0, p: float = 0.5):
+                 contrast: float = 0.0, p: float = 0.5, edges: bool = False, bands: float = 0.0):
         self.lowres, self.blur, self.stroke = float(lowres), float(blur), float(stroke)
         self.noise, self.contrast, self.p = float(noise), float(contrast), float(p)
+        self.edges, self.bands = bool(edges), float(bands)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.lowres or self.blur or self.stroke or self.noise or self.contrast)
+        return bool(self.lowres or self.blur or self.stroke or self.noise or self.contrast or self.edges
+                    or self.bands)
 
     def describe(self) -> dict:
         return {"lowres": self.lowres, "blur": self.blur, "stroke": self.stroke, "noise": self.noise,
-                "contrast": self.contrast, "p": self.p}
+                "contrast": self.contrast, "p": self.p,
+                **({"edges": self.edges} if self.edges else {}), **({"bands": self.bands} if self.bands else {})}
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator, rows: Rows | None = None) -> torch.Tensor:
         if not self.enabled:
@@ -129,6 +136,9 @@ class DegradeAugment:
         on = u[:, :5] < self.p  # stroke, lowres, blur, contrast, noise
         pix = torch.rand(total, 2, h, w, generator=generator)[start:stop].to(x.device) if self.noise else None
         gauss = torch.randn(total, 1, h, w, generator=generator)[start:stop].to(x.device) if self.noise else None
+        more = torch.rand(total, 6, generator=generator)[start:stop].to(x.device) if self.edges or self.bands else None
+        if self.edges:
+            x = self._only(self._edges, x, more[:, 0] < self.p, more[:, 1])
         if self.stroke:
             x = self._only(self._stroke, x, on[:, 0], u[:, 5])
         if self.lowres:
@@ -137,6 +147,8 @@ class DegradeAugment:
             x = self._only(self._blur, x, on[:, 2], u[:, 7])
         if self.contrast:
             x = self._contrast(x, on[:, 3], u[:, 8:12])
+        if self.bands:
+            x = self._bands(x, more[:, 2] < self.p, more[:, 3], more[:, 4:6])
         if self.noise:
             std = (u[:, 12] * self.noise * on[:, 4]).view(-1, 1, 1, 1)
             frac = (u[:, 13] * 0.6 * self.noise * on[:, 4]).view(-1, 1, 1, 1)
@@ -195,6 +207,61 @@ class DegradeAugment:
         y = torch.nn.functional.conv2d(y, k.view(n, 1, 1, -1), padding=(0, radius), groups=n)
         y = torch.nn.functional.conv2d(y, k.view(n, 1, -1, 1), padding=(radius, 0), groups=n).transpose(0, 1)
         return torch.where(on.view(-1, 1, 1, 1), y, x)
+
+    @staticmethod
+    def _edges(x, on, u):
+        # as an edge detector draws a digit: half the images (draw < 0.5) get Canny's edges (Gaussian sigma 1,
+        # Sobel, non-maximum suppression across the edge, hysteresis with a low threshold of 0.05..0.3 of full
+        # scale and a high one twice that, grown 3 px along weak edges); the others the 1 px contour of the ink
+        # (x > 0.3..0.6) just outside it, just inside it or both
+        canny = DegradeAugment._canny(x, (0.05 + 0.5 * u).clamp(max=0.3))
+        v = (u * 2 - 1).clamp(0, 1)  # the contour's own draw, from the upper half
+        pool = torch.nn.functional.max_pool2d
+        part = (v * 3).floor().clamp(max=2).view(-1, 1, 1, 1)
+        ink = (x > (0.3 + 0.3 * (v * 3 - part.flatten())).view(-1, 1, 1, 1)).to(x.dtype)
+        outer = pool(ink, 3, 1, 1) - ink
+        inner = ink + pool(-ink, 3, 1, 1)
+        contour = torch.where(part == 0, outer, torch.where(part == 1, inner, (outer + inner).clamp(max=1)))
+        return torch.where((u < 0.5).view(-1, 1, 1, 1), canny, contour)
+
+    @staticmethod
+    def _canny(x, low):
+        f = torch.nn.functional
+        t = torch.arange(-4, 5, device=x.device, dtype=x.dtype)
+        k = torch.exp(-t ** 2 / 2)
+        k = k / k.sum()
+        s = f.conv2d(f.conv2d(x, k.view(1, 1, 1, -1), padding=(0, 4)), k.view(1, 1, -1, 1), padding=(4, 0))
+        d = torch.tensor([-1.0, 0.0, 1.0], device=x.device, dtype=x.dtype)
+        b = torch.tensor([1.0, 2.0, 1.0], device=x.device, dtype=x.dtype)
+        gx = f.conv2d(s, (b.view(3, 1) * d.view(1, 3)).view(1, 1, 3, 3), padding=1)
+        gy = f.conv2d(s, (d.view(3, 1) * b.view(1, 3)).view(1, 1, 3, 3), padding=1)
+        mag = torch.hypot(gx, gy)
+        angle = torch.rad2deg(torch.atan2(gy, gx)) % 180
+        sector = torch.bucketize(angle, torch.tensor([22.5, 67.5, 112.5, 157.5], device=x.device)) % 4
+        pad = f.pad(mag, (1, 1, 1, 1))
+        h, w = x.shape[-2:]
+        keep = torch.zeros_like(mag, dtype=torch.bool)
+        for sec, (dy, dx) in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):
+            a = pad[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+            b2 = pad[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+            keep |= (sector == sec) & (mag >= a) & (mag >= b2)
+        low = low.view(-1, 1, 1, 1)
+        weak = keep & (mag >= low)
+        edges = keep & (mag >= 2 * low)
+        for _ in range(3):  # hysteresis: weak edge pixels touching a strong one, a few pixels far
+            edges = weak & (f.max_pool2d(edges.to(x.dtype), 3, 1, 1) > 0)
+        return edges.to(x.dtype)
+
+    def _bands(self, x, on, u_axis, widths):
+        # two opposite bands (left and right columns, or top and bottom rows), each 1..bands px wide, inverted
+        n, _, h, w = x.shape
+        columns = (u_axis < 0.5).view(-1, 1, 1)
+        pos = torch.where(columns, torch.arange(w, device=x.device).view(1, 1, w).expand(n, h, w),
+                          torch.arange(h, device=x.device).view(1, h, 1).expand(n, h, w))
+        size = torch.where(columns, w, h)
+        lo, hi = (1 + (widths * self.bands).floor().long()).unbind(1)
+        band = (pos < lo.view(-1, 1, 1)) | (pos >= size - hi.view(-1, 1, 1))
+        return torch.where((band & on.view(-1, 1, 1)).unsqueeze(1), 1 - x, x)
 
     def _contrast(self, x, on, u):
         h, w = x.shape[-2:]
@@ -290,12 +357,108 @@ class DihedralClasses:
         return torch.rot90(x, symmetry % 4, dims=(-2, -1)) if symmetry % 4 else x
 
 
+NON_DIGIT_LABEL = -1  # the one class all synthetic non-digits share (no dataset label is negative)
+
+
+def draw_non_digits(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """n synthetic images that are not digits, (n, 1, size, size) float in [0, 1], bright ink on black and framed
+    as the query preprocessing frames marks (largest side 20/28 of the image, centred): random pen scribbles
+    (random walks of 4-11 points), ellipse, rectangle and triangle outlines, crossing straight lines, speckle
+    and noise pages, and blank pages, one kind per image, in equal shares. Strokes are 1-3 px wide and drawn
+    anti-aliased from their distance to each segment. All draws come from `generator` (CPU)."""
+    g, k_max = generator, 24
+    kind = torch.randint(0, 7, (n,), generator=g)
+    walk = torch.cumsum(torch.randn(n, k_max, 2, generator=g), dim=1)
+    walk_len = torch.randint(4, 12, (n,), generator=g)
+    angle = torch.rand(n, 1, generator=g) * 2 * torch.pi
+    aspect = 0.3 + 0.7 * torch.rand(n, 1, generator=g)
+    corners = torch.randint(3, 5, (n,), generator=g)  # triangle or rectangle
+    crossing = torch.rand(n, k_max, 2, generator=g)
+    crossing_len = torch.randint(2, 5, (n,), generator=g)
+    width = 0.5 + torch.rand(n, generator=g)  # half-width in px
+    density = torch.rand(n, 1, 1, generator=g)
+    page = torch.rand(n, size, size, generator=g)
+    level = torch.rand(n, 1, 1, generator=g)
+
+    t = torch.arange(k_max + 1, dtype=torch.float32)
+    points = torch.zeros(n, k_max + 1, 2)
+    used = torch.zeros(n, k_max, dtype=torch.bool)  # which segments (point i -> i + 1) are drawn
+    for i in range(n):
+        k = int(kind[i])
+        if k == 0:  # scribble
+            m = int(walk_len[i])
+            points[i, :m] = walk[i, :m]
+            used[i, :m - 1] = True
+        elif k in (1, 2):  # ellipse (24 segments) or polygon, rotated, closed
+            m = k_max if k == 1 else int(corners[i])
+            phase = t[:m + 1] * 2 * torch.pi / m + (torch.pi / 4 if m == 4 else torch.pi / 2)
+            xy = torch.stack([phase.cos(), phase.sin() * aspect[i]], dim=1)
+            rot = torch.stack([torch.cat([angle[i].cos(), -angle[i].sin()]), torch.cat([angle[i].sin(), angle[i].cos()])])
+            points[i, :m + 1] = xy @ rot.T
+            used[i, :m] = True
+        elif k == 3:  # crossing straight lines: pairs of points, every other segment drawn
+            m = 2 * int(crossing_len[i])
+            points[i, :m] = crossing[i, :m]
+            used[i, 0:m - 1:2] = True
+    # frame every drawing like the query preprocessing: largest side to 20 px, centred
+    lo = torch.where(used.any(1).view(-1, 1), points.masked_fill(~_point_mask(used), float("inf")).amin(1), 0)
+    hi = torch.where(used.any(1).view(-1, 1), points.masked_fill(~_point_mask(used), -float("inf")).amax(1), 1)
+    scale = (20 / size) * size / (hi - lo).amax(1, keepdim=True).clamp_min(1e-3)
+    points = (points - (lo + hi).unsqueeze(1) / 2) * scale.unsqueeze(1) + size / 2
+    centres = torch.arange(size, dtype=torch.float32) + 0.5
+    grid = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).view(1, 1, -1, 2)
+    a, b = points[:, :-1].unsqueeze(2), points[:, 1:].unsqueeze(2)
+    ab = b - a
+    along = (((grid - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-6)).clamp(0, 1)
+    dist = (grid - (a + along.unsqueeze(-1) * ab)).norm(dim=-1).masked_fill(~used.unsqueeze(-1), float("inf"))
+    ink = (width.view(-1, 1) + 0.5 - dist.amin(1)).clamp(0, 1).view(n, size, size)
+    specks = (page < 0.3 * density).float()  # kind 4
+    noise = page * (0.3 + 0.7 * density)  # kind 5
+    blank = torch.zeros_like(page)  # kind 6, or a faint uniform level
+    blank = torch.where(level < 0.5, blank, 0.1 * level)
+    out = torch.where((kind <= 3).view(-1, 1, 1), ink,
+                      torch.where((kind == 4).view(-1, 1, 1), specks, torch.where((kind == 5).view(-1, 1, 1), noise, blank)))
+    return out.unsqueeze(1)
+
+
+def _point_mask(used: torch.Tensor) -> torch.Tensor:
+    """(n, k + 1, 1): the points that end or start a drawn segment."""
+    pts = torch.zeros(used.shape[0], used.shape[1] + 1, dtype=torch.bool)
+    pts[:, :-1] |= used
+    pts[:, 1:] |= used
+    return pts.unsqueeze(-1)
+
+
+class NonDigitExposure:
+    """Outlier exposure (Hendrycks et al., 2019) with synthetic non-digits: the last `slots` class slots of each
+    batch (`group` images each; the sampler orders slots at random) are replaced by draw_non_digits images that
+    share one label, NON_DIGIT_LABEL. A pair-based loss then pulls them into one cluster of their own and
+    pushes every digit away from it, so marks that are not digits land far from every indexed digit and a
+    distance threshold (calibrate) answers them `unknown`. The images then go through the batch's augmentation
+    like any other."""
+
+    def __init__(self, slots: int, group: int):
+        self.slots, self.group = int(slots), max(1, int(group))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        n = min(len(x), self.slots * self.group)
+        if n == 0:
+            return x, y
+        fake = draw_non_digits(n, x.shape[-1], generator).to(x.device, x.dtype)
+        return (torch.cat([x[:len(x) - n], fake]),
+                torch.cat([y[:len(y) - n], torch.full((n,), NON_DIGIT_LABEL, dtype=y.dtype, device=y.device)]))
+
+
 def build_class_expansions(composite_classes: float, dihedral_classes: bool, num_classes: int,
-                           group: int) -> list[ClassExpansion]:
-    """augment.composite_classes, then augment.dihedral_classes (the symmetries turn composites as well)."""
+                           group: int, non_digit_slots: int = 0) -> list[ClassExpansion]:
+    """augment.composite_classes, then augment.dihedral_classes (the symmetries turn composites as well), then
+    augment.non_digit_slots (outlier exposure)."""
     out: list[ClassExpansion] = []
     if composite_classes:
         out.append(CompositeClasses(composite_classes, num_classes, group))
     if dihedral_classes:
         out.append(DihedralClasses(group))
+    if non_digit_slots:
+        out.append(NonDigitExposure(non_digit_slots, group))
     return out

@@ -103,6 +103,10 @@ class AugmentConfig:
     noise: float = 0.0
     contrast: float = 0.0
     degrade_p: float = 0.5
+    edges: bool = False  # DegradeAugment: the image replaced by a 1 px contour of its ink (as edge detectors draw it)
+    bands: float = 0.0  # DegradeAugment: two opposite bands up to this many pixels wide inverted (dark margins)
+    non_digit_slots: int = 0  # outlier exposure: class slots per batch given to synthetic non-digits (scribbles,
+    # shapes, noise and blank pages, one shared label), so that non-digits land far from every digit
     dihedral_classes: bool = False  # class expansion: each class slot turned by one of the square's 8 symmetries,
     # (class, symmetry) counting as a class of its own (for towers meant to generalise to unseen classes)
     composite_classes: float = 0.0  # class expansion: probability that a class slot is joined half-and-half
@@ -364,9 +368,13 @@ def _validate(config: Config, source: str) -> Config:
     if not 0 <= c.augment.elastic <= 7:
         raise fail("augment.elastic", "a displacement in pixels between 0 and 7")
     for key, top in (("augment.lowres", 1), ("augment.blur", 3), ("augment.stroke", 3), ("augment.noise", 1),
-                     ("augment.contrast", 1), ("augment.degrade_p", 1)):
+                     ("augment.contrast", 1), ("augment.degrade_p", 1), ("augment.bands", 13)):
         if not 0 <= _get(c, key) <= top:
             raise fail(key, f"a number between 0 and {top}")
+    slots = c.train.batch_size // max(1, c.sampler.m)
+    if not 0 <= c.augment.non_digit_slots < slots or (c.augment.non_digit_slots and c.sampler.m < 2):
+        raise fail("augment.non_digit_slots", f"a number of class slots between 0 and {slots - 1} (batch_size / "
+                   "sampler.m - 1), with sampler.m >= 2 so that non-digits have positives")
     return config
 
 

@@ -413,6 +413,7 @@ class EmbeddingIndex:
         self.folder: Path | None = None  # where it was loaded from or last saved to
         self.lists_file: Path | None = None  # the on-disk inverted lists file the index maps, as it is there
         self._pos = None  # PositionLookup of self.ids, built on first use
+        self._gpu = self._device = None  # a GPU copy searched instead of .index (use_device), and its device
 
     # -- description -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -465,15 +466,16 @@ class EmbeddingIndex:
                 "(a different tower?)"
             )
         sp, _keep = search_parameters(self.index, params) if params else (None, [])
+        searched = self._gpu if self._gpu is not None and sp is None else self.index
         if len(q) == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         if len(q) < faiss.omp_get_max_threads():
             # Faiss parallelises over queries: a lone query gains nothing from a thread team, and on a busy
             # machine waking one costs more than the search (measured in benchmarks/index.py).
             with _omp_threads(1):
-                scores, ids = _faiss_search(self.index, q, k, sp)
+                scores, ids = _faiss_search(searched, q, k, sp)
         else:
-            scores, ids = _faiss_search(self.index, q, k, sp)
+            scores, ids = _faiss_search(searched, q, k, sp)
         scores = np.where(ids >= 0, scores, 0.0)  # Faiss pads with -1 ids and +-FLT_MAX scores
         if self.metric == "ip":
             dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * scores))
@@ -487,6 +489,24 @@ class EmbeddingIndex:
             dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
         return dist, ids.astype(np.int64, copy=False)
 
+    def use_device(self, device) -> bool:
+        """Search on `device` from now on: a GPU copy of the Faiss index when the device is CUDA and Faiss has
+        GPU support (faiss_gpu), else the CPU index. Per-search parameters (`params`) search the CPU index.
+        Returns whether searches run on a GPU."""
+        from retrieval.faiss_gpu import to_search_device
+
+        self._gpu = to_search_device(self.index, device)
+        self._device = device if self._gpu is not None else None
+        return self._gpu is not None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu is not None
+
+    def _refresh_gpu_copy(self) -> None:
+        if self._gpu is not None:  # the copy holds the vectors and settings of when it was made
+            self.use_device(self._device)
+
     def flat_vectors(self) -> np.ndarray | None:
         """The stored vectors of an exact (Flat) index, in the order of .ids; None for approximate indexes (their
         search is what their users get, so that is what gets evaluated)."""
@@ -499,6 +519,7 @@ class EmbeddingIndex:
         """Faiss ParameterSpace settings, e.g. "nprobe=16" or "efSearch=128"; recorded in the metadata."""
         apply_search_params(self.index, params)
         self.meta["search_params"] = params
+        self._refresh_gpu_copy()
 
     # -- growth --------------------------------------------------------------------------------------------------
     def add(self, embeddings, labels, classes: Sequence[str], sources: Sequence[str], data: Sequence[dict] = ()) -> np.ndarray:
@@ -523,6 +544,7 @@ class EmbeddingIndex:
         self.labels = np.concatenate([self.labels, new_labels])
         self.sources.extend(str(s) for s in sources)
         self._pos = None
+        self._refresh_gpu_copy()
         self.meta["count"] = len(self)
         self.meta["next_id"] = start + len(x)
         self.meta["updated"] = _now()

@@ -793,7 +793,7 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         tower = group.sync_batchnorm(tower)
         sampler = ShardedBatchSampler(sampler, group.rank, group.world_size)
     augment = BatchAugment(a.degrees, a.translate, a.scale, a.shear, a.group)
-    degrade = DegradeAugment(a.lowres, a.blur, a.stroke, a.noise, a.contrast, a.degrade_p)
+    degrade = DegradeAugment(a.lowres, a.blur, a.stroke, a.noise, a.contrast, a.degrade_p, a.edges, a.bands)
     params = list(tower.parameters()) + list(objective.parameters())
     optimizer, scheduler = build_optimizer(cfg.optimizer, params, cfg.train.epochs * len(sampler))
     data_meta = {"spec": d.spec, "classes": list(d.classes) or None, "exclude": list(d.exclude) or None,
@@ -811,7 +811,8 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         "sampler": sampler.describe(),
         "augment": {**augment.describe(), "elastic": a.elastic, "composite_classes": a.composite_classes,
                     "dihedral_classes": a.dihedral_classes,
-                    **({"degrade": degrade.describe()} if degrade.enabled else {})},
+                    **({"degrade": degrade.describe()} if degrade.enabled else {}),
+                    **({"non_digit_slots": a.non_digit_slots} if a.non_digit_slots else {})},
     }
     if group is not None:
         checkpoint_meta["distributed"] = group.describe()
@@ -827,6 +828,7 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         progress=progress, on_step=on_step,
         elastic=(Chain(ElasticAugment(a.elastic) if a.elastic else None, degrade) if degrade.enabled
                  else ElasticAugment(a.elastic) if a.elastic else None),  # after the affine: elastic, then degrade
-        class_expansions=build_class_expansions(a.composite_classes, a.dihedral_classes, len(ds.classes), sampler.m),
+        class_expansions=build_class_expansions(a.composite_classes, a.dihedral_classes, len(ds.classes), sampler.m,
+                                                 a.non_digit_slots),
         group=group,
     )

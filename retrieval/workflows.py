@@ -440,9 +440,9 @@ def query(
 
 # -- query datasets against an index (evaluate, calibrate) ----------------------------------------------------------
 def index_search(index: EmbeddingIndex) -> Search:
-    """Exact search over a Flat index's vectors (the same neighbours, found faster than Faiss's k-heap at MAP@R
-    depths), else the index's own search."""
-    vectors = index.flat_vectors()
+    """Exact search over a Flat index's vectors on the CPU (the same neighbours, found faster than Faiss's k-heap
+    at MAP@R depths), else the index's own search (on a GPU where use_device put it)."""
+    vectors = None if index.on_gpu else index.flat_vectors()
     return index.search if vectors is None else ExactSearch(vectors, ids=index.ids)
 
 
@@ -477,6 +477,7 @@ def load_index_queries(folder, query_spec: str, *, root=None, classes=None, excl
     if len(index) == 0:
         raise RetrievalError(f"the index in {folder} is empty")
     ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
+    index.use_device(device)
     ds = load_dataset(query_spec, root=_data_root(root), classes=classes, exclude=exclude, subset=subset, seed=seed)
     emb = embed_images(ckpt.tower, ds.images, batch_size=batch_size or default_batch_size(device), device=device,
                        progress=True, desc="embedding queries")

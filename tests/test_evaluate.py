@@ -307,6 +307,43 @@ def test_calibration_makes_an_unseen_class_unknown(trained_run, tmp_path, capsys
     assert sum(a == t for a, t in zip(answered, truth)) >= 0.75 * len(known)
 
 
+def test_unknown_reaches_query_and_classify_on_a_calibrated_prototype_index(trained_run, tmp_path, capsys):
+    """A few-shot prototype index (one vector per class) calibrated like any index: digits of classes it does not
+    hold come back `unknown` from `retrieval query` and from the service's /classify alike."""
+    pytest.importorskip("fastapi")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*httpx2.*")
+        from fastapi.testclient import TestClient
+    from retrieval.serve import Service, create_app
+    from retrieval.serve.library import png_bytes
+
+    folder = tmp_path / "prototypes0-4"
+    build_index(trained_run, ["mnist:train"], folder, classes="0,1,2,3,4", subset=1000, seed=0, prototypes=True)
+    code, out, err = run_cli(capsys, "calibrate", "--index", folder, "--queries", "mnist:test", "--subset", 500,
+                             "--json")
+    assert code == 0, err
+    threshold = json.loads(out)["max_distance"]
+    test = load_dataset("mnist:test")
+    names = np.array(test.label_names())
+    calibration = {s for s in load_dataset("mnist:test", subset=500, seed=0).sources}
+    unseen = [i for i in range(len(test)) if f"mnist:test[{i}]" not in calibration]
+    picks = [i for i in unseen if names[i] == "7"][:15] + [i for i in unseen if names[i] in "01234"][:15]
+    items = [f"mnist:test[{i}]" for i in picks]
+    code, out, err = run_cli(capsys, "query", "--index", folder, "-k", 1, "--json", *items)
+    assert code == 0, err
+    answers = json.loads(out)
+    by_query = [a["label"] for a in answers]
+    assert by_query[:15].count("unknown") >= 10 and by_query[15:].count("unknown") <= 5
+    assert all((a["label"] == "unknown") == (a["neighbors"][0]["distance"] > threshold) for a in answers)
+    client = TestClient(create_app(Service.open(folder)))
+    with client:
+        files = [("images", (f"{i}.png", png_bytes(test.images[i]), "image/png")) for i in picks]
+        classified = client.post("/classify", files=files).json()
+    assert [c["label"] for c in classified] == by_query and classified[0]["max_distance"] == threshold
+
+
 def test_calibrate_dry_run_and_errors(index_dir, tmp_path, capsys):
     before = (index_dir / "meta.json").read_text()
     code, out, err = run_cli(capsys, "calibrate", "--index", index_dir, "--queries", "mnist:test", "--subset", 100,

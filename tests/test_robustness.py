@@ -140,19 +140,70 @@ def test_degrade_augment_is_seeded_keeps_shape_and_splits_by_rows(digits):
     assert not off.enabled and off(x, torch.Generator().manual_seed(0)) is x
 
 
-@pytest.mark.parametrize("key, value", [("blur", 9.0), ("noise", -0.1), ("degrade_p", 2.0)])
+def test_edges_and_bands_are_seeded_keep_shape_and_draw_after_the_other_kinds(digits):
+    x = torch.from_numpy(digits).unsqueeze(1).float().div(255).repeat(4, 1, 1, 1)
+    plain = DegradeAugment(lowres=1, noise=0.3, p=0.5)
+    more = DegradeAugment(lowres=1, noise=0.3, p=0.5, edges=True, bands=8)
+    a = more(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and a.dtype == x.dtype and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, more(x, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, plain(x, torch.Generator().manual_seed(3)))
+    # recipes without edges and bands draw exactly as before those kinds existed (same images for a seed)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(plain(x, g1), DegradeAugment(lowres=1, noise=0.3, p=0.5)(x, g2))
+    parts = [more(x[s:e], torch.Generator().manual_seed(3), Rows(s, e, len(x))) for s, e in ((0, 17), (17, 48))]
+    assert torch.allclose(torch.cat(parts), a, atol=1e-6)
+
+
+def test_edges_imitate_canny_and_bands_invert_opposite_margins(digits):
+    x = torch.from_numpy(digits).unsqueeze(1).float().div(255)
+    ours = DegradeAugment._canny(x, torch.full((len(x),), 0.1))[:, 0].numpy() > 0
+    theirs = corrupt(digits, "canny_edges") > 0  # MNIST-C's thresholds (0.1 / 0.2)
+    assert (ours & theirs).sum() / (ours | theirs).sum() > 0.95
+    aug = DegradeAugment(bands=6, p=1.0)
+    blank = torch.zeros(16, 1, 28, 28)
+    y = aug(blank, torch.Generator().manual_seed(0))[:, 0]
+    for img in y:  # two opposite bands of ones, 1..7 px wide, along columns or rows
+        cols, rows = img.amax(0) > 0.5, img.amax(1) > 0.5
+        inverted = cols if bool(img[14].amax() > 0.5) and not bool(img[:, 14].amax() > 0.5) else rows
+        assert bool(inverted[0]) and bool(inverted[-1]) and not bool(inverted[14])
+        assert 2 <= int(inverted.sum()) <= 14
+
+
+def test_non_digits_are_seeded_framed_and_share_one_label():
+    from retrieval.augment import NON_DIGIT_LABEL, NonDigitExposure, draw_non_digits
+
+    a = draw_non_digits(70, 28, torch.Generator().manual_seed(1))
+    assert a.shape == (70, 1, 28, 28) and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, draw_non_digits(70, 28, torch.Generator().manual_seed(1)))
+    framed = 0  # drawn marks (4 of the 7 kinds) are framed as the query preprocessing frames ink: side ~20 px
+    for img in a[:, 0] > 0.5:
+        rows, cols = torch.nonzero(img.any(1)).flatten(), torch.nonzero(img.any(0)).flatten()
+        if len(rows) and rows.min() >= 2 and rows.max() <= 25 and cols.min() >= 2 and cols.max() <= 25:
+            framed += 1
+            assert 17 <= max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 <= 24
+    assert framed >= 30
+    x, y = torch.rand(64, 1, 28, 28), torch.arange(64) // 16
+    out, labels = NonDigitExposure(slots=1, group=16)(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:48], x[:48]) and not torch.equal(out[48:], x[48:])
+    assert labels[:48].tolist() == y[:48].tolist() and set(labels[48:].tolist()) == {NON_DIGIT_LABEL}
+
+
+@pytest.mark.parametrize("key, value", [("blur", 9.0), ("noise", -0.1), ("degrade_p", 2.0), ("bands", 20),
+                                        ("non_digit_slots", 16)])
 def test_degrade_options_are_validated(key, value):
     from retrieval.config import resolve_config
 
     with pytest.raises(UsageError, match=f"augment.{key}"):
-        resolve_config({"augment": {key: value}})
+        resolve_config({"augment": {key: value}, "train": {"batch_size": 256}, "sampler": {"m": 16}})
 
 
 def test_shipped_robust_config_turns_every_degradation_on():
     from retrieval.config import load_config
 
     a = load_config(REPO / "retrieval" / "configs" / "mnist-robust.toml").augment
-    assert a.lowres and a.blur and a.stroke and a.noise and a.contrast and 0 < a.degrade_p < 1
+    assert a.lowres and a.blur and a.stroke and a.noise and a.contrast and a.edges and a.bands
+    assert 0 < a.degrade_p < 1 and a.non_digit_slots >= 1
 
 
 # -- unknown inputs: calibrate without negatives ----------------------------------------------------------------

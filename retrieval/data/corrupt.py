@@ -322,8 +322,11 @@ def canny_edges(x, rng):
     """Canny (1986) on each image: Gaussian sigma 1, Sobel gradients, non-maximum suppression along the gradient
     direction, hysteresis between 0.1 and 0.2 (skimage.feature.canny's defaults for float images)."""
     s = ndimage.gaussian_filter(x, sigma=(0, 1, 1), mode="constant", truncate=4.0)
-    gy = ndimage.sobel(s, axis=1, mode="constant")
-    gx = ndimage.sobel(s, axis=2, mode="constant")
+    # Sobel within each image: ndimage.sobel on the (n, h, w) stack would also smooth across neighbouring images
+    # (revision 1 of this set did, so its edges mixed three digits; the cache folder is keyed by the revision)
+    sobel_y = np.array([[[-1, -2, -1], [0, 0, 0], [1, 2, 1]]], np.float32)
+    gy = ndimage.correlate(s, sobel_y, mode="constant")
+    gx = ndimage.correlate(s, sobel_y.transpose(0, 2, 1), mode="constant")
     mag = np.hypot(gx, gy)
     ang = (np.rad2deg(np.arctan2(gy, gx)) + 180.0) % 180.0
     pad = np.pad(mag, ((0, 0), (1, 1), (1, 1)))
@@ -436,6 +439,7 @@ class Corruption:
     family: str
     op: Callable[[np.ndarray, np.random.Generator], np.ndarray]
     mnist_c: bool
+    revision: int = 1  # raised when the op's output changes (a fix), so cached sets are remade
 
 
 CORRUPTIONS: dict[str, Corruption] = {c.name: c for c in (
@@ -453,7 +457,7 @@ CORRUPTIONS: dict[str, Corruption] = {c.name: c for c in (
     Corruption("spatter", "occlusion", spatter, True),
     Corruption("dotted_line", "occlusion", dotted_line, True),
     Corruption("zigzag", "occlusion", zigzag, True),
-    Corruption("canny_edges", "edges", canny_edges, True),
+    Corruption("canny_edges", "edges", canny_edges, True, revision=2),
     Corruption("lowres-8", "low resolution", _lowres(8), False),
     Corruption("lowres-10", "low resolution", _lowres(10), False),
     Corruption("lowres-14", "low resolution", _lowres(14), False),
@@ -507,7 +511,8 @@ PREPROCESSED = {"photo-lighting", "photo-blur", "photo-jpeg", "photo-grey", "pho
 
 def corrupted_dir(root: Path, split: str, name: str) -> Path:
     """The cache folder; sets made through the query preprocessing are keyed by its recipe as well."""
-    tag = VERSION
+    revision = CORRUPTIONS[name].revision
+    tag = VERSION if revision == 1 else f"{VERSION}.{revision}"
     if name in PREPROCESSED:
         from retrieval.data.preprocess import PREPROCESSING
 
