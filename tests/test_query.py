@@ -124,6 +124,25 @@ def test_threshold_marks_unknown(index_dir, indexed):
         Searcher.open(index_dir, max_distance=-1)
 
 
+def test_faiss_searches_on_the_cpu_unless_a_gpu_build_and_a_cuda_device_are_both_there(index_dir, caplog):
+    import faiss
+
+    from retrieval.faiss_gpu import gpu_count, to_search_device
+
+    index = load_index(index_dir)
+    queries = index.index.reconstruct_n(0, 5)
+    before = index.search(queries, 3)
+    assert index.use_device("cpu") is False and not index.on_gpu
+    if gpu_count() == 0:  # faiss-cpu (the default): a CUDA device still searches on the CPU, and says why
+        with caplog.at_level("INFO", logger="retrieval.faiss_gpu"):
+            assert to_search_device(faiss.IndexFlatL2(4), torch.device("cuda")) is None
+        assert "no GPU support" in caplog.text and "faiss-gpu-cu12" in caplog.text
+    else:  # a GPU build: the same neighbours from the GPU copy
+        assert index.use_device("cuda") and index.on_gpu
+    after = index.search(queries, 3)
+    assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0], atol=1e-4)
+
+
 def test_resolve_inputs(tmp_path):
     draw_digit(tmp_path / "a.png", SEVEN)
     (tmp_path / "sub").mkdir()
