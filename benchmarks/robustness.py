@@ -77,11 +77,11 @@ def test_figures(run: Path, names: list[str], subset: int | None, root, device: 
     return out
 
 
-def selection_figures(run: Path, names: list[str], subset: int | None, root, device: str) -> dict:
+def selection_split(run: Path, subset: int | None, root):
+    """(checkpoint, mnist:train, training positions, validation positions) of a run: the validation slice its
+    trainer held out (same size and seed), cut to a seeded `subset`."""
     from retrieval.checkpoint import load_checkpoint
     from retrieval.data.specs import load_dataset
-    from retrieval.embed import embed_images
-    from retrieval.metrics import retrieval_metrics
     from retrieval.trainer import split_validation
 
     ckpt = load_checkpoint(run)
@@ -91,6 +91,14 @@ def selection_figures(run: Path, names: list[str], subset: int | None, root, dev
     if subset and subset < len(val_pos):
         g = torch.Generator().manual_seed(0)
         val_pos = val_pos[torch.randperm(len(val_pos), generator=g)[:subset].sort().values]
+    return ckpt, ds, train_pos, val_pos
+
+
+def selection_figures(run: Path, names: list[str], subset: int | None, root, device: str) -> dict:
+    from retrieval.embed import embed_images
+    from retrieval.metrics import retrieval_metrics
+
+    ckpt, ds, train_pos, val_pos = selection_split(run, subset, root)
     refs = embed_images(ckpt.tower, ds.images[train_pos], device=device)
     ref_labels = ds.labels[train_pos].numpy()
     clean = ds.images[val_pos].numpy()
@@ -222,21 +230,13 @@ def unknown_selection_figures(run: Path, names: list[str], subset: int | None, r
     `calibrate` does); then answered fractions of the validation slice corrupted with seed 1, and rejected
     fractions of Fashion-MNIST *train* (never trained on) and of non-digit pictures drawn with seed 1 (the test
     measure uses seed 0)."""
-    from retrieval.checkpoint import load_checkpoint
     from retrieval.data.fetch import dataset_files_present
     from retrieval.data.specs import default_data_root, load_dataset
     from retrieval.embed import embed_images
     from retrieval.knn import ExactSearch
     from retrieval.pairs import acceptance_threshold
-    from retrieval.trainer import split_validation
 
-    ckpt = load_checkpoint(run)
-    data = ckpt.meta.get("data", {})
-    ds = load_dataset("mnist:train", root=root)
-    train_pos, val_pos = split_validation(ds.labels, int(data.get("val_images") or 5000), int(data.get("val_seed", 0)))
-    if subset and subset < len(val_pos):
-        g = torch.Generator().manual_seed(0)
-        val_pos = val_pos[torch.randperm(len(val_pos), generator=g)[:subset].sort().values]
+    ckpt, ds, train_pos, val_pos = selection_split(run, subset, root)
     search = ExactSearch(embed_images(ckpt.tower, ds.images[train_pos], device=device))
     clean = ds.images[val_pos].numpy()
 
