@@ -8,7 +8,7 @@ Every process of a job runs `build_streaming` with the same arguments (one proce
    in rank order are the rows of a single-process build, and every chunk is the same in both.
 2. embed: each rank reads and embeds its chunks one at a time. An index without training (Flat, HNSW) is filled
    as the chunks come; a trained one (IVF, PQ, OPQ, ...) spools the embeddings to a temp file and keeps the rows
-   of the seeded training sample (`train_size` rows of all, retrieval.index.training_sample).
+   of the seeded training sample (`train_size` rows of all, retrieval.faiss_tools.training_sample).
 3. train: the sample is gathered on rank 0 in row order; rank 0 trains the empty index once (seeded k-means) and
    sends it to every rank (faiss.serialize_index bytes).
 4. fill: each rank adds its spooled embeddings, a chunk at a time, to its copy. IVF lists store each vector's
@@ -44,12 +44,12 @@ from tqdm import tqdm
 from retrieval.data.stream import StreamedDataset
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.index import (
-    EmbeddingIndex, _as_unit_float32, _omp_threads, _train, _unwrapped, apply_search_params, check_on_disk,
-    HNSW_BATCH, check_training_size, default_search_params, default_train_size, faiss_quiet, hnsw_pieces, index_ivf,
-    metric_code, no_prefetch,
-    needs_training, new_index_meta, normalize_factory, prototypes_from_sums, training_sample,
+from retrieval.faiss_tools import (
+    HNSW_BATCH, _omp_threads, _train, _unwrapped, apply_search_params, check_on_disk, check_training_size,
+    default_search_params, default_train_size, faiss_quiet, hnsw_pieces, index_ivf, metric_code, needs_training,
+    no_prefetch, training_sample,
 )
+from retrieval.index import EmbeddingIndex, _as_unit_float32, new_index_meta, normalize_factory, prototypes_from_sums
 from retrieval.items import SourceTable
 from retrieval.logs import show_progress
 

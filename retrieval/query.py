@@ -24,7 +24,8 @@ from retrieval.data.preprocess import IMAGE_EXTENSIONS, load_image_file
 from retrieval.data.specs import DatasetCache, parse_item_spec
 from retrieval.embed import default_batch_size, embed_images
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.index import EmbeddingIndex, load_index, load_index_tower, search_parameters
+from retrieval.faiss_tools import search_parameters
+from retrieval.index import EmbeddingIndex, load_index, load_index_tower
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ import faiss
 import numpy as np
 
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.index import METRICS, EmbeddingIndex, _as_unit_float32, _unwrapped, search_parameters
+from retrieval.faiss_tools import METRICS, _unwrapped, search_parameters
+from retrieval.index import EmbeddingIndex, _as_unit_float32
 
 logger = logging.getLogger(__name__)
 

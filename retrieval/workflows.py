@@ -40,10 +40,10 @@ from retrieval.errors import RetrievalError, UsageError
 from retrieval.fewshot import (
     FewShotResult, check_fewshot_settings, check_method, evaluate_fewshot, pixel_embeddings,
 )
+from retrieval.faiss_tools import metric_code
 from retrieval.index import (
-    EmbeddingIndex, META_NAME, check_index_target, class_prototypes,
-    load_index, load_index_tower, metric_code, normalize_factory, read_index_meta, save_index, tower_files, tower_meta,
-    update_index_meta,
+    EmbeddingIndex, META_NAME, check_index_target, class_prototypes, load_index, load_index_tower,
+    normalize_factory, read_index_meta, save_index, tower_files, tower_meta, update_index_meta,
 )
 from retrieval.fsutil import exclusive_lock
 from retrieval.grid import SourceImages, check_grid_target, query_grid_rows, render_grid

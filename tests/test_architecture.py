@@ -106,6 +106,8 @@ def test_layers_only_import_downwards():
     # the engine never calls the scoring, the index never scores
     assert "retrieval.metrics" not in graph["retrieval.knn"]
     assert "retrieval.metrics" not in graph["retrieval.index"]
+    # Faiss's vocabulary knows nothing of our folders, items or towers
+    assert graph["retrieval.faiss_tools"] <= {"retrieval.errors", "retrieval.fsutil"}
 
 
 def test_help_imports_no_heavy_libraries():

@@ -25,9 +25,8 @@ from retrieval.checkpoint import load_checkpoint, save_checkpoint
 from retrieval.data.specs import load_dataset
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.index import (
-    META_NAME, build_index, default_train_size, lists_on_disk, load_index, search_parameters,
-)
+from retrieval.faiss_tools import default_train_size, lists_on_disk, search_parameters
+from retrieval.index import META_NAME, build_index, load_index
 from retrieval.items import SourceTable, read_items, write_items
 from retrieval.towers import build_tower
 from cli_helpers import run_cli

@@ -149,7 +149,7 @@ def answer_queries(searcher, embeddings: np.ndarray, k: int, names: Sequence[str
 
 def check_search_params(searcher, params: str) -> None:
     """A UsageError unless `params` are Faiss search parameters that apply to the served index."""
-    from retrieval.index import search_parameters
+    from retrieval.faiss_tools import search_parameters
 
     search_parameters(searcher.index.index, params)
 
