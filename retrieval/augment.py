@@ -393,8 +393,8 @@ def draw_non_digits(n: int, size: int, generator: torch.Generator) -> torch.Tens
             m = k_max if k == 1 else int(corners[i])
             phase = t[:m + 1] * 2 * torch.pi / m + (torch.pi / 4 if m == 4 else torch.pi / 2)
             xy = torch.stack([phase.cos(), phase.sin() * aspect[i]], dim=1)
-            rot = torch.stack([torch.cat([angle[i].cos(), -angle[i].sin()]), torch.cat([angle[i].sin(), angle[i].cos()])])
-            points[i, :m + 1] = xy @ rot.T
+            c, s_ = angle[i].cos(), angle[i].sin()
+            points[i, :m + 1] = xy @ torch.stack([torch.cat([c, -s_]), torch.cat([s_, c])]).T
             used[i, :m] = True
         elif k == 3:  # crossing straight lines: pairs of points, every other segment drawn
             m = 2 * int(crossing_len[i])
@@ -403,7 +403,7 @@ def draw_non_digits(n: int, size: int, generator: torch.Generator) -> torch.Tens
     # frame every drawing like the query preprocessing: largest side to 20 px, centred
     lo = torch.where(used.any(1).view(-1, 1), points.masked_fill(~_point_mask(used), float("inf")).amin(1), 0)
     hi = torch.where(used.any(1).view(-1, 1), points.masked_fill(~_point_mask(used), -float("inf")).amax(1), 1)
-    scale = (20 / size) * size / (hi - lo).amax(1, keepdim=True).clamp_min(1e-3)
+    scale = (20 / 28) * size / (hi - lo).amax(1, keepdim=True).clamp_min(1e-3)
     points = (points - (lo + hi).unsqueeze(1) / 2) * scale.unsqueeze(1) + size / 2
     centres = torch.arange(size, dtype=torch.float32) + 0.5
     grid = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).view(1, 1, -1, 2)
@@ -416,8 +416,8 @@ def draw_non_digits(n: int, size: int, generator: torch.Generator) -> torch.Tens
     noise = page * (0.3 + 0.7 * density)  # kind 5
     blank = torch.zeros_like(page)  # kind 6, or a faint uniform level
     blank = torch.where(level < 0.5, blank, 0.1 * level)
-    out = torch.where((kind <= 3).view(-1, 1, 1), ink,
-                      torch.where((kind == 4).view(-1, 1, 1), specks, torch.where((kind == 5).view(-1, 1, 1), noise, blank)))
+    pages = torch.where((kind == 4).view(-1, 1, 1), specks, torch.where((kind == 5).view(-1, 1, 1), noise, blank))
+    out = torch.where((kind <= 3).view(-1, 1, 1), ink, pages)
     return out.unsqueeze(1)
 
 

@@ -95,15 +95,16 @@ class AugmentConfig:
     group: int = 8  # images sharing one random affine (the transform is applied per group, on the device)
     elastic: float = 0.0  # elastic distortion: smooth random warp of each image by at most this many pixels (0: off)
     # What scans, photos and drawing tools do (augment.DegradeAugment; each image gets each kind with probability
-    # degrade_p; 0 turns a kind off): resolution loss (lowres > 0: on), Gaussian blur up to this sigma in pixels, stroke width thicker by up to this many pixels (or thinner by up to 1), Gaussian noise std
-    # and salt-and-pepper fraction (x 0.6), background lift / ink dimming as a fraction of full scale.
+    # degrade_p; 0 turns a kind off): resolution loss (lowres > 0: on), Gaussian blur up to this sigma in pixels,
+    # stroke width thicker by up to this many pixels (or thinner by up to 1), Gaussian noise std and
+    # salt-and-pepper fraction (x 0.6), background lift / ink dimming as a fraction of full scale.
     lowres: float = 0.0
     blur: float = 0.0
     stroke: float = 0.0
     noise: float = 0.0
     contrast: float = 0.0
     degrade_p: float = 0.5
-    edges: bool = False  # DegradeAugment: the image replaced by a 1 px contour of its ink (as edge detectors draw it)
+    edges: bool = False  # DegradeAugment: the image replaced by its Canny edges or the 1 px contour of its ink
     bands: float = 0.0  # DegradeAugment: two opposite bands up to this many pixels wide inverted (dark margins)
     non_digit_slots: int = 0  # outlier exposure: class slots per batch given to synthetic non-digits (scribbles,
     # shapes, noise and blank pages, one shared label), so that non-digits land far from every digit
