@@ -130,7 +130,7 @@ def test_faiss_searches_on_the_cpu_unless_a_gpu_build_and_a_cuda_device_are_both
     from retrieval.faiss_gpu import gpu_count, to_search_device
 
     index = load_index(index_dir)
-    queries = index.index.reconstruct_n(0, 5)
+    queries = index.flat_vectors()[:5]
     before = index.search(queries, 3)
     assert index.use_device("cpu") is False and not index.on_gpu
     if gpu_count() == 0:  # faiss-cpu (the default): a CUDA device still searches on the CPU, and says why
