@@ -103,7 +103,7 @@ class EmbeddingIndex:
         self.folder: Path | None = None  # where it was loaded from or last saved to
         self.lists_file: Path | None = None  # the on-disk inverted lists file the index maps, as it is there
         self._pos = None  # PositionLookup of self.ids, built on first use
-        self._gpu = self._device = None  # a GPU copy searched instead of .index (use_device), and its device
+        self._gpu = self._device = None  # a GPU copy searched instead of .index (use_device); the device asked for
 
     # -- description -------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -186,12 +186,17 @@ class EmbeddingIndex:
         from retrieval.faiss_gpu import to_search_device
 
         self._gpu = to_search_device(self.index, device)
-        self._device = device if self._gpu is not None else None
+        self._device = device
         return self._gpu is not None
 
     @property
     def on_gpu(self) -> bool:
         return self._gpu is not None
+
+    @property
+    def search_device(self):
+        """The device last given to use_device (None: never asked; searches run on the CPU unless on_gpu)."""
+        return self._device
 
     def _refresh_gpu_copy(self) -> None:
         if self._gpu is not None:  # the copy holds the vectors and settings of when it was made

@@ -171,8 +171,8 @@ class Searcher:
         self.index = index
         self.tower = tower
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not index.on_gpu:
-            index.use_device(self.device)  # Faiss on the GPU too, where its build has GPU support
+        if self.device.type == "cuda" and index.search_device != self.device:
+            index.use_device(self.device)  # Faiss on the GPU too, where its build has GPU support (asked once)
         self.batch_size = batch_size if batch_size is not None else default_batch_size(self.device)
         if max_distance is None:
             max_distance = (index.meta.get("calibration") or {}).get("max_distance")

@@ -133,10 +133,14 @@ def test_faiss_searches_on_the_cpu_unless_a_gpu_build_and_a_cuda_device_are_both
     queries = index.flat_vectors()[:5]
     before = index.search(queries, 3)
     assert index.use_device("cpu") is False and not index.on_gpu
-    if gpu_count() == 0:  # faiss-cpu (the default): a CUDA device still searches on the CPU, and says why
+    if gpu_count() == 0:  # faiss-cpu (the default): a CUDA device still searches on the CPU, and says why, once
         with caplog.at_level("INFO", logger="retrieval.faiss_gpu"):
             assert to_search_device(faiss.IndexFlatL2(4), torch.device("cuda")) is None
-        assert "no GPU support" in caplog.text and "faiss-gpu-cu12" in caplog.text
+            assert "no GPU support" in caplog.text and "faiss-gpu-cu12" in caplog.text
+            caplog.clear()
+            for _ in range(3):  # the service makes a Searcher per request: the index is asked once
+                Searcher(index, build_tower("default", 16), device=torch.device("cuda"))
+            assert caplog.text.count("no GPU support") == 1 and not index.on_gpu
     else:  # a GPU build: the same neighbours from the GPU copy
         assert index.use_device("cuda") and index.on_gpu
     after = index.search(queries, 3)
