@@ -95,20 +95,46 @@ def _split_spec(spec: str) -> tuple[str, str]:
     return kind.strip().lower(), rest
 
 
-def _load_builtin(name: str, split: str, root: Path, fetch: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    if split not in ("train", "test"):
-        raise UsageError(f"dataset spec {name}:{split}: split must be 'train' or 'test'")
-    if not dataset_files_present(name, root):
-        if not fetch:
-            raise RetrievalError(f"{name} is not in {root}; run `retrieval data fetch {name}`")
-        logger.info(f"{name} not found in {root}; fetching it")
-        fetch_dataset(name, root)
-    folder = dataset_dir(root, name)
-    if split == "train":
-        images, labels = read_idx_pair(folder / TRAIN_IMAGES, folder / TRAIN_LABELS)
-    else:
-        images, labels = read_idx_pair(folder / TEST_IMAGES, folder / TEST_LABELS)
-    return images, labels, list(DATASETS[name].classes)
+@dataclass(frozen=True)
+class IdxSource:
+    """Where the images of an IDX-backed spec (a built-in dataset, `idx:DIR`, `mnist-c:SPLIT/NAME`) live: the IDX
+    file pair, the class names (None: the labels' numbers) and the prefix of its items' sources."""
+
+    images: Path
+    labels: Path
+    classes: list[str] | None
+    prefix: str
+
+
+def idx_source(kind: str, rest: str, root: Path, fetch: bool) -> IdxSource | None:
+    """The IdxSource of spec `kind:rest` (built-in datasets fetched, corrupted sets made, when missing), or None when
+    the spec is not IDX-backed. load_dataset reads the pair whole, open_dataset at the positions asked for."""
+    if kind in DATASETS:
+        split = rest.strip().lower()
+        if split not in ("train", "test"):
+            raise UsageError(f"dataset spec {kind}:{split}: split must be 'train' or 'test'")
+        if not dataset_files_present(kind, root):
+            if not fetch:
+                raise RetrievalError(f"{kind} is not in {root}; run `retrieval data fetch {kind}`")
+            logger.info(f"{kind} not found in {root}; fetching it")
+            fetch_dataset(kind, root)
+        folder = dataset_dir(root, kind)
+        images, labels = ((TRAIN_IMAGES, TRAIN_LABELS) if split == "train" else (TEST_IMAGES, TEST_LABELS))
+        return IdxSource(folder / images, folder / labels, list(DATASETS[kind].classes), f"{kind}:{split}")
+    if kind == "idx":
+        images, labels = idx_pair(Path(rest).expanduser())
+        return IdxSource(images, labels, None, f"idx:{rest}")
+    if kind == corrupt.KIND:  # mnist-c:test/fog: MNIST with a corruption, made once and cached in the root
+        split, name = corrupt.parse_spec(rest)
+        folder = corrupt.ensure_corrupted(rest, root, fetch)
+        return IdxSource(folder / corrupt.IMAGES, folder / corrupt.LABELS, list(DATASETS["mnist"].classes),
+                         f"{corrupt.KIND}:{split}/{name}")
+    return None
+
+
+def numbered_classes(labels: np.ndarray) -> list[str]:
+    """Class names of a dataset without names: "0".."max label"."""
+    return [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
 
 
 _IDX_IMAGES = re.compile(r"(.*)idx3-ubyte(\.gz)?$")
@@ -134,12 +160,6 @@ def idx_pair(folder: Path) -> tuple[Path, Path]:
             f"idx:{folder}: expected exactly one pair of *idx3-ubyte[.gz] / *idx1-ubyte[.gz] files, found {found}"
         )
     return pairs[0]
-
-
-def _load_idx_dir(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    images, labels = read_idx_pair(*idx_pair(folder))
-    classes = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
-    return images, labels, classes
 
 
 def _class_sort_key(name: str):
@@ -228,21 +248,12 @@ def load_dataset(
     root = Path(root) if root is not None else default_data_root()
     kind, rest = _split_spec(spec)
     preprocessing = "none (MNIST-format IDX)"
-    if kind in DATASETS:
-        images, labels, names = _load_builtin(kind, rest.strip().lower(), root, fetch)
+    source = idx_source(kind, rest, root, fetch)
+    if source is not None:
+        images, labels = read_idx_pair(source.images, source.labels)
+        names = source.classes or numbered_classes(labels)
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-        split = rest.strip().lower()
-        sources = [f"{kind}:{split}[{i}]" for i in range(len(labels))]
-    elif kind == "idx":
-        images, labels, names = _load_idx_dir(Path(rest).expanduser())
-        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-        sources = [f"idx:{rest}[{i}]" for i in range(len(labels))]
-    elif kind == corrupt.KIND:  # mnist-c:test/fog: MNIST with a corruption, made once and cached in the root
-        split, name = corrupt.parse_spec(rest)
-        folder = corrupt.ensure_corrupted(rest, root, fetch)
-        images, labels = read_idx_pair(folder / corrupt.IMAGES, folder / corrupt.LABELS)
-        images, labels, names = torch.from_numpy(images), torch.from_numpy(labels), list(DATASETS["mnist"].classes)
-        sources = [f"{corrupt.KIND}:{split}/{name}[{i}]" for i in range(len(labels))]
+        sources = [f"{source.prefix}[{i}]" for i in range(len(labels))]
     elif kind == "folder":
         images, labels, names, sources = _load_folder(Path(rest).expanduser())
         preprocessing = PREPROCESSING

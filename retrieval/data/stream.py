@@ -26,13 +26,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from retrieval.data.fetch import (
-    DATASETS, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, dataset_dir, dataset_files_present, fetch_dataset,
-)
-from retrieval.data import corrupt
 from retrieval.data.idx import read_idx
 from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
-from retrieval.data.specs import _class_sort_key, _split_spec, default_data_root, idx_pair, select_rows
+from retrieval.data.specs import (
+    _class_sort_key, _split_spec, default_data_root, idx_source, numbered_classes, select_rows,
+)
 from retrieval.data import SPEC_HELP
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.items import SourceTable
@@ -213,42 +211,19 @@ def open_dataset(
     kind, rest = _split_spec(spec)
     idx = paths = prefix = None
     preprocessing = "none (MNIST-format IDX)"
-    if kind in DATASETS:
-        split = rest.strip().lower()
-        if split not in ("train", "test"):
-            raise UsageError(f"dataset spec {kind}:{split}: split must be 'train' or 'test'")
-        if not dataset_files_present(kind, root):
-            if not fetch:
-                raise RetrievalError(f"{kind} is not in {root}; run `retrieval data fetch {kind}`")
-            logger.info(f"{kind} not found in {root}; fetching it")
-            fetch_dataset(kind, root)
-        folder = dataset_dir(root, kind)
-        images_path, labels_path = ((folder / TRAIN_IMAGES, folder / TRAIN_LABELS) if split == "train"
-                                    else (folder / TEST_IMAGES, folder / TEST_LABELS))
-        names = list(DATASETS[kind].classes)
-        prefix = f"{kind}:{split}"
-    elif kind == "idx":
-        images_path, labels_path = idx_pair(Path(rest).expanduser())
-        names = None
-        prefix = f"idx:{rest}"
-    elif kind == corrupt.KIND:  # mnist-c:test/fog, made once and cached in the root (retrieval.data.corrupt)
-        split, name = corrupt.parse_spec(rest)
-        folder = corrupt.ensure_corrupted(rest, root, fetch)
-        images_path, labels_path = folder / corrupt.IMAGES, folder / corrupt.LABELS
-        names = list(DATASETS["mnist"].classes)
-        prefix = f"{corrupt.KIND}:{split}/{name}"
+    source = idx_source(kind, rest, root, fetch)
+    if source is not None:
+        idx = IdxImages(source.images)
+        labels = read_idx(source.labels, expect_ndim=1).astype(np.int64)
+        if idx.count != len(labels):
+            raise RetrievalError(f"{source.images} holds {idx.count} images but {source.labels} holds "
+                                 f"{len(labels)} labels")
+        names, prefix = source.classes or numbered_classes(labels), source.prefix
     elif kind == "folder":
         names, paths, labels = _list_folder(Path(rest).expanduser())
         preprocessing = PREPROCESSING
     else:
         raise UsageError(f"unknown dataset spec {spec!r}; expected {SPEC_HELP}")
-    if paths is None:
-        idx = IdxImages(images_path)
-        labels = read_idx(labels_path, expect_ndim=1).astype(np.int64)
-        if idx.count != len(labels):
-            raise RetrievalError(f"{images_path} holds {idx.count} images but {labels_path} holds {len(labels)} labels")
-        if names is None:
-            names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
     rows, filters = select_rows(labels, names, spec, classes, exclude, subset, seed)
     labels = labels[rows]
     return StreamedDataset(spec, names, labels, rows, preprocessing, filters, prefix, paths, idx)
