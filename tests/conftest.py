@@ -51,3 +51,30 @@ def log_messages(caplog):
     """A function returning the library's log messages (INFO and up) so far in the test, as strings."""
     caplog.set_level(logging.INFO, logger="retrieval")
     return lambda: [record.getMessage() for record in caplog.records if record.name.startswith("retrieval")]
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny batches: fastest, and the same on every machine, so runs compare
+    bit for bit); modules use it with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory, data_root):
+    """A run folder holding an untrained default tower, seeded (torch.manual_seed(0)): the same weights in every
+    module, and neighbours far from perfect, so metrics are not trivially 1."""
+    import torch
+
+    from retrieval.checkpoint import save_checkpoint
+    from retrieval.towers import build_tower
+
+    base = tmp_path_factory.mktemp("untrained-run")
+    torch.manual_seed(0)
+    save_checkpoint(base / "best", build_tower("default"))
+    return base

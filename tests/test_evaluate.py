@@ -46,12 +46,8 @@ def stored_vectors(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data_root):
-    """An untrained default tower (seeded): neighbours are far from perfect, so metrics are not trivially 1."""
-    base = tmp_path_factory.mktemp("eval-run")
-    torch.manual_seed(0)
-    save_checkpoint(base / "best", build_tower("default"))
-    return base
+def run_dir(untrained_run):
+    return untrained_run
 
 
 @pytest.fixture(scope="module")

@@ -18,28 +18,23 @@ import tracemalloc
 import faiss
 import numpy as np
 import pytest
-import torch
 
 from retrieval import workflows
-from retrieval.checkpoint import load_checkpoint, save_checkpoint
+from retrieval.checkpoint import load_checkpoint
 from retrieval.data.specs import load_dataset
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import default_train_size, lists_on_disk, search_parameters
 from retrieval.index import META_NAME, build_index, load_index
 from retrieval.items import SourceTable, read_items, write_items
-from retrieval.towers import build_tower
 from cli_helpers import run_cli
 
 N = 3000  # images of mnist:test in the builds compared
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    save_checkpoint(base / "best", build_tower("default"))
-    return base
+def run(untrained_run):
+    return untrained_run
 
 
 @pytest.fixture(scope="module")

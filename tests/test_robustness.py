@@ -14,11 +14,9 @@ import pytest
 import torch
 
 from retrieval.augment import DegradeAugment, Rows
-from retrieval.checkpoint import save_checkpoint
 from retrieval.data.corrupt import CORRUPTIONS, corrupt, corrupted_dir
 from retrieval.data.specs import load_dataset
 from retrieval.errors import UsageError
-from retrieval.towers import build_tower
 from cli_helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,11 +84,8 @@ def test_bad_corrupted_specs_are_refused_in_one_line(own_root, capsys, spec, mes
 
 
 @pytest.fixture(scope="module")
-def seeded_run(tmp_path_factory, data_root):
-    base = tmp_path_factory.mktemp("robust-run")
-    torch.manual_seed(0)
-    save_checkpoint(base / "best", build_tower("default"))
-    return base
+def seeded_run(untrained_run):
+    return untrained_run
 
 
 def test_corrupted_spec_works_wherever_a_spec_is_accepted(seeded_run, tmp_path, capsys):

@@ -51,13 +51,7 @@ def tiny(**sections) -> dict:
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny batches: one thread is fastest (and the same on every machine, so runs compare bit for bit)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
