@@ -9,6 +9,7 @@ consecutive images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -435,23 +436,48 @@ class NonDigitExposure:
     share one label, NON_DIGIT_LABEL. A pair-based loss then pulls them into one cluster of their own and
     pushes every digit away from it, so marks that are not digits land far from every indexed digit and a
     distance threshold (calibrate) answers them `unknown`. The images then go through the batch's augmentation
-    like any other."""
+    like any other.
 
-    def __init__(self, slots: int, group: int):
+    Near misses made from the batch's own digits can share the slots (equal shares with the synthetic ones):
+    left-right mirror images of the classes in `mirror_labels` (a mirrored 3 is no digit) and `overlays`, two
+    digits of different classes drawn over each other. They carry the digits' own handwriting, so the tower
+    has to tell digits from other marks by shape rather than by pen style."""
+
+    def __init__(self, slots: int, group: int, mirror_labels: Sequence[int] = (), overlays: bool = False):
         self.slots, self.group = int(slots), max(1, int(group))
+        self.mirror_labels = torch.tensor(sorted(set(int(v) for v in mirror_labels)), dtype=torch.long)
+        self.overlays = bool(overlays)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         n = min(len(x), self.slots * self.group)
         if n == 0:
             return x, y
+        keep = len(x) - n
         fake = draw_non_digits(n, x.shape[-1], generator).to(x.device, x.dtype)
-        return (torch.cat([x[:len(x) - n], fake]),
-                torch.cat([y[:len(y) - n], torch.full((n,), NON_DIGIT_LABEL, dtype=y.dtype, device=y.device)]))
+        kinds = ["synthetic"] + ["mirror"] * bool(len(self.mirror_labels)) + ["overlay"] * self.overlays
+        if len(kinds) > 1 and keep:
+            source = torch.randint(0, len(kinds), (n,), generator=generator)
+            u = torch.rand(n, 2, generator=generator)
+            labels = y[:keep].cpu()
+            mirrorable = torch.nonzero(torch.isin(labels, self.mirror_labels)).flatten()
+            for i in range(n):
+                kind = kinds[int(source[i])]
+                if kind == "mirror" and len(mirrorable):
+                    row = int(mirrorable[int(u[i, 0] * len(mirrorable))])
+                    fake[i] = torch.flip(x[row], dims=(-1,))
+                elif kind == "overlay":
+                    a = int(u[i, 0] * keep)
+                    others = torch.nonzero(labels != labels[a]).flatten()
+                    if len(others):
+                        fake[i] = torch.maximum(x[a], x[int(others[int(u[i, 1] * len(others))])])
+        return (torch.cat([x[:keep], fake]),
+                torch.cat([y[:keep], torch.full((n,), NON_DIGIT_LABEL, dtype=y.dtype, device=y.device)]))
 
 
 def build_class_expansions(composite_classes: float, dihedral_classes: bool, num_classes: int,
-                           group: int, non_digit_slots: int = 0) -> list[ClassExpansion]:
+                           group: int, non_digit_slots: int = 0, non_digit_mirrors: Sequence[int] = (),
+                           non_digit_overlays: bool = False) -> list[ClassExpansion]:
     """augment.composite_classes, then augment.dihedral_classes (the symmetries turn composites as well), then
     augment.non_digit_slots (outlier exposure)."""
     out: list[ClassExpansion] = []
@@ -460,5 +486,5 @@ def build_class_expansions(composite_classes: float, dihedral_classes: bool, num
     if dihedral_classes:
         out.append(DihedralClasses(group))
     if non_digit_slots:
-        out.append(NonDigitExposure(non_digit_slots, group))
+        out.append(NonDigitExposure(non_digit_slots, group, non_digit_mirrors, non_digit_overlays))
     return out

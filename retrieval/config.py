@@ -108,6 +108,10 @@ class AugmentConfig:
     bands: float = 0.0  # DegradeAugment: two opposite bands up to this many pixels wide inverted (dark margins)
     non_digit_slots: int = 0  # outlier exposure: class slots per batch given to synthetic non-digits (scribbles,
     # shapes, noise and blank pages, one shared label), so that non-digits land far from every digit
+    non_digit_mirrors: tuple[str, ...] = ()  # classes whose left-right mirror image is no class (for MNIST
+    # 2 3 4 5 6 7 9): mirrored images of them join the non-digit slots (needs non_digit_slots)
+    non_digit_overlays: bool = False  # two images of different classes drawn over each other join the non-digit
+    # slots (needs non_digit_slots)
     dihedral_classes: bool = False  # class expansion: each class slot turned by one of the square's 8 symmetries,
     # (class, symmetry) counting as a class of its own (for towers meant to generalise to unseen classes)
     composite_classes: float = 0.0  # class expansion: probability that a class slot is joined half-and-half
@@ -376,6 +380,9 @@ def _validate(config: Config, source: str) -> Config:
     if not 0 <= c.augment.non_digit_slots < slots or (c.augment.non_digit_slots and c.sampler.m < 2):
         raise fail("augment.non_digit_slots", f"a number of class slots between 0 and {slots - 1} (batch_size / "
                    "sampler.m - 1), with sampler.m >= 2 so that non-digits have positives")
+    for key in ("augment.non_digit_mirrors", "augment.non_digit_overlays"):
+        if _get(c, key) and not c.augment.non_digit_slots:
+            raise fail(key, "augment.non_digit_slots >= 1 (these images fill the non-digit slots)")
     return config
 
 

@@ -702,13 +702,16 @@ def _train_checked(config, out_dir, dev: torch.device, resume: bool, overrides, 
     else:
         cfg = resolve_config(config, overrides, source="config")
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
-    created = not out.exists()
+    created = out  # the outermost folder this call creates (runs/ too, on a first run)
+    while not created.parent.exists() and created.parent != created.parent.parent:
+        created = created.parent
+    created = None if out.exists() else created
     ensure_writable_dir(out, "run folder")
     try:
         _train_in(out, cfg, dev, resume, overwrite, data_root, progress, on_step, threads, group)
     except BaseException:
-        if created and out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)  # failed before writing anything: leave no empty run folder
+        if created is not None and out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
+            shutil.rmtree(created, ignore_errors=True)  # failed before writing anything: leave no empty folders
         raise
     return out
 
@@ -782,6 +785,10 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
     train_pos, val_pos = split_validation(ds.labels, val_size, seed)
     train_labels = ds.labels[train_pos]
     classes_seen = [ds.classes[i] for i in torch.unique(train_labels).tolist()]
+    unknown = [c for c in a.non_digit_mirrors if c not in ds.classes]
+    if unknown:
+        raise UsageError(f"augment.non_digit_mirrors: {', '.join(unknown)} not among the classes of {d.spec} "
+                         f"({', '.join(ds.classes)})")
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
         torch.manual_seed(derive_seed(seed, "init"))
         tower = build_tower(t.name, t.embedding_size or None, t.deskew, t.test_shifts)
@@ -812,7 +819,9 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         "augment": {**augment.describe(), "elastic": a.elastic, "composite_classes": a.composite_classes,
                     "dihedral_classes": a.dihedral_classes,
                     **({"degrade": degrade.describe()} if degrade.enabled else {}),
-                    **({"non_digit_slots": a.non_digit_slots} if a.non_digit_slots else {})},
+                    **({"non_digit_slots": a.non_digit_slots} if a.non_digit_slots else {}),
+                    **({"non_digit_mirrors": list(a.non_digit_mirrors)} if a.non_digit_mirrors else {}),
+                    **({"non_digit_overlays": True} if a.non_digit_overlays else {})},
     }
     if group is not None:
         checkpoint_meta["distributed"] = group.describe()
@@ -829,6 +838,7 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         elastic=(Chain(ElasticAugment(a.elastic) if a.elastic else None, degrade) if degrade.enabled
                  else ElasticAugment(a.elastic) if a.elastic else None),  # after the affine: elastic, then degrade
         class_expansions=build_class_expansions(a.composite_classes, a.dihedral_classes, len(ds.classes), sampler.m,
-                                                 a.non_digit_slots),
+                                                 a.non_digit_slots, [ds.classes.index(c) for c in a.non_digit_mirrors],
+                                                 a.non_digit_overlays),
         group=group,
     )

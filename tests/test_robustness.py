@@ -186,8 +186,29 @@ def test_non_digits_are_seeded_framed_and_share_one_label():
     assert labels[:48].tolist() == y[:48].tolist() and set(labels[48:].tolist()) == {NON_DIGIT_LABEL}
 
 
+def test_non_digit_slots_take_mirrored_and_overlaid_digits_of_the_batch():
+    from retrieval.augment import NON_DIGIT_LABEL, NonDigitExposure
+
+    x, y = torch.rand(64, 1, 28, 28), torch.arange(64) // 16  # classes 0-3, 16 images each; class 3's slot goes
+    expose = NonDigitExposure(slots=1, group=16, mirror_labels=[2], overlays=True)
+    out, labels = expose(x, y, torch.Generator().manual_seed(0))
+    again, _ = expose(x, y, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and torch.equal(out[:48], x[:48]) and set(labels[48:].tolist()) == {NON_DIGIT_LABEL}
+    mirrored = overlaid = 0
+    for img in out[48:, 0]:
+        if any(torch.equal(img, torch.flip(x[j, 0], dims=(-1,))) for j in range(48)):
+            assert any(torch.equal(img, torch.flip(x[j, 0], dims=(-1,))) for j in range(32, 48))  # class 2 only
+            mirrored += 1
+        pairs = [(a, b) for a in range(48) for b in range(48) if torch.equal(img, torch.maximum(x[a, 0], x[b, 0]))]
+        if pairs:
+            assert all(int(y[a]) != int(y[b]) for a, b in pairs)  # two different classes
+            overlaid += 1
+    assert mirrored >= 2 and overlaid >= 2 and mirrored + overlaid < 16  # synthetic ones keep a share
+
+
 @pytest.mark.parametrize("key, value", [("blur", 9.0), ("noise", -0.1), ("degrade_p", 2.0), ("bands", 20),
-                                        ("non_digit_slots", 16)])
+                                        ("non_digit_slots", 16), ("non_digit_mirrors", ["3"]),
+                                        ("non_digit_overlays", True)])
 def test_degrade_options_are_validated(key, value):
     from retrieval.config import resolve_config
 
@@ -282,3 +303,19 @@ def test_training_applies_the_degradations_a_config_asks_for(data_root, tmp_path
     degraded, dmeta = batch(noise=0.3, contrast=0.6, degrade_p=1.0)
     assert "degrade" not in meta and dmeta["degrade"]["noise"] == 0.3
     assert plain.shape == degraded.shape and (degraded - plain).abs().amax() > 0.1
+
+
+def test_non_digit_pictures_say_what_they_show_and_look_alikes_are_reported_apart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robustness_bench", REPO / "benchmarks" / "robustness.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    images, ok, marks = bench._preprocessed_non_digits("symbols", 60, seed=0)
+    assert len(marks) == 60 and images.shape == (int(ok.sum()), 28, 28) and set(marks) <= set("@#%&*+=?!$<>{}[]~^")
+    look_alike = np.array([m in bench.DIGIT_LOOK_ALIKES for m in marks])
+    assert 0 < look_alike.sum() < 60
+    rows = bench._rejected_rows("symbols", look_alike, marks)  # as if exactly the look-alikes were rejected
+    assert rows["symbols rejected"] == pytest.approx(look_alike.mean()) and rows["symbols rejected, no look-alikes"] == 0
+    assert list(bench._rejected_rows("blank", np.ones(3, bool), ["blank"] * 3)) == ["blank rejected"]
+    assert {m for _, m in bench.non_digit_pictures("shapes", 30, seed=0)} == {"ellipse", "rectangle", "triangle"}

@@ -327,7 +327,9 @@ def test_cli_train_runs_and_reports_bad_keys(tmp_path, data_root, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     for args, words in ((["--set", "optimizer.lrr=1"], ["optimizer.lrr", "did you mean 'optimizer.lr'"]),
                         (["--epochs", "-2"], ["train.epochs", "positive"]),
-                        (["--set", "train.epochs=many"], ["train.epochs=many", "integer"])):
+                        (["--set", "train.epochs=many"], ["train.epochs=many", "integer"]),
+                        (["--root", str(data_root), "--set", "augment.non_digit_slots=1", "--set",
+                          "augment.non_digit_mirrors=2,x"], ["augment.non_digit_mirrors", "x not among the classes"])):
         with pytest.raises(SystemExit) as exit_info:
             main(["train", "--config", str(config), *args])
         err = capsys.readouterr().err

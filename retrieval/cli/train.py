@@ -16,7 +16,7 @@ def train_command(
     config: Optional[Path] = typer.Option(
         None, "--config", "-c",
         help="Config file (TOML; YAML with PyYAML), or the name of a shipped config: mnist-default, mnist-triplet, "
-             "mnist-contrastive, mnist-seed-pair, mnist-fewshot.",
+             "mnist-contrastive, mnist-seed-pair, mnist-fewshot, mnist-robust.",
         show_default=False,
     ),
     out: Optional[Path] = typer.Option(
