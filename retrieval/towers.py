@@ -65,10 +65,11 @@ class Tower(nn.Module):
             x = deskew(x.float()).contiguous(memory_format=torch.channels_last)
         if not self.test_shifts:
             return self._embed(x)
-        # test-time augmentation: the mean embedding of the image shifted by up to r pixels each way (zero fill),
-        # one view at a time so memory stays that of one pass
+        # test-time augmentation: the mean embedding of the image shifted by up to r pixels each way, one view at
+        # a time so memory stays that of one pass. The border is repeated rather than zero-filled: on a grey or
+        # hazy background a black strip would be a mark of its own (identical for black backgrounds)
         r, (h, w) = self.test_shifts, x.shape[-2:]
-        padded = F.pad(x, (r, r, r, r))
+        padded = F.pad(x, (r, r, r, r), mode="replicate")
         total = sum(self._embed(padded[..., r + dy:r + dy + h, r + dx:r + dx + w].contiguous(
             memory_format=torch.channels_last)) for dy in range(-r, r + 1) for dx in range(-r, r + 1))
         return F.normalize(total, dim=1)
