@@ -319,3 +319,18 @@ def test_non_digit_pictures_say_what_they_show_and_look_alikes_are_reported_apar
     assert rows["symbols rejected"] == pytest.approx(look_alike.mean()) and rows["symbols rejected, no look-alikes"] == 0
     assert list(bench._rejected_rows("blank", np.ones(3, bool), ["blank"] * 3)) == ["blank rejected"]
     assert {m for _, m in bench.non_digit_pictures("shapes", 30, seed=0)} == {"ellipse", "rectangle", "triangle"}
+
+
+def test_shift_averaging_repeats_the_border_so_an_even_background_stays_even():
+    from retrieval.towers import build_tower
+
+    torch.manual_seed(0)
+    tower = build_tower("default", test_shifts=1).eval()
+    grey = torch.full((2, 1, 28, 28), 0.4)  # a hazy page: every shifted view must be the same page
+    grey[1, :, 8:20, 12:15] = 1.0  # and a stroke on it
+    with torch.no_grad():
+        averaged = tower(grey)
+        tower.test_shifts = 0
+        plain = tower(grey)
+    assert torch.allclose(averaged[0], plain[0], atol=1e-5)  # zero fill would add a dark strip to each view
+    assert not torch.allclose(averaged[1], plain[1], atol=1e-5)
