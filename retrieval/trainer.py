@@ -52,7 +52,7 @@ from retrieval.augment import (
 )
 from retrieval.checkpoint import fingerprint_state, save_checkpoint
 from retrieval.config import Config, OptimizerConfig, config_diff, load_config, resolve_config
-from retrieval.data.specs import load_dataset
+from retrieval.data.specs import class_indices, load_dataset
 from retrieval.distributed import ProcessGroup, is_comm_error, sigterm_as_error
 from retrieval.distributed import join as join_process_group
 from retrieval.embed import available_cores, embed_images, resolve_device
@@ -785,10 +785,7 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
     train_pos, val_pos = split_validation(ds.labels, val_size, seed)
     train_labels = ds.labels[train_pos]
     classes_seen = [ds.classes[i] for i in torch.unique(train_labels).tolist()]
-    unknown = [c for c in a.non_digit_mirrors if c not in ds.classes]
-    if unknown:
-        raise UsageError(f"augment.non_digit_mirrors: {', '.join(unknown)} not among the classes of {d.spec} "
-                         f"({', '.join(ds.classes)})")
+    mirror_labels = class_indices(ds.classes, a.non_digit_mirrors, d.spec, "augment.non_digit_mirrors")
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
         torch.manual_seed(derive_seed(seed, "init"))
         tower = build_tower(t.name, t.embedding_size or None, t.deskew, t.test_shifts)
@@ -838,7 +835,7 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         elastic=(Chain(ElasticAugment(a.elastic) if a.elastic else None, degrade) if degrade.enabled
                  else ElasticAugment(a.elastic) if a.elastic else None),  # after the affine: elastic, then degrade
         class_expansions=build_class_expansions(a.composite_classes, a.dihedral_classes, len(ds.classes), sampler.m,
-                                                 a.non_digit_slots, [ds.classes.index(c) for c in a.non_digit_mirrors],
+                                                 a.non_digit_slots, mirror_labels,
                                                  a.non_digit_overlays),
         group=group,
     )

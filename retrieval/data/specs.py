@@ -202,6 +202,15 @@ def _as_name_list(values) -> list[str] | None:
     return [str(v).strip() for v in values]
 
 
+def class_indices(names: Sequence[str], wanted: Sequence[str], spec: str, option: str) -> list[int]:
+    """The label numbers of class names `wanted` among a dataset's `names`; a UsageError naming `option` when some
+    are not there."""
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise UsageError(f"{option}: {', '.join(unknown)} not among the classes of {spec} ({', '.join(names)})")
+    return [list(names).index(c) for c in wanted]
+
+
 def select_rows(labels: np.ndarray, names: Sequence[str], spec: str, classes=None, exclude=None,
                 subset: int | None = None, seed: int = 0) -> tuple[np.ndarray, dict]:
     """The rows (ascending positions) a dataset keeps: classes kept / excluded by name, then a seeded subset of
@@ -212,10 +221,7 @@ def select_rows(labels: np.ndarray, names: Sequence[str], spec: str, classes=Non
     for option, wanted in (("classes", keep), ("exclude", drop)):
         if wanted is None:
             continue
-        unknown = [c for c in wanted if c not in names]
-        if unknown:
-            raise UsageError(f"`{option}`: {', '.join(unknown)} not among the classes of {spec} ({', '.join(names)})")
-        hit = np.isin(labels, [names.index(c) for c in wanted])
+        hit = np.isin(labels, class_indices(names, wanted, spec, f"`{option}`"))
         mask &= hit if option == "classes" else ~hit
     filters = {}
     if keep is not None:
