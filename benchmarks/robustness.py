@@ -186,8 +186,8 @@ def unknown_figures(run: Path, names: list[str], subset: int | None, root, devic
     with tempfile.TemporaryDirectory(prefix="robustness-unknown-") as tmp:
         folder = Path(tmp) / "index"
         build_index(run, ["mnist:train"], folder, root=root, device=device)
-        thresholds = {a: calibrate(folder, "mnist:test", root=root, subset=subset, seed=0, device=device,
-                                   accept=a)[0].max_distance for a in accepts}
+        thresholds = {a: calibrate(folder, "mnist:test", store=False, root=root, subset=subset, seed=0,
+                                   device=device, accept=a)[0].max_distance for a in accepts}
 
         def nearest(spec):
             iq = load_index_queries(folder, spec, root=root, subset=subset, seed=1, device=device)
@@ -411,6 +411,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         runs = a.runs or default_runs()
         accepts = [float(v) for v in a.accept.split(",") if v.strip()]
+        if a.selection and len(accepts) > 1:
+            p.error("--selection takes one --accept rate")
         if a.selection:
             res = {r.name: unknown_selection_figures(r, names, a.subset or None, a.root, a.device, accepts[0])
                    for r in runs}
