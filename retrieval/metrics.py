@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from retrieval.errors import RetrievalError, UsageError
+from retrieval.logs import show_progress
 from retrieval.knn import PositionLookup, Search, as_embeddings, as_labels, rank_exact, rank_with_search
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
@@ -217,7 +218,7 @@ def retrieval_metrics(
         rankings = rank_with_search(q, ql, rl, find, self_pos, m)
     from tqdm import tqdm
 
-    bar = tqdm(total=n, desc="neighbours", unit="query", disable=not progress, leave=False)
+    bar = tqdm(total=n, desc="neighbours", unit="query", disable=not show_progress(progress), leave=False)
     try:
         for r in rankings:
             rows = r.rows

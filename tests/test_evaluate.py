@@ -3,8 +3,16 @@ Faiss indexes, checked against pytorch-metric-learning's AccuracyCalculator."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 import faiss
@@ -227,6 +235,63 @@ def test_help_defines_the_metrics(capsys):
     assert code == 0
     for word in ("recall@k", "precision@k", "MAP@R", "R-precision", "leave-one-out", "1-NN accuracy"):
         assert word in out
+
+
+# -- messages and progress bars (README: bars only on a terminal, --quiet keeps warnings and errors, the
+# library logs and never prints) -----------------------------------------------------------------------------------
+BAR = re.compile(r"\d+%\||\r|it/s|query/s|img/s\]")  # what a tqdm bar writes
+
+
+def test_evaluate_writes_no_bar_into_redirected_stderr_and_quiet_keeps_it_empty(index_dir, capsys):
+    args = ["evaluate", "--index", index_dir, "--queries", "mnist:test", "--subset", 120, "--json"]
+    code, out, err = run_cli(capsys, *args)  # stderr is pytest's capture: not a terminal
+    assert code == 0 and json.loads(out)["n_queries"] == 120, err
+    assert not BAR.search(err), err
+    code, out, err = run_cli(capsys, "--quiet", *args)
+    assert code == 0 and json.loads(out)["n_queries"] == 120 and err == "", err
+
+
+def _python(code: str, data_root, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], text=True, timeout=300, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "RETRIEVAL_DATA_ROOT": str(data_root)}, **popen)
+
+
+def _read_or_nothing(fd: int) -> bytes:
+    try:
+        return os.read(fd, 1 << 16)
+    except OSError:  # EIO: the terminal's other side is closed and everything was read
+        return b""
+
+
+def test_the_library_never_prints_and_the_cli_draws_bars_only_on_a_terminal(index_dir, tmp_path, data_root):
+    """workflows.evaluate in a fresh interpreter with no logging set up writes nothing at all to stdout or stderr;
+    the same evaluation through the CLI with stderr on a terminal (a pseudo-terminal) draws the bar there."""
+    report = tmp_path / "report"
+    library = _python(f"from retrieval import workflows; "
+                      f"workflows.evaluate({str(index_dir)!r}, 'mnist:test', subset=120, report={str(report)!r})",
+                      data_root, capture_output=True)
+    assert library.returncode == 0, library.stderr
+    assert (library.stdout, library.stderr) == ("", "") and (report / "metrics.json").is_file()
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns (0: no bar drawn)
+    cli = subprocess.Popen([sys.executable, "-m", "retrieval", "evaluate", "--index", str(index_dir), "--queries",
+                            "mnist:test", "--subset", "120"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=follower, env={**os.environ, "RETRIEVAL_DATA_ROOT": str(data_root)})
+    os.close(follower)
+    terminal = b""
+    try:
+        while chunk := _read_or_nothing(leader):  # read as it comes: a full terminal buffer would block the CLI
+            terminal += chunk
+        stdout = cli.stdout.read().decode()
+        cli.wait(timeout=300)
+    finally:
+        os.close(leader)
+        cli.stdout.close()
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, terminal.decode(errors="replace")
+    assert "recall@k" in stdout and b"neighbours" in terminal and BAR.search(terminal.decode(errors="replace"))
 
 
 # -- pair verification ------------------------------------------------------------------------------------------
