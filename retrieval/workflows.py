@@ -413,9 +413,9 @@ def query(
 ) -> QueryAnswers:
     """Image files, folders (every image inside) and dataset items -> neighbours and predicted labels.
 
-    Unreadable inputs get a result with `error` and the others are still answered. With `grid`, a PNG of each
-    answered query beside its neighbours is written there. `search_params` (Faiss's names: "nprobe=64",
-    "efSearch=128", "k_factor_rf=8") replace the index's stored search parameters for these queries."""
+    Unreadable inputs get a result with `error` (and an error in the log) and the others are still answered.
+    With `grid`, a PNG of each answered query beside its neighbours is written there. `search_params` (Faiss's
+    names: "nprobe=64", "efSearch=128", "k_factor_rf=8") replace the index's stored search parameters for these queries."""
     if grid is not None:
         check_grid_target(grid)
     searcher = Searcher.open(index, device=resolve_device(device), checkpoint=checkpoint, max_distance=max_distance,
@@ -427,6 +427,8 @@ def query(
     datasets = DatasetCache(data_root)
     results = searcher.query_inputs(resolve_query_inputs(inputs, root=data_root, datasets=datasets), k_used)
     answers = QueryAnswers(results, k_used, searcher.max_distance)
+    for r in answers.failed:  # answered None: say which input and why
+        logger.error(r.error if r.query in r.error else f"{r.query}: {r.error}")
     if grid is not None:
         rows = query_grid_rows(results, SourceImages(data_root, datasets))
         if rows:

@@ -227,6 +227,23 @@ def test_cli_text_output_and_unreadable_image(tmp_path, index_dir, indexed, caps
     assert answers[0]["label"] is not None and answers[1]["label"] is None and "error" in answers[1]
 
 
+def test_a_failed_query_is_logged_by_the_library_and_said_once_by_the_cli(tmp_path, index_dir, capsys,
+                                                                          log_messages):
+    """workflows.query answers the others and returns label None for a file that is missing: the log says
+    which input failed and why (a library user without the CLI sees it), and the CLI shows that line once."""
+    from retrieval import workflows
+
+    missing = tmp_path / "gone.png"
+    answers = workflows.query(index_dir, [str(missing), "mnist:test[3]"], k=2, device="cpu")
+    assert [r.label is None for r in answers.results] == [True, False] and len(answers.failed) == 1
+    assert [m for m in log_messages() if str(missing) in m] == [answers.failed[0].error], log_messages()
+    assert "not found" in answers.failed[0].error
+    capsys.readouterr()  # the library call's lines (the CLI's handler may be set up in this process already)
+    code, out, err = run_cli(capsys, "--quiet", "query", "--index", index_dir, missing, "mnist:test[3]")
+    assert code == 1 and "mnist:test[3] -> " in out
+    assert [line for line in err.splitlines() if str(missing) in line] == [f"error: {answers.failed[0].error}"], err
+
+
 def test_cli_bad_options_and_files(tmp_path, index_dir, run_dir, capsys):
     code, out, err = run_cli(capsys, "query", "--index", index_dir, "--k", "0", "mnist:test[0]")
     assert code == 2 and "--k" in err

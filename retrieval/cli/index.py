@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -318,8 +317,6 @@ def query(
         for r in answers.results:
             if r.error is None:
                 print(format_result(r, answers.max_distance))
-    for r in answers.failed:
-        print(f"error: {r.error}", file=sys.stderr)
-    if answers.failed:
+    if answers.failed:  # each one was logged by the library
         log(f"{len(answers.failed)} of {len(answers.results)} queries could not be answered")
         raise typer.Exit(1)
