@@ -29,6 +29,7 @@ else:  # pragma: no cover - Python 3.10
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.objectives import OBJECTIVES
 from retrieval.optim import OPTIMIZERS, SCHEDULES
+from retrieval.precision import PRECISIONS
 from retrieval.sampling import SAMPLERS
 from retrieval.towers import TOWERS
 
@@ -75,6 +76,8 @@ class SamplerConfig:
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 256
+    precision: str = "auto"  # the tower's arithmetic: fp32 | bf16 (autocast) | auto: bf16 where the device has
+    # native bfloat16 units, else fp32 (retrieval.precision); losses, optimizer state and embeddings stay fp32
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,7 @@ def _validate(config: Config, source: str) -> Config:
         raise fail("train.epochs", "a positive number of epochs")
     if c.train.batch_size < 2:
         raise fail("train.batch_size", "at least 2")
+    choice("train.precision", PRECISIONS)
     if c.sampler.name == "m-per-class" and c.train.batch_size % c.sampler.m:
         raise UsageError(f"{source}: train.batch_size ({c.train.batch_size}) must be a multiple of sampler.m "
                          f"({c.sampler.m}) for the m-per-class sampler")

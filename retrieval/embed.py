@@ -1,4 +1,5 @@
-"""images (uint8, N x 28 x 28) -> embeddings (float32, N x D), in batches under inference mode."""
+"""images (uint8, N x 28 x 28) -> embeddings (float32, N x D), in batches under inference mode, in fp32 or under
+bf16 autocast (retrieval.precision)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tqdm import tqdm
 
 from retrieval.errors import UsageError
 from retrieval.logs import show_progress
+from retrieval.precision import autocast
 from retrieval.towers import Tower
 
 
@@ -26,8 +28,10 @@ def embed_images(
     device: torch.device | str | None = None,
     progress: bool = False,
     desc: str = "embedding",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Embed uint8 images with `tower` (kept in eval mode); returns a float32 numpy array (N, D)."""
+    """Embed uint8 images with `tower` (kept in eval mode); returns a float32 numpy array (N, D).
+    `precision`: "fp32" or "bf16" (retrieval.precision.resolve_precision turns "auto" into one of them)."""
     device = torch.device(device) if device is not None else next(tower.parameters()).device
     was_training = tower.training
     tower.eval()
@@ -35,11 +39,10 @@ def embed_images(
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not show_progress(progress), leave=False)
     try:
         for start in range(0, len(images), batch_size):
-            batch = images_to_input(images[start : start + batch_size], device)
-            if device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    emb = tower(batch.contiguous(memory_format=torch.channels_last))
-            else:
+            # channels-last, as the towers' weights are (retrieval.towers.build_tower)
+            batch = images_to_input(images[start : start + batch_size], device).contiguous(
+                memory_format=torch.channels_last)
+            with autocast(device, precision):
                 emb = tower(batch)
             out[start : start + len(batch)] = emb.float().cpu().numpy()
             bar.update(len(batch))

@@ -314,12 +314,14 @@ def build_streaming(
     prototypes: bool = False,
     batch_size: int = 256,
     device="cpu",
+    precision: str = "fp32",
     block_size: int | None = None,
     group=None,
     out: Path | None = None,
     meta: dict | None = None,
 ) -> BuildResult:
-    """Embed the plan's rows with `tower` and build the index (see the module docstring), in bounded memory.
+    """Embed the plan's rows with `tower` (in `precision`, fp32 or bf16) and build the index (see the module
+    docstring), in bounded memory.
 
     `group`: the retrieval.distributed.ProcessGroup of a torchrun job (None: one process). `out`: the index
     folder, where rank 0 writes an on-disk index's lists file (lists-<token>.ivfdata, under a temp name until
@@ -379,7 +381,8 @@ def build_streaming(
         try:
             for first in range(start, stop, plan.chunk_size):
                 images, kept = plan.read(first, min(first + plan.chunk_size, stop))
-                x = _as_unit_float32(embed_images(tower, images, batch_size=batch_size, device=device))
+                x = _as_unit_float32(embed_images(tower, images, batch_size=batch_size, device=device,
+                                                  precision=precision))
                 del images
                 kept_parts.append(kept)
                 if prototypes:

@@ -26,6 +26,7 @@ from retrieval.embed import default_batch_size, embed_images
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import search_parameters
 from retrieval.index import EmbeddingIndex, load_index, load_index_tower
+from retrieval.precision import matching_precision
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +160,12 @@ def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache
 
 
 class Searcher:
-    """An index with the tower that built it: embeds query images and answers nearest-neighbour queries."""
+    """An index with the tower that built it: embeds query images and answers nearest-neighbour queries.
+
+    precision: the queries' (retrieval.precision); auto follows the index's where this device runs it natively."""
 
     def __init__(self, index: EmbeddingIndex, tower, device="cpu", max_distance: float | None = None,
-                 batch_size: int | None = None, search_params: str | None = None):
+                 batch_size: int | None = None, search_params: str | None = None, precision: str | None = "auto"):
         if max_distance is not None and not max_distance >= 0:
             raise UsageError(f"`max_distance` must be a distance >= 0, got {max_distance}")
         if search_params:
@@ -174,13 +177,15 @@ class Searcher:
         if self.device.type == "cuda" and index.search_device != self.device:
             index.use_device(self.device)  # Faiss on the GPU too, where its build has GPU support (asked once)
         self.batch_size = batch_size if batch_size is not None else default_batch_size(self.device)
+        self.precision = matching_precision(precision, self.device, index.meta.get("precision"), "queries")
         if max_distance is None:
             max_distance = (index.meta.get("calibration") or {}).get("max_distance")
         self.max_distance = None if max_distance is None else float(max_distance)
 
     @classmethod
     def open(cls, folder: str | os.PathLike, device="cpu", checkpoint=None, max_distance: float | None = None,
-             batch_size: int | None = None, search_params: str | None = None) -> "Searcher":
+             batch_size: int | None = None, search_params: str | None = None,
+             precision: str | None = "auto") -> "Searcher":
         """Load the index in `folder` and its tower (the metadata's checkpoint, or `checkpoint` with the same
         fingerprint)."""
         index = load_index(folder)
@@ -188,7 +193,7 @@ class Searcher:
             search_parameters(index.index, search_params)  # before loading the tower
         ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
         return cls(index, ckpt.tower, device=device, max_distance=max_distance, batch_size=batch_size,
-                   search_params=search_params)
+                   search_params=search_params, precision=precision)
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
         """uint8 (n, 28, 28) -> float32 (n, d) unit embeddings."""
@@ -197,7 +202,8 @@ class Searcher:
             images = images.unsqueeze(0)
         if images.dtype != torch.uint8 or images.ndim != 3:
             raise RetrievalError(f"query images must be uint8 (n, 28, 28), got {images.dtype} {tuple(images.shape)}")
-        return embed_images(self.tower, images, batch_size=self.batch_size, device=self.device)
+        return embed_images(self.tower, images, batch_size=self.batch_size, device=self.device,
+                            precision=self.precision)
 
     def effective_k(self, k: int) -> tuple[int, str | None]:
         """k clamped to the index size, with a note when it was larger."""

@@ -125,13 +125,17 @@ TOWERS = ("seed", *BACKBONES)
 
 
 def build_tower(name: str, embedding_size: int | None = None, deskew: bool = False, test_shifts: int = 0) -> Tower:
+    """A tower by name, its convolution weights channels-last: oneDNN (CPU, fp32 and bf16) and cuDNN convolve
+    fastest in that layout (benchmarks/README.md, "Precision"); loading weights into it keeps the layout."""
     if name == "seed":
         if embedding_size not in (None, 512):
             raise UsageError(f"tower 'seed' has a fixed 512-d embedding, got embedding_size={embedding_size}")
-        return Tower("seed", seed_backbone(), 512, deskew, test_shifts)
-    if name in BACKBONES:
+        tower = Tower("seed", seed_backbone(), 512, deskew, test_shifts)
+    elif name in BACKBONES:
         size = 64 if embedding_size is None else int(embedding_size)
         if size <= 0:
             raise UsageError(f"embedding_size must be positive, got {size}")
-        return Tower(name, BACKBONES[name](size), size, deskew, test_shifts)
-    raise UsageError(f"unknown tower {name!r}; expected one of: {', '.join(TOWERS)}")
+        tower = Tower(name, BACKBONES[name](size), size, deskew, test_shifts)
+    else:
+        raise UsageError(f"unknown tower {name!r}; expected one of: {', '.join(TOWERS)}")
+    return tower.to(memory_format=torch.channels_last)

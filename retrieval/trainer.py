@@ -7,7 +7,12 @@ Run folder (everything written to a temp name and renamed):
   metrics.jsonl      one record per epoch (loss, lr, images/s, validation precision@1 and MAP@R)
   last.*, best.*     checkpoints (retrieval.checkpoint): best by validation MAP@R
   state.json + state-*.safetensors   the training state for resuming (weights, optimizer, scheduler, position,
-                     and one "sessions" entry per run of the loop: where it started, steps run, device, threads)
+                     and one "sessions" entry per run of the loop: where it started, steps run, device, threads,
+                     precision)
+
+Precision (train.precision, retrieval.precision): the tower's forward pass in fp32 or under bf16 autocast; the
+objective (loss, miner, distances, a pair head), the gradients the optimizer sees and its state stay fp32. The
+checkpoints' sidecars and every session in state.json say which precision trained them.
 
 Reproducibility: every random choice of epoch e, step s is drawn from a generator seeded with (seed, e, s)
 (retrieval.seeding), so the training state is just weights + optimizer + scheduler + position, and a resumed run
@@ -62,6 +67,7 @@ from retrieval.logs import show_progress
 from retrieval.metrics import retrieval_metrics
 from retrieval.objectives import Objective, build_objective
 from retrieval.optim import OPTIMIZERS, SCHEDULES
+from retrieval.precision import autocast, resolve_precision
 from retrieval.sampling import SAMPLERS, Sampler, ShardedBatchSampler
 from retrieval.seeding import derive_seed, make_generator
 from retrieval.towers import Tower, build_tower
@@ -140,21 +146,25 @@ class StepInfo:
     trainer: "Trainer"
 
 
+def forward_loss(tower: Tower, objective: Objective, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                 device: torch.device, precision: str) -> torch.Tensor:
+    """The one place a training step computes: the tower under the precision's autocast (retrieval.precision),
+    the objective (loss, miner, distances, a pair head) on fp32 embeddings outside it."""
+    with autocast(device, precision):
+        emb = tower(x)
+    return objective(emb.float(), y, generator)
+
+
 class _TrainStep(torch.nn.Module):
     """Tower and objective as one module, for DistributedDataParallel around both (the pair head included):
-    this process's rows -> embeddings (bf16 autocast on CUDA) -> the objective's distributed loss."""
+    this process's rows -> embeddings -> the objective's distributed loss (forward_loss)."""
 
-    def __init__(self, tower: Tower, objective: Objective, autocast: bool):
+    def __init__(self, tower: Tower, objective: Objective, device: torch.device, precision: str):
         super().__init__()
-        self.tower, self.objective, self.autocast = tower, objective, autocast
+        self.tower, self.objective, self.device, self.precision = tower, objective, device, precision
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.autocast:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                emb = self.tower(x)
-        else:
-            emb = self.tower(x)
-        return self.objective(emb.float(), y, generator)
+        return forward_loss(self.tower, self.objective, x, y, generator, self.device, self.precision)
 
 
 def lost_contact_message(group: ProcessGroup, e: BaseException, where: str) -> str:
@@ -171,6 +181,7 @@ class Trainer:
     augment and elastic: batch transforms, after the class expansions; optimizer, scheduler: torch objects over
     the tower's and the objective's parameters, the scheduler stepped once per optimizer step. group: the process
     group of a distributed run (then `sampler` is a ShardedBatchSampler and the tower's batch norm global).
+    precision: "fp32" or "bf16", the tower's arithmetic in training and validation (retrieval.precision).
     """
 
     def __init__(
@@ -197,6 +208,7 @@ class Trainer:
         elastic: BatchTransform | None = None,
         class_expansions: Sequence[ClassExpansion] = (),
         group: ProcessGroup | None = None,
+        precision: str = "fp32",
     ):
         self.tower, self.objective, self.sampler, self.augment = tower, objective, sampler, augment
         self.elastic, self.class_expansions = elastic, tuple(class_expansions)
@@ -204,6 +216,8 @@ class Trainer:
         self.images, self.labels = images, labels  # uint8 (N, H, W) and int64 (N,) on the training device
         self.val_images, self.val_labels = val_images, val_labels
         self.epochs, self.seed, self.device = epochs, seed, device
+        autocast(device, precision)  # a clear error for anything but a resolved precision
+        self.precision = precision
         self.out_dir = Path(out_dir)
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.state_meta = dict(state_meta or {})
@@ -230,7 +244,7 @@ class Trainer:
             self._rows = Rows(sampler.start, sampler.stop, sampler.global_batch_size)
             step_objective = objective.distributed()
             self._loss_scale = step_objective.loss_scale
-            self._ddp = group.wrap(_TrainStep(tower, step_objective, autocast=device.type == "cuda"))
+            self._ddp = group.wrap(_TrainStep(tower, step_objective, device, precision))
 
     @property
     def images_per_step(self) -> int:
@@ -258,36 +272,22 @@ class Trainer:
         x = self.augment(x, generator) if rows is None else self.augment(x, generator, rows)
         if self.elastic is not None:
             x = self.elastic(x, generator) if rows is None else self.elastic(x, generator, rows)
-        # channels-last: faster convolutions on CUDA and with oneDNN on CPU
+        # channels-last: faster convolutions on CUDA and with oneDNN on CPU, in fp32 and bf16 alike
         return x.contiguous(memory_format=torch.channels_last), y
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Forward (bf16 autocast on CUDA), objective, backward, optimizer and scheduler step; returns the loss."""
+        """Forward (forward_loss: the tower in the trainer's precision, the objective in fp32), backward, optimizer
+        and scheduler step; returns the loss. Distributed: on this process's rows, DDP averaging the gradients of
+        the global batch's loss over the processes; the loss returned is the global batch's (the same on every
+        process)."""
+        self.tower.train()
+        self.objective.train()
         if self._ddp is not None:
-            return self._distributed_step(x, y, generator)
-        self.tower.train()
-        self.objective.train()
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                emb = self.tower(x)
+            loss = self._ddp(x, y, generator)
+            value = loss.detach() / self._loss_scale if self._loss_scale != 1 else loss.detach()
         else:
-            emb = self.tower(x)
-        loss = self.objective(emb.float(), y, generator)
-        if self.device.type == "cpu":
-            self._check_finite(float(loss.detach()))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return loss.detach()
-
-    def _distributed_step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """train_step on this process's rows: DDP averages the gradients of the global batch's loss over the
-        processes; returns the global batch's loss (the same on every process)."""
-        self.tower.train()
-        self.objective.train()
-        loss = self._ddp(x, y, generator)
-        value = loss.detach() / self._loss_scale if self._loss_scale != 1 else loss.detach()
+            loss = forward_loss(self.tower, self.objective, x, y, generator, self.device, self.precision)
+            value = loss.detach()
         if self.device.type == "cpu":
             self._check_finite(float(value))
         self.optimizer.zero_grad(set_to_none=True)
@@ -318,7 +318,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self.val_images is None or len(self.val_images) == 0:
             return {}
-        emb = embed_images(self.tower, self.val_images, device=self.device)
+        emb = embed_images(self.tower, self.val_images, device=self.device, precision=self.precision)
         scores = retrieval_metrics(emb, self.val_labels.numpy(), ks=(1,))  # leave-one-out within the slice
         return {"val_precision_at_1": scores.precision[1], "val_map_at_r": scores.map_at_r}
 
@@ -335,9 +335,10 @@ class Trainer:
                 logger.info(f"resuming {self.out_dir} at epoch {self.epoch + 1}, step {self.step} of "
                             f"{self.steps_per_epoch}")
         self._session = {"started_at_step": self.global_step, "steps_run": 0, "device": self.device.type,
-                         "threads": self._threads(), "processes": self.group.world_size if self.group else 1}
+                         "threads": self._threads(), "processes": self.group.world_size if self.group else 1,
+                         "precision": self.precision}
         if resume:
-            self._warn_if_threads_differ()
+            self._warn_if_setup_differs()
         self.tower.to(self.device)
         self.objective.to(self.device)
         total = self.epochs * self.steps_per_epoch
@@ -415,7 +416,7 @@ class Trainer:
     def _threads(self) -> int | None:
         return torch.get_num_threads() if self.device.type == "cpu" else None
 
-    def _warn_if_threads_differ(self) -> None:
+    def _warn_if_setup_differs(self) -> None:
         # CPU kernels split reductions by thread, so another thread count changes the last bits of the weights.
         if not self.is_main:
             return
@@ -425,6 +426,13 @@ class Trainer:
             logger.warning(f"{self.out_dir} was trained with {before} CPU threads and resumes with {now}: "
                            f"training continues, but the weights will not be bit-identical to an uninterrupted run "
                            f"(resume with --threads {before} for that)")
+        last = self.sessions[-1] if self.sessions else {}  # sessions before precisions were recorded: CUDA autocast
+        before = (last.get("precision") or ("bf16" if last.get("device") == "cuda" else "fp32")) if last else None
+        now = self._session["precision"]
+        if before is not None and before != now:
+            logger.warning(f"{self.out_dir} was trained in {before} and resumes in {now}: training continues, but "
+                           f"the weights will not be bit-identical to an uninterrupted run (resume with --precision "
+                           f"{before} for that)")
         before = self.sessions[-1].get("processes", 1) if self.sessions else None
         now = self._session["processes"]
         if before is not None and before != now:
@@ -722,7 +730,10 @@ def _train_in(out: Path, cfg: Config, dev: torch.device, resume: bool, overwrite
         if resume:
             if not (out / "state.json").is_file():
                 raise RetrievalError(f"`resume`: {out} holds no training state (state.json) to resume from")
-            differ = config_diff(read_json(out / "config.json", "run config"), cfg.to_dict())
+            # the saved config resolved as a fresh one is (keys added since default), and the precision may change
+            # on resume like the thread count (a warning: the weights then differ in the last bits)
+            saved = resolve_config(read_json(out / "config.json", "run config"), source=str(out / "config.json"))
+            differ = [k for k in config_diff(saved.to_dict(), cfg.to_dict()) if k != "train.precision"]
             if differ:
                 raise UsageError(f"`resume`: the config differs from the one {out} was trained with, in: "
                                  f"{', '.join(differ)}; resume with the same config (or start a new run folder)")
@@ -739,7 +750,8 @@ def _train_in(out: Path, cfg: Config, dev: torch.device, resume: bool, overwrite
             trainer = build_trainer(cfg, out, dev, data_root, progress, on_step, group)
             if not resume:
                 atomic_write_json(out / "config.json", cfg.to_dict())
-            where = f"{dev.type}" + (f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else "")
+            threads_note = f"{torch.get_num_threads()} threads, " if dev.type == "cpu" else ""
+            where = f"{dev.type} ({threads_note}{trainer.precision})"
             if group is not None:
                 where = f"{group.world_size} processes ({group.backend}; rank 0 on {where})"
             logger.info(
@@ -760,6 +772,14 @@ def _write_card(out: Path) -> None:
         write_run_card(out)
     except (OSError, RetrievalError, ValueError, TypeError, KeyError) as e:
         logger.warning(f"could not write the model card {out / 'card.md'}: {e}")
+
+
+def config_sha256(cfg: Config) -> str:
+    """What a training state is checked against on resume: the config, less train.precision (a run may resume in
+    another precision, with a warning, as under another thread count; runs saved before the key existed match)."""
+    plain = cfg.to_dict()
+    del plain["train"]["precision"]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
 
 # the data layer names its arguments in backticks; here they are the config's data.* keys
@@ -790,6 +810,7 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         torch.manual_seed(derive_seed(seed, "init"))
         tower = build_tower(t.name, t.embedding_size or None, t.deskew, t.test_shifts)
         objective = build_objective(o.name, tower.embedding_size, o.miner, o.loss_args, o.miner_args)
+    precision = resolve_precision(cfg.train.precision, dev)
     tower.to(dev, memory_format=torch.channels_last)
     objective.to(dev)
     sampler = SAMPLERS[cfg.sampler.name](train_labels, cfg.train.batch_size, cfg.sampler.m, seed)
@@ -810,6 +831,7 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
         "classes_seen": classes_seen,
         "preprocessing": ds.preprocessing,
         "config": cfg.name,
+        "precision": precision,
         "seed": seed,
         "epochs": cfg.train.epochs,
         "sampler": sampler.describe(),
@@ -822,7 +844,7 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
     }
     if group is not None:
         checkpoint_meta["distributed"] = group.describe()
-    state_meta = {"config_sha256": hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()}
+    state_meta = {"config_sha256": config_sha256(cfg)}
     val_images = ds.images[val_pos].to(dev) if len(val_pos) else None
     val_labels = ds.labels[val_pos] if len(val_pos) else None
     return Trainer(
@@ -838,4 +860,5 @@ def build_trainer(cfg: Config, out: Path, dev: torch.device, data_root=None, pro
                                                  a.non_digit_slots, mirror_labels,
                                                  a.non_digit_overlays),
         group=group,
+        precision=precision,
     )

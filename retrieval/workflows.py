@@ -52,6 +52,7 @@ from retrieval.metrics import DEFAULT_KS, RetrievalMetrics, retrieval_metrics
 from retrieval.pairs import (
     DEFAULT_ACCEPT, Calibration, Verification, acceptance_threshold, balanced_pairs, calibrate_threshold, verify_pairs,
 )
+from retrieval.precision import check_precision, matching_precision, resolve_precision
 from retrieval.query import QueryResult, Searcher, resolve_query_inputs
 
 logger = logging.getLogger(__name__)
@@ -97,15 +98,16 @@ def _load_datasets(data_specs: Sequence[str], root, classes, exclude, subset, se
     return datasets, entries
 
 
-def _embed(ckpt: Checkpoint, images: torch.Tensor, batch_size: int | None, device) -> np.ndarray:
-    """Embed with a progress bar, then log a one-line images/s summary."""
+def _embed(ckpt: Checkpoint, images: torch.Tensor, batch_size: int | None, device, precision: str) -> np.ndarray:
+    """Embed (in `precision`, fp32 or bf16) with a progress bar, then log a one-line images/s summary."""
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     if batch_size <= 0:
         raise UsageError(f"`batch_size` must be positive, got {batch_size}")
     start = time.perf_counter()
-    emb = embed_images(ckpt.tower, images, batch_size=batch_size, device=device, progress=True)
+    emb = embed_images(ckpt.tower, images, batch_size=batch_size, device=device, progress=True, precision=precision)
     seconds = time.perf_counter() - start
-    logger.info(f"embedded {len(images):,} images in {seconds:.1f}s ({len(images) / max(seconds, 1e-9):,.0f} images/s)")
+    logger.info(f"embedded {len(images):,} images in {seconds:.1f}s ({len(images) / max(seconds, 1e-9):,.0f} "
+                f"images/s, {precision})")
     return emb
 
 
@@ -145,6 +147,7 @@ def build_index(
     chunk_size: int | None = None,
     block_size: int | None = None,
     dist_timeout: float | None = None,
+    precision: str | None = "auto",
 ) -> EmbeddingIndex | None:
     """Checkpoint + dataset specs -> an index saved in `out` (default indexes/<run>-<data>; the index's .folder),
     replacing any index there atomically. The folder lock is held from the start, so a second build into the
@@ -155,7 +158,8 @@ def build_index(
     (default from the factory). `on_disk`: an IVF index's inverted lists in a file of the folder, memory-mapped
     when searched, built in blocks of `block_size` vectors (retrieval.index_build.DEFAULT_BLOCK_SIZE). Launched by torchrun with more than one process, every process calls this with the same
     arguments: each embeds its share of the rows (`dist_timeout`: seconds a process waits for the others), rank 0
-    merges the shares, writes the folder and returns the index; the others return None."""
+    merges the shares, writes the folder and returns the index; the others return None. `precision` (auto, fp32,
+    bf16; retrieval.precision): the tower's arithmetic; the metadata's "precision" says which one embedded it."""
     from retrieval.distributed import is_comm_error, join as join_process_group
 
     if out is None:
@@ -170,12 +174,13 @@ def build_index(
             raise UsageError(f"`{name}` must be positive, got {value}")
     if prototypes and on_disk:
         raise UsageError("`on_disk` does not apply to `prototypes` (one vector per class)")
+    precision = check_precision(precision)
     group = join_process_group(device, dist_timeout)  # None: one process
     device = group.device if group is not None else resolve_device(device)
     options = dict(factory=factory, metric=metric, prototypes=prototypes, batch_size=batch_size, device=device,
                    root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
                    search_params=search_params, train_size=train_size, on_disk=on_disk, chunk_size=chunk_size,
-                   block_size=block_size)
+                   block_size=block_size, precision=resolve_precision(precision, device))
     try:
         if group is not None and not group.is_main:
             group.wait_release("to set up the index build")
@@ -223,7 +228,7 @@ def _build_main(checkpoint, data_specs, out: Path, group, **options) -> Embeddin
 
 def _build_rows(checkpoint, data_specs, out: Path | None, group, *, factory, metric, prototypes, batch_size, device,
                 root, classes, exclude, subset, seed, search_params, train_size, on_disk,
-                chunk_size, block_size) -> EmbeddingIndex | None:
+                chunk_size, block_size, precision) -> EmbeddingIndex | None:
     """Open the datasets and run retrieval.index_build.build_streaming (rank 0 releases the others first)."""
     from retrieval.data.stream import open_dataset
     from retrieval.index_build import DEFAULT_CHUNK_SIZE, BuildPlan, build_streaming
@@ -241,19 +246,19 @@ def _build_rows(checkpoint, data_specs, out: Path | None, group, *, factory, met
     entries = []
     for ds, first in zip(datasets, plan.starts):
         entry = {"spec": ds.spec, "filters": ds.filters, "images": len(ds), "preprocessing": ds.preprocessing,
-                 "added": _now()}
+                 "added": _now(), "precision": precision}
         if not prototypes:
             entry["ids"] = [first, first + len(ds) - 1]
         entries.append(entry)
-    meta = dict(tower=tower_meta(ckpt), preprocessing=PREPROCESSING, prototypes=bool(prototypes), data=entries) \
-        if main else {}
+    meta = dict(tower=tower_meta(ckpt), preprocessing=PREPROCESSING, prototypes=bool(prototypes), data=entries,
+                precision=precision) if main else {}
     if group is not None and main:
         group.release(None)  # the folder, checkpoint and data are fine: the others start
     try:
         result = build_streaming(plan, ckpt.tower, factory=factory, metric=metric, seed=seed, train_size=train_size,
                                  search_params=search_params, on_disk=on_disk, prototypes=prototypes,
-                                 batch_size=batch_size, device=device, block_size=block_size, group=group,
-                                 out=out, meta=meta)
+                                 batch_size=batch_size, device=device, precision=precision,
+                                 block_size=block_size, group=group, out=out, meta=meta)
     finally:
         plan.close()
     embed = result.seconds.get("embed", 0.0)
@@ -263,7 +268,7 @@ def _build_rows(checkpoint, data_specs, out: Path | None, group, *, factory, met
     if main:
         where = f" (this process; {group.world_size} processes embedded their shares)" if group is not None else ""
         logger.info(f"embedded {result.rows_embedded:,} images in {embed:.1f}s "
-                    f"({result.rows_embedded / max(embed, 1e-9):,.0f} images/s){where}")
+                    f"({result.rows_embedded / max(embed, 1e-9):,.0f} images/s, {precision}){where}")
     return result.index
 
 
@@ -279,9 +284,11 @@ def add_to_index(
     exclude=None,
     subset: int | None = None,
     seed: int = 0,
+    precision: str | None = "auto",
 ) -> tuple[EmbeddingIndex, np.ndarray]:
     """Embed more images with the index's own tower (fingerprint checked) and append them with new ids, saved
-    atomically. Returns the index and the new ids."""
+    atomically. Returns the index and the new ids. `precision`: auto embeds them in the index's precision (where
+    this device runs it natively); another one warns."""
     folder = Path(folder)
     device = resolve_device(device)
     read_index_meta(folder)  # a clear error before taking the lock (which would create the folder)
@@ -291,9 +298,11 @@ def add_to_index(
         if not tower_files(index.meta):  # written before towers were copied: it carries its tower from now on
             index.meta["tower"] = tower_meta(ckpt)
             logger.info(f"copying the tower into {folder} (the index named it by path only)")
+        precision = matching_precision(precision, device, index.meta.get("precision"), f"images added to {folder}")
         datasets, entries = _load_datasets(data_specs, _data_root(root), classes, exclude, subset, seed)
         images, labels, names, sources = merge_datasets(datasets)
-        emb = _embed(ckpt, images, batch_size, device)
+        emb = _embed(ckpt, images, batch_size, device, precision)
+        entries = [{**entry, "precision": precision} for entry in entries]
         new_ids = append_embeddings(index, folder, emb, labels, names, sources, entries)
     return index, new_ids
 
@@ -410,16 +419,18 @@ def query(
     device="auto",
     root=None,
     search_params: str | None = None,
+    precision: str | None = "auto",
 ) -> QueryAnswers:
     """Image files, folders (every image inside) and dataset items -> neighbours and predicted labels.
 
     Unreadable inputs get a result with `error` (and an error in the log) and the others are still answered.
-    With `grid`, a PNG of each answered query beside its neighbours is written there. `search_params` (Faiss's
-    names: "nprobe=64", "efSearch=128", "k_factor_rf=8") replace the index's stored search parameters for these queries."""
+    With `grid`, a PNG of each answered query beside its neighbours is written there. `search_params` (Faiss's names: "nprobe=64",
+    "efSearch=128", "k_factor_rf=8") replace the index's stored search parameters for these queries. `precision`:
+    the queries' (auto: the index's where this device runs it natively)."""
     if grid is not None:
         check_grid_target(grid)
     searcher = Searcher.open(index, device=resolve_device(device), checkpoint=checkpoint, max_distance=max_distance,
-                             batch_size=batch_size, search_params=search_params)
+                             batch_size=batch_size, search_params=search_params, precision=precision)
     k_used, note = searcher.effective_k(k)
     if note:
         logger.info(note)
@@ -471,18 +482,19 @@ class IndexQueries:
 
 def load_index_queries(folder, query_spec: str, *, root=None, classes=None, exclude=None, subset=None,
                        seed: int = 0, batch_size: int | None = None, device="auto",
-                       checkpoint=None) -> IndexQueries:
-    """Load the index in `folder` and its tower, load and embed the query spec, match labels by class name and
-    find each query's own entry in the index (by source) for leave-one-out."""
+                       checkpoint=None, precision: str | None = "auto") -> IndexQueries:
+    """Load the index in `folder` and its tower, load and embed the query spec (`precision` auto: in the index's),
+    match labels by class name and find each query's own entry in the index (by source) for leave-one-out."""
     device = resolve_device(device)
     index = load_index(folder)
     if len(index) == 0:
         raise RetrievalError(f"the index in {folder} is empty")
+    precision = matching_precision(precision, device, index.meta.get("precision"), "queries")
     ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
     index.use_device(device)
     ds = load_dataset(query_spec, root=_data_root(root), classes=classes, exclude=exclude, subset=subset, seed=seed)
     emb = embed_images(ckpt.tower, ds.images, batch_size=batch_size or default_batch_size(device), device=device,
-                       progress=True, desc="embedding queries")
+                       progress=True, desc="embedding queries", precision=precision)
     all_classes = list(index.classes)
     missing = [c for c in ds.class_counts() if c not in all_classes]
     all_classes += missing
@@ -516,6 +528,7 @@ def evaluate(
     batch_size: int | None = None,
     device="auto",
     checkpoint=None,
+    precision: str | None = "auto",
 ) -> Evaluation:
     """Retrieval metrics of the images of `queries` against the index in `index` (see retrieval.metrics), and a
     report folder in `report` (replaced atomically) when given.
@@ -528,7 +541,7 @@ def evaluate(
 
         check_report_target(report)
     iq = load_index_queries(index, queries, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
-                            batch_size=batch_size, device=device, checkpoint=checkpoint)
+                            batch_size=batch_size, device=device, checkpoint=checkpoint, precision=precision)
     vectors = iq.index.flat_vectors()
     metrics = retrieval_metrics(
         iq.embeddings, iq.labels, vectors, iq.index.labels, search=None if vectors is not None else iq.index.search,
@@ -648,7 +661,8 @@ def evaluate_pairs(
     pairs = balanced_pairs(ds.labels.numpy(), pairs_per_class, seed)
     used, inverse = np.unique(np.r_[pairs.first, pairs.second], return_inverse=True)
     emb = embed_images(ckpt.tower, ds.images[torch.from_numpy(used)],
-                       batch_size=batch_size or default_batch_size(device), device=device, progress=True)
+                       batch_size=batch_size or default_batch_size(device), device=device, progress=True,
+                       precision=resolve_precision("auto", device))
     a, b = emb[inverse[: len(pairs)]], emb[inverse[len(pairs):]]
     result = verify_pairs(a, b, pairs.same, ckpt.head, pairs_per_class=pairs_per_class, seed=seed)
     return PairEvaluation(result, ckpt, ds)
@@ -676,13 +690,15 @@ def fewshot(
     root=None,
     batch_size: int = 1024,
     device="auto",
+    precision: str | None = "auto",
 ) -> FewShotRun:
     """N-way K-shot episodes (see retrieval.fewshot) over the images of `data`, embedded once by the checkpoint's
-    tower, or by raw pixels when checkpoint is "pixels"."""
+    tower (in `precision`: auto, fp32 or bf16), or by raw pixels when checkpoint is "pixels"."""
     if batch_size < 1:
         raise UsageError(f"`batch_size` must be a positive integer, got {batch_size}")
     shot_counts = [shots] if isinstance(shots, int) else list(shots)
     check_method(method, k, ways, shot_counts)  # before loading anything
+    precision = check_precision(precision)
     ckpt = None
     if str(checkpoint) != PIXELS:
         device = resolve_device(device)
@@ -693,7 +709,8 @@ def fewshot(
     if ckpt is None:
         embeddings, what = pixel_embeddings(ds.images), "raw pixels"
     else:
-        embeddings = embed_images(ckpt.tower, ds.images, batch_size=batch_size, device=device, progress=True)
+        embeddings = embed_images(ckpt.tower, ds.images, batch_size=batch_size, device=device, progress=True,
+                                  precision=resolve_precision(precision, device))
         what = str(ckpt.path)
     results = evaluate_fewshot(embeddings, ds.labels, ways, shot_counts, queries=queries, episodes=episodes,
                                method=method, seed=seed, k=k, class_names=ds.classes)
@@ -899,7 +916,7 @@ def _quickstart_train(config_name: str, run: Path, overrides: list[str], force: 
     return train(path, run, device=device, resume=resume, overrides=overrides, data_root=root, overwrite=force)
 
 
-def _quickstart_index(run: Path, folder: Path, subset: int | None, force: bool, device, root) -> Path:
+def _quickstart_index(run: Path, folder: Path, subset: int | None, force: bool, device, root, precision) -> Path:
     fingerprint = load_checkpoint(run).fingerprint
     if not force and (folder / META_NAME).is_file():
         try:
@@ -909,7 +926,7 @@ def _quickstart_index(run: Path, folder: Path, subset: int | None, force: bool, 
         except (RetrievalError, KeyError, TypeError):
             pass
     logger.info(f"[index] embedding mnist:train and building a Flat index -> {folder}")
-    build_index(run, ["mnist:train"], folder, subset=subset, device=device, root=root)
+    build_index(run, ["mnist:train"], folder, subset=subset, device=device, root=root, precision=precision)
     return folder
 
 
@@ -927,15 +944,17 @@ def _card_with_test_figures(run: Path, evaluation: "Evaluation") -> None:
 
 
 def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, tiny: bool = False,
-               fewshot_step: bool = True, device="auto", root=None) -> QuickstartResult:
+               fewshot_step: bool = True, device="auto", root=None,
+               precision: str | None = "auto") -> QuickstartResult:
     """Fetch MNIST, train mnist-default, index mnist:train, evaluate mnist:test with a report, train mnist-fewshot
     and run its episodes, answer a few queries: every step into `out` (runs/, indexes/, reports/), each reusing
-    what an earlier run left there."""
+    what an earlier run left there. `precision` (auto, fp32, bf16): the towers' arithmetic in every step."""
     from retrieval.data.fetch import fetch_dataset
 
     out = Path(out)
     root = _data_root(root)
     device = str(resolve_device(device))
+    precision = check_precision(precision)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -953,17 +972,19 @@ def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, ti
     if tiny:
         overrides = [f"data.subset={TINY['train_subset']}", f"data.val_size={TINY['val_size']}",
                      f"train.epochs={TINY['epochs']}"]
+    if precision != "auto":  # else the configs' own train.precision (auto)
+        overrides.append(f"train.precision={precision}")
     run = _quickstart_train("mnist-default", out / "runs" / "mnist-default", overrides, force, device, root)
     lap("train")
 
     index = _quickstart_index(run, out / "indexes" / "mnist-default-train", TINY["train_subset"] if tiny else None,
-                              force, device, root)
+                              force, device, root, precision)
     lap("index")
 
     logger.info("[evaluate] mnist:test against the index")
     report = out / "reports" / "mnist-default-test"
     evaluation = evaluate(index, "mnist:test", (1, 2, 4, 8, 16), report=report, root=root,
-                          subset=TINY["query_subset"] if tiny else None, device=device)
+                          subset=TINY["query_subset"] if tiny else None, device=device, precision=precision)
     _card_with_test_figures(run, evaluation)
     lap("evaluate")
 
@@ -974,7 +995,7 @@ def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, ti
         logger.info(f"[fewshot] 4-way episodes on mnist:test digits {','.join(FEWSHOT_CLASSES)}")
         fewshot_results = fewshot(fewshot_run, "mnist:test", classes=FEWSHOT_CLASSES, ways=4, shots=[1, 5],
                                   queries=15, episodes=TINY["episodes"] if tiny else 1000, seed=0, root=root,
-                                  batch_size=256, device=device).results
+                                  batch_size=256, device=device, precision=precision).results
         lap("fewshot")
     else:
         logger.info("[fewshot] skipped; to run it: retrieval train --config mnist-fewshot && "
@@ -982,7 +1003,7 @@ def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, ti
                     "--ways 4 --shots 1,5")
 
     logger.info(f"[query] {', '.join(QUICKSTART_QUERIES)}")
-    answers = query(index, QUICKSTART_QUERIES, k=5, device=device, root=root)
+    answers = query(index, QUICKSTART_QUERIES, k=5, device=device, root=root, precision=precision)
     lap("query")
 
     return QuickstartResult(out=out, run=run, index=index, report=report, fewshot_run=fewshot_run,

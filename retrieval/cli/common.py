@@ -25,6 +25,11 @@ DeviceOption = typer.Option("auto", "--device", help="auto (cuda when available)
 IndexCheckpointOption = typer.Option(
     None, "--checkpoint", help="Tower checkpoint to use instead of the one named in the index (same fingerprint)."
 )
+PrecisionOption = typer.Option(
+    "auto", "--precision", metavar="auto|fp32|bf16",
+    help="The tower's arithmetic: auto (bf16 where the device has native bfloat16 units, else fp32; an index's "
+         "own precision when embedding queries or additions for it), fp32, or bf16 (autocast; embeddings stay fp32).",
+)
 BatchSizeOption = typer.Option(
     None, "--batch-size", min=1, help="Images per embedding batch (default: 256 on CPU, 4096 on a GPU).",
     show_default=False,

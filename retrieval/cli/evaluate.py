@@ -9,8 +9,8 @@ import typer
 
 from retrieval.cli import app
 from retrieval.cli.common import (
-    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, IndexCheckpointOption, SeedOption,
-    SpecHelp, SubsetOption,
+    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, IndexCheckpointOption,
+    PrecisionOption, SeedOption, SpecHelp, SubsetOption,
     print_json,
 )
 from retrieval.data import SPEC_HELP
@@ -56,6 +56,7 @@ def evaluate(
     checkpoint: Optional[Path] = IndexCheckpointOption,
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
+    precision: str = PrecisionOption,
 ) -> None:
     """Retrieval metrics of query images against an index: embed the queries with the index's tower, find their nearest indexed images, score the labels.
 
@@ -76,7 +77,8 @@ def evaluate(
     from retrieval.workflows import evaluate as run
 
     result = run(index, queries, _k_list(k), report=report, root=root, classes=classes, exclude=exclude,
-                 subset=subset, seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint)
+                 subset=subset, seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint,
+                 precision=precision)
     if json_out:
         print_json(result.payload)
         return

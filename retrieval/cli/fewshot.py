@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from retrieval.cli import app
-from retrieval.cli.common import ClassesOption, DataRootOption, DeviceOption, SpecHelp, print_json
+from retrieval.cli.common import ClassesOption, DataRootOption, DeviceOption, PrecisionOption, SpecHelp, print_json
 from retrieval.errors import UsageError
 
 
@@ -55,6 +55,7 @@ def fewshot(
     root: Optional[Path] = DataRootOption,
     batch_size: int = typer.Option(1024, "--batch-size", help="Images per embedding batch."),
     device: str = DeviceOption,
+    precision: str = PrecisionOption,
 ) -> None:
     """Few-shot classification by the standard episodic protocol.
 
@@ -73,7 +74,7 @@ def fewshot(
         raise UsageError(f"--k applies to --method knn only; --method {method} classifies by the nearest class mean")
     outcome = run(checkpoint, data, ways=ways, shots=shot_counts, queries=queries, episodes=episodes, method=method,
                   k=1 if k is None else k, seed=seed, classes=classes, root=root, batch_size=batch_size,
-                  device=device)
+                  device=device, precision=precision)
     results, ds, what = outcome.results, outcome.dataset, outcome.embeddings_of
     if json_out:
         rows = [{"ways": r.ways, "shots": r.shots, "episodes": r.episodes, "accuracy": r.accuracy, "ci95": r.ci95}

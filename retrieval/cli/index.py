@@ -9,8 +9,8 @@ import typer
 
 from retrieval.cli import app
 from retrieval.cli.common import (
-    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, IndexCheckpointOption, SeedOption,
-    SpecHelp, SubsetOption,
+    BatchSizeOption, ClassesOption, DataRootOption, DeviceOption, ExcludeOption, IndexCheckpointOption,
+    PrecisionOption, SeedOption, SpecHelp, SubsetOption,
     log, print_json,
 )
 
@@ -70,6 +70,7 @@ def build(
     ),
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
+    precision: str = PrecisionOption,
     root: Optional[Path] = DataRootOption,
     classes: Optional[str] = ClassesOption,
     exclude: Optional[str] = ExcludeOption,
@@ -104,7 +105,7 @@ def build(
         checkpoint, data, out, factory=factory, metric=metric, prototypes=prototypes, batch_size=batch_size,
         device=device, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
         search_params=search_params, train_size=train_size, on_disk=on_disk, chunk_size=chunk_size,
-        dist_timeout=dist_timeout,
+        dist_timeout=dist_timeout, precision=precision,
     )
     if index is None:
         return
@@ -126,6 +127,7 @@ def add(
     ),
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
+    precision: str = PrecisionOption,
     root: Optional[Path] = DataRootOption,
     classes: Optional[str] = ClassesOption,
     exclude: Optional[str] = ExcludeOption,
@@ -136,7 +138,7 @@ def add(
     from retrieval.workflows import add_to_index
 
     add_to_index(index, data, checkpoint=checkpoint, batch_size=batch_size, device=device, root=root,
-                 classes=classes, exclude=exclude, subset=subset, seed=seed)
+                 classes=classes, exclude=exclude, subset=subset, seed=seed, precision=precision)
     print(index)
 
 
@@ -298,6 +300,7 @@ def query(
     ),
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
+    precision: str = PrecisionOption,
     root: Optional[Path] = DataRootOption,
 ) -> None:
     """Find the nearest indexed images of each query and predict its label (majority of the k neighbours).
@@ -310,7 +313,8 @@ def query(
     from retrieval.workflows import query as run
 
     answers = run(index, paths, k, max_distance=max_distance, checkpoint=checkpoint, grid=grid,
-                  batch_size=batch_size, device=device, root=root, search_params=search_params)
+                  batch_size=batch_size, device=device, root=root, search_params=search_params,
+                  precision=precision)
     if json_out:
         print_json([r.to_json() for r in answers.results])
     else:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from retrieval.cli import app
-from retrieval.cli.common import DataRootOption, DeviceOption, print_json
+from retrieval.cli.common import DataRootOption, DeviceOption, PrecisionOption, print_json
 
 
 @app.command("quickstart")
@@ -19,6 +19,7 @@ def quickstart(
     fewshot: bool = typer.Option(True, "--fewshot/--no-fewshot",
                                  help="Also train the mnist-fewshot config (without 0,4,5,8) and run few-shot episodes."),
     device: str = DeviceOption,
+    precision: str = PrecisionOption,
     root: Optional[Path] = DataRootOption,
     json_out: bool = typer.Option(
         False, "--json",
@@ -34,7 +35,7 @@ def quickstart(
     """
     from retrieval.workflows import quickstart as run
 
-    result = run(out, force=force, tiny=tiny, fewshot_step=fewshot, device=device, root=root)
+    result = run(out, force=force, tiny=tiny, fewshot_step=fewshot, device=device, root=root, precision=precision)
     if json_out:
         print_json(result.to_json())
     else:

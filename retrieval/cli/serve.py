@@ -44,6 +44,10 @@ def serve(
     ),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request to stderr."),
     device: str = DeviceOption,
+    precision: Optional[str] = typer.Option(
+        None, "--precision", metavar="auto|fp32|bf16", envvar="RETRIEVAL_PRECISION", show_default=False,
+        help="The queries' arithmetic (default auto: the index's precision where this device runs it natively).",
+    ),
     root: Optional[Path] = DataRootOption,
 ) -> None:
     """Serve an index over HTTP: /query, /classify, /items, /index, /health, a draw-a-digit page at /.
@@ -51,9 +55,15 @@ def serve(
     The tower and the index are loaded once; concurrent queries share tower forwards and Faiss searches.
     Ctrl-C or SIGTERM stop the server once the requests in flight are answered. Pixel budget: $RETRIEVAL_MAX_PIXELS.
     """
+    import os
+
     from retrieval.embed import resolve_device
+    from retrieval.precision import ENV_VAR, check_precision
     from retrieval.serve import Limits
     from retrieval.serve import serve as run
+
+    if precision is not None:  # the service's Searchers resolve "auto" through $RETRIEVAL_PRECISION
+        os.environ[ENV_VAR] = check_precision(precision, "precision")
 
     limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images, max_k=max_k,
                     batch_wait=batch_wait_ms / 1000.0, threads=threads)

@@ -24,6 +24,13 @@ def train_command(
     ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs.", show_default=False),
     device: str = DeviceOption,
+    precision: Optional[str] = typer.Option(
+        None, "--precision", metavar="auto|fp32|bf16",
+        help="Override train.precision (default: the config's, auto): the tower's arithmetic in training and "
+             "validation; auto is bf16 where the device has native bfloat16 units, else fp32. A --resume in "
+             "another precision than the run's warns: the weights then differ from an uninterrupted run.",
+        show_default=False,
+    ),
     overrides: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a config key, typed like its default; repeatable: --set optimizer.lr=0.01",
         show_default=False, metavar="KEY=VALUE",
@@ -80,6 +87,10 @@ def train_command(
         sets.append(f"train.epochs={epochs}")
     if subset is not None:
         sets.append(f"data.subset={subset}")
+    if precision is not None:
+        from retrieval.precision import check_precision
+
+        sets.append(f"train.precision={check_precision(precision)}")
     start = time.perf_counter()
     try:
         run = train(config, out, device=device, resume=resume, overrides=sets, data_root=root,
