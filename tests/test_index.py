@@ -248,6 +248,32 @@ def test_cli_build_add_info_query(tmp_path, runs, capsys, monkeypatch):
     assert load_index(folder).meta["count"] == 170
 
 
+def test_cli_exclude_drops_classes_in_build_add_evaluate_and_info(tmp_path, runs, capsys):
+    """--exclude (README, dataset specs) on the commands that take it: the dropped digits never reach the index,
+    the queries or the counts, and the seeded subset is drawn from what is left, as the library draws it."""
+    folder = tmp_path / "no35"
+    code, _, err = run_cli(capsys, "index", "build", "--checkpoint", runs["a"], "--data", "mnist:test", "--exclude",
+                           "3,5", "--subset", 120, "--out", folder)
+    assert code == 0, err
+    index = load_index(folder)
+    kept = load_dataset("mnist:test", exclude="3,5", subset=120, seed=0)
+    assert list(index.sources) == kept.sources and set(index.label_counts()) == set("01246789")
+    assert index.meta["data"][0]["filters"] == kept.filters and kept.filters["exclude"] == ["3", "5"]
+    code, _, err = run_cli(capsys, "index", "add", "--index", folder, "--data", "mnist:train", "--exclude",
+                           "0,1,2,3,4,5,6,7,8", "--subset", 10)
+    assert code == 0, err
+    index = load_index(folder)
+    assert [index.classes[c] for c in index.labels[120:]] == ["9"] * 10
+    code, out, err = run_cli(capsys, "evaluate", "--index", folder, "--queries", "mnist:test", "--exclude", "3,5",
+                             "--subset", 80, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["n_queries"] == 80 and result["n_lone"] == 0 and set(result["per_class"]) == set("01246789")
+    code, out, err = run_cli(capsys, "data", "info", "mnist:test", "--exclude", "0,1,2,3,4,5,6,7", "--json")
+    assert code == 0, err
+    assert json.loads(out)["per_class"] == {"8": 974, "9": 1009}
+
+
 def test_cli_errors_are_one_line(tmp_path, runs, capsys):
     code, out, err = run_cli(capsys, "index", "info", tmp_path / "absent")
     assert code == 1 and err.strip() == f"error: index folder not found: {tmp_path / 'absent'}"

