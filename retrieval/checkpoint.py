@@ -63,6 +63,9 @@ def save_checkpoint(path: str | os.PathLike, tower: Tower, head: torch.nn.Module
         "has_pair_head": head is not None,
         **meta,
     }
+    gate = tower._modules.get("gate")
+    if gate is not None:  # the digit-or-not gate (retrieval.gate): its weights are the tower's under `gate.`
+        sidecar["gate"] = {**(meta.get("gate") or {}), **gate.describe()}
     with atomic_path(base.with_name(base.name + ".safetensors")) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
     atomic_write_json(base.with_name(base.name + ".json"), sidecar)
@@ -104,6 +107,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     tower = build_tower(meta["tower"], meta.get("embedding_size"), bool(meta.get("deskew", False)),
                         int(meta.get("test_shifts", 0)))
     tower_state = {k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")}
+    if isinstance(meta.get("gate"), dict):  # built before its weights are loaded (retrieval.gate)
+        from retrieval.gate import attach_gate, gate_from_meta
+
+        attach_gate(tower, gate_from_meta(tower, meta["gate"]))
     try:
         tower.load_state_dict(tower_state)
     except RuntimeError as e:

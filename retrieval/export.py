@@ -1,8 +1,9 @@
 """A trained tower as a standalone inference graph: ONNX (onnxruntime, TensorRT, browsers...) or TorchScript (libtorch).
 
 The graph takes float32 images N x 1 x 28 x 28 in the preprocessing's scaling (pixel / 255: background 0, ink 1,
-as MNIST) with a dynamic batch size, and returns N x D float32 embeddings of unit L2 norm: exactly what the tower
-computes at inference, its inference options included (deskew: the slant taken out of each image; test_shifts:
+as MNIST) with a dynamic batch size, and returns N x D float32 embeddings of unit L2 norm (and, for a tower with
+a digit-or-not gate (retrieval.gate), N digit probabilities as a second output, `digit_scores`): exactly what the
+tower computes at inference, its inference options included (deskew: the slant taken out of each image; test_shifts:
 the mean over shifted copies). An option the format cannot express is refused with a message naming it (deskew
 needs GridSample, ONNX opset 16 or later).
 
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
 FORMAT = "retrieval-export/1"
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+GATE_OUTPUT_NAME = "digit_scores"  # a gated tower's second output (retrieval.gate): digit probability per image
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 20  # what the TorchScript-based ONNX exporter emits for these towers
 GRID_SAMPLE_OPSET = 16  # deskew resamples the image (GridSample), an operator of ONNX opset 16 and later
@@ -83,6 +85,25 @@ def check_images(n: int = 16, seed: int = 0) -> torch.Tensor:
     return x
 
 
+class _GatedGraph(torch.nn.Module):
+    """A tower with a digit-or-not gate as one graph: (embeddings, digit probabilities)."""
+
+    def __init__(self, tower):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, x):
+        embeddings = self.tower(x)
+        return embeddings, torch.sigmoid(self.tower.gate(x, embeddings))
+
+
+def _graph(tower) -> tuple[torch.nn.Module, list[str]]:
+    """The module to export and its output names: the tower, or the tower and its gate."""
+    if tower._modules.get("gate") is None:
+        return tower, [OUTPUT_NAME]
+    return _GatedGraph(tower).eval(), [OUTPUT_NAME, GATE_OUTPUT_NAME]
+
+
 def _inference_options(tower) -> str:
     options = [name for name, on in (("deskew", tower.deskew), (f"test_shifts={tower.test_shifts}", tower.test_shifts))
                if on]
@@ -96,12 +117,14 @@ def _export_onnx(tower, path: Path, opset: int, metadata: dict) -> None:
         raise RetrievalError("ONNX export needs the onnx package: pip install 'retrieval[export]' (or onnx)") from None
     example = check_images(4)
     buffer = io.BytesIO()
+    graph, outputs = _graph(tower)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and folding notes
             torch.onnx.export(
-                tower, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=int(opset),
+                graph, (example,), buffer, input_names=[INPUT_NAME], output_names=outputs,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+                opset_version=int(opset),
                 do_constant_folding=True, dynamo=False,
             )
     except Exception as e:  # the exporter raises many types; say what was being exported
@@ -122,7 +145,7 @@ def _export_torchscript(tower, path: Path, metadata: dict) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice
-            traced = torch.jit.trace(tower, (example,), check_trace=False)
+            traced = torch.jit.trace(_graph(tower)[0], (example,), check_trace=False)
             traced = torch.jit.freeze(traced)
             torch.jit.save(traced, str(path), _extra_files={"retrieval.json": json.dumps(metadata, indent=2)})
     except Exception as e:
@@ -131,8 +154,9 @@ def _export_torchscript(tower, path: Path, metadata: dict) -> None:
                              f"{_inference_options(tower)} failed: {first}") from None
 
 
-def run_exported(path: str | os.PathLike, fmt: str, images: np.ndarray) -> np.ndarray:
-    """Embed float32 (N, 1, 28, 28) images with an exported file (onnxruntime or torch.jit)."""
+def run_exported(path: str | os.PathLike, fmt: str, images: np.ndarray, all_outputs: bool = False):
+    """Embed float32 (N, 1, 28, 28) images with an exported file (onnxruntime or torch.jit); `all_outputs`: every
+    output as a list (a gated tower's digit scores second)."""
     images = np.ascontiguousarray(images, dtype=np.float32)
     if fmt == "onnx":
         import onnxruntime as ort
@@ -140,12 +164,15 @@ def run_exported(path: str | os.PathLike, fmt: str, images: np.ndarray) -> np.nd
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        out = session.run(None, {INPUT_NAME: images})
+        return out if all_outputs else out[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
-            return module(torch.from_numpy(images)).numpy()
+            out = module(torch.from_numpy(images))
+    out = [t.numpy() for t in out] if isinstance(out, (tuple, list)) else [out.numpy()]
+    return out if all_outputs else out[0]
 
 
 def _parity(tower, path: Path, fmt: str) -> dict | None:
@@ -161,17 +188,27 @@ def _parity(tower, path: Path, fmt: str) -> dict | None:
     else:
         runtime = f"torch.jit {torch.__version__}"
     x = check_images()
+    graph, names = _graph(tower)
     with torch.inference_mode():
-        want = tower(x).float().numpy()
-    got = np.concatenate([run_exported(path, fmt, x[:1].numpy()), run_exported(path, fmt, x[1:].numpy())])
-    if got.shape != want.shape:
-        raise RetrievalError(f"the exported graph returns shape {got.shape} for {tuple(x.shape)} images, "
-                             f"the tower {want.shape}")
-    diff = float(np.abs(got - want).max())
+        want = graph(x)
+    want = [t.float().numpy() for t in want] if isinstance(want, tuple) else [want.float().numpy()]
+    parts = [run_exported(path, fmt, x[:1].numpy(), all_outputs=True),
+             run_exported(path, fmt, x[1:].numpy(), all_outputs=True)]
+    if len(parts[0]) != len(want):
+        raise RetrievalError(f"the exported graph has {len(parts[0])} output(s), the tower {len(want)}")
+    diffs = {}
+    for i, name in enumerate(names):
+        got = np.concatenate([parts[0][i], parts[1][i]])
+        if got.shape != want[i].shape:
+            raise RetrievalError(f"the exported graph returns {name} of shape {got.shape} for {tuple(x.shape)} "
+                                 f"images, the tower {want[i].shape}")
+        diffs[name] = float(np.abs(got - want[i]).max())
+    diff = max(diffs.values())
     if not diff <= PARITY_TOLERANCE:
         raise RetrievalError(f"the exported graph differs from the tower by up to {diff:.2e} on the check batch "
                              f"(tolerance {PARITY_TOLERANCE:g}); nothing was written")
-    return {"max_abs_diff": diff, "images": len(x), "batches": [1, len(x) - 1], "runtime": runtime}
+    return {"max_abs_diff": diff, **({"max_abs_diff_per_output": diffs} if len(diffs) > 1 else {}),
+            "images": len(x), "batches": [1, len(x) - 1], "runtime": runtime}
 
 
 def export_tower(ckpt, fmt: str, out: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> dict:
@@ -202,6 +239,12 @@ def export_tower(ckpt, fmt: str, out: str | os.PathLike, *, opset: int = DEFAULT
                    "normalised": "unit L2 norm: compare with inner product or Euclidean distance (0 to 2)"},
         "preprocessing": {"pictures": PREPROCESSING, "training_images": ckpt.meta.get("preprocessing")},
     }
+    gate = tower._modules.get("gate")
+    if gate is not None:
+        metadata["gate_output"] = {
+            "name": GATE_OUTPUT_NAME, "shape": ["N"], "dtype": "float32",
+            "meaning": f"probability that the image is a digit; below {gate.threshold:.6g} (the gate's threshold; "
+                       "an index's calibrated one may differ) it is not a digit", "form": gate.form}
     try:
         with atomic_path(out) as tmp:
             if fmt == "onnx":

@@ -6,7 +6,9 @@
 
 The predicted label is the majority label of the k neighbours; a tie goes to the tied label whose neighbours are
 closer in total (then to the one holding the nearest neighbour). With a distance threshold (the calibrated one in
-the index metadata, or `max_distance`), a query whose nearest neighbour is farther is labelled "unknown".
+the index metadata, or `max_distance`), a query whose nearest neighbour is farther is labelled "unknown" ("far from
+every class"); with a tower that carries a digit-or-not gate (retrieval.gate), a query whose digit score is below
+the gate's threshold (the index's calibrated one, else the gate's own) is "unknown" as well ("not a digit").
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from retrieval.data.specs import DatasetCache, parse_item_spec
 from retrieval.embed import default_batch_size, embed_images
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import search_parameters
+from retrieval.gate import FAR_FROM_EVERY_CLASS, NOT_A_DIGIT, digit_scores, gate_threshold
 from retrieval.index import EmbeddingIndex, load_index, load_index_tower
 from retrieval.precision import matching_precision
 
@@ -54,6 +57,8 @@ class QueryResult:
     true_label: str | None = None  # known for dataset items
     error: str | None = None
     image: torch.Tensor | None = None  # the preprocessed uint8 28x28 query image, for grids
+    unknown: str | None = None  # why the label is "unknown": gate.NOT_A_DIGIT or gate.FAR_FROM_EVERY_CLASS
+    digit_score: float | None = None  # the gate's digit probability, for a tower with a gate
 
     @property
     def ok(self) -> bool:
@@ -61,6 +66,10 @@ class QueryResult:
 
     def to_json(self) -> dict:
         out = {"query": self.query, "label": self.label, "neighbors": [n.to_json() for n in self.neighbors]}
+        if self.unknown is not None:
+            out["unknown"] = self.unknown
+        if self.digit_score is not None:
+            out["digit_score"] = round(self.digit_score, 6)
         if self.true_label is not None:
             out["true_label"] = self.true_label
         if self.error is not None:
@@ -181,6 +190,7 @@ class Searcher:
         if max_distance is None:
             max_distance = (index.meta.get("calibration") or {}).get("max_distance")
         self.max_distance = None if max_distance is None else float(max_distance)
+        self.gate_threshold = gate_threshold(index, tower)
 
     @classmethod
     def open(cls, folder: str | os.PathLike, device="cpu", checkpoint=None, max_distance: float | None = None,
@@ -219,9 +229,11 @@ class Searcher:
 
     def search_embeddings(self, embeddings, k: int, names: Sequence[str] | None = None,
                           true_labels: Sequence[str | None] | None = None,
-                          search_params: str | None = None) -> list[QueryResult]:
+                          search_params: str | None = None, digit_scores=None) -> list[QueryResult]:
         """Neighbours and predicted labels for query embeddings (k must not exceed the index size).
-        `search_params`: Faiss search parameters for this search (default: the Searcher's, else the index's)."""
+        `search_params`: Faiss search parameters for this search (default: the Searcher's, else the index's).
+        `digit_scores`: the gate's scores of the same queries (Searcher.digit_scores); below the gate threshold a
+        query is "unknown", not a digit."""
         dist, ids = self.index.search(embeddings, k, params=search_params or self.search_params)
         nb_labels = self.index.labels_of(ids)
         predicted = predict_labels(nb_labels, dist, self.max_distance)
@@ -234,13 +246,23 @@ class Searcher:
                 for j in range(ids.shape[1]) if ids[i, j] >= 0
             ]
             label = classes[predicted[i]] if predicted[i] >= 0 else UNKNOWN
+            score = None if digit_scores is None else float(digit_scores[i])
+            reason = FAR_FROM_EVERY_CLASS if label == UNKNOWN and neighbors else None
+            if score is not None and self.gate_threshold is not None and score < self.gate_threshold:
+                label, reason = UNKNOWN, NOT_A_DIGIT
             results.append(QueryResult(
                 query=names[i] if names is not None else str(i),
                 label=label,
                 neighbors=neighbors,
                 true_label=true_labels[i] if true_labels is not None else None,
+                unknown=reason,
+                digit_score=score,
             ))
         return results
+
+    def digit_scores(self, images: torch.Tensor, embeddings: np.ndarray | None = None) -> np.ndarray | None:
+        """The gate's digit probabilities of uint8 (n, 28, 28) images (None when the tower has no gate)."""
+        return digit_scores(self.tower, images, embeddings, device=self.device)
 
     def query_images(self, images: torch.Tensor, k: int = 5, names: Sequence[str] | None = None,
                      true_labels: Sequence[str | None] | None = None) -> list[QueryResult]:
@@ -249,7 +271,9 @@ class Searcher:
         images = torch.as_tensor(images)
         if images.ndim == 2:
             images = images.unsqueeze(0)
-        results = self.search_embeddings(self.embed(images), k, names, true_labels)
+        embeddings = self.embed(images)
+        results = self.search_embeddings(embeddings, k, names, true_labels,
+                                         digit_scores=self.digit_scores(images, embeddings))
         for r, img in zip(results, images):
             r.image = img
         return results
@@ -277,7 +301,9 @@ def format_result(result: QueryResult, max_distance: float | None = None) -> str
     head = f"{result.query} -> {result.label}"
     if result.true_label is not None:
         head += f"  (true label {result.true_label})"
-    if result.label == UNKNOWN and result.neighbors and max_distance is not None:
+    if result.unknown == NOT_A_DIGIT:
+        head += f"  (not a digit: digit score {result.digit_score:.4f})"
+    elif result.label == UNKNOWN and result.neighbors and max_distance is not None:
         head += f"  (nearest neighbour at {result.neighbors[0].distance:.4f} > max distance {max_distance:.4f})"
     lines = [head]
     for rank, n in enumerate(result.neighbors, 1):

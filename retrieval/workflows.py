@@ -585,9 +585,20 @@ def calibrate(
     device="auto",
     checkpoint=None,
     accept: float | None = None,
+    gate: bool = True,
+    non_digits: str | None = None,
+    distance_accept: float | None = None,
 ) -> tuple[Calibration, dict]:
     """Embed `queries` with the index's tower, calibrate the "unknown" threshold on nearest neighbours (own entries
     left out), and store it in the index metadata (unless store=False). Returns the calibration and the record.
+
+    A tower with a digit-or-not gate (retrieval.gate; `gate=False` ignores it) gets its threshold here too, in
+    record["gate"]: answering `accept` (default 0.99) of the in-distribution queries, or, with `non_digits` (a
+    data spec of pictures that are no digit), the threshold that best separates the two (most digits answered
+    minus non-digits answered). The gate then says "not a digit"; the distance threshold is left for "a digit of
+    a class this index lacks": set by the rules below when some queries are of such classes, else only when
+    `distance_accept` asks for it (the share of in-distribution queries it answers), since refusing far-off digits
+    by distance is what refused badly corrupted digits before the gate (benchmarks/README.md).
 
     The rule: with `accept` given, the threshold answers that fraction of the in-distribution queries (those of the
     index's classes; pairs.acceptance_threshold). Without it: when some queries are of classes the index lacks
@@ -612,6 +623,16 @@ def calibrate(
             base = Calibration(base.max_distance, 2.0 * tp / (n + total) if n + total else 0.0, tp / n if n else 0.0,
                                tp / total if total else 0.0, n, int(np.isfinite(dist[:, 0]).sum()), total)
         cal, rule = base, f"accept {rate:g} of in-distribution queries"
+    gate_record = _calibrate_gate(iq, outside, accept, non_digits, root, device, checkpoint) if gate else None
+    if gate_record is not None and not outside.any():
+        if distance_accept is None:
+            every = acceptance_threshold(dist[:, 0], correct, 1.0)  # what answering every query scores
+            cal = Calibration(None, every.f1, every.precision, every.recall, every.n_answered, every.n_queries,
+                              every.n_correct)
+            rule = "not set: the gate refuses non-digits (distance_accept sets one)"
+        else:
+            cal = acceptance_threshold(dist[:, 0], correct, float(distance_accept))
+            rule = f"accept {float(distance_accept):g} of in-distribution queries"
     record = {
         **cal.to_json(),
         "rule": rule,
@@ -622,6 +643,7 @@ def calibrate(
         "queries_not_in_index": int(outside.sum()),
         "left_out_own_entries": int((iq.self_ids >= 0).sum()),
         "index_count": len(iq.index),
+        **({"gate": gate_record} if gate_record is not None else {}),
         "created": _now(),
     }
     if store:
@@ -630,6 +652,35 @@ def calibrate(
     else:
         logger.info("not stored (dry run)")
     return cal, record
+
+
+def _calibrate_gate(iq: IndexQueries, outside: np.ndarray, accept: float | None, non_digits: str | None, root,
+                    device, checkpoint) -> dict | None:
+    """The gate threshold of calibrate (None for a tower without a gate)."""
+    from retrieval.gate import acceptance_threshold as gate_acceptance, digit_scores, separating_threshold
+
+    ckpt = load_index_tower(iq.index, device=resolve_device(device), checkpoint=checkpoint)
+    scores = digit_scores(ckpt.tower, iq.dataset.images, iq.embeddings, device=resolve_device(device))
+    if scores is None:
+        if non_digits:
+            raise UsageError("`non_digits` calibrates a digit-or-not gate, and this index's tower has none "
+                             "(retrieval gate train adds one)")
+        return None
+    inside = scores[~outside]
+    out: dict = {}
+    if non_digits:
+        negatives = load_dataset(non_digits, root=_data_root(root))
+        refused_scores = digit_scores(ckpt.tower, negatives.images, device=resolve_device(device))
+        threshold = separating_threshold(inside, refused_scores)
+        out.update(rule=f"most digits answered minus non-digits answered ({non_digits})", non_digits=non_digits,
+                   non_digit_queries=int(len(refused_scores)),
+                   refused_non_digits=float((refused_scores < threshold).mean()))
+    else:
+        rate = DEFAULT_ACCEPT if accept is None else float(accept)
+        threshold = gate_acceptance(inside, rate)
+        out["rule"] = f"accept {rate:g} of in-distribution queries"
+    return {"threshold": threshold, **out, "answered": float((inside >= threshold).mean()),
+            "in_distribution_queries": int(len(inside))}
 
 
 # -- towers on their own (pairs, few-shot) --------------------------------------------------------------------------
@@ -715,6 +766,69 @@ def fewshot(
     results = evaluate_fewshot(embeddings, ds.labels, ways, shot_counts, queries=queries, episodes=episodes,
                                method=method, seed=seed, k=k, class_names=ds.classes)
     return FewShotRun(results, what, ds)
+
+
+def train_digit_gate(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    form: str = "cnn",
+    width: int = 16,
+    steps: int = 1500,
+    degrade_p: float = 0.3,
+    seed: int = 0,
+    accept: float = 0.99,
+    digits: int = 20000,
+    non_digits: int = 6000,
+    root=None,
+    device="auto",
+    overwrite: bool = False,
+) -> dict:
+    """A copy of the run `checkpoint` in the run folder `out` whose tower carries a trained digit-or-not gate
+    (retrieval.gate): `digits` pictures of the tower's training slice against `non_digits` pictures of each of
+    retrieval.data.nondigits' training sources, `steps` steps; its threshold answers `accept` of 2,000 digits of
+    the validation slice. The tower's own weights are unchanged (its embeddings too); its fingerprint covers the
+    gate, so indexes are built anew from `out`. Returns the new checkpoint sidecar."""
+    import shutil
+
+    from retrieval.checkpoint import resolve_checkpoint, save_checkpoint
+    from retrieval.data.nondigits import load_split
+    from retrieval.fsutil import ensure_writable_dir
+    from retrieval.gate import GateRecipe, acceptance_threshold as gate_acceptance, attach_gate, digit_pictures, \
+        digit_scores, train_gate
+
+    recipe = GateRecipe(form=form, width=int(width), steps=int(steps), degrade_p=float(degrade_p), seed=int(seed),
+                        accept=float(accept))
+    if recipe.steps < 1 or recipe.width < 1 or not 0 <= recipe.degrade_p <= 1 or not 0 < recipe.accept <= 1:
+        raise UsageError("gate settings: `steps` and `width` must be positive, `degrade_p` in [0, 1], `accept` in "
+                         "(0, 1]")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"`out` {out} already holds files; choose an empty folder (or overwrite)")
+    device = resolve_device(device)
+    source = resolve_checkpoint(checkpoint)
+    ckpt = load_checkpoint(source, device=device)
+    attach_gate(ckpt.tower, None)  # a gate already there is replaced
+    root = _data_root(root)
+    positives, validation = digit_pictures(ckpt.meta, root=root, n=int(digits), seed=recipe.seed)
+    sets = load_split("train", int(non_digits), seed=recipe.seed, root=root)
+    negatives = np.concatenate([s.images for s in sets.values()])
+    start = time.perf_counter()
+    gate = train_gate(ckpt.tower, positives, negatives, recipe, device=device)
+    seconds = time.perf_counter() - start
+    attach_gate(ckpt.tower, gate)
+    gate.threshold = gate_acceptance(digit_scores(ckpt.tower, validation, device=device), recipe.accept)
+    ensure_writable_dir(out, "run folder")
+    for name in ("config.json", "metrics.jsonl", "card.md"):  # the run's own record, as it was
+        if (source.parent / name).is_file():
+            shutil.copyfile(source.parent / name, out / name)
+    skip = {"format", "tower", "embedding_size", "deskew", "test_shifts", "fingerprint", "has_pair_head", "gate"}
+    record = {"recipe": {k: v for k, v in vars(recipe).items()}, "digits": int(len(positives)),
+              "non_digits": {name: int(len(s.images)) for name, s in sets.items()},
+              "threshold_rule": f"answers {recipe.accept:g} of {len(validation):,} validation digits",
+              "seconds": round(seconds, 1), "from_checkpoint": str(source.resolve()), "created": _now()}
+    return save_checkpoint(out / "best", ckpt.tower, ckpt.head, **{k: v for k, v in ckpt.meta.items() if k not in skip},
+                           gate=record)
 
 
 @dataclass

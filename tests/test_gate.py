@@ -78,3 +78,131 @@ def test_train_and_selection_sources_share_no_font_package():
     assert not set(nd.SPLITS["train"]) & set(nd.SPLITS["selection"])
     for group in nd.FONT_SPLIT:
         assert not any("dejavu" in str(f).lower() or "liberation" in str(f).lower() for _, f in nd.font_files(group))
+
+
+# -- the gate ----------------------------------------------------------------------------------------------------------
+
+
+def _letters(data_root, n: int, seed: int) -> np.ndarray:
+    return np.concatenate([nd.load_source("hershey", n, seed=seed, root=data_root).images,
+                           nd.load_source("fonts-train", n, seed=seed, root=data_root).images])
+
+
+@pytest.fixture(scope="module")
+def tiny_gate(untrained_run, data_root):
+    """A cnn gate trained in the test: 600 digits of the training slice against rendered letters, 150 steps."""
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.gate import GateRecipe, digit_pictures, train_gate
+
+    ckpt = load_checkpoint(untrained_run)
+    positives, validation = digit_pictures(ckpt.meta, root=data_root, n=600, seed=0, val_n=300)
+    gate = train_gate(ckpt.tower, positives, _letters(data_root, 300, seed=0),
+                      GateRecipe(steps=150, batch_size=64, lr=0.005), log_every=0)
+    return ckpt, gate, validation
+
+
+def test_a_tiny_gate_separates_rendered_letters_from_digits(tiny_gate, data_root):
+    from retrieval.gate import attach_gate, digit_scores
+
+    ckpt, gate, validation = tiny_gate
+    attach_gate(ckpt.tower, gate)
+    try:
+        digits = digit_scores(ckpt.tower, validation)
+        letters = digit_scores(ckpt.tower, _letters(data_root, 150, seed=1))  # other pictures than the training's
+    finally:
+        attach_gate(ckpt.tower, None)
+    accuracy = ((digits >= 0.5).sum() + (letters < 0.5).sum()) / (len(digits) + len(letters))
+    assert accuracy > 0.8, accuracy  # chance: 0.5
+
+
+def test_threshold_rules():
+    from retrieval.gate import acceptance_threshold, separating_threshold
+
+    scores = np.linspace(0, 1, 101)
+    t = acceptance_threshold(scores, 0.9)
+    assert (scores >= t).mean() == pytest.approx(0.9, abs=0.011)
+    assert (scores >= acceptance_threshold(scores, 1.0)).all()
+    assert separating_threshold(np.array([0.6, 0.7, 0.9]), np.array([0.1, 0.2, 0.65])) == pytest.approx(0.7)
+
+
+@pytest.fixture(scope="module")
+def gated(untrained_run, data_root, tmp_path_factory):
+    """`retrieval gate train` (tiny settings) on the untrained run, and a 300-image index built from its output."""
+    from retrieval.workflows import build_index, train_digit_gate
+
+    base = tmp_path_factory.mktemp("gated")
+    sidecar = train_digit_gate(untrained_run, base / "run", steps=40, digits=400, non_digits=60, root=data_root,
+                               device="cpu")
+    build_index(base / "run", ["mnist:train"], base / "index", root=data_root, device="cpu", subset=300, seed=0)
+    return base, sidecar
+
+
+def _cli_json(*args):
+    import contextlib
+    import io
+    import json
+
+    from retrieval.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            assert not e.code, e.code
+    return json.loads(out.getvalue())
+
+
+def test_the_gate_ships_in_the_checkpoint_and_the_index_folder(gated, data_root):
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.gate import tower_gate
+    from retrieval.query import Searcher
+
+    base, sidecar = gated
+    assert sidecar["gate"]["form"] == "cnn" and 0 < sidecar["gate"]["threshold"] < 1
+    ckpt = load_checkpoint(base / "run")
+    assert tower_gate(ckpt.tower) is not None and ckpt.meta["gate"]["threshold"] == sidecar["gate"]["threshold"]
+    searcher = Searcher.open(base / "index")  # the index folder's own copy of the tower
+    assert tower_gate(searcher.tower) is not None
+    images = nd.load_source("hershey", 6, seed=2, root=data_root).images
+    np.testing.assert_allclose(searcher.digit_scores(images), Searcher.open(base / "index", checkpoint=base / "run")
+                               .digit_scores(images), atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_parity_includes_the_gate_output(gated, tmp_path, fmt):
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.export import GATE_OUTPUT_NAME, check_images, export_tower, run_exported
+    from retrieval.gate import digit_scores
+
+    base, _ = gated
+    ckpt = load_checkpoint(base / "run")
+    sidecar = export_tower(ckpt, fmt, tmp_path / ("tower.onnx" if fmt == "onnx" else "tower.pt"))
+    assert sidecar["gate_output"]["name"] == GATE_OUTPUT_NAME
+    assert set(sidecar["parity"]["max_abs_diff_per_output"]) == {"embeddings", GATE_OUTPUT_NAME}
+    x = check_images()
+    embeddings, scores = run_exported(tmp_path / sidecar["file"], fmt, x.numpy(), all_outputs=True)
+    want = digit_scores(ckpt.tower, (x[:, 0] * 255).round().byte())
+    np.testing.assert_allclose(scores, want, atol=2e-2)  # the uint8 round trip of the check images
+    assert embeddings.shape == (len(x), ckpt.tower.embedding_size)
+
+
+def test_calibrate_sets_the_gate_threshold_and_the_reason_reaches_cli_json(gated, data_root):
+    from retrieval.index import update_index_meta
+    from retrieval.workflows import calibrate
+
+    base, _ = gated
+    folder = base / "index"
+    _, record = calibrate(folder, "mnist:test", root=data_root, subset=200, seed=0, device="cpu", accept=0.9)
+    assert record["gate"]["answered"] == pytest.approx(0.9, abs=0.011)
+    assert record["max_distance"] is None  # the gate refuses non-digits; no distance threshold without negatives
+    update_index_meta(str(folder), calibration={"gate": {"threshold": 1.5}})  # no score reaches it
+    answers = _cli_json("query", "--index", folder, "--json", "--root", data_root, "mnist:test[0]", "mnist:test[1]")
+    assert [a["unknown"] for a in answers] == ["not a digit"] * 2 and all(a["label"] == "unknown" for a in answers)
+    assert all(0 <= a["digit_score"] <= 1 for a in answers)
+    update_index_meta(str(folder), calibration={"gate": {"threshold": 0.0}, "max_distance": 0.0})
+    answers = _cli_json("query", "--index", folder, "--json", "--root", data_root, "mnist:test[0]")
+    assert answers[0]["label"] == "unknown" and answers[0]["unknown"] == "far from every class"
+    update_index_meta(str(folder), calibration={"gate": {"threshold": 0.0}, "max_distance": None})
+    answers = _cli_json("query", "--index", folder, "--json", "--root", data_root, "mnist:test[0]")
+    assert answers[0]["label"] != "unknown" and "unknown" not in answers[0]

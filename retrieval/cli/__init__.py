@@ -49,7 +49,7 @@ def _root(
 
 def _register() -> None:
     # Each module adds its commands/groups to `app`.
-    for name in ("data", "train", "index", "evaluate", "fewshot", "export", "quickstart", "serve"):
+    for name in ("data", "train", "index", "evaluate", "fewshot", "export", "quickstart", "serve", "gate"):
         __import__(f"retrieval.cli.{name}")
 
 

@@ -154,6 +154,12 @@ def calibrate(
     accept: Optional[float] = typer.Option(
         None, "--accept", help="Answer this fraction of the in-distribution queries (e.g. 0.99). Default: 0.99 when "
         "no query is of a class the index lacks, else the threshold of best F1."),
+    non_digits: Optional[str] = typer.Option(
+        None, "--non-digits", help="A data spec of pictures that are no digit (e.g. folder:DIR): a tower with a "
+        "digit-or-not gate gets the gate threshold that best separates them from the queries, instead of --accept's."),
+    distance_accept: Optional[float] = typer.Option(
+        None, "--distance-accept", help="With a gated tower and no query of a class the index lacks: also set a "
+        "distance threshold answering this fraction of the queries (default: none, the gate refuses non-digits)."),
     classes: Optional[str] = ClassesOption,
     exclude: Optional[str] = ExcludeOption,
     subset: Optional[int] = SubsetOption,
@@ -167,12 +173,15 @@ def calibrate(
 
     For each query image, its nearest indexed image (its own entry left out) is either of its class (right) or not. Without negatives (every query of a class the index holds), the default threshold answers 99% of the queries (--accept sets the rate): farther than nearly every real query means "unknown". With queries of classes the index lacks (e.g. --queries mnist:test on an index built with --exclude), the threshold t maximises F1 of "answered and right", where a query is answered when its nearest neighbour is within t: precision = right answered / answered, recall = right answered / right; --accept then applies the acceptance rule instead.
 
-    Stored as meta.json "calibration" {"max_distance", "f1", "queries", "created", ...}; `retrieval query --max-distance` overrides it.
+    A tower with a digit-or-not gate (`retrieval gate train`) gets its gate threshold as well: answering --accept (0.99) of the queries, or best separating them from --non-digits. Its "unknown" then says "not a digit"; the distance threshold ("far from every class") is set only with queries of classes the index lacks, or with --distance-accept.
+
+    Stored as meta.json "calibration" {"max_distance", "f1", "queries", "gate": {"threshold", ...}, "created", ...}; `retrieval query --max-distance` overrides the distance.
     """
     from retrieval.workflows import calibrate as run
 
     cal, record = run(index, queries, store=not dry_run, root=root, classes=classes, exclude=exclude, subset=subset,
-                      seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint, accept=accept)
+                      seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint, accept=accept,
+                      non_digits=non_digits, distance_accept=distance_accept)
     if json_out:
         print_json(record)
     else:
@@ -184,6 +193,12 @@ def calibrate(
                   f"({', '.join(record['classes_not_in_index'])}); {record['rejected_not_in_index']:,} of them "
                   "answered unknown at this threshold")
         print(f"rule          {record['rule']}")
-        print(f"max distance  {cal.max_distance:.4f}")
+        print("max distance  " + ("not set" if cal.max_distance is None else f"{cal.max_distance:.4f}"))
+        if record.get("gate"):
+            gate = record["gate"]
+            print(f"gate          digit score >= {gate['threshold']:.4f} ({gate['rule']}): "
+                  f"{gate['answered']:.4f} of in-distribution queries answered"
+                  + (f", {gate['refused_non_digits']:.4f} of non-digits refused" if "refused_non_digits" in gate
+                     else ""))
         print(f"F1            {cal.f1:.4f}  (precision {cal.precision:.4f}, recall {cal.recall:.4f}; "
               f"{cal.n_answered:,} of {cal.n_queries:,} answered)")
