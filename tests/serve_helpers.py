@@ -35,7 +35,7 @@ INDEX_SIZE = 500
 TOKEN = "test-token-4f2a9c"
 
 
-def _cli(*args) -> None:
+def cli(*args) -> None:
     """Run the real CLI in this process; raise with its stderr unless it succeeds."""
     import contextlib
 
@@ -60,9 +60,9 @@ def serve_artifacts(tmp_path_factory, data_root) -> Path:
         return base
     base.mkdir(parents=True, exist_ok=True)
     (base / "serve-tiny.toml").write_text(TINY_TRAINING)
-    _cli("train", "--config", base / "serve-tiny.toml", "--out", base / "run", "--device", "cpu", "--no-progress",
+    cli("train", "--config", base / "serve-tiny.toml", "--out", base / "run", "--device", "cpu", "--no-progress",
          "--threads", 1, "--root", data_root)
-    _cli("index", "build", "--checkpoint", base / "run", "--data", "mnist:train", "--subset", INDEX_SIZE,
+    cli("index", "build", "--checkpoint", base / "run", "--data", "mnist:train", "--subset", INDEX_SIZE,
          "--seed", 1, "--out", base / "index", "--device", "cpu", "--root", data_root)
     (base / "token.txt").write_text(TOKEN + "\n")
     return base
@@ -105,6 +105,8 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.url = self.wait_for(r"listening on (\S+)", timeout).group(1).rstrip("/")
+        host, _, port = self.url.removeprefix("http://").rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
         deadline = time.time() + timeout
         while True:
             try:
@@ -166,3 +168,91 @@ class ServerProcess:
 def get_json(url: str):
     with urllib.request.urlopen(url, timeout=30) as r:
         return json.loads(r.read())
+
+
+def wait_in_flight(url: str, n: int, timeout: float = 30.0) -> None:
+    """Wait until the server is reading or answering `n` other requests (/health's in_flight): their heads have
+    been read and their handlers run."""
+    deadline = time.time() + timeout
+    while True:
+        seen = get_json(url + "/health")["in_flight"]
+        if seen >= n:
+            return
+        if time.time() > deadline:
+            raise TimeoutError(f"the server has {seen} requests in flight after {timeout}s, expected {n}")
+        time.sleep(0.01)
+
+
+class RawRequest:
+    """One HTTP/1.1 request on its own connection, sent in parts: `start(n)` sends the head and the first n bytes
+    of the body, `finish()` the rest, `response()` reads the answer -> (status, headers, body)."""
+
+    def __init__(self, server: ServerProcess, method: str, path: str, body: bytes, content_type: str,
+                 headers: dict | None = None, content_length: int | None = None):
+        import socket
+
+        self.body = body
+        lines = [f"{method} {path} HTTP/1.1", "Host: test", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(body) if content_length is None else content_length}",
+                 *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        self.head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        self.conn = socket.create_connection((server.host, server.port), timeout=60)
+        self.sent = 0
+
+    @classmethod
+    def of(cls, server: ServerProcess, request, **kw) -> "RawRequest":
+        """From an httpx.Request (its encoded body and content type)."""
+        body = request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        return cls(server, request.method, request.url.raw_path.decode(), body, request.headers["content-type"],
+                   headers, **kw)
+
+    def start(self, n: int) -> "RawRequest":
+        self.conn.sendall(self.head + self.body[:n])
+        self.sent = n
+        return self
+
+    def finish(self) -> "RawRequest":
+        self.conn.sendall(self.body[self.sent:])
+        self.sent = len(self.body)
+        return self
+
+    def response(self) -> tuple[int, dict, bytes]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"the server closed the connection after {data[:200]!r}")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+        length = int(headers.get("content-length", 0))
+        while len(body) < length:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return int(status_line.split()[1]), headers, body
+
+    def closed_by_server(self) -> bool:
+        """Whether the server has closed the connection (what is left to read is the end of the stream)."""
+        try:
+            return self.conn.recv(1) == b""
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def assert_same_answer(got: dict, want: dict) -> None:
+    """Two answers to the same image: the same name, label and neighbours, distances equal up to float rounding (a
+    tower forward of a batch may round differently from one of a single image)."""
+    import numpy as np
+
+    assert got["query"] == want["query"] and got["label"] == want["label"], (got, want)
+    assert [n["id"] for n in got["neighbors"]] == [n["id"] for n in want["neighbors"]], (got, want)
+    assert [n["label"] for n in got["neighbors"]] == [n["label"] for n in want["neighbors"]]
+    assert np.allclose([n["distance"] for n in got["neighbors"]], [n["distance"] for n in want["neighbors"]],
+                       atol=1e-4), (got, want)

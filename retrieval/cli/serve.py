@@ -42,6 +42,10 @@ def serve(
         1, "--threads", min=1,
         help="Threads for the tower and Faiss in the compute thread (1 suits a few cores; more for big batches).",
     ),
+    read_timeout: float = typer.Option(
+        30.0, "--read-timeout", min=0.001,
+        help="Seconds a request's body may take to arrive after its head; then 408 and the connection is closed.",
+    ),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request to stderr."),
     device: str = DeviceOption,
     precision: Optional[str] = typer.Option(
@@ -66,7 +70,7 @@ def serve(
         os.environ[ENV_VAR] = check_precision(precision, "precision")
 
     limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images, max_k=max_k,
-                    batch_wait=batch_wait_ms / 1000.0, threads=threads)
+                    batch_wait=batch_wait_ms / 1000.0, threads=threads, read_timeout=read_timeout)
     raise typer.Exit(run(index, host=host, port=port, token_file=token_file, device=resolve_device(device),
                          checkpoint=checkpoint, max_distance=max_distance, uploads=uploads,
                          root=root_or_default(root), limits=limits, access_log=access_log))

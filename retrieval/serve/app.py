@@ -1,8 +1,9 @@
 """The FastAPI application of `retrieval serve`: the service state, its routes, limits and error answers.
 
 Every error is a JSON object `{"error": "..."}` with a 4xx status: 400 bad input (undecodable or empty image, bad
-base64, bad field), 401/403 missing or wrong token, 404 unknown item, 409 conflict (folder busy, prototype
-class taken), 413 body or pixel budget exceeded, 415 wrong content type, 422 a malformed path parameter.
+base64, bad field), 401/403 missing or wrong token, 404 unknown item, 408 a body not received in time, 409 conflict
+(folder busy, prototype class taken), 413 body or pixel budget exceeded, 415 wrong content type, 422 a malformed
+path parameter. A client that leaves before its request is read is not an error (a debug line at most).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.serve import library
@@ -48,6 +50,7 @@ class Limits:
     max_batch_items: int = 256  # images per tower forward
     lock_timeout: float = 10.0  # seconds an add waits for another writer of the index folder
     threads: int = 1  # torch and Faiss threads of the compute thread (1 suits small batches on few cores)
+    read_timeout: float = 30.0  # seconds a request's body may take to arrive once its head has (then 408, closed)
 
 
 @dataclass
@@ -82,9 +85,14 @@ class Service:
 
     def __post_init__(self):
         threads = self.limits.threads
+        self.compute_threads: dict | None = None  # what torch and Faiss report on the compute thread, once it runs
+
+        def init_compute_thread():
+            self.compute_threads = library.set_compute_threads(threads)
+
         self.batcher = MicroBatcher(self.process, max_wait=self.limits.batch_wait,
-                                    max_items=self.limits.max_batch_items,
-                                    thread_init=lambda: library.set_compute_threads(threads))
+                                    max_items=self.limits.max_batch_items, thread_init=init_compute_thread)
+        self.in_flight = 0  # HTTP requests being read or answered (RequestGuard counts them)
         self.references = library.ReferenceImages(self.root)
         # threading locks, taken in worker threads: the service outlives event loops (tests open several)
         self._reference_lock = threading.Lock()
@@ -315,34 +323,49 @@ async def read_images(request, service: Service, fields: tuple[str, ...]) -> tup
 
 
 # -- the application ----------------------------------------------------------------------------------------------------
-class BodyLimit:
-    """Refuse request bodies over `limit` bytes with 413 (by Content-Length, or while streaming)."""
+class RequestGuard:
+    """Every HTTP request passes here: counted while in flight (service.in_flight); its body refused with 413 past
+    `max_body_bytes` (by Content-Length, or while streaming) and with 408 when it has not fully arrived
+    `read_timeout` seconds after the request's head (the connection is closed: a client that stalls holds nothing
+    for long); a client that hangs up before its body is read is dropped with a debug line, not reported as an
+    error."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, service: "Service"):
         self.app = app
-        self.limit = limit
+        self.service = service
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limits = self.service.limits
+        limit = limits.max_body_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:
-                too_big = int(declared) > self.limit
+                too_big = int(declared) > limit
             except ValueError:
                 too_big = False
             if too_big:
-                return await _send_error(send, 413, f"request body over the limit of {self.limit:,} bytes")
+                return await _send_error(send, 413, f"request body over the limit of {limit:,} bytes")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.read_timeout
         seen = 0
+        body_done = False
         started = False
 
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
+        async def guarded_receive():
+            nonlocal seen, body_done
+            if body_done:  # after the body: only a disconnect can come, whenever it does
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise _ReadTimeout() from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise _TooLarge()
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message):
@@ -351,14 +374,28 @@ class BodyLimit:
                 started = True
             await send(message)
 
+        self.service.in_flight += 1
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, guarded_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await _send_error(send, 413, f"request body over the limit of {self.limit:,} bytes")
+                await _send_error(send, 413, f"request body over the limit of {limit:,} bytes")
+        except _ReadTimeout:
+            logger.debug("%s %s: the body did not arrive within %g s (408)", scope["method"], scope["path"],
+                         limits.read_timeout)
+            if not started:
+                await _send_error(send, 408, f"the request body did not arrive within {limits.read_timeout:g} s")
+        except ClientDisconnect:
+            logger.debug("%s %s: the client left before its request was read", scope["method"], scope["path"])
+        finally:
+            self.service.in_flight -= 1
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _ReadTimeout(Exception):
     pass
 
 
@@ -444,7 +481,10 @@ def create_app(service: Service):
         s = service.searcher
         return json_response({"status": "ok", "items": len(s.index), "classes": len(s.index.label_counts()),
                               "max_distance": s.max_distance, "uptime_s": round(time.time() - service.started, 1),
-                              "adding": service.token is not None, "batching": service.batcher.stats.to_json()})
+                              "adding": service.token is not None, "max_k": service.limits.max_k,
+                              "in_flight": service.in_flight - 1,
+                              "compute_threads": service.compute_threads,
+                              "batching": service.batcher.stats.to_json()})
 
     @app.get("/index", **openapi.INDEX)
     async def index_info():
@@ -491,7 +531,7 @@ def create_app(service: Service):
                               "label_counts": index.label_counts()}, 201)
 
     app.openapi = lambda: openapi.build(app, service.limits)
-    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    app.add_middleware(RequestGuard, service=service)
     return app
 
 

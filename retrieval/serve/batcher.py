@@ -25,10 +25,12 @@ class BatchStats:
     jobs: int = 0
     items: int = 0
     largest_batch: int = 0  # jobs
+    largest_batch_items: int = 0  # images
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # jobs per batch -> batches
 
     def to_json(self) -> dict:
         return {"batches": self.batches, "jobs": self.jobs, "items": self.items, "largest_batch": self.largest_batch,
+                "largest_batch_items": self.largest_batch_items,
                 "mean_jobs_per_batch": round(self.jobs / self.batches, 3) if self.batches else 0.0}
 
 
@@ -81,6 +83,8 @@ class MicroBatcher:
         self._event = asyncio.Event()
         self._stopped = False
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
+        # start the compute thread now (its initializer sets its threads), not on the first request
+        await asyncio.get_running_loop().run_in_executor(self.executor, int)
 
     async def stop(self) -> None:
         """Answer what is queued, then stop the drain loop and the compute thread."""
@@ -147,6 +151,7 @@ class MicroBatcher:
             self.stats.jobs += len(batch)
             self.stats.items += items
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            self.stats.largest_batch_items = max(self.stats.largest_batch_items, items)
             self.stats.batch_sizes[len(batch)] += 1
             results = await loop.run_in_executor(self.executor, self._run_batch, [job for job, _, _ in batch])
             for (_, _, fut), result in zip(batch, results):

@@ -59,13 +59,15 @@ def searcher_for(searcher, index=None, max_distance: float | None = None):
                     max_distance=max_distance, batch_size=searcher.batch_size)
 
 
-def set_compute_threads(threads: int) -> None:
+def set_compute_threads(threads: int) -> dict:
     """Threads for the tower (torch's intra-op pool) and for Faiss (this thread's OpenMP team). A service answers
-    small batches: on a few cores, one thread each beats thread teams that wake and spin for every request."""
+    small batches: on a few cores, one thread each beats thread teams that wake and spin for every request.
+    Returns what the two libraries then report ({"torch": n, "faiss": n})."""
     import faiss
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
+    return {"torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads()}
 
 
 def index_info(folder_name: str, index) -> dict:

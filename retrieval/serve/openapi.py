@@ -20,6 +20,7 @@ def _json(description: str, schema: dict) -> dict:
 
 BAD_INPUT = _error("Bad input: an undecodable, empty or inkless image, bad base64, a bad or missing field")
 TOO_LARGE = _error("The body is over the size limit, or a picture is over the pixel budget")
+TOO_SLOW = _error("The body did not arrive within the read timeout (the connection is closed)")
 WRONG_TYPE = _error("Not multipart/form-data or application/json")
 
 
@@ -43,13 +44,13 @@ QUERY = dict(
                 "`search_params` (Faiss's names, e.g. `nprobe=64` or `efSearch=128,k_factor_rf=8`) replace the "
                 "index's search parameters for this request, as `retrieval query --search-params`.",
     responses={200: _json("One answer per image, in order", {"type": "array", "items": _ref("QueryAnswer")}),
-               400: BAD_INPUT, 413: TOO_LARGE, 415: WRONG_TYPE},
+               400: BAD_INPUT, 408: TOO_SLOW, 413: TOO_LARGE, 415: WRONG_TYPE},
     openapi_extra=_body("QueryJSON", "QueryMultipart"),
 )
 CLASSIFY = dict(
     summary="A label (or `unknown`) for each image, from its k nearest neighbours (default k=1) and the threshold",
     responses={200: _json("One answer per image, in order", {"type": "array", "items": _ref("Classification")}),
-               400: BAD_INPUT, 413: TOO_LARGE, 415: WRONG_TYPE},
+               400: BAD_INPUT, 408: TOO_SLOW, 413: TOO_LARGE, 415: WRONG_TYPE},
     openapi_extra=_body("QueryJSON", "QueryMultipart"),
 )
 ITEM_IMAGE = dict(
@@ -66,7 +67,7 @@ ITEMS = dict(
     status_code=201,
     responses={201: _json("The new ids and the index's new counts", _ref("AddResult")),
                400: BAD_INPUT, 401: _error("No token given"), 403: _error("Wrong token, or adding is disabled"),
-               409: _error("The index folder is busy, or a prototype index already has this class"),
+               408: TOO_SLOW, 409: _error("The index folder is busy, or a prototype index already has this class"),
                413: TOO_LARGE, 415: WRONG_TYPE},
     openapi_extra={**_body("AddJSON", "AddMultipart"), "security": [{"bearer": []}]},
 )
@@ -107,7 +108,11 @@ def schemas(limits) -> dict:
         "Health": {"type": "object", "required": ["status", "items"], "properties": {
             "status": {"type": "string"}, "items": {"type": "integer"}, "classes": {"type": "integer"},
             "max_distance": {"type": ["number", "null"]}, "uptime_s": {"type": "number"},
-            "adding": {"type": "boolean"}, "batching": {"type": "object"}}},
+            "adding": {"type": "boolean"}, "max_k": {"type": "integer", "description": "the largest k a query may ask"},
+            "in_flight": {"type": "integer", "description": "other requests being read or answered"},
+            "compute_threads": {"type": ["object", "null"],
+                                "description": "threads torch and Faiss use on the compute thread (--threads)"},
+            "batching": {"type": "object"}}},
         "IndexInfo": {"type": "object", "required": ["folder", "meta", "label_counts"], "properties": {
             "folder": {"type": "string"}, "meta": {"type": "object"},
             "label_counts": {"type": "object", "additionalProperties": {"type": "integer"}},

@@ -37,6 +37,18 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def _uvicorn_logging() -> dict:
+    """uvicorn's logging configuration with the access log on stderr (its default is stdout), like every other
+    message of the server."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
+
+
 def serve(index, *, host: str = "127.0.0.1", port: int = 8000, token_file=None, device: str = "cpu",
           checkpoint=None, max_distance: float | None = None, uploads=None, root=None, limits=None,
           access_log: bool = False, graceful_timeout: float = 30.0) -> int:
@@ -50,7 +62,10 @@ def serve(index, *, host: str = "127.0.0.1", port: int = 8000, token_file=None, 
     app = create_app(service)
     sock = bind(host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout, server_header=False)
+                            timeout_graceful_shutdown=graceful_timeout, server_header=False,
+                            log_config=_uvicorn_logging())
+    if access_log:  # uvicorn gave its access logger the warning level too, which drops every (INFO) request line
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     server = uvicorn.Server(config)
     stopped_by: list[int] = []
 
