@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 
+BAR = re.compile(r"\d+%\||\r|it/s|query/s|img/s\]")  # what a tqdm progress bar writes
+
+
 def _summary_figures(stdout: str) -> dict[str, float]:
     """'  precision@1  0.9950' and '  1-shot       0.9503 +- 0.0032' lines of the printed summary."""
     return {m[1]: float(m[2]) for m in re.finditer(r"^  (\S+)\s+([01]\.\d{4})", stdout, re.MULTILINE)}
@@ -27,6 +30,8 @@ def test_quickstart_tiny_writes_every_artifact_and_reuses_them(tmp_path, data_ro
                  "reports/mnist-default-test/recall_at_k.png", "reports/mnist-default-test/confusion_matrix.png"]:
         assert (out / path).is_file(), path
     assert str(out / "indexes" / "mnist-default-train") in first.stdout
+    # stderr is a pipe, not a terminal: the steps' messages, and no progress bar (README: bars only on a terminal)
+    assert "[evaluate]" in first.stderr and not BAR.search(first.stderr), first.stderr[-3000:]
 
     # The figures of even one short epoch on 800 images are far above chance (0.1 for ten digits, 0.25 for a
     # 4-way episode), ordered as their definitions require, and the summary prints the report's numbers.
@@ -55,3 +60,18 @@ def test_quickstart_tiny_writes_every_artifact_and_reuses_them(tmp_path, data_ro
     again = json.loads((out / "reports/mnist-default-test/metrics.json").read_text())
     assert {k: again[k] for k in ("precision@1", "map@r")} == {k: metrics[k] for k in ("precision@1", "map@r")}
     assert "retrieval fewshot --checkpoint" in second.stderr  # says how to run the skipped few-shot step
+
+    # --force redoes every step it runs over what --out holds (the few-shot run, not run now, is kept as it is);
+    # --quiet leaves stderr empty: no step messages, no bars
+    kept = {p: ((out / p).stat().st_mtime_ns, (out / p).read_bytes())
+            for p in ("runs/mnist-default/best.safetensors", "runs/mnist-default/metrics.jsonl",
+                      "indexes/mnist-default-train/meta.json", "reports/mnist-default-test/metrics.json",
+                      "runs/mnist-fewshot/best.safetensors")}
+    forced = subprocess.run([sys.executable, "-m", "retrieval", "--quiet", *cmd[3:], "--force", "--no-fewshot"],
+                            capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert forced.returncode == 0 and forced.stderr == "", forced.stderr[-3000:]
+    redone = {p: (out / p).stat().st_mtime_ns != kept[p][0] for p in kept}
+    assert redone == {p: not p.startswith("runs/mnist-fewshot") for p in kept}, redone
+    records = [json.loads(line) for line in (out / "runs/mnist-default/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]  # a fresh run's history, not appended to the old one
+    assert json.loads((out / "reports/mnist-default-test/metrics.json").read_text())["n_queries"] == 300
