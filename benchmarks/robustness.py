@@ -11,9 +11,11 @@ Selection mode (--selection): the split used to CHOOSE a recipe. References are 
 mnist:train, queries its validation slice (the 5,000 images the trainer held out, same seed), corrupted with seed 1
 (test sets use seed 0); nothing from mnist:test is read.
 
+`--references N` takes a seeded subset of N references instead of all (a quick look; the tests use it with an
+untrained tower); `--index-dir DIR` builds the test mode's indexes in DIR/RUN and keeps them.
+
     .venv/bin/python benchmarks/robustness.py --runs /work/runs/mnist-default --subset 2000
     .venv/bin/python benchmarks/robustness.py --selection --runs /work/runs/mnist-default /work/runs/mnist-robust
-    .venv/bin/python benchmarks/robustness.py --tiny   # a tiny-tower run end to end (the test suite runs it)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import append_section, machine  # noqa: E402
 from retrieval.data.corrupt import CORRUPTIONS, KIND, corrupt  # noqa: E402
+from retrieval.precision import resolve_precision  # noqa: E402
 
 # Families the mnist-robust recipe's training augmentation imitates; the others are held out from training.
 TRAINED_FAMILIES = {"noise", "blur", "low resolution", "stroke width", "contrast", "affine", "edges"}
@@ -59,13 +62,18 @@ def default_runs() -> list[Path]:
     return out
 
 
-def test_figures(run: Path, names: list[str], subset: int | None, root, device: str, index_subset=None) -> dict:
+def _index_folder(index_dir: Path | None, run: Path, tmp: str) -> Path:
+    return Path(index_dir) / run.name if index_dir else Path(tmp) / "index"
+
+
+def test_figures(run: Path, names: list[str], subset: int | None, root, device: str, references=None,
+                 index_dir: Path | None = None) -> dict:
     from retrieval.workflows import build_index, evaluate
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
-        folder = Path(tmp) / "index"
-        build_index(run, ["mnist:train"], folder, root=root, device=device, subset=index_subset, seed=0)
+        folder = _index_folder(index_dir, run, tmp)
+        build_index(run, ["mnist:train"], folder, root=root, device=device, subset=references, seed=0)
         for name in ["clean", *names]:
             spec = "mnist:test" if name == "clean" else f"{KIND}:test/{name}"
             t = time.perf_counter()
@@ -77,9 +85,17 @@ def test_figures(run: Path, names: list[str], subset: int | None, root, device: 
     return out
 
 
-def selection_split(run: Path, subset: int | None, root):
+def _seeded_part(positions: torch.Tensor, n: int | None, seed: int = 0) -> torch.Tensor:
+    if not n or n >= len(positions):
+        return positions
+    g = torch.Generator().manual_seed(seed)
+    return positions[torch.randperm(len(positions), generator=g)[:n].sort().values]
+
+
+def selection_split(run: Path, subset: int | None, root, references: int | None = None):
     """(checkpoint, mnist:train, training positions, validation positions) of a run: the validation slice its
-    trainer held out (same size and seed), cut to a seeded `subset`."""
+    trainer held out (same size and seed), cut to a seeded `subset`, and the rest (its training slice), cut to a
+    seeded `references`."""
     from retrieval.checkpoint import load_checkpoint
     from retrieval.data.specs import load_dataset
     from retrieval.trainer import split_validation
@@ -88,25 +104,24 @@ def selection_split(run: Path, subset: int | None, root):
     data = ckpt.meta.get("data", {})
     ds = load_dataset("mnist:train", root=root)
     train_pos, val_pos = split_validation(ds.labels, int(data.get("val_images") or 5000), int(data.get("val_seed", 0)))
-    if subset and subset < len(val_pos):
-        g = torch.Generator().manual_seed(0)
-        val_pos = val_pos[torch.randperm(len(val_pos), generator=g)[:subset].sort().values]
-    return ckpt, ds, train_pos, val_pos
+    return ckpt, ds, _seeded_part(train_pos, references), _seeded_part(val_pos, subset)
 
 
-def selection_figures(run: Path, names: list[str], subset: int | None, root, device: str) -> dict:
+def selection_figures(run: Path, names: list[str], subset: int | None, root, device: str,
+                      references: int | None = None) -> dict:
     from retrieval.embed import embed_images
     from retrieval.metrics import retrieval_metrics
 
-    ckpt, ds, train_pos, val_pos = selection_split(run, subset, root)
-    refs = embed_images(ckpt.tower, ds.images[train_pos], device=device)
+    ckpt, ds, train_pos, val_pos = selection_split(run, subset, root, references)
+    precision = resolve_precision(None, device)  # as `retrieval index build` and `evaluate` embed by default
+    refs = embed_images(ckpt.tower, ds.images[train_pos], device=device, precision=precision)
     ref_labels = ds.labels[train_pos].numpy()
     clean = ds.images[val_pos].numpy()
     labels = ds.labels[val_pos].numpy()
     out = {}
     for name in ["clean", *names]:
         images = clean if name == "clean" else corrupt(clean, name, seed=1)
-        emb = embed_images(ckpt.tower, torch.from_numpy(images), device=device)
+        emb = embed_images(ckpt.tower, torch.from_numpy(images), device=device, precision=precision)
         m = retrieval_metrics(emb, labels, refs, ref_labels, ks=(1,))
         out[name] = {"precision@1": m.precision[1], "map@r": m.map_at_r}
         print(f"{run.name:24s} {name:16s} p@1 {m.precision[1]:.4f}  MAP@R {m.map_at_r:.4f}", flush=True)
@@ -172,7 +187,8 @@ def non_digit_pictures(kind: str, n: int, seed: int = 0) -> list[tuple[np.ndarra
 
 
 def unknown_figures(run: Path, names: list[str], subset: int | None, root, device: str,
-                    accepts: list[float]) -> dict[float, dict]:
+                    accepts: list[float], references: int | None = None, index_dir: Path | None = None,
+                    non_digits: int = 300) -> dict[float, dict]:
     """For each acceptance rate: calibrate it on clean mnist:test (the documented default rule, no negatives) on
     a Flat index of mnist:train; then the fraction of non-digits rejected and of each corrupted set still answered.
     Every set is embedded once; only the threshold differs between rates."""
@@ -185,8 +201,8 @@ def unknown_figures(run: Path, names: list[str], subset: int | None, root, devic
     dists: dict[str, np.ndarray] = {}
     looks: dict[str, tuple[np.ndarray, list[str]]] = {}
     with tempfile.TemporaryDirectory(prefix="robustness-unknown-") as tmp:
-        folder = Path(tmp) / "index"
-        build_index(run, ["mnist:train"], folder, root=root, device=device)
+        folder = _index_folder(index_dir, run, tmp)
+        build_index(run, ["mnist:train"], folder, root=root, device=device, subset=references, seed=0)
         thresholds = {a: calibrate(folder, "mnist:test", store=False, root=root, subset=subset, seed=0,
                                    device=device, accept=a)[0].max_distance for a in accepts}
 
@@ -202,7 +218,7 @@ def unknown_figures(run: Path, names: list[str], subset: int | None, root, devic
         if dataset_files_present("fashion-mnist", data_root):
             dists["fashion-mnist:test rejected"] = nearest("fashion-mnist:test")
         for kind in NON_DIGITS:
-            images, ok, marks = _preprocessed_non_digits(kind, 300, seed=0)
+            images, ok, marks = _preprocessed_non_digits(kind, non_digits, seed=0)
             d = np.full(len(ok), np.inf)  # a picture with no ink fails the query: never answered
             if len(images):
                 folder_k = Path(tmp) / kind
@@ -253,7 +269,7 @@ def _rejected_rows(kind: str, rejected: np.ndarray, marks: list[str]) -> dict:
 
 
 def unknown_selection_figures(run: Path, names: list[str], subset: int | None, root, device: str,
-                              accept: float) -> dict:
+                              accept: float, references: int | None = None, non_digits: int = 300) -> dict:
     """unknown_figures on the selection split, to choose recipes without the test split: the threshold answers
     `accept` of the run's clean validation slice against its training slice (pairs.acceptance_threshold, as
     `calibrate` does); then answered fractions of the validation slice corrupted with seed 1, and rejected
@@ -265,14 +281,15 @@ def unknown_selection_figures(run: Path, names: list[str], subset: int | None, r
     from retrieval.knn import ExactSearch
     from retrieval.pairs import acceptance_threshold
 
-    ckpt, ds, train_pos, val_pos = selection_split(run, subset, root)
-    search = ExactSearch(embed_images(ckpt.tower, ds.images[train_pos], device=device))
+    ckpt, ds, train_pos, val_pos = selection_split(run, subset, root, references)
+    precision = resolve_precision(None, device)  # as `retrieval index build` and `query` embed by default
+    search = ExactSearch(embed_images(ckpt.tower, ds.images[train_pos], device=device, precision=precision))
     clean = ds.images[val_pos].numpy()
 
     def nearest(images: np.ndarray) -> np.ndarray:
         if len(images) == 0:
             return np.zeros(0)
-        dist, _ = search(embed_images(ckpt.tower, torch.from_numpy(images), device=device), 1)
+        dist, _ = search(embed_images(ckpt.tower, torch.from_numpy(images), device=device, precision=precision), 1)
         return dist[:, 0]
 
     d_clean = nearest(clean)
@@ -285,7 +302,7 @@ def unknown_selection_figures(run: Path, names: list[str], subset: int | None, r
         fashion = load_dataset("fashion-mnist:train", root=root, subset=subset or None, seed=0)
         out["fashion-mnist:train rejected"] = float((nearest(fashion.images.numpy()) > t).mean())
     for kind in NON_DIGITS:
-        images, ok, marks = _preprocessed_non_digits(kind, 300, seed=1)
+        images, ok, marks = _preprocessed_non_digits(kind, non_digits, seed=1)
         rejected = ~ok
         rejected[ok] = nearest(images) > t
         out.update(_rejected_rows(kind, rejected, marks))
@@ -365,21 +382,6 @@ def table(results: dict[str, dict], names: list[str]) -> list[str]:
     return lines
 
 
-def tiny(root, names: list[str]) -> dict:
-    """A tiny tower trained for a handful of steps, every corruption on 40 test queries against 300 references:
-    the suite end to end (workflows.build_index + workflows.evaluate on every mnist-c spec)."""
-    from retrieval.workflows import train
-
-    with tempfile.TemporaryDirectory(prefix="robustness-tiny-") as tmp:
-        run = Path(tmp) / "run"
-        cfg = {"name": "tiny", "data": {"subset": 300, "val_size": 60}, "train": {"epochs": 1, "batch_size": 32},
-               "sampler": {"m": 8}}
-        train(cfg, run, data_root=root, threads=1, device="cpu", progress=False)
-        res = {"tiny": test_figures(run, names, 40, root, "cpu", index_subset=300)}
-    print("\n".join(table(res, names)))
-    return res
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="*", type=Path, help="run folders (default: a run for every shipped config)")
@@ -391,7 +393,9 @@ def main(argv=None) -> int:
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/README.md")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--note", default="", help="a paragraph added under the table")
-    p.add_argument("--tiny", action="store_true", help="a tiny-tower run of the whole suite (for the tests)")
+    p.add_argument("--references", type=int, default=0, help="a seeded subset of this many references (0: all)")
+    p.add_argument("--index-dir", type=Path, help="build the test mode's indexes in DIR/RUN and keep them")
+    p.add_argument("--non-digits", type=int, default=300, help="with --unknown: pictures of each non-digit kind")
     p.add_argument("--unknown", action="store_true",
                    help="unknown inputs: calibrate --accept of clean test, then rejection of non-digits")
     p.add_argument("--accept", default="0.99", help="with --unknown: the acceptance rate(s) to calibrate, "
@@ -405,9 +409,9 @@ def main(argv=None) -> int:
             a.json.write_text(json.dumps(res, indent=2) + "\n")
         return 0
     names = [n.strip() for n in a.corruptions.split(",") if n.strip()]
-    if a.tiny:
-        tiny(a.root, names)
-        return 0
+    refs = a.references or None
+    if a.write and refs:
+        p.error("--write records figures against every reference: leave out --references")
     if a.unknown:
         start = time.perf_counter()
         runs = a.runs or default_runs()
@@ -415,12 +419,14 @@ def main(argv=None) -> int:
         if a.selection and len(accepts) > 1:
             p.error("--selection takes one --accept rate")
         if a.selection:
-            res = {r.name: unknown_selection_figures(r, names, a.subset or None, a.root, a.device, accepts[0])
+            res = {r.name: unknown_selection_figures(r, names, a.subset or None, a.root, a.device, accepts[0],
+                                                     refs, a.non_digits)
                    for r in runs}
         else:
             res = {(r.name if len(accepts) == 1 else f"{r.name}, accept {acc:g}"): figures
                    for r in runs
-                   for acc, figures in unknown_figures(r, names, a.subset or None, a.root, a.device, accepts).items()}
+                   for acc, figures in unknown_figures(r, names, a.subset or None, a.root, a.device, accepts, refs,
+                                                       a.index_dir, a.non_digits).items()}
         rows = list(next(iter(res.values())))
         lines = ["| measure | " + " | ".join(res) + " |", "|" + "---|" * (1 + len(res))]
         lines += [f"| {k} | " + " | ".join(f"{res[r][k]:.4f}" for r in res) + " |" for k in rows]
@@ -445,8 +451,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = {}
     for run in runs:
-        fn = selection_figures if a.selection else test_figures
-        results[run.name] = fn(run, names, subset, a.root, a.device)
+        if a.selection:
+            results[run.name] = selection_figures(run, names, subset, a.root, a.device, refs)
+        else:
+            results[run.name] = test_figures(run, names, subset, a.root, a.device, refs, a.index_dir)
     lines = table(results, names)
     print("\n".join(lines))
     if a.json:

@@ -1,0 +1,145 @@
+"""benchmarks/robustness.py measures what it says (issue 24): its figures equal the product's own measurement of
+the same index and queries (workflows.evaluate, calibrate, query), in each mode, with an untrained seeded tower and
+a few hundred references (seconds, not a training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "robustness.py"
+NAMES = ["stripe", "brightness", "lowres-8", "dotted_line"]  # cheap to make for the whole test split (cached)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # as the subprocess runs (OMP_NUM_THREADS=1): same floats
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("robustness_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(stdout: str) -> dict[str, list[str]]:
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ")]
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
+
+
+def test_test_mode_rows_are_workflows_evaluate_on_the_same_index_and_subset(untrained_run, tmp_path):
+    from retrieval.index import load_index
+    from retrieval.workflows import evaluate
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH), "--runs", str(untrained_run), "--corruptions", ",".join(NAMES),
+                           "--subset", "40", "--references", "300", "--index-dir", str(tmp_path / "ix"),
+                           "--json", str(tmp_path / "figures.json")],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads((tmp_path / "figures.json").read_text())[untrained_run.name]
+    index = tmp_path / "ix" / untrained_run.name
+    assert len(load_index(index)) == 300
+    cells = _cells(proc.stdout)
+    for name in ["clean", *NAMES]:
+        spec = "mnist:test" if name == "clean" else f"mnist-c:test/{name}"
+        ev = evaluate(index, spec, ks=(1,), subset=40, seed=0, device="cpu")
+        assert figures[name]["precision@1"] == ev.metrics.precision[1], name
+        assert figures[name]["map@r"] == ev.metrics.map_at_r, name
+        assert cells[name][1] == f"{ev.metrics.precision[1]:.4f} / {ev.metrics.map_at_r:.4f}"
+    assert [n for n in cells if not n.startswith("**")] == ["clean", *NAMES]
+    family = {n: cells[n][0] for n in NAMES}
+    assert family["dotted_line"] == "occlusion (held out)" and family["stripe"] == "occlusion"  # augment.bands
+    assert family["brightness"] == "contrast" and family["lowres-8"] == "low resolution"
+
+
+def _root_without_mnist_test(tmp_path, data_root) -> Path:
+    """A data root whose MNIST test files are empty: reading mnist:test fails there."""
+    root = tmp_path / "root"
+    (root / "mnist").mkdir(parents=True)
+    for f in (Path(data_root) / "mnist").iterdir():
+        if f.name.startswith("t10k"):
+            (root / "mnist" / f.name).write_bytes(b"")
+        else:
+            (root / "mnist" / f.name).symlink_to(f)
+    return root
+
+
+def test_selection_mode_is_the_held_out_slice_against_the_training_slice_and_reads_no_test(
+        bench, untrained_run, tmp_path, data_root):
+    from retrieval.data.corrupt import corrupt
+    from retrieval.data.idx import write_idx
+    from retrieval.data.specs import load_dataset
+    from retrieval.trainer import split_validation
+    from retrieval.workflows import build_index, evaluate
+
+    root = _root_without_mnist_test(tmp_path, data_root)
+    with pytest.raises(Exception):
+        load_dataset("mnist:test", root=root)
+    out = tmp_path / "figures.json"
+    assert bench.main(["--selection", "--runs", str(untrained_run), "--corruptions", "stripe,impulse_noise", "--subset",
+                       "40", "--references", "300", "--root", str(root), "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())[untrained_run.name]
+
+    # queries from the slice the trainer held out (5,000, seed 0 for a run that says nothing else); references
+    # from the rest
+    _, ds, refs, queries = bench.selection_split(untrained_run, 40, root, 300)
+    held_train, held_out = split_validation(ds.labels, 5000, 0)
+    assert len(queries) == 40 and set(queries.tolist()) <= set(held_out.tolist())
+    assert len(refs) == 300 and set(refs.tolist()) <= set(held_train.tolist())
+
+    def folder(name, images, labels):
+        write_idx(tmp_path / name / "images-idx3-ubyte", images)
+        write_idx(tmp_path / name / "labels-idx1-ubyte", labels)
+        return f"idx:{tmp_path / name}"
+
+    labels = ds.labels.numpy()
+    index = tmp_path / "ix"
+    build_index(untrained_run, [folder("refs", ds.images[refs].numpy(), labels[refs])], index, device="cpu")
+    clean = ds.images[queries].numpy()
+    for name in ("clean", "stripe", "impulse_noise"):  # impulse noise is seeded: the seed is checked
+        images = clean if name == "clean" else corrupt(clean, name, seed=1)  # seed 1: the test sets use seed 0
+        ev = evaluate(index, folder(f"q-{name}", images, labels[queries]), ks=(1,), device="cpu")
+        assert figures[name]["precision@1"] == pytest.approx(ev.metrics.precision[1], abs=1e-9), name
+        assert figures[name]["map@r"] == pytest.approx(ev.metrics.map_at_r, abs=1e-9), name
+
+    # the unknown-input measure on the selection split reads no test image either
+    out = tmp_path / "unknown.json"
+    assert bench.main(["--unknown", "--selection", "--runs", str(untrained_run), "--corruptions", "stripe",
+                       "--subset", "40", "--references", "300", "--non-digits", "8", "--root", str(root),
+                       "--json", str(out)]) == 0
+    record = json.loads(out.read_text())[untrained_run.name]
+    assert {"threshold", "stripe answered", "letters rejected", "blank rejected"} <= set(record)
+
+
+def test_unknown_mode_thresholds_are_calibrate_and_answers_are_what_query_answers(bench, untrained_run, tmp_path):
+    from retrieval.data.specs import load_dataset
+    from retrieval.workflows import calibrate, query
+
+    out = tmp_path / "figures.json"
+    assert bench.main(["--unknown", "--runs", str(untrained_run), "--corruptions", "stripe", "--subset", "40",
+                       "--references", "300", "--non-digits", "8", "--accept", "0.9,0.99",
+                       "--index-dir", str(tmp_path / "ix"), "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    index = tmp_path / "ix" / untrained_run.name
+    assert list(figures) == [f"{untrained_run.name}, accept 0.9", f"{untrained_run.name}, accept 0.99"]
+    for accept in (0.9, 0.99):
+        fig = figures[f"{untrained_run.name}, accept {accept:g}"]
+        cal, _ = calibrate(index, "mnist:test", store=False, subset=40, seed=0, accept=accept, device="cpu")
+        assert fig["threshold"] == cal.max_distance
+        for key, spec in (("clean mnist:test answered", "mnist:test"), ("stripe answered", "mnist-c:test/stripe")):
+            items = load_dataset(spec, subset=40, seed=1).sources  # other test images than the calibration's
+            answers = query(index, items, k=1, max_distance=cal.max_distance, device="cpu")
+            answered = np.mean([r.label != "unknown" for r in answers.results])
+            assert fig[key] == answered, key
+        for kind in bench.NON_DIGITS:
+            assert 0.0 <= fig[f"{kind} rejected"] <= 1.0
+    assert figures[f"{untrained_run.name}, accept 0.9"]["clean mnist:test answered"] <= \
+        figures[f"{untrained_run.name}, accept 0.99"]["clean mnist:test answered"]
