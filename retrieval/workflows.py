@@ -145,7 +145,6 @@ def build_index(
     train_size: int | None = None,
     on_disk: bool = False,
     chunk_size: int | None = None,
-    block_size: int | None = None,
     dist_timeout: float | None = None,
     precision: str | None = "auto",
 ) -> EmbeddingIndex | None:
@@ -156,9 +155,10 @@ def build_index(
     The images are read and embedded `chunk_size` at a time (retrieval.index_build: memory for the tower, the
     index and one chunk); trained indexes (IVF, PQ, ...) are trained on a seeded sample of `train_size` vectors
     (default from the factory). `on_disk`: an IVF index's inverted lists in a file of the folder, memory-mapped
-    when searched, built in blocks of `block_size` vectors (retrieval.index_build.DEFAULT_BLOCK_SIZE). Launched by torchrun with more than one process, every process calls this with the same
-    arguments: each embeds its share of the rows (`dist_timeout`: seconds a process waits for the others), rank 0
-    merges the shares, writes the folder and returns the index; the others return None. `precision` (auto, fp32,
+    when searched (built in blocks of retrieval.index_build.DEFAULT_BLOCK_SIZE vectors). Launched by torchrun with
+    more than one process, every process calls this with the same arguments: each embeds its share of the rows
+    (`dist_timeout`: seconds a process waits for the others), rank 0 merges the shares, writes the folder and
+    returns the index; the others return None. `precision` (auto, fp32,
     bf16; retrieval.precision): the tower's arithmetic; the metadata's "precision" says which one embedded it."""
     from retrieval.distributed import is_comm_error, join as join_process_group
 
@@ -168,8 +168,7 @@ def build_index(
     out = Path(out)
     factory = normalize_factory(factory)
     metric_code(metric)
-    for name, value in (("train_size", train_size), ("chunk_size", chunk_size), ("batch_size", batch_size),
-                        ("block_size", block_size)):
+    for name, value in (("train_size", train_size), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         if value is not None and value <= 0:
             raise UsageError(f"`{name}` must be positive, got {value}")
     if prototypes and on_disk:
@@ -180,7 +179,7 @@ def build_index(
     options = dict(factory=factory, metric=metric, prototypes=prototypes, batch_size=batch_size, device=device,
                    root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
                    search_params=search_params, train_size=train_size, on_disk=on_disk, chunk_size=chunk_size,
-                   block_size=block_size, precision=resolve_precision(precision, device))
+                   precision=resolve_precision(precision, device))
     try:
         if group is not None and not group.is_main:
             group.wait_release("to set up the index build")
@@ -228,7 +227,7 @@ def _build_main(checkpoint, data_specs, out: Path, group, **options) -> Embeddin
 
 def _build_rows(checkpoint, data_specs, out: Path | None, group, *, factory, metric, prototypes, batch_size, device,
                 root, classes, exclude, subset, seed, search_params, train_size, on_disk,
-                chunk_size, block_size, precision) -> EmbeddingIndex | None:
+                chunk_size, precision) -> EmbeddingIndex | None:
     """Open the datasets and run retrieval.index_build.build_streaming (rank 0 releases the others first)."""
     from retrieval.data.stream import open_dataset
     from retrieval.index_build import DEFAULT_CHUNK_SIZE, BuildPlan, build_streaming
@@ -258,7 +257,7 @@ def _build_rows(checkpoint, data_specs, out: Path | None, group, *, factory, met
         result = build_streaming(plan, ckpt.tower, factory=factory, metric=metric, seed=seed, train_size=train_size,
                                  search_params=search_params, on_disk=on_disk, prototypes=prototypes,
                                  batch_size=batch_size, device=device, precision=precision,
-                                 block_size=block_size, group=group, out=out, meta=meta)
+                                 group=group, out=out, meta=meta)
     finally:
         plan.close()
     embed = result.seconds.get("embed", 0.0)

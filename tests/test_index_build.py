@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import workflows
+from retrieval import index_build, workflows
 from retrieval.checkpoint import load_checkpoint
 from retrieval.data.specs import load_dataset
 from retrieval.embed import embed_images
@@ -60,11 +60,13 @@ def _same_answers(a, b, queries, k=10):
 # -- streaming build == in-memory build ----------------------------------------------------------------------------
 @pytest.mark.parametrize("factory,on_disk", [("Flat", False), ("HNSW16", False), ("IVF16,Flat", False),
                                              ("IVF16,PQ8x4fs,RFlat", False), ("IVF16,PQ8,RFlat", True)])
-def test_streaming_build_equals_the_in_memory_build(tmp_path, run, data, factory, on_disk):
+def test_streaming_build_equals_the_in_memory_build(tmp_path, run, data, factory, on_disk, monkeypatch):
     ds, emb, queries = data
-    # chunks of 512 images, on-disk blocks of 700 vectors: every path through chunks and blocks is taken
+    # chunks of 512 images, on-disk blocks of 700 vectors (the default block, 262,144, lowered to the data's
+    # scale): every path through chunks and blocks is taken
+    monkeypatch.setattr(index_build, "DEFAULT_BLOCK_SIZE", 700)
     streamed = workflows.build_index(run, ["mnist:test"], tmp_path / "ix", subset=N, seed=1, factory=factory,
-                                     train_size=1500, chunk_size=500, on_disk=on_disk, block_size=700)
+                                     train_size=1500, chunk_size=500, on_disk=on_disk)
     in_memory = build_index(emb, ds.labels.numpy(), ds.classes, ds.sources, factory=factory, seed=1,
                             train_size=1500)
     assert streamed.meta["build"]["chunk_size"] == 512  # rounded up to whole embedding batches
