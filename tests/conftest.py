@@ -47,6 +47,22 @@ def data_root():
 
 
 @pytest.fixture
+def debian_fashion_mnist():
+    """The folder of Debian's dataset-fashion-mnist package. Where it is not installed the test is skipped,
+    naming the package, or fails when RETRIEVAL_REQUIRE_FASHION_MNIST is set (CI installs it)."""
+    from retrieval.data.fetch import DEBIAN_FASHION_DIR, FASHION_MNIST
+
+    missing = [name for name in FASHION_MNIST.checksums if not (DEBIAN_FASHION_DIR / name).is_file()]
+    if missing:
+        what = (f"Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist): no "
+                f"{', '.join(missing)} in {DEBIAN_FASHION_DIR}")
+        if os.environ.get("RETRIEVAL_REQUIRE_FASHION_MNIST"):
+            pytest.fail(f"{what}, but RETRIEVAL_REQUIRE_FASHION_MNIST is set")
+        pytest.skip(f"{what} (set RETRIEVAL_REQUIRE_FASHION_MNIST=1 to fail instead)")
+    return DEBIAN_FASHION_DIR
+
+
+@pytest.fixture
 def log_messages(caplog):
     """A function returning the library's log messages (INFO and up) so far in the test, as strings."""
     caplog.set_level(logging.INFO, logger="retrieval")

@@ -5,9 +5,11 @@ the step). After every kill the folder must hold the old result or the new one, 
 of them. No test hook in the product: the test only watches the file system, as any observer could.
 
 A save's steps (renames, unlinks) follow each other within microseconds, too fast to kill between them reliably.
-Where strace is installed, the CLI runs under it in slow motion: strace holds every rename and unlink for
-STEP_DELAY_US before letting it run (nothing else changes), so the test sees each step and kills before the next.
-Without strace the same kills are attempted at natural speed.
+Where strace works, the CLI runs under it in slow motion: strace holds every rename and unlink for STEP_DELAY_US
+before letting it run (nothing else changes), so the test sees each step and kills before the next. Without it the
+same kills are attempted at natural speed, where they cannot be sure to land between the steps: those tests then
+end as skipped, saying what is missing (the report test, which cannot see the swap without it, skips at once);
+with RETRIEVAL_REQUIRE_STRACE set (CI sets it) they fail at once instead.
 """
 
 from __future__ import annotations
@@ -40,25 +42,56 @@ from retrieval.towers import build_tower
 RUN_TIMEOUT_S = 120  # one CLI run; they take a few seconds
 MUTATIONS = "rename,renameat,renameat2,unlink,unlinkat,rmdir"  # the syscalls that change what a folder names
 STEP_DELAY_US = 50_000
+REQUIRE_STRACE = "RETRIEVAL_REQUIRE_STRACE"
 
 
 # -- running and killing the CLI --------------------------------------------------------------------------------
 @functools.cache
-def slow_motion() -> tuple[str, ...] | None:
-    """The strace command line that delays every rename/unlink of the program it runs, if strace works here."""
+def _strace() -> tuple[tuple[str, ...] | None, str]:
+    """(the strace command line that delays every rename/unlink of the program it runs, "") where strace works
+    here, else (None, what is missing)."""
     exe = shutil.which("strace")
     if exe is None:
-        return None
+        return None, "strace is not installed (apt-get install strace)"
     cmd = (exe, "-f", "--seccomp-bpf", "-qq", "-o", os.devnull, "-e", f"trace={MUTATIONS}",
            "-e", f"inject={MUTATIONS}:delay_enter={STEP_DELAY_US}")
     probe = "import os, tempfile; os.rmdir(tempfile.mkdtemp())"
     start = time.perf_counter()
     try:
-        ok = subprocess.run([*cmd, sys.executable, "-c", probe], capture_output=True, timeout=60,
-                            check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return cmd if ok and time.perf_counter() - start >= STEP_DELAY_US / 1e6 else None
+        proc = subprocess.run([*cmd, sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{exe} could not run a probe: {e}"
+    if proc.returncode != 0:
+        said = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[0]
+        return None, (f"{exe} cannot trace here ({said}; tracing needs ptrace: in a container, the SYS_PTRACE "
+                      "capability and a seccomp profile that allows it)")
+    if time.perf_counter() - start < STEP_DELAY_US / 1e6:
+        return None, f"{exe} ran the probe without delaying its rmdir (needs strace >= 5.3: --seccomp-bpf, inject delay)"
+    return cmd, ""
+
+
+def slow_motion() -> tuple[str, ...] | None:
+    """The strace command line of the slow motion, None where strace cannot give it."""
+    return _strace()[0]
+
+
+def require_slow_motion(skip: bool = False) -> None:
+    """At a test's start: fail at once when slow motion is unavailable but required (CI); with `skip`, skip the
+    test when it is unavailable and not required (a test that cannot observe the save without it)."""
+    if slow_motion() is None and os.environ.get(REQUIRE_STRACE):
+        pytest.fail(f"{_strace()[1]}, but {REQUIRE_STRACE} is set: kills between a save's steps cannot be made")
+    if slow_motion() is None and skip:
+        pytest.skip(f"needs strace's slow motion to see the steps of the swap: {_strace()[1]} "
+                    f"(set {REQUIRE_STRACE}=1 to fail instead)")
+
+
+def skip_unless_slow_motion() -> None:
+    """At a test's end, after the checks that hold at natural speed: say so when the between-steps ones could not
+    run (a skip names what is missing)."""
+    if slow_motion() is None:
+        pytest.skip(f"kills between the save's steps not checked: {_strace()[1]} "
+                    f"(set {REQUIRE_STRACE}=1 to fail instead)")
 
 
 def _env(data_root) -> dict:
@@ -203,6 +236,7 @@ def _kill_loop(base: Path, tmp_path: Path, data_root, args: Callable[[Path], lis
     """Run `args(folder)` over a copy of the old index: `anywhere` kills at random moments, and `steps` kills
     right after steps of the save (when it begins and around its commit, the others drawn at random), then one
     after its first step; old-or-new after each. With `last_run`, a whole run then follows the last kill."""
+    require_slow_motion()
     folder = tmp_path / "index"
     shutil.copytree(base / "index", folder)
     old_index = load_index(folder)
@@ -258,6 +292,7 @@ def _kill_loop(base: Path, tmp_path: Path, data_root, args: Callable[[Path], lis
         assert outcomes[-1][1:3] == ("killed", "old") and outcomes[-1][3] > 0 or not slow_motion(), outcomes[-1]
         drive(Child(args(folder), data_root, log=tmp_path / "last.log"))
         assert _snapshot(folder, queries) == new and _leftovers(folder) == []
+    skip_unless_slow_motion()
     return outcomes
 
 
@@ -349,6 +384,7 @@ class ReportWatch:
 
 
 def test_report_killed_at_any_moment_leaves_a_whole_report(tmp_path, base, data_root, capsys):
+    require_slow_motion(skip=True)  # at natural speed the swap is over before a watcher sees its temp folder whole
     out = tmp_path / "reports" / "mnist-test"
     index = base / "index"
     code, _, err = run_cli(capsys, "evaluate", "--index", index, "--queries", "mnist:test", "--subset", 40,
@@ -395,10 +431,9 @@ def test_report_killed_at_any_moment_leaves_a_whole_report(tmp_path, base, data_
         assert state in (old, new), f"killed {where}: the report is neither the old nor the new one"
         outcomes.append((kind, "killed" if code else "finished", "old" if state == old else "new", where))
     print(*outcomes, sep="\n")
-    if slow_motion():  # at natural speed, the swap's steps come too close together to be sure to see each
-        swap = [o for o in outcomes if o[0] == "step"]
-        assert all(o[1] == "killed" for o in swap), outcomes
-        assert {o[2] for o in swap} == {"old", "new"}, f"the kills did not straddle the swap: {outcomes}"
+    swap = [o for o in outcomes if o[0] == "step"]
+    assert all(o[1] == "killed" for o in swap), outcomes
+    assert {o[2] for o in swap} == {"old", "new"}, f"the kills did not straddle the swap: {outcomes}"
 
 
 def test_exchange_paths_swaps_two_folders(tmp_path):

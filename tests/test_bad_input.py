@@ -167,9 +167,7 @@ def test_broken_idx_files(tmp_path, damage, data_root):
     assert_clean_failure(result, 1, "x-images-idx3-ubyte", "not an IDX file" if damage == "magic" else "truncated")
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").is_file(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
-def test_checksum_mismatch_during_fetch_is_replaced_by_a_verified_copy(tmp_path):
+def test_checksum_mismatch_during_fetch_is_replaced_by_a_verified_copy(tmp_path, debian_fashion_mnist):
     first = cli("data", "fetch", "fashion-mnist", "--no-mirrors", "--root", tmp_path)
     assert first.returncode == 0, first.stderr
     labels = tmp_path / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz"
