@@ -24,11 +24,13 @@ from PIL import Image
 from retrieval.checkpoint import load_checkpoint, save_checkpoint
 from retrieval.data.specs import load_dataset
 from retrieval.embed import embed_images, images_to_input
+from retrieval.grid import SourceImages
 from retrieval.index import load_index
 from retrieval.workflows import build_index, evaluate
 from retrieval.objectives import PairHead
 from retrieval.towers import build_tower
 from cli_helpers import run_cli
+from figures import assert_tiles_show, grid_tiles, heatmap_fractions
 
 def pml(queries, query_labels, references=None, reference_labels=None) -> dict:
     from pytorch_metric_learning.utils import common_functions
@@ -171,6 +173,23 @@ def test_report_folder(index_dir, tmp_path, capsys):
     for png in out_dir.glob("*.png"):
         with Image.open(png) as img:
             assert img.format == "PNG" and img.size[0] > 200 and img.size[1] > 200
+    # the plots show these figures: the confusion matrix's cells are the rows' fractions (its diagonal adds up to
+    # the queries whose nearest neighbour is right) ...
+    counts = np.array(saved["confusion_matrix"]["counts"])
+    shown = heatmap_fractions(out_dir / "confusion_matrix.png", len(counts))
+    assert np.abs(shown - counts / counts.sum(1, keepdims=True)).max() < 0.02
+    assert abs((np.diag(shown) * counts.sum(1)).sum() - saved["precision@1"] * 200) < 1
+    # ... and the failures grid shows the closest wrong nearest neighbours, each query beside its neighbours
+    metrics = evaluate(index_dir, "mnist:test", subset=200).metrics
+    assert metrics.precision[1] == saved["precision@1"]
+    wrong = np.flatnonzero(~metrics.nn_correct)
+    wrong = wrong[np.argsort(metrics.neighbor_distances[wrong, 0], kind="stable")][:10]
+    index = load_index(index_dir)
+    pictures = SourceImages()
+    expected = [[queries.images[i]] + [pictures.get(index.sources_of([n])[0]) for n in metrics.neighbor_ids[i, :6]]
+                for i in wrong]
+    assert len(expected) == 10 and all(len(row) == 7 for row in expected)
+    assert_tiles_show(grid_tiles(out_dir / "failures.png"), expected)
     summary = (out_dir / "summary.md").read_text()
     assert "| recall@k |" in summary and "MAP@R" in summary and "![failures.png](failures.png)" in summary
     # a second run replaces the report; a folder holding anything else is refused, untouched

@@ -21,6 +21,7 @@ from retrieval.workflows import build_index
 from retrieval.query import UNKNOWN, Searcher, predict_labels, resolve_query_inputs
 from retrieval.towers import build_tower
 from cli_helpers import run_cli
+from figures import assert_tiles_show, grid_tiles
 
 
 @pytest.fixture(scope="module")
@@ -262,12 +263,19 @@ def test_cli_bad_options_and_files(tmp_path, index_dir, run_dir, capsys):
 def test_grid_png(tmp_path, index_dir, indexed, capsys):
     png = draw_digit(tmp_path / "four.png", FOUR)
     out_png = tmp_path / "grid.png"
-    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--k", "4", "--grid", out_png,
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--k", "4", "--grid", out_png, "--json",
                              png, indexed.sources[1], indexed.sources[2])
     assert code == 0, err
     with Image.open(out_png) as img:
-        assert img.format == "PNG" and img.width > img.height > 150  # 3 rows of 1 query + 4 neighbours
-        assert np.asarray(img.convert("L")).std() > 10  # something drawn
+        assert img.format == "PNG" and img.width > img.height > 150
+    # what it shows: a row per query, the query (as embedded: the drawing after the preprocessing) then its
+    # 4 neighbours' pictures in the order of the answer
+    sources = SourceImages()
+    queries = [load_image_file(png), *(sources.get(s) for s in indexed.sources[1:3])]
+    expected = [[query, *(sources.get(n["source"]) for n in answer["neighbors"])]
+                for query, answer in zip(queries, json.loads(out))]
+    assert [len(row) for row in expected] == [5, 5, 5]
+    assert_tiles_show(grid_tiles(out_png), expected)
 
 
 def test_render_grid_is_reusable(tmp_path, indexed):
