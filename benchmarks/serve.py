@@ -1,13 +1,25 @@
-"""`retrieval serve` under load on loopback: p50/p99 latency and queries/s at 1, 8 and 32 concurrent clients
-against a 60k MNIST index, beside the CLI's cold start for one query, and the server's RSS over a long run.
+"""`retrieval serve` under load on loopback, against a 60k MNIST index, with the pictures users send:
 
-Each client holds one keep-alive HTTP/1.1 connection and sends one query at a time (one mnist:test image as a
-PNG multipart upload, k=5); latency is from the request's first byte sent to its last byte received. The load
-generator is a lean asyncio client in this process (no HTTP library), so most of the 2 cores go to the server.
+- payloads: `mnist`, a 28x28 PNG (mnist:test digits); `canvas`, the draw-a-digit page's 280x280 RGBA PNG export
+  (mnist:test digits drawn as thick dark strokes on the page's white canvas); `photo`, a 1024x768 JPEG phone photo
+  of a digit on paper (lighting gradient, paper texture, a shadow, blur). All made deterministically from seeded
+  mnist:test subsets; each payload rotates through its distinct pictures.
+- per payload: decode + preprocess time in this process (median, one thread, the service's own function);
+  one client's p50 latency (sequential requests on one keep-alive connection); queries/s, p50 and p99 at 32
+  clients, with wrk when it is installed (apt-get install wrk), else with the asyncio client below.
+- for the mnist payload as before: p50/p99 and queries/s at 1, 8 and 32 clients (asyncio client), the server's
+  RSS over a long run, and the CLI's cold start for one query.
+
+`--baseline-src DIR` measures a second server from another source tree (e.g. `git archive <commit> | tar -x -C
+DIR`) side by side on the same index, payloads and machine, each payload measured on both in turn.
+
+Each request is one POST /query with one picture as a multipart upload and k=5; latency is from the request's
+first byte sent to its last byte received. The load generators run on the same cores as the server.
 
     .venv/bin/python benchmarks/serve.py --index indexes/serve-bench          # an existing 60k index
     .venv/bin/python benchmarks/serve.py --checkpoint runs/NAME               # build indexes/serve-bench first
     .venv/bin/python benchmarks/serve.py --train-epochs 2                     # train a quick tower first
+    .venv/bin/python benchmarks/serve.py --index DIR --long 0 --cold-repeats 0 --clients "" --no-readme
 """
 
 from __future__ import annotations
@@ -19,9 +31,11 @@ import io
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,6 +47,9 @@ from benchmarks._report import append_section, machine  # noqa: E402
 
 RETRIEVAL = [sys.executable, "-m", "retrieval"]
 CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
+BOUNDARY = "----retrieval-bench-7d1f"
+PAYLOADS = ("mnist", "canvas", "photo")
+PAYLOAD_TEXT = {"mnist": "28x28 PNG", "canvas": "280x280 RGBA canvas PNG", "photo": "1024x768 JPEG photo"}
 
 
 def run_cli(*args: str) -> str:
@@ -63,29 +80,115 @@ def prepare_index(args) -> tuple[Path, str]:
     return out, f"{how}; index: all 60,000 mnist:train images, Flat (exact), metric ip"
 
 
-def query_bodies(n: int) -> list[bytes]:
-    """n HTTP requests: POST /query with one mnist:test image as a PNG upload and k=5."""
-    from PIL import Image
-
+# -- payloads ---------------------------------------------------------------------------------------------------------
+def _digits(n: int, seed: int):
     from retrieval.data import load_dataset
 
-    ds = load_dataset("mnist:test", subset=n, seed=0)
-    requests = []
-    for i in range(n):
+    return load_dataset("mnist:test", subset=n, seed=seed).images.numpy()
+
+
+def mnist_pictures(n: int) -> list[tuple[str, bytes, str]]:
+    from PIL import Image
+
+    out = []
+    for i, digit in enumerate(_digits(n, 0)):
         buf = io.BytesIO()
-        Image.fromarray(ds.images[i].numpy()).save(buf, format="PNG")
-        boundary = f"----bench{i:08d}"
-        body = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"test-{i}.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n".encode() + buf.getvalue()
-            + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"k\"\r\n\r\n5\r\n--{boundary}--\r\n".encode()
-        )
-        head = (f"POST /query HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        Image.fromarray(digit).save(buf, format="PNG")
+        out.append((f"test-{i}.png", buf.getvalue(), "image/png"))
+    return out
+
+
+def canvas_pictures(n: int) -> list[tuple[str, bytes, str]]:
+    """The page's export: an opaque 280x280 RGBA canvas, white, with the digit in #111 ink, anti-aliased edges
+    (an mnist:test digit scaled 10x and thresholded into a thick stroke, like the page's 18 px round pen)."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    out = []
+    for i, digit in enumerate(_digits(n, 1)):
+        big = Image.fromarray(digit).resize((280, 280), Image.Resampling.BILINEAR)
+        ink = np.clip((np.asarray(big, dtype=np.float32) - 60.0) * 4.0, 0, 255)
+        ink = np.asarray(Image.fromarray(ink.astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.8)),
+                         dtype=np.float32) / 255.0
+        rgb = (255.0 * (1 - ink) + 17.0 * ink).round().astype(np.uint8)
+        rgba = np.dstack([rgb, rgb, rgb, np.full_like(rgb, 255)])
+        buf = io.BytesIO()
+        Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
+        out.append((f"canvas-{i}.png", buf.getvalue(), "image/png"))
+    return out
+
+
+def photo_pictures(n: int) -> list[tuple[str, bytes, str]]:
+    """A phone photo of a digit written on paper: 1024x768, a lighting gradient across the sheet, paper texture,
+    a soft shadow along one side, the digit (an mnist:test digit scaled to ~380 px) in dark ink, slightly blurred,
+    JPEG quality 88. Seeded: the same bytes on every run."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(25)
+    yy, xx = np.mgrid[0:768, 0:1024].astype(np.float32)
+    out = []
+    for i, digit in enumerate(_digits(n, 2)):
+        gx, gy = rng.uniform(-40, 40, 2)
+        paper = 185 + gx * (xx / 1024 - 0.5) + gy * (yy / 768 - 0.5)
+        texture = np.asarray(Image.fromarray(rng.normal(0, 10, (192, 256)).astype(np.float32), mode="F")
+                             .resize((1024, 768), Image.Resampling.BILINEAR))
+        shadow_edge = rng.uniform(80, 240)
+        paper = paper + texture - 45 * np.clip((shadow_edge - xx) / 120, 0, 1)
+        size = int(rng.uniform(340, 420))
+        mark = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC),
+                          dtype=np.float32) / 255.0
+        top, left = int(rng.uniform(120, 768 - size - 60)), int(rng.uniform(260, 1024 - size - 120))
+        ink = np.zeros((768, 1024), np.float32)
+        ink[top:top + size, left:left + size] = np.clip(mark * 1.3, 0, 1)
+        picture = paper * (1 - ink) + 45 * ink
+        rgb = np.dstack([picture * 1.02, picture, picture * 0.94])
+        img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB").filter(
+            ImageFilter.GaussianBlur(rng.uniform(0.8, 1.8)))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=88)
+        out.append((f"photo-{i}.jpg", buf.getvalue(), "image/jpeg"))
+    return out
+
+
+def make_payload(name: str, n: int) -> list[tuple[str, bytes, str]]:
+    return {"mnist": mnist_pictures, "canvas": canvas_pictures, "photo": photo_pictures}[name](n)
+
+
+def multipart_body(filename: str, data: bytes, content_type: str) -> bytes:
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: {content_type}\r\n\r\n".encode() + data
+            + f"\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"k\"\r\n\r\n5\r\n--{BOUNDARY}--\r\n".encode())
+
+
+def http_requests(pictures) -> list[bytes]:
+    """One HTTP/1.1 POST /query (k=5) per picture, head and body."""
+    out = []
+    for filename, data, content_type in pictures:
+        body = multipart_body(filename, data, content_type)
+        head = (f"POST /query HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
-        requests.append(head + body)
-    return requests
+        out.append(head + body)
+    return out
 
 
+def decode_ms(pictures, repeats: int = 3) -> float:
+    """Median milliseconds of the service's decode + preprocess (retrieval.serve.library.decode_upload) per
+    picture, one thread, in this process."""
+    from retrieval.serve.library import decode_upload
+
+    for name, data, _ in pictures[:3]:
+        decode_upload(data, name)
+    times = []
+    for _ in range(repeats):
+        for name, data, _ in pictures:
+            t0 = time.perf_counter()
+            decode_upload(data, name)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+# -- load generators --------------------------------------------------------------------------------------------------
 async def client(host: str, port: int, requests: list[bytes], start: int, count: int, latencies: list,
                  errors: list) -> None:
     reader, writer = await asyncio.open_connection(host, port)
@@ -118,9 +221,65 @@ async def load(host: str, port: int, requests: list[bytes], clients: int, total:
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
     return {"clients": clients, "requests": total, "answered": len(latencies), "errors": len(errors),
             "first_errors": errors[:3], "seconds": seconds, "qps": len(latencies) / seconds,
-            "p50_ms": statistics.median(latencies) * 1000, "p99_ms": q[98] * 1000}
+            "p50_ms": statistics.median(latencies) * 1000, "p99_ms": q[98] * 1000, "tool": "asyncio"}
 
 
+WRK_SCRIPT = """
+local dir, n = os.getenv("BENCH_DIR"), tonumber(os.getenv("BENCH_N"))
+local requests, at = {}, 0
+function init(args)
+  for i = 0, n - 1 do
+    local f = assert(io.open(string.format("%s/body-%04d.bin", dir, i), "rb"))
+    local body = f:read("*a")
+    f:close()
+    requests[i + 1] = wrk.format("POST", "/query",
+      {["Content-Type"] = "multipart/form-data; boundary=" .. os.getenv("BENCH_BOUNDARY")}, body)
+  end
+  at = math.random(n)
+end
+function request()
+  at = at % n + 1
+  return requests[at]
+end
+"""
+
+
+def _duration_ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk_load(host: str, port: int, pictures, clients: int, seconds: float, workdir: Path) -> dict:
+    """wrk -t2 -c<clients> -d<seconds>s --latency, rotating through the payload's requests."""
+    bodies = workdir / "bodies"
+    shutil.rmtree(bodies, ignore_errors=True)
+    bodies.mkdir(parents=True)
+    for i, picture in enumerate(pictures):
+        (bodies / f"body-{i:04d}.bin").write_bytes(multipart_body(*picture))
+    script = workdir / "rotate.lua"
+    script.write_text(WRK_SCRIPT)
+    env = {**os.environ, "BENCH_DIR": str(bodies), "BENCH_N": str(len(pictures)), "BENCH_BOUNDARY": BOUNDARY}
+    proc = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{seconds:g}s", "--latency", "--timeout", "10s",
+                           "-s", str(script), f"http://{host}:{port}"], capture_output=True, text=True, env=env)
+    text = proc.stdout
+    if proc.returncode != 0 or "Requests/sec" not in text:
+        sys.exit(f"wrk failed ({proc.returncode}):\n{text}\n{proc.stderr}")
+    percent = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+(\S+)\s*$", text, re.M))
+    if set(percent) != {"50", "99"}:
+        sys.exit(f"cannot read wrk's latency distribution:\n{text}")
+    total = int(re.search(r"(\d+) requests in", text).group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    socket_errors = re.search(r"Socket errors: (.*)$", text, re.M)
+    errors = (int(non_2xx.group(1)) if non_2xx else 0)
+    if socket_errors:
+        errors += sum(int(x) for x in re.findall(r"\d+", socket_errors.group(1)))
+    return {"clients": clients, "requests": total, "answered": total, "errors": errors,
+            "first_errors": [socket_errors.group(0)] if socket_errors else [],
+            "seconds": seconds, "qps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
+            "p50_ms": _duration_ms(percent["50"]), "p99_ms": _duration_ms(percent["99"]), "tool": "wrk"}
+
+
+# -- the server -------------------------------------------------------------------------------------------------------
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -132,6 +291,55 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class Server:
+    """`python -m retrieval serve --index DIR --port 0` run from the source tree `src`."""
+
+    def __init__(self, index: Path, src: Path = REPO):
+        self.t_start = time.perf_counter()
+        self.proc = subprocess.Popen([*RETRIEVAL, "serve", "--index", str(index), "--port", "0"], cwd=src,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:
+            m = re.search(r"listening on http://([\d.]+):(\d+)/", line)
+            if m:
+                self.host, self.port = m.group(1), int(m.group(2))
+                break
+        else:
+            sys.exit(f"the server from {src} did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+    def health(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=30) as r:
+            return json.loads(r.read())
+
+
+def measure_payloads(server: Server, payloads: dict, args, workdir: Path) -> dict:
+    """{payload: {"one": row of one client, "many": row at args.many clients}}."""
+    out = {}
+    for name, pictures in payloads.items():
+        requests = http_requests(pictures)
+        asyncio.run(load(server.host, server.port, requests, 4, min(200, 4 * len(requests))))  # warm-up
+        one = asyncio.run(load(server.host, server.port, requests, 1, args.one_client))
+        cpu0 = cpu_seconds(server.pid)
+        if shutil.which("wrk") and not args.no_wrk:
+            many = wrk_load(server.host, server.port, pictures, args.many, args.duration, workdir)
+        else:
+            many = asyncio.run(load(server.host, server.port, requests, args.many,
+                                    int(args.duration * 300) if name != "photo" else int(args.duration * 60)))
+        many["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, many["answered"]) * 1000
+        out[name] = {"one": one, "many": many}
+        print(f"  {name:6s}: one client p50 {one['p50_ms']:.2f} ms ({one['errors']} errors); {args.many} clients "
+              f"({many['tool']}): {many['qps']:,.0f} q/s, p50 {many['p50_ms']:.1f} ms, p99 {many['p99_ms']:.1f} ms, "
+              f"{many['errors']} errors {many['first_errors']}, server CPU {many['cpu_ms']:.2f} ms/query", flush=True)
+    return out
 
 
 def cli_cold_start(index: Path, repeats: int) -> tuple[float, float]:
@@ -155,101 +363,127 @@ def main() -> None:
     ap.add_argument("--index", help="a 60k index folder to serve")
     ap.add_argument("--checkpoint", help="build indexes/serve-bench from this checkpoint")
     ap.add_argument("--train-epochs", type=int, default=2, help="epochs of the quick training (no --index/--checkpoint)")
-    ap.add_argument("--requests", type=int, default=3000, help="requests per concurrency level")
-    ap.add_argument("--long", type=int, default=10_000, help="requests of the RSS run (32 clients)")
-    ap.add_argument("--clients", default="1,8,32")
-    ap.add_argument("--cold-repeats", type=int, default=3)
+    ap.add_argument("--payloads", default=",".join(PAYLOADS), help="which payloads to measure (mnist,canvas,photo)")
+    ap.add_argument("--pictures", type=int, default=200, help="distinct pictures per payload")
+    ap.add_argument("--one-client", type=int, default=400, help="requests of the one-client run per payload")
+    ap.add_argument("--many", type=int, default=32, help="clients of the loaded run per payload")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of each loaded run (wrk)")
+    ap.add_argument("--no-wrk", action="store_true", help="use the asyncio client even when wrk is installed")
+    ap.add_argument("--baseline-src", help="also measure the server of this source tree, side by side")
+    ap.add_argument("--requests", type=int, default=3000, help="requests per concurrency level (mnist payload)")
+    ap.add_argument("--long", type=int, default=10_000, help="requests of the RSS run (32 clients; 0: skip)")
+    ap.add_argument("--clients", default="1,8,32", help="concurrency levels of the mnist run ('': skip)")
+    ap.add_argument("--cold-repeats", type=int, default=3, help="CLI cold starts (0: skip)")
     ap.add_argument("--no-readme", action="store_true", help="print the section instead of appending it")
     args = ap.parse_args()
 
     index, how = prepare_index(args)
-    requests = query_bodies(1000)
+    names = [p for p in args.payloads.split(",") if p]
+    if unknown := set(names) - set(PAYLOADS):
+        sys.exit(f"--payloads: unknown {sorted(unknown)}; expected some of {', '.join(PAYLOADS)}")
+    payloads = {name: make_payload(name, args.pictures) for name in names}
+    decode = {name: decode_ms(pictures) for name, pictures in payloads.items()}
+    for name, ms in decode.items():
+        sizes = [len(d) for _, d, _ in payloads[name]]
+        print(f"{name}: {len(sizes)} pictures, median {statistics.median(sizes) / 1024:.1f} KiB; decode + "
+              f"preprocess {ms:.2f} ms (median, one thread)", flush=True)
     load_before = os.getloadavg()[0]
-    cold_s, cold_rss = cli_cold_start(index, args.cold_repeats)
-    print(f"CLI cold start: {cold_s:.2f} s, peak RSS {cold_rss:.0f} MiB", flush=True)
+    cold_s = cold_rss = None
+    if args.cold_repeats:
+        cold_s, cold_rss = cli_cold_start(index, args.cold_repeats)
+        print(f"CLI cold start: {cold_s:.2f} s, peak RSS {cold_rss:.0f} MiB", flush=True)
 
-    t_start = time.perf_counter()
-    server = subprocess.Popen([*RETRIEVAL, "serve", "--index", str(index), "--port", "0"], cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for line in server.stderr:
-        m = re.search(r"listening on http://([\d.]+):(\d+)/", line)
-        if m:
-            host, port = m.group(1), int(m.group(2))
-            break
-    else:
-        sys.exit("the server did not start")
-    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
-    rows, samples = [], []
-    try:
-        asyncio.run(load(host, port, requests, 1, 1))  # waits for the first answer
-        startup_s = time.perf_counter() - t_start
-        asyncio.run(load(host, port, requests, 8, 400))  # warm-up
-        for clients in [int(c) for c in args.clients.split(",")]:
-            cpu0 = cpu_seconds(server.pid)
-            row = asyncio.run(load(host, port, requests, clients, args.requests))
-            row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, row["answered"]) * 1000
-            rows.append(row)
-            print(f"{clients:3d} clients: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
-                  f"{row['qps']:,.0f} q/s, {row['errors']} errors {row['first_errors']}, "
-                  f"server CPU {row['cpu_ms']:.2f} ms/query", flush=True)
-        # the long run: 32 clients, RSS sampled every 0.5 s
-        stop = threading.Event()
+    variants = {"this tree": REPO}
+    if args.baseline_src:
+        variants["baseline"] = Path(args.baseline_src).resolve()
+    results: dict[str, dict] = {}
+    rows, samples, long_row, health, startup_s = [], [], None, {}, None
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        for variant, src in variants.items():
+            print(f"server: {variant} ({src})", flush=True)
+            server = Server(index, src)
+            try:
+                asyncio.run(load(server.host, server.port, http_requests(payloads[names[0]][:1]), 1, 1))
+                if variant == "this tree":
+                    startup_s = time.perf_counter() - server.t_start
+                results[variant] = measure_payloads(server, payloads, args, Path(tmp))
+                if variant != "this tree":
+                    continue
+                mnist_requests = http_requests(mnist_pictures(1000))
+                for clients in [int(c) for c in args.clients.split(",") if c]:
+                    cpu0 = cpu_seconds(server.pid)
+                    row = asyncio.run(load(server.host, server.port, mnist_requests, clients, args.requests))
+                    row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, row["answered"]) * 1000
+                    rows.append(row)
+                    print(f"{clients:3d} clients (mnist, asyncio): p50 {row['p50_ms']:.2f} ms, p99 "
+                          f"{row['p99_ms']:.2f} ms, {row['qps']:,.0f} q/s, {row['errors']} errors", flush=True)
+                if args.long:
+                    stop = threading.Event()
 
-        def sample():
-            t0 = time.perf_counter()
-            while not stop.is_set():
-                samples.append((time.perf_counter() - t0, rss_mib(server.pid)))
-                stop.wait(0.5)
+                    def sample():
+                        t0 = time.perf_counter()
+                        while not stop.is_set():
+                            samples.append((time.perf_counter() - t0, rss_mib(server.pid)))
+                            stop.wait(0.5)
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        cpu0 = cpu_seconds(server.pid)
-        long_row = asyncio.run(load(host, port, requests, 32, args.long))
-        long_row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, long_row["answered"]) * 1000
-        stop.set()
-        sampler.join()
-        samples.append((samples[-1][0] + 0.01, rss_mib(server.pid)))
-        health = json.loads(subprocess.run(["curl", "-s", f"http://{host}:{port}/health"], capture_output=True,
-                                           text=True).stdout or "{}")
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-    print(f"long run: {long_row['answered']:,} answered, {long_row['errors']} errors, {long_row['qps']:,.0f} q/s, "
-          f"RSS {samples[0][1]:.0f} -> {max(s for _, s in samples):.0f} (max) -> {samples[-1][1]:.0f} MiB", flush=True)
-
+                    sampler = threading.Thread(target=sample)
+                    sampler.start()
+                    cpu0 = cpu_seconds(server.pid)
+                    long_row = asyncio.run(load(server.host, server.port, mnist_requests, 32, args.long))
+                    long_row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, long_row["answered"]) * 1000
+                    stop.set()
+                    sampler.join()
+                    samples.append((samples[-1][0] + 0.01, rss_mib(server.pid)))
+                health = server.health()
+            finally:
+                server.stop()
     load_after = os.getloadavg()[0]
-    first_q = [s for t, s in samples if t <= samples[-1][0] / 4]
-    last_q = [s for t, s in samples if t >= samples[-1][0] * 3 / 4]
-    batching = health.get("batching", {})
+
     lines = [
-        f"## Serving: `retrieval serve` under load on loopback ({dt.date.today().isoformat()}, CPU)",
+        f"## Serving: `retrieval serve` under load on loopback, by payload ({dt.date.today().isoformat()}, CPU)",
         "",
-        f"Machine: {machine()}. `benchmarks/serve.py --requests {args.requests} --long {args.long}`. Tower: {how}. "
-        "Each client holds one keep-alive connection and sends one query at a time: one mnist:test image as a PNG "
-        "multipart upload to POST /query, k=5 (1,000 distinct images in rotation); latency from the first byte "
-        "sent to the last byte received. The load generator (asyncio, no HTTP library) runs on the same 2 cores "
-        "as the server. Other jobs shared the machine: load average "
-        f"{load_before:.1f} before the run, {load_after:.1f} after it (2 cores).",
+        f"Machine: {machine()}. `benchmarks/serve.py --payloads {args.payloads} --pictures {args.pictures} "
+        f"--duration {args.duration:g}`. Tower: {how}. One picture per POST /query (multipart, k=5), "
+        f"{args.pictures} distinct pictures per payload in rotation; 1 client: {args.one_client} sequential "
+        f"requests on one keep-alive connection; {args.many} clients: "
+        + ("wrk -t2 --latency (a Lua script rotating the bodies)" if shutil.which("wrk") and not args.no_wrk
+           else "the asyncio client") +
+        f", {args.duration:g} s. Load generators on the same cores as the server. Other jobs shared the machine: "
+        f"load average {load_before:.1f} before the run, {load_after:.1f} after it.",
         "",
-        "| clients | requests | p50 ms | p99 ms | queries/s | errors | server CPU ms/query |",
-        "|---|---|---|---|---|---|---|",
+        "| server | payload | decode + preprocess ms (1 thread) | 1 client p50 ms | "
+        f"{args.many} clients q/s | p50 ms | p99 ms | errors | server CPU ms/query |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in [*rows, {**long_row, "clients": "32 (long run)"}]:
-        lines.append(f"| {r['clients']} | {r['requests']:,} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['qps']:,.0f} | {r['errors']} | {r['cpu_ms']:.2f} |")
-    lines += [
-        "",
-        f"CLI cold start for one query (`retrieval query --index DIR --json mnist:test[0]`, a new process): "
-        f"{cold_s:.2f} s median of {args.cold_repeats}, peak RSS {cold_rss:.0f} MiB. The server starts in "
-        f"{startup_s:.1f} s (to its first answer) and then answers in milliseconds.",
-        "",
-        f"Server RSS over the {args.long:,}-request run: {samples[0][1]:.0f} MiB at the start, "
-        f"{statistics.mean(first_q):.0f} MiB mean over the first quarter, {statistics.mean(last_q):.0f} MiB over the "
-        f"last quarter, {max(s for _, s in samples):.0f} MiB at most, {samples[-1][1]:.0f} MiB at the end "
-        f"({len(samples)} samples). Micro-batching over the whole benchmark: {batching.get('jobs', 0):,} queries in "
-        f"{batching.get('batches', 0):,} batches (mean {batching.get('mean_jobs_per_batch', 0)} queries per tower "
-        f"forward and Faiss search, largest {batching.get('largest_batch', 0)}).",
-    ]
+    for variant, per_payload in results.items():
+        for name, r in per_payload.items():
+            many = r["many"]
+            lines.append(f"| {variant} | {PAYLOAD_TEXT[name]} | {decode[name]:.2f} | {r['one']['p50_ms']:.2f} | "
+                         f"{many['qps']:,.0f} | {many['p50_ms']:.1f} | {many['p99_ms']:.1f} | "
+                         f"{many['errors'] + r['one']['errors']} | {many['cpu_ms']:.2f} |")
+    if rows or long_row:
+        lines += ["", "mnist payload, asyncio client:", "",
+                  "| clients | requests | p50 ms | p99 ms | queries/s | errors | server CPU ms/query |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in [*rows, *([{**long_row, "clients": "32 (long run)"}] if long_row else [])]:
+            lines.append(f"| {r['clients']} | {r['requests']:,} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                         f"{r['qps']:,.0f} | {r['errors']} | {r['cpu_ms']:.2f} |")
+    if cold_s is not None:
+        lines += ["", f"CLI cold start for one query (`retrieval query --index DIR --json mnist:test[0]`, a new "
+                      f"process): {cold_s:.2f} s median of {args.cold_repeats}, peak RSS {cold_rss:.0f} MiB. The "
+                      f"server starts in {startup_s:.1f} s (to its first answer) and then answers in milliseconds."]
+    if samples:
+        first_q = [s for t, s in samples if t <= samples[-1][0] / 4]
+        last_q = [s for t, s in samples if t >= samples[-1][0] * 3 / 4]
+        batching = health.get("batching", {})
+        lines += ["", f"Server RSS over the {args.long:,}-request run: {samples[0][1]:.0f} MiB at the start, "
+                      f"{statistics.mean(first_q):.0f} MiB mean over the first quarter, "
+                      f"{statistics.mean(last_q):.0f} MiB over the last quarter, "
+                      f"{max(s for _, s in samples):.0f} MiB at most, {samples[-1][1]:.0f} MiB at the end "
+                      f"({len(samples)} samples). Micro-batching over the whole benchmark: "
+                      f"{batching.get('jobs', 0):,} queries in {batching.get('batches', 0):,} batches (mean "
+                      f"{batching.get('mean_jobs_per_batch', 0)} queries per tower forward and Faiss search, largest "
+                      f"{batching.get('largest_batch', 0)})."]
     text = "\n".join(lines)
     print("\n" + text)
     if not args.no_readme:

@@ -249,6 +249,59 @@ def test_each_bad_input_is_a_clear_4xx_and_changes_nothing(served, tmp_path, mon
     assert meta_bytes(folder) == before
 
 
+def test_pictures_decoded_in_parallel_are_answered_in_order(served, tmp_path):
+    """The pictures of a request are decoded by several threads at once: the answers keep the request's order, and
+    of two undecodable pictures the error names the first one, even when the second fails sooner."""
+    from cli_helpers import write_png_header_only
+
+    client, folder, _ = served
+    rng = np.random.default_rng(0)
+    noisy = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1200, 1200), dtype=np.uint8)).save(noisy, format="PNG")
+    slow_to_fail = noisy.getvalue()[: len(noisy.getvalue()) * 9 // 10]  # decodes 90% of its rows, then fails
+    quick_to_fail = write_png_header_only(tmp_path / "h.png", 50, 50).read_bytes()  # no pixel data at all
+    parallel, service = open_client(folder, decode_threads=2)
+    with parallel:
+        assert service.decode_threads == 2 and parallel.get("/health").json()["decode_threads"] == 2
+        files = [("images", ("slow.png", slow_to_fail, "image/png")), ("images", ("quick.png", quick_to_fail,
+                                                                                 "image/png"))]
+        assert_error(parallel.post("/query", files=files), 400, "slow.png: cannot decode image")
+        pictures = [drawing(SEVEN, jitter=(i, -i)) for i in range(5)] + [drawing(STAR)]
+        together = parallel.post("/query", json={"images": [{"name": f"p{i}", "data": b64(d)}
+                                                            for i, d in enumerate(pictures)]}).json()
+        for i, d in enumerate(pictures):
+            alone = client.post("/query", json={"images": [{"name": f"p{i}", "data": b64(d)}]}).json()[0]
+            assert_same_answer(together[i], alone)
+
+
+def test_a_photo_is_turned_upright_by_its_exif_orientation(served):
+    """A picture stored turned (pixels rotated, EXIF orientation 6 saying how to show it) is answered as the
+    upright picture: exactly for a PNG, the same answer for a JPEG."""
+    client, _, _ = served
+    upright = Image.open(io.BytesIO(drawing(SEVEN, jitter=(10, 0))))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6: turn 90 degrees clockwise to show it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+
+    def encoded(img, fmt, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    def answer(data: bytes) -> dict:
+        resp = client.post("/query", files=[("images", ("p", data, "image/*"))], data={"k": "5"})
+        assert resp.status_code == 200, resp.text
+        return resp.json()[0]
+
+    want = answer(encoded(upright, "PNG"))
+    assert answer(encoded(stored, "PNG", exif=exif)) == want
+    assert answer(encoded(stored, "PNG")) != want  # without the tag it is another picture
+    jpeg_upright = answer(encoded(upright, "JPEG", quality=95))
+    jpeg_turned = answer(encoded(stored, "JPEG", quality=95, exif=exif))
+    assert jpeg_turned["label"] == jpeg_upright["label"] == want["label"]
+    assert [n["id"] for n in jpeg_turned["neighbors"][:3]] == [n["id"] for n in jpeg_upright["neighbors"][:3]]
+
+
 def _with_label(kwargs: dict) -> dict:
     kwargs = dict(kwargs)
     kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {TOKEN}"}

@@ -17,8 +17,10 @@ import inspect
 import json
 import logging
 import math
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -51,6 +53,7 @@ class Limits:
     lock_timeout: float = 10.0  # seconds an add waits for another writer of the index folder
     threads: int = 1  # torch and Faiss threads of the compute thread (1 suits small batches on few cores)
     read_timeout: float = 30.0  # seconds a request's body may take to arrive once its head has (then 408, closed)
+    decode_threads: int = 0  # threads decoding and preprocessing uploads (0: one per CPU core this process may use)
 
 
 @dataclass
@@ -93,6 +96,10 @@ class Service:
         self.batcher = MicroBatcher(self.process, max_wait=self.limits.batch_wait,
                                     max_items=self.limits.max_batch_items, thread_init=init_compute_thread)
         self.in_flight = 0  # HTTP requests being read or answered (RequestGuard counts them)
+        # Pictures are decoded and preprocessed off the event loop, several at once where there are cores for it
+        # (PIL's decoders and most numpy/scipy work release the GIL), while the loop reads the next requests.
+        self.decode_threads = self.limits.decode_threads or available_cpus()
+        self.decoder = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="retrieval-decode")
         self.references = library.ReferenceImages(self.root)
         # threading locks, taken in worker threads: the service outlives event loops (tests open several)
         self._reference_lock = threading.Lock()
@@ -141,6 +148,21 @@ class Service:
                 at += b - a
         return out
 
+    # -- decoding uploads --------------------------------------------------------------------------------------------
+    async def preprocess(self, opened: list[tuple[str, Any]]) -> torch.Tensor:
+        """(name, opened PIL image) pairs -> uint8 (n, 28, 28), decoded in the decode threads (the pictures split
+        into one contiguous share per thread). A failure raises the error of the first failing picture in order."""
+        loop = asyncio.get_running_loop()
+        shares = min(len(opened), self.decode_threads)
+        bounds = [len(opened) * i // shares for i in range(shares + 1)]
+        results = await asyncio.gather(*(
+            loop.run_in_executor(self.decoder, _preprocess_share, opened[a:b]) for a, b in zip(bounds, bounds[1:])))
+        tensors = [t for share in results for t in share]
+        for t in tensors:
+            if isinstance(t, BaseException):
+                raise t
+        return torch.stack(tensors)
+
     # -- adding items ------------------------------------------------------------------------------------------------
     async def add(self, images: torch.Tensor, label: str):
         """Serialised: one add at a time in this process (a lock in the worker thread), and the folder lock
@@ -167,6 +189,24 @@ class Service:
         if image is None:
             raise ServiceError(f"item {item_id} has no stored image (a class prototype, or its file is gone)", 404)
         return library.png_bytes(image)
+
+
+def _preprocess_share(opened) -> list:
+    """Preprocess some opened uploads in this thread: a tensor, or the exception, per picture."""
+    out = []
+    for name, img in opened:
+        try:
+            out.append(library.preprocess_upload(img, name))
+        except Exception as e:  # noqa: BLE001 -- answered in order by Service.preprocess
+            out.append(e)
+    return out
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def read_token(path) -> str:
@@ -311,15 +351,8 @@ async def read_images(request, service: Service, fields: tuple[str, ...]) -> tup
         raise ServiceError("images: no image given")
     if len(raw) > limits.max_images:
         raise ServiceError(f"images: at most {limits.max_images} images per request, got {len(raw)}")
-    tensors = []
-    for name, data in raw:
-        img = library.open_upload(data, name)
-        if img.size[0] * img.size[1] <= library.INLINE_DECODE_PIXELS:
-            tensors.append(library.preprocess_upload(img, name))
-        else:  # a big picture: decode it off the event loop
-            tensors.append(await asyncio.get_running_loop().run_in_executor(
-                None, library.preprocess_upload, img, name))
-    return torch.stack(tensors), [name for name, _ in raw], params
+    opened = [(name, library.open_upload(data, name)) for name, data in raw]  # headers only: refused early
+    return await service.preprocess(opened), [name for name, _ in raw], params
 
 
 # -- the application ----------------------------------------------------------------------------------------------------
@@ -483,7 +516,7 @@ def create_app(service: Service):
                               "max_distance": s.max_distance, "uptime_s": round(time.time() - service.started, 1),
                               "adding": service.token is not None, "max_k": service.limits.max_k,
                               "in_flight": service.in_flight - 1,
-                              "compute_threads": service.compute_threads,
+                              "compute_threads": service.compute_threads, "decode_threads": service.decode_threads,
                               "batching": service.batcher.stats.to_json()})
 
     @app.get("/index", **openapi.INDEX)

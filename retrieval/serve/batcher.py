@@ -1,7 +1,7 @@
 """Micro-batching: requests that arrive together share one tower forward and one Faiss search.
 
-Each request handler announces itself when it starts reading its body (`arrival()`), decodes its images on the
-event loop, then queues a job and awaits its answer. One coroutine drains the queue: it takes every job queued,
+Each request handler announces itself when it starts reading its body (`arrival()`), has its images decoded (by
+the service's decode threads), then queues a job and awaits its answer. One coroutine drains the queue: it takes every job queued,
 and while other announced requests are still being read or decoded it waits for them to join, at most `max_wait`
 seconds (2 ms by default) and up to `max_items` images. The batch then runs on one dedicated compute thread (so
 the event loop keeps reading the next requests meanwhile, and the tower and the Faiss index are only ever used

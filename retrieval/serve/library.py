@@ -20,12 +20,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import RetrievalError
 
-# Images above this many pixels are decoded off the event loop (a thread), smaller ones inline.
-INLINE_DECODE_PIXELS = 512 * 512
 # Class names taught through the service become folder names under the uploads folder (folder:DIR specs).
 LABEL_PATTERN = re.compile(r"^[^\W_][\w .+\-]{0,39}$")
 
@@ -81,7 +79,8 @@ def index_info(folder_name: str, index) -> dict:
 # -- uploads --------------------------------------------------------------------------------------------------------
 def open_upload(data: bytes, name: str) -> Image.Image:
     """Read an uploaded picture's header (not its pixels), refusing it when it is empty, not an image, or over the
-    pixel budget ($RETRIEVAL_MAX_PIXELS, the CLI's limit) before anything is decoded."""
+    pixel budget ($RETRIEVAL_MAX_PIXELS, the CLI's limit) before anything is decoded. (Cheap, but not thread-safe:
+    warnings.catch_warnings changes process-wide state; the service calls it on its event loop.)"""
     from retrieval.data.preprocess import check_pixel_budget
 
     if not data:
@@ -103,14 +102,15 @@ def open_upload(data: bytes, name: str) -> Image.Image:
 
 
 def preprocess_upload(img: Image.Image, name: str) -> torch.Tensor:
-    """Decode an opened upload and turn it into the uint8 28x28 image the tower sees (the CLI's recipe)."""
+    """Decode an opened upload and turn it into the uint8 28x28 image the tower sees (the CLI's recipe). Safe to
+    run in several threads at once (the pixel budget was checked when the upload was opened)."""
     from retrieval.data.preprocess import preprocess_image
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # A photo is turned upright by its EXIF orientation; otherwise decoding is left to the preprocessing, which
+        # may decode a large JPEG at a reduced size (exif_transpose would decode every picture in full first).
+        if img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
             img = ImageOps.exif_transpose(img)
-            img.load()
         return preprocess_image(img, source=name)
     except RetrievalError as e:
         raise ServiceError(str(e), 413 if "pixel budget" in str(e) else 400) from None

@@ -112,6 +112,7 @@ def schemas(limits) -> dict:
             "in_flight": {"type": "integer", "description": "other requests being read or answered"},
             "compute_threads": {"type": ["object", "null"],
                                 "description": "threads torch and Faiss use on the compute thread (--threads)"},
+            "decode_threads": {"type": "integer", "description": "threads decoding and preprocessing uploads"},
             "batching": {"type": "object"}}},
         "IndexInfo": {"type": "object", "required": ["folder", "meta", "label_counts"], "properties": {
             "folder": {"type": "string"}, "meta": {"type": "object"},
