@@ -8,7 +8,6 @@ most 5 examples, a wrong token adds nothing, and a symbol taught with the token 
 from __future__ import annotations
 
 import base64
-import io
 import os
 import random
 import shutil
