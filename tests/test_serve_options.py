@@ -15,6 +15,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from serve_helpers import (
     INDEX_SIZE, SEVEN, STAR, TOKEN, RawRequest, ServerProcess, assert_same_answer, cli, drawing, get_json,
@@ -229,6 +230,4 @@ def test_uploads(server):
     index = load_index(server.folder)
     sources = {index.sources[p] for p in index.positions_of(np.array(resp.json()["ids"]))}
     assert sources == {str(p.resolve()) for p in stored}
-    from PIL import Image
-
     assert all(Image.open(io.BytesIO(p.read_bytes())).size == (28, 28) for p in stored)
