@@ -11,11 +11,18 @@ Selection mode (--selection): the split used to CHOOSE a recipe. References are 
 mnist:train, queries its validation slice (the 5,000 images the trainer held out, same seed), corrupted with seed 1
 (test sets use seed 0); nothing from mnist:test is read.
 
+Pictures (--pictures, with --selection or on the test split): every family of retrieval/data/pictures.py (scans,
+canvas exports, phone photos, screenshots, MNIST-C as pictures) rendered from the query digits as picture files,
+written and read back with load_image_file (the code `retrieval query FILE` and folder specs run), beside the
+family's 28x28 array counterpart (retrieval/data/corrupt.py); a refused picture counts as a miss. Held-out families
+(retrieval.data.pictures.HELD_OUT) are reported apart.
+
 `--references N` takes a seeded subset of N references instead of all (a quick look; the tests use it with an
 untrained tower); `--index-dir DIR` builds the test mode's indexes in DIR/RUN and keeps them.
 
     .venv/bin/python benchmarks/robustness.py --runs /work/runs/mnist-default --subset 2000
     .venv/bin/python benchmarks/robustness.py --selection --runs /work/runs/mnist-default /work/runs/mnist-robust
+    .venv/bin/python benchmarks/robustness.py --pictures --selection --subset 500 --runs /work/runs/mnist-robust
 """
 
 from __future__ import annotations
@@ -311,6 +318,144 @@ def unknown_selection_figures(run: Path, names: list[str], subset: int | None, r
     return out
 
 
+# -- pictures as users send them (issue 25) ----------------------------------------------------------------------
+LARGE_FAMILIES = {"photo-3000"}  # slow to render and decode: measured on --large-subset of the queries
+
+
+def picture_seed(position: int, selection: bool) -> int:
+    """The seed of the picture made from the image at `position` of its split (selection and test draw apart)."""
+    return (10_000_000 if selection else 0) + int(position)
+
+
+def picture_queries(family: str, images: np.ndarray, labels: list[str], positions: np.ndarray, selection: bool,
+                    folder: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each digit rendered as `family`'s picture file (retrieval.data.pictures), written to `folder` and read back
+    through retrieval.data.preprocess.load_image_file (what `retrieval query FILE` and folder specs do): (28x28
+    uint8 images of those read, which of the pictures those are (a refused picture is an answer missed), seconds
+    per picture)."""
+    from retrieval.data.pictures import render
+    from retrieval.data.preprocess import load_image_file
+    from retrieval.errors import RetrievalError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out, ok = [], np.zeros(len(images), bool)
+    start = time.perf_counter()
+    for i, (digit, label, pos) in enumerate(zip(images, labels, positions)):
+        pic = render(digit, family, picture_seed(pos, selection), label=label)
+        path = folder / f"{i}{pic.suffix}"
+        path.write_bytes(pic.data)
+        try:
+            out.append(load_image_file(path).numpy())
+            ok[i] = True
+        except RetrievalError:
+            pass
+        path.unlink()
+    seconds = (time.perf_counter() - start) / max(len(images), 1)
+    return (np.stack(out) if out else np.zeros((0, 28, 28), np.uint8)), ok, seconds
+
+
+def _missed_as_wrong(metrics, ok: np.ndarray) -> dict:
+    """precision@1 and MAP@R over every query, a refused picture counting 0."""
+    share = float(ok.mean()) if len(ok) else 0.0
+    return {"precision@1": metrics.precision[1] * share if metrics else 0.0,
+            "map@r": metrics.map_at_r * share if metrics else 0.0}
+
+
+def picture_figures(runs: list[Path], families: list[str], subset: int | None, root, device: str, selection: bool,
+                    references: int | None = None, large_subset: int = 50) -> dict[str, dict]:
+    """Per run and picture family: precision@1 / MAP@R of the pictures (through the picture path) and of the
+    family's 28x28 array counterpart (retrieval.data.corrupt; the clean digit where none), against the run's
+    references. Selection: the run's validation slice against its training slice (pictures and arrays seeded
+    apart from test); test: a seeded `subset` of mnist:test against mnist:train. Pictures are rendered and read
+    once per query set, whatever the number of runs."""
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.data.pictures import ARRAY_COUNTERPART
+    from retrieval.data.specs import load_dataset
+    from retrieval.embed import embed_images
+    from retrieval.metrics import retrieval_metrics
+
+    made: dict[tuple, tuple] = {}
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="robustness-pictures-") as tmp:
+        for run in runs:
+            if selection:
+                ckpt, ds, ref_pos, query_pos = selection_split(run, subset, root, references)
+                queries = ds
+            else:
+                ckpt = load_checkpoint(run)
+                ds = load_dataset("mnist:train", root=root)
+                ref_pos = _seeded_part(torch.arange(len(ds)), references)
+                queries = load_dataset("mnist:test", root=root)
+                query_pos = _seeded_part(torch.arange(len(queries)), subset)
+            precision = resolve_precision(None, device)
+
+            def embed(images):
+                return embed_images(ckpt.tower, torch.as_tensor(images), device=device, precision=precision)
+
+            refs, ref_labels = embed(ds.images[ref_pos]), ds.labels[ref_pos].numpy()
+            clean = queries.images[query_pos].numpy()
+            labels = queries.labels[query_pos].numpy()
+            names = [queries.classes[i] for i in labels]
+            positions = query_pos.numpy()
+            out = {}
+            for family in families:
+                take = slice(None) if family not in LARGE_FAMILIES else slice(0, large_subset)
+                key = (family, tuple(positions[take].tolist()))
+                if key not in made:
+                    made[key] = picture_queries(family, clean[take], names[take], positions[take], selection,
+                                                Path(tmp) / family)
+                images, ok, seconds = made[key]
+                m = retrieval_metrics(embed(images), labels[take][ok], refs, ref_labels, ks=(1,)) if ok.any() else None
+                counterpart = ARRAY_COUNTERPART[family]
+                arrays = clean[take] if counterpart is None else corrupt(clean[take], counterpart,
+                                                                         seed=1 if selection else 0)
+                a = retrieval_metrics(embed(arrays), labels[take], refs, ref_labels, ks=(1,))
+                out[family] = {"pictures": _missed_as_wrong(m, ok), "refused": int((~ok).sum()),
+                               "n": int(len(ok)), "seconds_per_picture": seconds,
+                               "arrays": {"precision@1": a.precision[1], "map@r": a.map_at_r},
+                               "array_counterpart": counterpart or "clean"}
+                f = out[family]
+                print(f"{run.name:24s} {family:22s} pictures p@1 {f['pictures']['precision@1']:.4f} "
+                      f"(refused {f['refused']}/{f['n']})  arrays ({f['array_counterpart']}) p@1 "
+                      f"{f['arrays']['precision@1']:.4f}", flush=True)
+            results[run.name] = out
+    return results
+
+
+def picture_table(results: dict[str, dict], families: list[str]) -> list[str]:
+    from retrieval.data.pictures import FAMILIES, HELD_OUT
+
+    runs = list(results)
+    head = ("| pictures | n | array counterpart | " +
+            " | ".join(f"{r} pictures p@1 / MAP@R (refused) | {r} arrays p@1 / MAP@R" for r in runs) + " |")
+    lines = [head, "|" + "---|" * (3 + 2 * len(runs))]
+
+    def cell(f):
+        return f"{f['precision@1']:.4f} / {f['map@r']:.4f}"
+
+    for fam in families:
+        first = results[runs[0]][fam]
+        name = fam + (" (held out)" if fam in HELD_OUT else "")
+        lines.append(f"| {name} | {first['n']} | {first['array_counterpart']} | " + " | ".join(
+            f"{cell(results[r][fam]['pictures'])} ({results[r][fam]['refused']}) | {cell(results[r][fam]['arrays'])}"
+            for r in runs) + " |")
+    groups = {}
+    for group in dict.fromkeys(FAMILIES[f] for f in families):
+        groups[f"mean, {group} (chosen on)"] = [f for f in families if FAMILIES[f] == group and f not in HELD_OUT]
+    groups["mean, every family chosen on"] = [f for f in families if f not in HELD_OUT]
+    groups["mean, held out"] = [f for f in families if f in HELD_OUT]
+    for label, members in groups.items():
+        if not members:
+            continue
+        parts = []
+        for r in runs:
+            mean = {c: {k: statistics.fmean(results[r][f][c][k] for f in members) for k in ("precision@1", "map@r")}
+                    for c in ("pictures", "arrays")}
+            parts.append(f"{cell(mean['pictures'])} | {cell(mean['arrays'])}")
+        lines.append(f"| **{label}** | | | " + " | ".join(parts) + " |")
+    return lines
+
+
 def step_times(configs: list[str], steps: int, block: int, root, device: str) -> dict:
     """Median training step time (make_batch: index, scale, augment; then train_step) of shipped configs built
     side by side in one process, blocks of `block` steps alternating so machine load hits them alike."""
@@ -396,6 +541,11 @@ def main(argv=None) -> int:
     p.add_argument("--references", type=int, default=0, help="a seeded subset of this many references (0: all)")
     p.add_argument("--index-dir", type=Path, help="build the test mode's indexes in DIR/RUN and keep them")
     p.add_argument("--non-digits", type=int, default=300, help="with --unknown: pictures of each non-digit kind")
+    p.add_argument("--pictures", action="store_true", help="the picture families of retrieval.data.pictures, "
+                   "through the picture path, beside their 28x28 array counterparts")
+    p.add_argument("--families", default="", help="with --pictures: comma-separated families (default: all)")
+    p.add_argument("--large-subset", type=int, default=50, help="with --pictures: queries of the slow "
+                   f"families ({', '.join(sorted(LARGE_FAMILIES))})")
     p.add_argument("--unknown", action="store_true",
                    help="unknown inputs: calibrate --accept of clean test, then rejection of non-digits")
     p.add_argument("--accept", default="0.99", help="with --unknown: the acceptance rate(s) to calibrate, "
@@ -412,6 +562,34 @@ def main(argv=None) -> int:
     refs = a.references or None
     if a.write and refs:
         p.error("--write records figures against every reference: leave out --references")
+    if a.pictures:
+        from retrieval.data.pictures import FAMILIES
+
+        families = [f.strip() for f in a.families.split(",") if f.strip()] or list(FAMILIES)
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown:
+            p.error(f"--families: unknown {', '.join(unknown)}; expected some of {', '.join(FAMILIES)}")
+        start = time.perf_counter()
+        runs = a.runs or default_runs()
+        res = picture_figures(runs, families, a.subset or None, a.root, a.device, a.selection, refs, a.large_subset)
+        lines = picture_table(res, families)
+        print("\n".join(lines))
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=2) + "\n")
+        if a.write:
+            split = ("SELECTION split: the runs' validation slices of mnist:train against their training slices, "
+                     "pictures and arrays seeded apart from test" if a.selection else
+                     "TEST split: mnist:test (seeded subset) against all 60,000 mnist:train images")
+            append_section([
+                f"## Pictures through the picture path ({dt.date.today().isoformat()}, {a.device})", "",
+                f"Machine: {machine()}. `benchmarks/robustness.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+                f" ({time.perf_counter() - start:.0f} s). {split}. Each query digit rendered as a picture file of the "
+                "family (retrieval/data/pictures.py), written and read back with load_image_file (as `retrieval "
+                "query` and folder specs read files); a refused picture counts as a miss. Beside it, the family's "
+                "28x28 array counterpart (retrieval/data/corrupt.py). Held-out families are kept out of every choice.",
+                "", *lines, "", *([a.note, ""] if a.note else []),
+            ])
+        return 0
     if a.unknown:
         start = time.perf_counter()
         runs = a.runs or default_runs()

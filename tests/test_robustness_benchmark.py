@@ -143,3 +143,41 @@ def test_unknown_mode_thresholds_are_calibrate_and_answers_are_what_query_answer
             assert 0.0 <= fig[f"{kind} rejected"] <= 1.0
     assert figures[f"{untrained_run.name}, accept 0.9"]["clean mnist:test answered"] <= \
         figures[f"{untrained_run.name}, accept 0.99"]["clean mnist:test answered"]
+
+
+def test_pictures_mode_reads_the_families_files_as_folder_specs_do_beside_their_arrays(bench, untrained_run, tmp_path):
+    from retrieval.data.corrupt import corrupt
+    from retrieval.data.idx import write_idx
+    from retrieval.data.pictures import ARRAY_COUNTERPART, render
+    from retrieval.workflows import build_index, evaluate
+
+    families = ["scan-14", "canvas-mouse", "mnistc-impulse_noise"]
+    out = tmp_path / "figures.json"
+    assert bench.main(["--pictures", "--selection", "--runs", str(untrained_run), "--families", ",".join(families),
+                       "--subset", "12", "--references", "300", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())[untrained_run.name]
+
+    _, ds, refs, queries = bench.selection_split(untrained_run, 12, None, 300)
+    labels = ds.labels.numpy()
+    write_idx(tmp_path / "refs" / "images-idx3-ubyte", ds.images[refs].numpy())
+    write_idx(tmp_path / "refs" / "labels-idx1-ubyte", labels[refs])
+    index = tmp_path / "ix"
+    build_index(untrained_run, [f"idx:{tmp_path / 'refs'}"], index, device="cpu")
+    clean = ds.images[queries].numpy()
+    for family in families:
+        # the same picture files in a folder spec: read by the product's folder loader, scored by evaluate
+        for i, pos in enumerate(queries.tolist()):
+            name = ds.classes[labels[pos]]
+            pic = render(clean[i], family, bench.picture_seed(pos, selection=True), label=name)
+            (tmp_path / family / name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / family / name / f"{i}{pic.suffix}").write_bytes(pic.data)
+        assert figures[family]["refused"] == 0 and figures[family]["n"] == 12
+        ev = evaluate(index, f"folder:{tmp_path / family}", ks=(1,), device="cpu")
+        assert figures[family]["pictures"]["precision@1"] == pytest.approx(ev.metrics.precision[1], abs=1e-9)
+        assert figures[family]["pictures"]["map@r"] == pytest.approx(ev.metrics.map_at_r, abs=1e-9)
+        arrays = corrupt(clean, ARRAY_COUNTERPART[family], seed=1)  # seed 1: selection, as the corrupted sets
+        write_idx(tmp_path / f"a-{family}" / "images-idx3-ubyte", arrays)
+        write_idx(tmp_path / f"a-{family}" / "labels-idx1-ubyte", labels[queries])
+        ev = evaluate(index, f"idx:{tmp_path / f'a-{family}'}", ks=(1,), device="cpu")
+        assert figures[family]["arrays"]["precision@1"] == pytest.approx(ev.metrics.precision[1], abs=1e-9)
+        assert figures[family]["arrays"]["map@r"] == pytest.approx(ev.metrics.map_at_r, abs=1e-9)

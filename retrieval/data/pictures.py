@@ -260,9 +260,9 @@ def _photo(width: int, height: int, work: tuple[int, int]):
         # still fills the frame)
         corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], float)
         inwards = np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]], float)
-        moved = corners + inwards * rng.uniform(0, 0.08, (4, 2)) * [w, h]
+        moved = corners + inwards * rng.uniform(0.01, 0.08, (4, 2)) * [w, h]  # (>= 1%: no sample off the page)
         img = img.transform((w, h), Image.Transform.PERSPECTIVE, _perspective(corners, moved),
-                            Image.Resampling.BILINEAR)
+                            Image.Resampling.BILINEAR, fillcolor=tuple(int(v) for v in paper))
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 2.0) * w / 1024))  # defocus
         if (w, h) != (width, height):
             img = img.resize((width, height), Image.Resampling.BICUBIC)
