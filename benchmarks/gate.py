@@ -49,11 +49,21 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
     from retrieval.gate import acceptance_threshold, digit_pictures, digit_scores, attach_gate, train_gate
 
     ckpt = load_checkpoint(run, device=device)
-    pos, val = digit_pictures(ckpt.meta, root=root, n=n_pos, seed=0, val_n=2000)
+    data_root = Path(root) if root else default_data_root()
+    # the digits and their corrupted copies take minutes to make: cached per split and size (the tower's weights
+    # play no part in them)
+    cache = data_root / "gate-selection" / f"v{ckpt.meta.get('data', {}).get('val_seed', 0)}-pos{n_pos}.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            pos, val = z["pos"], z["val"]
+            sets = {f"{name} answered": z[f"c_{name}"] for name in CORRUPTIONS}
+    else:
+        pos, val = digit_pictures(ckpt.meta, root=root, n=n_pos, seed=0, val_n=2000)
+        sets = {f"{name} answered": corrupt(val, name, seed=1) for name in CORRUPTIONS}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, pos=pos, val=val, **{f"c_{k.split(' ')[0]}": v for k, v in sets.items()})
     negatives = _concat(load_split("train", n_neg, seed=0, root=root))
     held_out = load_split("selection", 2000, seed=1, root=root)
-    sets = {f"{name} answered": corrupt(val, name, seed=1) for name in CORRUPTIONS}
-    data_root = Path(root) if root else default_data_root()
     for s, nd in held_out.items():
         sets[f"{s} refused"] = nd.images
     if dataset_files_present("fashion-mnist", data_root):
@@ -173,10 +183,14 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one: a shared machine's cores)")
+    p.add_argument("--batch-size", type=int, default=256)
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     res = {}
     if a.selection:
-        recipes = [replace(GateRecipe(), form=f, degrade_p=float(d), steps=int(s), width=int(w))
+        recipes = [replace(GateRecipe(), form=f, degrade_p=float(d), steps=int(s), width=int(w),
+                           batch_size=a.batch_size)
                    for f in a.forms.split(",") for d in a.degrade_p.split(",") for s in a.steps.split(",")
                    for w in a.widths.split(",")]
         for run in a.runs:

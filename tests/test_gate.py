@@ -10,6 +10,19 @@ from retrieval.data import nondigits as nd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_module():
+    """One torch thread for the module's fixtures too (they train before the per-test one_thread fixture runs; on
+    2 shared cores a 2-thread team is ten times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 DIGITS_OF_SCRIPTS = "0123456789" "٠٣۵" "०३९" "০৩" "૩" "೩" "๐๓" "〇一二三四五六七八九十百千万" "ⅫⅣ½²"
 
 
@@ -63,8 +76,9 @@ def test_sources_render_deterministically_for_a_seed_and_hold_no_digit(source, d
 
 
 def test_a_damaged_cached_set_is_made_again(data_root):
-    first = nd.load_source("hershey", 6, seed=11, root=data_root)
     path = data_root / nd.FOLDER / f"{nd._cache_name('hershey', 6, 11)}.npz"
+    path.unlink(missing_ok=True)  # rendered by this code, not an earlier run's
+    first = nd.load_source("hershey", 6, seed=11, root=data_root)
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     path.write_bytes(bytes(blob))
@@ -90,14 +104,14 @@ def _letters(data_root, n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny_gate(untrained_run, data_root):
-    """A cnn gate trained in the test: 600 digits of the training slice against rendered letters, 150 steps."""
+    """A cnn gate trained in the test: 400 digits of the training slice against 400 rendered letters, 120 steps."""
     from retrieval.checkpoint import load_checkpoint
     from retrieval.gate import GateRecipe, digit_pictures, train_gate
 
     ckpt = load_checkpoint(untrained_run)
-    positives, validation = digit_pictures(ckpt.meta, root=data_root, n=600, seed=0, val_n=300)
-    gate = train_gate(ckpt.tower, positives, _letters(data_root, 300, seed=0),
-                      GateRecipe(steps=150, batch_size=64, lr=0.005), log_every=0)
+    positives, validation = digit_pictures(ckpt.meta, root=data_root, n=400, seed=0, val_n=200)
+    gate = train_gate(ckpt.tower, positives, _letters(data_root, 200, seed=0),
+                      GateRecipe(steps=120, batch_size=64, lr=0.005), log_every=0)
     return ckpt, gate, validation
 
 
@@ -108,7 +122,7 @@ def test_a_tiny_gate_separates_rendered_letters_from_digits(tiny_gate, data_root
     attach_gate(ckpt.tower, gate)
     try:
         digits = digit_scores(ckpt.tower, validation)
-        letters = digit_scores(ckpt.tower, _letters(data_root, 150, seed=1))  # other pictures than the training's
+        letters = digit_scores(ckpt.tower, _letters(data_root, 80, seed=1))  # other pictures than the training's
     finally:
         attach_gate(ckpt.tower, None)
     accuracy = ((digits >= 0.5).sum() + (letters < 0.5).sum()) / (len(digits) + len(letters))
@@ -131,7 +145,7 @@ def gated(untrained_run, data_root, tmp_path_factory):
     from retrieval.workflows import build_index, train_digit_gate
 
     base = tmp_path_factory.mktemp("gated")
-    sidecar = train_digit_gate(untrained_run, base / "run", steps=40, digits=400, non_digits=60, root=data_root,
+    sidecar = train_digit_gate(untrained_run, base / "run", steps=20, digits=300, non_digits=30, root=data_root,
                                device="cpu")
     build_index(base / "run", ["mnist:train"], base / "index", root=data_root, device="cpu", subset=300, seed=0)
     return base, sidecar

@@ -26,6 +26,8 @@ def train(
                                  "validation digits (`calibrate` sets an index's)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the pictures, the weights and the batches."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that already holds files."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all "
+                                          "cores; on a busy machine one is fastest).", show_default=False),
     root: Optional[Path] = DataRootOption,
     device: str = DeviceOption,
     json_out: bool = typer.Option(False, "--json", help="Print the new checkpoint sidecar as JSON."),
@@ -39,6 +41,10 @@ def train(
     """
     from retrieval.workflows import train_digit_gate
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     sidecar = train_digit_gate(checkpoint, out, form=form, steps=steps, degrade_p=degrade_p, accept=accept,
                                seed=seed, root=root, device=device, overwrite=overwrite)
     if json_out:
