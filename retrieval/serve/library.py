@@ -142,11 +142,17 @@ def effective_k(searcher, k: int) -> int:
     return searcher.effective_k(k)[0]
 
 
+def digit_scores(searcher, images: torch.Tensor, embeddings: np.ndarray):
+    """The digit-or-not gate's scores of the images (None when the tower has no gate; retrieval.gate)."""
+    return searcher.digit_scores(images, embeddings)
+
+
 def answer_queries(searcher, embeddings: np.ndarray, k: int, names: Sequence[str],
-                   search_params: str | None = None) -> list[dict]:
+                   search_params: str | None = None, digit_scores=None) -> list[dict]:
     """One Faiss search for these embeddings (with `search_params` instead of the index's, when given); each answer
-    is what `retrieval query --json` prints for it."""
-    return [r.to_json() for r in searcher.search_embeddings(embeddings, k, list(names), search_params=search_params)]
+    is what `retrieval query --json` prints for it (with the gate's `digit_scores`, when the tower has a gate)."""
+    return [r.to_json() for r in searcher.search_embeddings(embeddings, k, list(names), search_params=search_params,
+                                                            digit_scores=digit_scores)]
 
 
 def check_search_params(searcher, params: str) -> None:
