@@ -371,8 +371,11 @@ class _GlobalBatchNorm(torch.autograd.Function):
             running_mean.mul_(1 - factor).add_(g_mean.to(running_mean.dtype), alpha=factor)
             running_var.mul_(1 - factor).add_((g_var * (n / max(n - 1.0, 1.0))).to(running_var.dtype),
                                               alpha=factor)
-        mean32, var32 = g_mean.to(x.dtype), g_var.to(x.dtype)
-        w = weight if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
+        # the statistics in the parameters' dtype: under bf16 autocast x is bfloat16 and the weights fp32, which
+        # torch's CPU kernels take as one mixed-dtype call (as a plain BatchNorm2d does)
+        stat = weight.dtype if weight is not None else (torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
+        mean32, var32 = g_mean.to(stat), g_var.to(stat)
+        w = weight if weight is not None else torch.ones(c, dtype=stat, device=x.device)
         y = F.batch_norm(x, mean32, var32, w, bias, False, 0.0, eps)
         ctx.save_for_backward(x, w, mean32, var32)
         ctx.eps, ctx.n, ctx.affine = eps, n, (weight is not None, bias is not None)
@@ -392,9 +395,9 @@ class _GlobalBatchNorm(torch.autograd.Function):
         gi = w.double() * invstd.double()
         zeros, ones = torch.zeros_like(mean), torch.ones_like(mean)
         # dx = gi * dy - gi * mean(dy) - x_hat * gi * mean(dy * x_hat), x_hat = (x - mean) * invstd
-        dx = F.batch_norm(x, mean, var, (-gi * sums[c:] / n).to(x.dtype), (-gi * sums[:c] / n).to(x.dtype), False,
-                          0.0, eps)
-        dx.add_(F.batch_norm(dy, zeros, ones, gi.to(x.dtype), None, False, 0.0, 0.0))
+        dx = F.batch_norm(x, mean, var, (-gi * sums[c:] / n).to(mean.dtype), (-gi * sums[:c] / n).to(mean.dtype),
+                          False, 0.0, eps)
+        dx.add_(F.batch_norm(dy, zeros, ones, gi.to(mean.dtype), None, False, 0.0, 0.0))
         has_weight, has_bias = ctx.affine
         return (dx, sum_dy_xhat if has_weight else None, sum_dy if has_bias else None, None, None, None, None)
 

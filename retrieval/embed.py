@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from retrieval.errors import UsageError
 from retrieval.logs import show_progress
-from retrieval.precision import autocast
+from retrieval.precision import autocast, resolve_precision
 from retrieval.towers import Tower
 
 
@@ -28,11 +28,14 @@ def embed_images(
     device: torch.device | str | None = None,
     progress: bool = False,
     desc: str = "embedding",
-    precision: str = "fp32",
+    precision: str | None = "auto",
 ) -> np.ndarray:
     """Embed uint8 images with `tower` (kept in eval mode); returns a float32 numpy array (N, D).
-    `precision`: "fp32" or "bf16" (retrieval.precision.resolve_precision turns "auto" into one of them)."""
+    `precision`: the tower's arithmetic, auto (bf16 where `device` has native bfloat16 units), fp32 or bf16
+    (retrieval.precision); the embeddings are fp32 either way."""
     device = torch.device(device) if device is not None else next(tower.parameters()).device
+    if precision not in ("fp32", "bf16"):  # auto (resolved ones pass as they are: a warning once, not per call)
+        precision = resolve_precision(precision, device)
     was_training = tower.training
     tower.eval()
     out = np.empty((len(images), tower.embedding_size), dtype=np.float32)

@@ -314,13 +314,13 @@ def build_streaming(
     prototypes: bool = False,
     batch_size: int = 256,
     device="cpu",
-    precision: str = "fp32",
+    precision: str | None = "auto",
     block_size: int | None = None,
     group=None,
     out: Path | None = None,
     meta: dict | None = None,
 ) -> BuildResult:
-    """Embed the plan's rows with `tower` (in `precision`, fp32 or bf16) and build the index (see the module
+    """Embed the plan's rows with `tower` (in `precision`: auto, fp32 or bf16) and build the index (see the module
     docstring), in bounded memory.
 
     `group`: the retrieval.distributed.ProcessGroup of a torchrun job (None: one process). `out`: the index

@@ -5,11 +5,11 @@ Under "bf16" only the tower's convolutions and matrix products run in bfloat16 (
 scaling and its L2 normalisation, the losses, miners, distances, the optimizer and its state stay in fp32, and
 embeddings leave the tower (and are stored and searched) as fp32.
 
-"auto" is the policy at the top (configs, workflows, the CLI): $RETRIEVAL_PRECISION when set, else bf16 on a CUDA
-device or a CPU with native bfloat16 units (torch's own capability checks: AVX-512 BF16 or AMX on x86, the BF16
-extension on Arm), fp32 elsewhere: never bf16 on a CPU that would emulate it (oneDNN does, on any AVX-512 CPU, at
-a fraction of the fp32 speed). The lower layers (embed_images, Trainer, build_streaming) take an explicit "fp32"
-or "bf16" and default to fp32.
+Every precision setting (configs' train.precision, the workflows, embed_images, Trainer, the CLI's --precision)
+defaults to "auto": $RETRIEVAL_PRECISION when set, else bf16 on a CUDA device or a CPU with native bfloat16 units
+(torch's own capability checks: AVX-512 BF16 or AMX on x86, the BF16 extension on Arm), fp32 elsewhere: never bf16
+on a CPU that would emulate it (oneDNN does, on any AVX-512 CPU, at a fraction of the fp32 speed). Embedding for an
+index (queries, additions) follows the precision the index records instead (matching_precision).
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ class Trainer:
     augment and elastic: batch transforms, after the class expansions; optimizer, scheduler: torch objects over
     the tower's and the objective's parameters, the scheduler stepped once per optimizer step. group: the process
     group of a distributed run (then `sampler` is a ShardedBatchSampler and the tower's batch norm global).
-    precision: "fp32" or "bf16", the tower's arithmetic in training and validation (retrieval.precision).
+    precision: the tower's arithmetic in training and validation: auto (bf16 where `device` has native bfloat16
+    units), fp32 or bf16 (retrieval.precision).
     """
 
     def __init__(
@@ -208,7 +209,7 @@ class Trainer:
         elastic: BatchTransform | None = None,
         class_expansions: Sequence[ClassExpansion] = (),
         group: ProcessGroup | None = None,
-        precision: str = "fp32",
+        precision: str | None = "auto",
     ):
         self.tower, self.objective, self.sampler, self.augment = tower, objective, sampler, augment
         self.elastic, self.class_expansions = elastic, tuple(class_expansions)
@@ -216,8 +217,7 @@ class Trainer:
         self.images, self.labels = images, labels  # uint8 (N, H, W) and int64 (N,) on the training device
         self.val_images, self.val_labels = val_images, val_labels
         self.epochs, self.seed, self.device = epochs, seed, device
-        autocast(device, precision)  # a clear error for anything but a resolved precision
-        self.precision = precision
+        self.precision = resolve_precision(precision, device)  # fp32 or bf16
         self.out_dir = Path(out_dir)
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.state_meta = dict(state_meta or {})

@@ -711,8 +711,7 @@ def evaluate_pairs(
     pairs = balanced_pairs(ds.labels.numpy(), pairs_per_class, seed)
     used, inverse = np.unique(np.r_[pairs.first, pairs.second], return_inverse=True)
     emb = embed_images(ckpt.tower, ds.images[torch.from_numpy(used)],
-                       batch_size=batch_size or default_batch_size(device), device=device, progress=True,
-                       precision=resolve_precision("auto", device))
+                       batch_size=batch_size or default_batch_size(device), device=device, progress=True)
     a, b = emb[inverse[: len(pairs)]], emb[inverse[len(pairs):]]
     result = verify_pairs(a, b, pairs.same, ckpt.head, pairs_per_class=pairs_per_class, seed=seed)
     return PairEvaluation(result, ckpt, ds)
@@ -760,7 +759,7 @@ def fewshot(
         embeddings, what = pixel_embeddings(ds.images), "raw pixels"
     else:
         embeddings = embed_images(ckpt.tower, ds.images, batch_size=batch_size, device=device, progress=True,
-                                  precision=resolve_precision(precision, device))
+                                  precision=precision)
         what = str(ckpt.path)
     results = evaluate_fewshot(embeddings, ds.labels, ways, shot_counts, queries=queries, episodes=episodes,
                                method=method, seed=seed, k=k, class_names=ds.classes)

@@ -223,7 +223,7 @@ def test_exported_tower_gives_the_towers_embeddings_and_neighbours(tmp_path, par
     assert sidecar["parity"]["max_abs_diff"] <= 1e-5
 
     images, labels = parity_data
-    want = embed_images(ckpt.tower, images, batch_size=128)
+    want = embed_images(ckpt.tower, images, batch_size=128, precision="fp32")  # the exported graphs are fp32
     got = run_exported(out, fmt, images.unsqueeze(1).float().div(255.0).numpy())
     diff = float(np.abs(got - want).max())
     assert got.shape == want.shape and diff <= 1e-5, f"{kind} {fmt}: max |exported - tower| = {diff:.2e}"
