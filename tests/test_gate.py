@@ -220,3 +220,73 @@ def test_calibrate_sets_the_gate_threshold_and_the_reason_reaches_cli_json(gated
     update_index_meta(str(folder), calibration={"gate": {"threshold": 0.0}, "max_distance": None})
     answers = _cli_json("query", "--index", folder, "--json", "--root", data_root, "mnist:test[0]")
     assert answers[0]["label"] != "unknown" and "unknown" not in answers[0]
+
+
+# -- the service and the page ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def forced_index(gated, tmp_path):
+    """A copy of the gated index whose stored gate threshold no picture reaches: every answer is "not a digit"."""
+    import shutil
+
+    from retrieval.index import update_index_meta
+
+    base, _ = gated
+    folder = shutil.copytree(base / "index", tmp_path / "index")
+    update_index_meta(str(folder), calibration={"gate": {"threshold": 1.5}})
+    return folder
+
+
+def test_the_unknown_reason_reaches_classify(forced_index):
+    import warnings
+
+    from serve_helpers import SEVEN, drawing
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*httpx2.*")
+        from fastapi.testclient import TestClient
+    from retrieval.index import update_index_meta
+    from retrieval.serve import Service, create_app
+
+    files = [("images", ("seven.png", drawing(SEVEN), "image/png"))]
+    with TestClient(create_app(Service.open(forced_index))) as client:
+        answer = client.post("/classify", files=files).json()[0]
+    assert answer["label"] == "unknown" and answer["unknown"] == "not a digit" and 0 <= answer["digit_score"] <= 1
+    update_index_meta(str(forced_index), calibration={"gate": {"threshold": 0.0}, "max_distance": 0.0})
+    with TestClient(create_app(Service.open(forced_index))) as client:
+        answer = client.post("/classify", files=files).json()[0]
+    assert answer["label"] == "unknown" and answer["unknown"] == "far from every class"
+
+
+def test_the_page_says_not_a_digit(forced_index):
+    import os
+    import shutil
+
+    from serve_helpers import ServerProcess
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    path = next((p for p in (os.environ.get("RETRIEVAL_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"))
+                 if p and os.path.isfile(p)), None)
+    if path is None:
+        if os.environ.get("RETRIEVAL_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is not installed (apt-get install chromium) but RETRIEVAL_REQUIRE_BROWSER is set")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    with ServerProcess(forced_index) as server, playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 940})
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('index-meta').textContent.includes('references')")
+            box = page.locator("#pad").bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.2, steps=10)
+            page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.8, steps=10)
+            page.mouse.up()
+            page.wait_for_function("document.getElementById('answer-why').textContent.includes('digit score')",
+                                   timeout=20_000)
+            assert page.locator("#answer-label").text_content().strip() == "unknown"
+            assert "does not look like a digit" in page.locator("#answer-why").text_content()
+        finally:
+            browser.close()

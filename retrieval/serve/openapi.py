@@ -5,6 +5,15 @@ from __future__ import annotations
 
 from fastapi.responses import Response
 
+# A tower with a digit-or-not gate (retrieval.gate) adds these to each answer.
+_GATE_FIELDS = {
+    "unknown": {"type": "string", "enum": ["not a digit", "far from every class"],
+                "description": "why the label is `unknown`: the gate's digit score is below its threshold, or the "
+                               "nearest reference is past the distance threshold"},
+    "digit_score": {"type": "number", "minimum": 0, "maximum": 1,
+                    "description": "the digit-or-not gate's probability that the image is a digit"},
+}
+
 
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -98,13 +107,13 @@ def schemas(limits) -> dict:
         "QueryAnswer": {"type": "object", "required": ["query", "label", "neighbors"], "properties": {
             "query": {"type": "string"}, "label": {"type": ["string", "null"]},
             "neighbors": {"type": "array", "items": _ref("Neighbor")},
-            "true_label": {"type": "string"}, "error": {"type": "string"}}},
+            "true_label": {"type": "string"}, "error": {"type": "string"}, **_GATE_FIELDS}},
         "Classification": {"type": "object", "required": ["query", "label", "distance", "max_distance", "nearest"],
                            "properties": {
                                "query": {"type": "string"}, "label": {"type": ["string", "null"]},
                                "distance": {"type": ["number", "null"]},
                                "max_distance": {"type": ["number", "null"]},
-                               "nearest": {"anyOf": [_ref("Neighbor"), {"type": "null"}]}}},
+                               "nearest": {"anyOf": [_ref("Neighbor"), {"type": "null"}]}, **_GATE_FIELDS}},
         "Health": {"type": "object", "required": ["status", "items"], "properties": {
             "status": {"type": "string"}, "items": {"type": "integer"}, "classes": {"type": "integer"},
             "max_distance": {"type": ["number", "null"]}, "uptime_s": {"type": "number"},
