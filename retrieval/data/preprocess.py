@@ -1,14 +1,27 @@
-"""Turn an arbitrary picture into an MNIST-like 28x28 uint8 image (white ink on black, the MNIST recipe)."""
+"""Turn an arbitrary picture into an MNIST-like 28x28 uint8 image (white ink on black, the MNIST recipe).
+
+    image = load_image_file("seven.jpg")                # decode (pixel budget first) and preprocess
+    image = preprocess_image(decode_image(img, name))   # an opened PIL image, e.g. an upload
+    images = load_image_files(paths)                    # many files, decoded in parallel, in order
+
+Pictures smaller than ROBUST_MIN_SIDE on their short side are taken as they are (the ink is what differs from
+the border's colour). Larger ones (photos, scans, canvas exports) are worked on at about WORK_SIDE pixels, the
+resolution a 20x20 digit needs: JPEGs are decoded at a reduced scale (Image.draft), other pictures are box-reduced
+as soon as they are grey. There the background is flattened and the ink found robustly (`_robust_ink`).
+"""
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import RetrievalError
 
@@ -35,8 +48,101 @@ PREPROCESSING = ("mnist-28x28: gray, invert light background, flatten uneven bac
 # Pictures at least this many pixels on their short side get the background flattened and the ink found robustly
 # (photos, scans, canvases); smaller ones are taken as they are (icons, already-small digits).
 ROBUST_MIN_SIDE = 32
+# Larger pictures are reduced (by a whole factor) to at most this short side before the ink is looked for: the
+# digit ends up 20 px high, and the strokes of a digit that fills a quarter of a photo are still a few pixels wide.
+WORK_SIDE = 112
+# JPEGs are decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) as long as the short side stays at least this.
+DRAFT_MIN_SIDE = 64
+# The background is estimated on a copy of about this short side (it varies slowly).
+BACKGROUND_SIDE = 32
 
 
+# -- decoding --------------------------------------------------------------------------------------------------------
+def decode_image(img: Image.Image, source="image") -> Image.Image:
+    """An opened (not yet loaded) picture -> its pixels, upright (EXIF orientation applied), decoded only at the
+    resolution the preprocessing uses: a large JPEG at 1/2, 1/4 or 1/8 scale and straight to grey. Checks the
+    pixel budget on the declared size first; Pillow's errors pass through (callers name the file)."""
+    check_pixel_budget(*img.size, source)
+    w, h = img.size
+    if getattr(img, "format", None) == "JPEG" and min(w, h) >= 2 * DRAFT_MIN_SIDE:
+        scale = min(w, h) // DRAFT_MIN_SIDE
+        img.draft("L", (max(1, w // scale), max(1, h // scale)))
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
+def load_image_file(path: str | os.PathLike) -> torch.Tensor:
+    """Open an image file safely (pixel budget checked before decoding) and preprocess it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RetrievalError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise RetrievalError(f"{path}: empty file, expected an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = decode_image(img, path)
+    except RetrievalError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RetrievalError(f"{path}: over the pixel budget (decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise RetrievalError(f"{path}: not a readable image (unknown format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RetrievalError(f"{path}: cannot decode image ({e})") from None
+    return preprocess_image(img, source=str(path))
+
+
+def decode_workers() -> int:
+    """Threads for decoding many pictures: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def load_image_files(paths: Sequence[str | os.PathLike], workers: int | None = None
+                     ) -> list[torch.Tensor | RetrievalError]:
+    """load_image_file of every path, in order, on a pool of `workers` threads (default: decode_workers(); the
+    decoders and most of the array work release the GIL). A file that cannot be read gives its RetrievalError in
+    its place instead of stopping the others."""
+    def one(path):
+        try:
+            return load_image_file(path)
+        except RetrievalError as e:
+            return e
+
+    workers = decode_workers() if workers is None else max(1, int(workers))
+    if workers == 1 or len(paths) < 2 * workers:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        return list(pool.map(one, paths, chunksize=16))
+
+
+class DecodeTimer:
+    """Seconds spent decoding and preprocessing pictures, and how many: the images/s of that stage."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.pictures = 0
+        self.workers = decode_workers()
+
+    def load(self, paths: Sequence[str | os.PathLike]) -> list[torch.Tensor | RetrievalError]:
+        t0 = time.perf_counter()
+        out = load_image_files(paths, self.workers)
+        self.seconds += time.perf_counter() - t0
+        self.pictures += len(paths)
+        return out
+
+    def summary(self) -> str:
+        rate = self.pictures / max(self.seconds, 1e-9)
+        return (f"decoded and preprocessed {self.pictures:,} pictures in {self.seconds:.1f}s ({rate:,.0f} images/s, "
+                f"{self.workers} thread{'s' if self.workers != 1 else ''})")
+
+
+# -- grey levels -----------------------------------------------------------------------------------------------------
 def _to_gray(img: Image.Image) -> np.ndarray:
     """Any PIL mode -> float32 grey levels in 0..255 (alpha composited onto a contrasting background)."""
     if img.mode == "P":
@@ -57,42 +163,166 @@ def _to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float32)
 
 
-def _robust_ink(gray: np.ndarray) -> np.ndarray:
-    """Light ink on a dark background that may be uneven (a photo's lighting, grey paper, shadows) and noisy ->
-    the ink alone: the background is estimated by a grey opening wider than any stroke (a third of the short side,
-    on a copy reduced to about 64 px) and subtracted; the noise level (median absolute deviation of what is left)
-    is taken off; connected specks much smaller than the largest stroke are dropped; the brightest 1% of the ink
-    saturates (so that a few hot pixels do not dim the digit)."""
+def _reduced_gray(img: Image.Image, factor: int) -> np.ndarray:
+    """_to_gray of `img` box-reduced `factor` times, reducing as early as the mode allows: one grey channel (and
+    alpha, premultiplied, so that compositing after the reduction is compositing before it) instead of all."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _to_gray(img.convert("F").reduce(factor))
+    if img.mode in ("LA", "RGBA"):
+        alpha = img.getchannel("A")
+        gray = img.convert("L") if img.mode != "LA" else img.getchannel("L")
+        if alpha.getextrema()[0] == 255:  # opaque everywhere (the page's canvas export): a grey picture
+            return np.asarray(gray.reduce(factor), dtype=np.float32)
+        a = np.asarray(alpha.reduce(factor), dtype=np.float32) / 255.0
+        premultiplied = np.asarray(ImageChops.multiply(gray, alpha).reduce(factor), dtype=np.float32)
+        opaque = a > 0.5
+        ink_is_dark = opaque.any() and float((premultiplied[opaque] / a[opaque]).mean()) < 128
+        background = 255.0 if ink_is_dark else 0.0
+        return premultiplied + background * (1.0 - a)
+    if img.mode != "L":
+        img = img.convert("L")
+    return np.asarray(img.reduce(factor), dtype=np.float32)
+
+
+def _working_gray(img: Image.Image) -> tuple[np.ndarray, bool]:
+    """(grey levels, robust): the picture's grey levels at the working resolution, and whether it is large enough
+    for the robust path."""
+    short = min(img.size)
+    if short < ROBUST_MIN_SIDE:
+        return _to_gray(img), False
+    factor = -(-short // WORK_SIDE)
+    return (_reduced_gray(img, factor) if factor > 1 else _to_gray(img)), True
+
+
+# -- finding the ink -------------------------------------------------------------------------------------------------
+def _otsu(values: np.ndarray, bins: int = 64) -> float:
+    """Otsu's threshold of `values` (the level that best splits them into two classes)."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return hi
+    hist = np.bincount(np.minimum(((values - lo) * (bins / (hi - lo))).astype(np.int64), bins - 1).ravel(),
+                       minlength=bins).astype(np.float64)
+    p = hist / hist.sum()
+    mids = lo + (np.arange(bins) + 0.5) * ((hi - lo) / bins)
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * mids)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m0[-1] * w0 - m0) ** 2 / (w0 * (1.0 - w0))
+    between[~np.isfinite(between)] = 0.0
+    return lo + (int(np.argmax(between)) + 1) * ((hi - lo) / bins)
+
+
+def _resized(a: np.ndarray, size: tuple[int, int], method=Image.Resampling.BILINEAR) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.asarray(a, dtype=np.float32), mode="F").resize(size, method))
+
+
+def _opened(small: np.ndarray, k: int) -> np.ndarray:
+    """Grey opening with a k x k square, smoothed by a k x k mean (separable filters)."""
     from scipy import ndimage
 
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(small, size=k, mode="nearest"), size=k, mode="nearest")
+    return ndimage.uniform_filter(opened, size=k, mode="nearest")
+
+
+def _stroke_width(mask: np.ndarray) -> float:
+    """Mean width of the strokes of a mask: twice its area over its boundary (a w-wide stroke of length L has
+    area wL and about 2L boundary pixels)."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    boundary = int(mask.sum() - inner.sum())
+    return 2.0 * float(mask.sum()) / max(boundary, 1)
+
+
+def _grown(mask: np.ndarray, r: int) -> np.ndarray:
+    """`mask` dilated r times by the 4-neighbour cross (a diamond of radius r, as ndimage.binary_dilation with
+    `iterations=r` gives; shifted ORs: faster than a filter on small pictures)."""
+    out = mask
+    for _ in range(r):
+        prev, out = out, out.copy()
+        out[1:] |= prev[:-1]
+        out[:-1] |= prev[1:]
+        out[:, 1:] |= prev[:, :-1]
+        out[:, :-1] |= prev[:, 1:]
+    return out
+
+
+def _robust_ink(gray: np.ndarray) -> np.ndarray:
+    """Light ink on a dark background that may be uneven (a photo's lighting, grey paper, shadows) and noisy ->
+    the ink alone.
+
+    The background is a grey opening wider than any stroke, on a copy of about BACKGROUND_SIDE px: a third of the
+    short side, or wider where the strokes are wide (3x their width, measured on the ink Otsu's threshold finds
+    once a third-wide opening is taken off): thick strokes of a blurry scan that fills its frame are not taken for
+    background; when the opening would span the picture, the background is one level (the border's). The noise
+    level (median and median absolute deviation) is measured on the background pixels only, below Otsu's
+    threshold (ink covering half of a scan is not noise), and taken off. Then `_marks`: small marks and faint ones
+    (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few hot pixels
+    do not dim the digit)."""
     h, w = gray.shape
-    f = max(1, min(h, w) // 64)
-    small = np.asarray(Image.fromarray(gray, mode="F").resize((max(1, w // f), max(1, h // f)),
-                                                               Image.Resampling.BOX))
-    k = max(3, min(small.shape) // 3) | 1
-    bg = ndimage.uniform_filter(ndimage.grey_opening(small, size=(k, k), mode="nearest"), size=k, mode="nearest")
-    bg = np.asarray(Image.fromarray(bg.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
-    residual = gray - np.minimum(bg, gray)
-    centre = float(np.median(residual))
-    sigma = 1.4826 * float(np.median(np.abs(residual - centre)))
-    ink = np.clip(residual - centre - 2.0 * sigma, 0, None)
-    if float(ink.max()) <= 0:
+    f = max(1, min(h, w) // BACKGROUND_SIDE)
+    small = _resized(gray, (max(1, w // f), max(1, h // f)), Image.Resampling.BOX)
+    short = min(small.shape)
+    k = max(3, short // 3) | 1
+    residual = gray - np.minimum(_resized(_opened(small, k), (w, h)), gray)
+    threshold = _otsu(residual)
+    wide = int(3.0 * _stroke_width(residual > threshold) / f) | 1
+    if wide > k:  # strokes too wide for a third-wide opening: a wider one, or one background level
+        if wide >= short:
+            border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+            residual = np.clip(gray - float(np.median(border)), 0, None)
+        else:
+            residual = gray - np.minimum(_resized(_opened(small, wide), (w, h)), gray)
+        threshold = _otsu(residual)
+    background = residual[::2, ::2] if residual.size > 4096 else residual  # a sample is enough for the levels
+    background = background[background <= threshold]
+    if background.size < 16:
+        background = residual
+    centre = float(np.median(background))
+    sigma = 1.4826 * float(np.median(np.abs(background - centre)))
+    return _marks(np.clip(residual - centre - 2.0 * sigma, 0, None), sigma)
+
+
+def _marks(ink: np.ndarray, sigma: float, lone_mark_alone: bool = True) -> np.ndarray:
+    """The ink of the marks that count: marks much smaller than the largest one, or much fainter than the ink,
+    are dropped, keeping what lies next to a kept mark; the brightest 1% saturates. With `lone_mark_alone` false
+    (a noise-free drawing), a single mark keeps all the faint ink (its anti-aliased rim) as the path before issue
+    25 did."""
+    from scipy import ndimage
+
+    peak = float(ink.max())
+    if peak <= 0:
         return ink
-    mask = ink > max(0.15 * float(ink.max()), 2.0 * sigma)
+    h, w = ink.shape
+    mask = ink > max(0.15 * peak, 2.0 * sigma)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-    if count > 1:
-        sizes = ndimage.sum_labels(np.ones_like(ink), labels, index=np.arange(1, count + 1))
-        keep = np.concatenate([[False], sizes >= max(3.0, 0.05 * float(sizes.max()))])
-        near = ndimage.binary_dilation(keep[labels], iterations=max(1, min(h, w) // 64))
-        ink = np.where(near, ink, 0.0)
-    top = float(np.percentile(ink[ink > 0], 99)) if (ink > 0).any() else 0.0
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    bright = np.bincount(labels[ink >= 0.5 * peak], minlength=count + 1) > 0  # the brightest mark is one
+    bright[0] = False
+    keep = bright & (sizes >= max(3.0, 0.05 * float(sizes[bright].max())))
+    if count > 1 or lone_mark_alone:
+        # faint ink counts only next to a kept mark (with one mark too: a shadow's edge far from the digit in a
+        # photo is not ink)
+        ink = np.where(_grown(keep[labels], max(1, min(h, w) // 64)), ink, 0.0)
+    inked = ink[ink > 0]
+    top = float(np.percentile(inked, 99)) if inked.size else 0.0
     return np.minimum(ink, top) if top > 0 else ink
 
 
+# -- the recipe ------------------------------------------------------------------------------------------------------
 def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
-    """The MNIST recipe: white-on-black, ink cropped, fitted into 20x20, centred by mass in 28x28 (uint8)."""
+    """The MNIST recipe: white-on-black, ink cropped, fitted into 20x20, centred by mass in 28x28 (uint8).
+    `img` may be opened and not yet decoded (then it is decoded as decode_image does)."""
     check_pixel_budget(*img.size, source)
-    gray = _to_gray(img)
+    if getattr(img, "tile", None):  # not decoded yet: at the resolution needed
+        img = decode_image(img, source)
+    gray, robust = _working_gray(img)
     if min(gray.shape) > 2:
         border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
         background = float(np.median(border))
@@ -101,13 +331,20 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     if background > 127:  # light background: ink is dark, invert to MNIST's white-on-black
         gray = 255.0 - gray
         background = 255.0 - background
-    if min(gray.shape) >= ROBUST_MIN_SIDE and float(gray.max()) > float(gray.min()):
+    flat = float(gray.max()) <= float(gray.min())
+    if robust and not flat and np.count_nonzero(gray == background) * 2 >= gray.size:
+        # most of the picture is exactly the background's level (a drawing, the page's canvas): nothing to
+        # flatten and no noise to measure
+        ink = _marks(np.clip(gray - background, 0, None), 0.0, lone_mark_alone=False)
+    elif robust and not flat:
         ink = _robust_ink(gray)
     else:
         ink = np.clip(gray - background, 0, None)
     peak = float(ink.max())
     if peak <= 0:
-        raise RetrievalError(f"{source}: no ink found (the picture is a single flat colour)")
+        if flat:
+            raise RetrievalError(f"{source}: no ink found (the picture is a single flat colour)")
+        raise RetrievalError(f"{source}: no ink found (nothing stands out from the background and its noise)")
     ink *= 255.0 / peak
     ys, xs = np.nonzero(ink > 0.1 * 255.0)
     ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
@@ -126,28 +363,3 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     out = np.zeros((28, 28), dtype=np.float32)
     out[top : top + nh, left : left + nw] = fitted
     return torch.from_numpy(np.rint(out).astype(np.uint8))
-
-
-def load_image_file(path: str | os.PathLike) -> torch.Tensor:
-    """Open an image file safely (pixel budget checked before decoding) and preprocess it."""
-    path = Path(path)
-    if not path.is_file():
-        raise RetrievalError(f"image not found: {path}")
-    if path.stat().st_size == 0:
-        raise RetrievalError(f"{path}: empty file, expected an image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                check_pixel_budget(*img.size, path)
-                img = ImageOps.exif_transpose(img)
-                img.load()
-    except RetrievalError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RetrievalError(f"{path}: over the pixel budget (decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise RetrievalError(f"{path}: not a readable image (unknown format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise RetrievalError(f"{path}: cannot decode image ({e})") from None
-    return preprocess_image(img, source=str(path))

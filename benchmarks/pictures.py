@@ -1,0 +1,246 @@
+"""The picture path (retrieval.data.preprocess: decode -> grey -> background -> ink crop -> 28x28), before and
+after issue 25, side by side in one run.
+
+Speed (default): per payload, the milliseconds to decode and preprocess one picture file's bytes, one thread,
+median over the payload's distinct pictures and repeats, the baseline (benchmarks/_preprocess_before.py, the
+path at commit 1a91827: full decode, exif_transpose, preprocess at full resolution) and the current path
+(retrieval.data.preprocess: decode_image, preprocess_image) interleaved picture by picture. Payloads (`payloads()`,
+importable: benchmarks/serve.py sends the same files): a 28x28 PNG, the page's 280x280 RGBA canvas export (opaque
+white, #111 round pen 18 px; retrieval.data.pictures canvas-mouse), the same strokes on a transparent canvas,
+a 1024x768 JPEG phone photo (photo-1024) and a 3000x4000 one (photo-3000).
+
+Quality (--quality): precision@1 of the pictures of retrieval.data.pictures families through each path, on the
+selection split of each run (references: the run's training slice of mnist:train; queries: its validation slice,
+each image rendered with seed 10,000,000 + its position, as benchmarks/robustness.py --pictures --selection
+renders them); a refused picture counts as a miss. Families HELD_OUT there are reported apart.
+
+    .venv/bin/python benchmarks/pictures.py --pictures 100 --repeats 5
+    .venv/bin/python benchmarks/pictures.py --quality --runs /work/runs/mnist-default /work/runs/mnist-robust --subset 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._report import append_section, machine  # noqa: E402
+
+PAYLOADS = ("mnist", "canvas", "canvas-transparent", "photo", "photo-3000")
+
+
+def baseline_module():
+    """benchmarks/_preprocess_before.py as a module (the picture path before issue 25)."""
+    spec = importlib.util.spec_from_file_location("preprocess_before", Path(__file__).with_name("_preprocess_before.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- payloads ---------------------------------------------------------------------------------------------------------
+def _digits(n: int, seed: int, root=None):
+    from retrieval.data.specs import load_dataset
+
+    ds = load_dataset("mnist:test", root=root, subset=n, seed=seed)
+    return ds.images.numpy(), ds.labels.numpy()
+
+
+def _transparent(data: bytes) -> bytes:
+    """The page's opaque export with its white turned transparent: black strokes, alpha = ink."""
+    from PIL import Image
+
+    grey = Image.open(io.BytesIO(data)).convert("L")
+    rgba = Image.new("RGBA", grey.size, (0, 0, 0, 0))
+    rgba.putalpha(grey.point(lambda v: 255 - v))
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def payloads(n: int = 50, names=PAYLOADS, root=None) -> dict[str, list[tuple[str, bytes, str]]]:
+    """{payload: [(filename, bytes, content type)] * n}: the same files on every run (seeded mnist:test subsets,
+    seeded renderers)."""
+    from PIL import Image
+
+    from retrieval.data.pictures import render
+
+    out = {}
+    for name in names:
+        digits, labels = _digits(n, {"mnist": 0, "canvas": 1, "canvas-transparent": 1, "photo": 2,
+                                     "photo-3000": 3}[name], root)
+        files = []
+        for i, digit in enumerate(digits):
+            if name == "mnist":
+                buf = io.BytesIO()
+                Image.fromarray(digit).save(buf, format="PNG")
+                files.append((f"test-{i}.png", buf.getvalue(), "image/png"))
+            elif name.startswith("canvas"):
+                data = render(digit, "canvas-mouse", seed=i).data
+                files.append((f"canvas-{i}.png", _transparent(data) if name == "canvas-transparent" else data,
+                              "image/png"))
+            else:
+                family = "photo-1024" if name == "photo" else "photo-3000"
+                files.append((f"{name}-{i}.jpg", render(digit, family, seed=i).data, "image/jpeg"))
+        out[name] = files
+    return out
+
+
+# -- speed ------------------------------------------------------------------------------------------------------------
+def decode_before(before, data: bytes, name: str):
+    """The baseline's decode + preprocess of one file's bytes (what load_image_file and the service did)."""
+    from PIL import Image, ImageOps
+
+    img = Image.open(io.BytesIO(data))
+    before.check_pixel_budget(*img.size, name)
+    img = ImageOps.exif_transpose(img)
+    img.load()
+    return before.preprocess_image(img, source=name)
+
+
+def decode_now(data: bytes, name: str):
+    from PIL import Image
+
+    from retrieval.data.preprocess import decode_image, preprocess_image
+
+    return preprocess_image(decode_image(Image.open(io.BytesIO(data)), name), source=name)
+
+
+def speed(files, repeats: int) -> dict:
+    """Median ms per picture of both paths, interleaved picture by picture (the same machine state for both)."""
+    before = baseline_module()
+    for name, data, _ in files[:3]:
+        decode_before(before, data, name)
+        decode_now(data, name)
+    times = {"before": [], "now": []}
+    for r in range(repeats):
+        for name, data, _ in files:
+            order = (("before", lambda: decode_before(before, data, name)), ("now", lambda: decode_now(data, name)))
+            for key, fn in (order if r % 2 == 0 else order[::-1]):
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+# -- quality ----------------------------------------------------------------------------------------------------------
+def quality(run: Path, families: list[str], subset: int, root, device: str) -> dict:
+    """{family: {"before": (precision@1, refused), "now": (...)}} on the run's selection split."""
+    import torch
+
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.data.pictures import NEEDS_LABEL, render
+    from retrieval.data.specs import load_dataset
+    from retrieval.embed import embed_images
+    from retrieval.errors import RetrievalError
+    from retrieval.trainer import split_validation
+
+    before = baseline_module()
+    ckpt = load_checkpoint(run)
+    data = ckpt.meta.get("data", {})
+    ds = load_dataset("mnist:train", root=root)
+    train_pos, val_pos = split_validation(ds.labels, int(data.get("val_images") or 5000), int(data.get("val_seed", 0)))
+    if subset and subset < len(val_pos):
+        g = torch.Generator().manual_seed(0)
+        val_pos = val_pos[torch.randperm(len(val_pos), generator=g)[:subset].sort().values]
+    refs = torch.from_numpy(embed_images(ckpt.tower, ds.images[train_pos], device=device))
+    ref_labels = ds.labels[train_pos].numpy()
+    digits, labels = ds.images[val_pos].numpy(), ds.labels[val_pos].numpy()
+    out = {}
+    for family in families:
+        files = [render(d, family, seed=10_000_000 + int(p), label=int(y) if family in NEEDS_LABEL else None).data
+                 for d, p, y in zip(digits, val_pos.tolist(), labels)]
+        row = {}
+        for key, fn in (("before", lambda b: decode_before(before, b, family)), ("now", lambda b: decode_now(b, family))):
+            images = np.zeros((len(files), 28, 28), np.uint8)
+            refused_rows = np.zeros(len(files), bool)  # a refused picture is a miss
+            for i, b in enumerate(files):
+                try:
+                    images[i] = fn(b).numpy()
+                except RetrievalError:
+                    refused_rows[i] = True
+            refused = int(refused_rows.sum())
+            emb = torch.from_numpy(embed_images(ckpt.tower, torch.from_numpy(images), device=device))
+            nearest = np.concatenate([ref_labels[(part @ refs.T).argmax(1).numpy()] for part in emb.split(1024)])
+            hits = float(((nearest == labels) & ~refused_rows).sum())
+            row[key] = (hits / len(files), refused)
+        out[family] = row
+        print(f"{run.name:20s} {family:22s} before p@1 {row['before'][0]:.3f} (refused {row['before'][1]})  "
+              f"now {row['now'][0]:.3f} (refused {row['now'][1]})", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--payloads", default=",".join(PAYLOADS), help=f"speed: some of {', '.join(PAYLOADS)}")
+    ap.add_argument("--pictures", type=int, default=50, help="speed: distinct pictures per payload")
+    ap.add_argument("--repeats", type=int, default=5, help="speed: passes over each payload's pictures")
+    ap.add_argument("--quality", action="store_true", help="precision@1 of picture families instead of speed")
+    ap.add_argument("--runs", nargs="*", type=Path, default=[], help="quality: run folders")
+    ap.add_argument("--families", default="", help="quality: comma-separated families (default: all but mnistc-*)")
+    ap.add_argument("--subset", type=int, default=1000, help="quality: validation images per family (0: all 5,000)")
+    ap.add_argument("--root", default=None, help="data root (default: the usual)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--write", action="store_true", help="append the table to benchmarks/README.md")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    today = dt.date.today().isoformat()
+    if args.quality:
+        from retrieval.data.pictures import FAMILIES, HELD_OUT
+
+        if not args.runs:
+            ap.error("--quality needs --runs")
+        families = [f for f in args.families.split(",") if f] or [f for f in FAMILIES if not f.startswith("mnistc-")]
+        results = {run: quality(run, families, args.subset, args.root, args.device) for run in args.runs}
+        lines = [f"## Picture path quality, before and after issue 25 ({today}, selection split)", "",
+                 f"Machine: {machine()}. `benchmarks/pictures.py --quality --subset {args.subset}`: precision@1 of "
+                 "each retrieval.data.pictures family (validation slice of mnist:train, selection seeds, against "
+                 "the run's training slice); refused pictures count as misses (refused in brackets). Before: the "
+                 "path at commit 1a91827 (benchmarks/_preprocess_before.py); now: retrieval.data.preprocess. "
+                 "Held-out families (kept out of every choice) last.", "",
+                 "| family | " + " | ".join(f"{r.name} before | {r.name} now" for r in args.runs) + " |",
+                 "|---|" + "---:|---:|" * len(args.runs)]
+        for family in sorted(families, key=lambda f: (f in HELD_OUT, families.index(f))):
+            cells = []
+            for run in args.runs:
+                for key in ("before", "now"):
+                    p, refused = results[run][family][key]
+                    cells.append(f"{p:.3f}" + (f" ({refused})" if refused else ""))
+            lines.append(f"| {family}{' (held out)' if family in HELD_OUT else ''} | " + " | ".join(cells) + " |")
+    else:
+        names = [p for p in args.payloads.split(",") if p]
+        unknown = set(names) - set(PAYLOADS)
+        if unknown:
+            ap.error(f"--payloads: unknown {sorted(unknown)}; expected some of {', '.join(PAYLOADS)}")
+        files = payloads(args.pictures, names, args.root)
+        lines = [f"## Picture path speed, before and after issue 25 ({today}, CPU, one thread)", "",
+                 f"Machine: {machine()}. `benchmarks/pictures.py --pictures {args.pictures} --repeats {args.repeats}`: "
+                 "decode + preprocess of one picture file's bytes, median ms over the payload's distinct pictures x "
+                 "repeats, both paths interleaved picture by picture in one process. Before: full decode, "
+                 "exif_transpose, preprocessing at full resolution (commit 1a91827); now: decode_image + "
+                 "preprocess_image.", "",
+                 "| payload | bytes (median) | before ms | now ms | speed-up |", "|---|---:|---:|---:|---:|"]
+        for name in names:
+            t = speed(files[name], args.repeats)
+            size = int(statistics.median(len(d) for _, d, _ in files[name]))
+            lines.append(f"| {name} | {size:,} | {t['before']:.3f} | {t['now']:.3f} | {t['before'] / t['now']:.1f}x |")
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+    if args.write:
+        append_section(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The picture path (retrieval.data.preprocess): the 28x28 images of a fixed, seeded corpus of pictures against the
+path before issue 25 (benchmarks/_preprocess_before.py, frozen), group by group with what changed and why; the
+pictures that path refused, answered through `retrieval query`; the parallel folder decoding."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from retrieval.data.preprocess import decode_image, load_image_file, load_image_files, preprocess_image
+from retrieval.errors import RetrievalError
+from cli_helpers import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _before():
+    spec = importlib.util.spec_from_file_location("preprocess_before", REPO / "benchmarks" / "_preprocess_before.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BEFORE = _before()
+
+
+@pytest.fixture(scope="module")
+def digits(data_root):
+    from retrieval.data.specs import load_dataset
+
+    return load_dataset("mnist:test", subset=16, seed=0).images.numpy()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _lit_photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A 112x112 photo of the digit on paper under a lighting gradient with a soft shadow and noise (JPEG)."""
+    ink = np.asarray(Image.fromarray(digit).resize((112, 112), Image.Resampling.BILINEAR), np.float32) / 255
+    yy, xx = np.mgrid[0:112, 0:112] / 111.0 - 0.5
+    angle = rng.uniform(0, 2 * np.pi)
+    light = 1 + 0.7 * (np.cos(angle) * xx + np.sin(angle) * yy) - 0.2 * np.exp(-((yy - 0.2) ** 2 + xx ** 2) / 0.05)
+    page = 235 * light * (1 - 0.75 * ink) + rng.normal(0, 3, ink.shape)
+    return _jpeg(Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)), 85)
+
+
+def _wide_soft_ring(size: int = 64) -> Image.Image:
+    """A '0' whose stroke is a quarter of the picture wide, blurred, touching the frame: dark on light."""
+    img = Image.new("L", (size, size), 235)
+    ImageDraw.Draw(img).ellipse([size * 0.12, 0, size * 0.88, size - 1], outline=30, width=size // 4)
+    return img.filter(ImageFilter.GaussianBlur(size * 0.05))
+
+
+def corpus(digits: np.ndarray) -> dict[str, list]:
+    """Seeded picture files of each group from the same digits: bytes, or (digit index, bytes) where the group is
+    compared with the digit drawn clean (None: not a digit of `digits`)."""
+    from retrieval.data.pictures import render
+
+    rng = np.random.default_rng(0)
+    groups: dict[str, list] = {"small": [], "clean": [], "canvas": [], "lit-112": [], "photo-1024": [],
+                                      "scan": [], "wide-soft": []}
+    for i, d in enumerate(digits):
+        img = Image.fromarray(d)
+        groups["small"] += [_png(img), _png(Image.fromarray(255 - d)), _png(img.resize((20, 20), Image.Resampling.BOX)),
+                            _png(img.resize((31, 31), Image.Resampling.BILINEAR).convert("RGB"))]
+        for size in (32, 64, 112):  # black on white, no noise: a drawing
+            groups["clean"].append(_png(Image.fromarray(255 - np.asarray(img.resize((size, size),
+                                                                                     Image.Resampling.BILINEAR)))))
+        groups["canvas"].append(render(d, ("canvas-mouse", "canvas-finger", "canvas-560")[i % 3], seed=i).data)
+        groups["lit-112"].append((i, _lit_photo(d, rng)))
+        if i < 6:
+            groups["photo-1024"].append((i, render(d, "photo-1024", seed=i).data))
+        groups["scan"].append((i, render(d, ("scan-thick", "scan-8", "scan-10")[i % 3], seed=i).data))
+    for size in (48, 64, 96):
+        groups["wide-soft"].append((None, _png(_wide_soft_ring(size))))
+    return groups
+
+
+def _both(data: bytes) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(before, now) 28x28 images of one file's bytes; None where that path refuses it."""
+    out = []
+    for fn in (lambda: BEFORE.preprocess_image(Image.open(io.BytesIO(data)).copy()),
+               lambda: preprocess_image(decode_image(Image.open(io.BytesIO(data))))):
+        try:
+            out.append(fn().numpy().astype(np.float64))
+        except RetrievalError:
+            out.append(None)
+    return out[0], out[1]
+
+
+def _similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of two 28x28 images at the best of the 9 one-pixel shifts of `b` (rounding the centre of mass
+    moves a digit by a pixel)."""
+    return max(float(np.corrcoef(a.ravel(), np.roll(b, (dy, dx), axis=(0, 1)).ravel())[0, 1])
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def _aligned_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two 28x28 images at the best of the 9 one-pixel shifts of `b`."""
+    return min(float(np.abs(a - np.roll(b, (dy, dx), axis=(0, 1))).mean()) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+@pytest.fixture(scope="module")
+def pictures(digits):
+    return corpus(digits)
+
+
+@pytest.fixture(scope="module")
+def references(digits):
+    """The 28x28 image of each digit drawn clean (black on white, 112 px): what a picture of it should give."""
+    return [preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(d).resize(
+        (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64) for d in digits]
+
+
+def test_small_pictures_give_the_same_images_as_before(pictures):
+    """Under ROBUST_MIN_SIDE (28x28 digits, icons) nothing changed: the same bytes."""
+    for data in pictures["small"]:
+        before, now = _both(data)
+        assert before is not None and np.array_equal(before, now)
+
+
+def _old_opening_took_ink(data: bytes) -> bool:
+    """Whether the old path's background (a grey opening a third of the picture wide) kept part of a stroke of
+    this noise-free drawing: a thick part of it (the loop of a '9') as wide as the opening."""
+    from scipy import ndimage
+
+    gray = 255.0 - BEFORE._to_gray(Image.open(io.BytesIO(data)))
+    k = max(3, min(gray.shape) // 3) | 1  # the drawings are at most 112 px: the old path opened them unreduced
+    return float(ndimage.grey_opening(gray, size=(k, k), mode="nearest").max()) > 0
+
+
+def test_clean_drawings_give_the_same_images_as_before(pictures):
+    """Noise-free drawings on an even background now skip the flattening (there is nothing to flatten): the same
+    bytes for every one, except where the old path's opening kept part of a thick stroke as background (there its
+    ink is now whole: a few grey levels on average)."""
+    changed = []
+    for k, data in enumerate(pictures["clean"]):
+        before, now = _both(data)
+        if not np.array_equal(before, now):
+            changed.append(k)
+            assert _aligned_difference(before, now) < 4 and _similarity(before, now) > 0.98
+    assert changed == [k for k, data in enumerate(pictures["clean"]) if _old_opening_took_ink(data)]
+    assert len(changed) <= 0.1 * len(pictures["clean"])
+
+
+def test_canvas_exports_give_the_same_images_as_before_within_the_reduction(pictures):
+    """The page's canvas (280 or 560 px) is now worked on at a third (a sixth) of its size: the same digit, the
+    edges of its strokes resampled (a stroke's width can differ by a fraction of a pixel at 28x28)."""
+    scores = []
+    for data in pictures["canvas"]:
+        before, now = _both(data)
+        scores.append(_similarity(before, now))
+        assert scores[-1] > 0.9 and _aligned_difference(before, now) < 10
+    assert np.median(scores) > 0.99
+
+
+def test_photos_give_the_digit_at_least_as_well_as_before(pictures, references):
+    """Photos under uneven light: the background is flattened as before (a third-wide opening), on a copy of 32
+    px rather than 64, and a 1024x768 JPEG is decoded at 1/8 scale and worked on at 96 px. What changed: faint
+    leftovers of a shadow's edge, which the old path kept and which shrank the digit into a corner of its box, are
+    dropped. Measured against the digit drawn clean: as close as before or closer, picture by picture within a
+    little, and in the median."""
+    for group in ("lit-112", "photo-1024"):
+        old, new = [], []
+        for i, data in pictures[group]:
+            before, now = _both(data)
+            assert before is not None and now is not None
+            old.append(_similarity(references[i], before))
+            new.append(_similarity(references[i], now))
+            assert new[-1] > old[-1] - 0.05, (group, i, old[-1], new[-1])
+        assert np.median(new) >= np.median(old) and np.median(new) > 0.8, (group, old, new)
+
+
+def test_thick_scans_and_wide_soft_strokes_once_refused_are_answered(pictures, references):
+    """What changed on purpose: thick, soft scans whose ink touches the frame, and wide soft strokes, were refused
+    as 'no ink found (the picture is a single flat colour)' or lost their strokes (the opening took the strokes for
+    background, and the noise level was measured on the ink); now every one is answered, and the scans are closer
+    to the digit drawn clean."""
+    refused_before = 0
+    old, new = [], []
+    for i, data in pictures["scan"] + pictures["wide-soft"]:
+        before, now = _both(data)
+        refused_before += before is None
+        assert now is not None and now.max() >= 200 and (now > 128).mean() > 0.05  # strokes, not a few specks
+        if i is not None:
+            old.append(_similarity(references[i], before) if before is not None else 0.0)
+            new.append(_similarity(references[i], now))
+    assert refused_before >= 4  # the old path refused the 3 wide rings and some scans
+    assert np.median(new) > np.median(old) + 0.1 and np.median(new) > 0.75, (old, new)
+
+
+def test_flat_pictures_alone_are_called_flat():
+    for img in (Image.new("L", (10, 10), 255), Image.new("RGB", (300, 200), (40, 90, 200)),
+                Image.new("RGBA", (280, 280), (0, 0, 0, 0))):
+        with pytest.raises(RetrievalError, match="single flat colour"):
+            preprocess_image(img, source="blank.png")
+    rng = np.random.default_rng(0)  # noise alone is not flat, and not a digit either
+    noise = Image.fromarray(np.clip(rng.normal(128, 2, (200, 200)), 0, 255).astype(np.uint8))
+    try:
+        preprocess_image(noise, source="noise.png")
+    except RetrievalError as e:
+        assert "flat colour" not in str(e)
+
+
+def test_an_undecoded_jpeg_is_decoded_at_the_size_needed(tmp_path, digits):
+    from retrieval.data.pictures import render
+
+    data = render(digits[0], "photo-1024", seed=0).data
+    img = decode_image(Image.open(io.BytesIO(data)))
+    assert img.size == (128, 96) and img.mode == "L"  # DCT scaling 1/8, straight to grey
+    lazy = preprocess_image(Image.open(io.BytesIO(data)))  # an opened, undecoded picture: decoded the same way
+    assert torch.equal(lazy, preprocess_image(img))
+
+
+def test_folder_pictures_load_in_order_on_several_threads(tmp_path, pictures):
+    paths = []
+    for i, data in enumerate(pictures["canvas"] + [data for _, data in pictures["scan"]]):
+        paths.append(tmp_path / f"p{i:02d}.png")
+        paths[-1].write_bytes(data)
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    paths.insert(5, tmp_path / "broken.png")
+    one = load_image_files(paths, workers=1)
+    many = load_image_files(paths, workers=3)
+    assert isinstance(many[5], RetrievalError) and "broken.png" in str(many[5])
+    for a, b, p in zip(one, many, paths):
+        if p.name != "broken.png":
+            assert torch.equal(a, b) and torch.equal(b, load_image_file(p))
+
+
+# -- through `retrieval query` ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_index(untrained_run, tmp_path_factory):
+    from retrieval.workflows import build_index
+
+    folder = tmp_path_factory.mktemp("pp-index") / "ix"
+    build_index(untrained_run, ["mnist:test"], folder, subset=200, seed=0, device="cpu")
+    return folder
+
+
+def test_query_answers_a_frame_filling_scan_a_wide_soft_stroke_and_a_canvas_export(tmp_path, small_index, digits,
+                                                                                  capsys):
+    from retrieval.data.pictures import render
+
+    scan = next(r for r in (render(d, "scan-thick", seed=s).data for s in range(40) for d in digits[:3])
+                if _both(r)[0] is None)  # one the old path refused
+    files = {"scan.jpg": scan, "ring.png": _png(_wide_soft_ring(64)),
+             "canvas.png": render(digits[1], "canvas-mouse", seed=0).data}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    code, out, err = run_cli(capsys, "query", "--index", small_index, "--k", "3", "--json",
+                             *(tmp_path / name for name in files))
+    assert code == 0, err
+    answers = json.loads(out)
+    assert [Path(a["query"]).name for a in answers] == list(files)
+    assert all(a["label"] is not None and len(a["neighbors"]) == 3 and "error" not in a for a in answers), answers
