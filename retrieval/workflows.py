@@ -587,6 +587,7 @@ def calibrate(
     gate: bool = True,
     non_digits: str | None = None,
     distance_accept: float | None = None,
+    precision: str | None = "auto",
 ) -> tuple[Calibration, dict]:
     """Embed `queries` with the index's tower, calibrate the "unknown" threshold on nearest neighbours (own entries
     left out), and store it in the index metadata (unless store=False). Returns the calibration and the record.
@@ -597,7 +598,8 @@ def calibrate(
     minus non-digits answered). The gate then says "not a digit"; the distance threshold is left for "a digit of
     a class this index lacks": set by the rules below when some queries are of such classes, else only when
     `distance_accept` asks for it (the share of in-distribution queries it answers), since refusing far-off digits
-    by distance is what refused badly corrupted digits before the gate (benchmarks/README.md).
+    by distance is what refused badly corrupted digits before the gate (benchmarks/README.md). `precision`: the
+    queries' arithmetic (auto: the index's, as for `query`).
 
     The rule: with `accept` given, the threshold answers that fraction of the in-distribution queries (those of the
     index's classes; pairs.acceptance_threshold). Without it: when some queries are of classes the index lacks
@@ -605,7 +607,7 @@ def calibrate(
     the default acceptance rate pairs.DEFAULT_ACCEPT (0.99) of the queries, so that no hand-picked negatives
     are needed (F1 alone would then answer almost everything)."""
     iq = load_index_queries(index, queries, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
-                            batch_size=batch_size, device=device, checkpoint=checkpoint)
+                            batch_size=batch_size, device=device, checkpoint=checkpoint, precision=precision)
     dist, ids = nearest_neighbors(iq.embeddings, index_search(iq.index), 1, iq.self_ids)
     correct = iq.index.labels_of(ids[:, 0]) == iq.labels
     outside = iq.labels >= len(iq.index.classes)
@@ -702,16 +704,20 @@ def evaluate_pairs(
     subset: int | None = None,
     batch_size: int | None = None,
     device="auto",
+    precision: str | None = "auto",
 ) -> PairEvaluation:
-    """Balanced same/different pairs from `data` (seeded), embedded by the checkpoint's tower, verified by the pair
-    head (if the tower was trained with one) or by distance."""
+    """Balanced same/different pairs from `data` (seeded), embedded by the checkpoint's tower (in `precision`: auto,
+    fp32 or bf16), verified by the pair head (if the tower was trained with one) or by distance."""
+    precision = check_precision(precision)
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     ckpt = load_checkpoint(checkpoint, device=device)
     ds = load_dataset(data, root=_data_root(root), classes=classes, exclude=exclude, subset=subset, seed=seed)
     pairs = balanced_pairs(ds.labels.numpy(), pairs_per_class, seed)
     used, inverse = np.unique(np.r_[pairs.first, pairs.second], return_inverse=True)
     emb = embed_images(ckpt.tower, ds.images[torch.from_numpy(used)],
-                       batch_size=batch_size or default_batch_size(device), device=device, progress=True)
+                       batch_size=batch_size or default_batch_size(device), device=device, progress=True,
+                       precision=precision)
     a, b = emb[inverse[: len(pairs)]], emb[inverse[len(pairs):]]
     result = verify_pairs(a, b, pairs.same, ckpt.head, pairs_per_class=pairs_per_class, seed=seed)
     return PairEvaluation(result, ckpt, ds)
@@ -751,6 +757,7 @@ def fewshot(
     ckpt = None
     if str(checkpoint) != PIXELS:
         device = resolve_device(device)
+        precision = resolve_precision(precision, device)
         ckpt = load_checkpoint(checkpoint, device=device)
     ds = load_dataset(data, root=_data_root(root), classes=classes)
     # fail on impossible settings before spending time on embeddings

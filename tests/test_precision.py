@@ -227,3 +227,56 @@ def test_cli_index_build_records_the_precision(tmp_path, runs, capsys):
     assert json.loads(out)["meta"]["precision"] == "fp32"
     code, out, err = run_cli(capsys, "query", "--index", tmp_path / "index", "--precision", "half", "mnist:test[0]")
     assert code == 2 and "--precision 'half'" in err and err.strip().count("\n") == 0, err
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+@pytest.fixture(scope="module")
+def small_index(runs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("precision-index") / "index"
+    build_index(runs["fp32"], ["mnist:test"], folder, subset=200, device="cpu", precision="bf16")
+    return folder
+
+
+def _commands(run: Path, index: Path, out: Path) -> dict[str, list]:
+    """Every command that runs the tower, with arguments that work (up to the precision)."""
+    return {
+        "train": ["train", "--config", "mnist-default", "--out", out / "run"],
+        "index build": ["index", "build", "--checkpoint", run, "--data", "mnist:test", "--subset", "20",
+                        "--out", out / "built"],
+        "index add": ["index", "add", "--index", index, "--data", "mnist:train", "--subset", "5"],
+        "query": ["query", "--index", index, "mnist:test[0]"],
+        "evaluate": ["evaluate", "--index", index, "--queries", "mnist:test", "--subset", "20"],
+        "calibrate": ["calibrate", "--index", index, "--queries", "mnist:test", "--subset", "50", "--dry-run"],
+        "evaluate-pairs": ["evaluate-pairs", "--checkpoint", run, "--data", "mnist:test", "--subset", "200",
+                           "--pairs-per-class", "5"],
+        "fewshot": ["fewshot", "--checkpoint", run, "--data", "mnist:test", "--classes", "0,1,2", "--ways", "3",
+                    "--shots", "1", "--episodes", "5", "--queries", "2"],
+        "serve": ["serve", "--index", index, "--port", "0"],
+        "quickstart": ["quickstart", "--out", out / "qs", "--tiny"],
+    }
+
+
+@pytest.mark.parametrize("command", list(_commands(Path("r"), Path("i"), Path("o"))))
+def test_every_command_that_runs_the_tower_offers_precision(command, runs, small_index, tmp_path, capsys):
+    """--precision is offered and checked before anything runs or is written: one line naming the option."""
+    args = _commands(runs["fp32"], small_index, tmp_path)[command]
+    code, out, err = run_cli(capsys, *args, "--precision", "half")
+    assert code == 2 and out == "" and err.strip().count("\n") == 0 and "--precision 'half'" in err, (code, err)
+    assert not any(tmp_path.iterdir())
+    code, out, err = run_cli(capsys, *command.split(), "--help")
+    assert "--precision" in out
+
+
+@pytest.mark.parametrize("command", ["evaluate-pairs", "calibrate", "fewshot", "evaluate", "query"])
+def test_precision_reaches_the_tower(command, runs, small_index, tmp_path, monkeypatch, capsys, log_messages):
+    """The option is what the tower runs in: an explicit bf16 on a CPU without bfloat16 units warns that it is
+    emulated (and auto does not)."""
+    monkeypatch.delenv("RETRIEVAL_PRECISION", raising=False)
+    simulate_cpu(monkeypatch, bf16_units=False)
+    args = _commands(runs["fp32"], small_index, tmp_path)[command]
+    code, out, err = run_cli(capsys, *args, "--device", "cpu")
+    assert code == 0, err
+    assert not [m for m in log_messages() if "emulated" in m]
+    code, out, err = run_cli(capsys, *args, "--device", "cpu", "--precision", "bf16")
+    assert code == 0, err
+    assert [m for m in log_messages() if "emulated" in m]

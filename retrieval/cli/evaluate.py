@@ -121,6 +121,7 @@ def evaluate_pairs(
     root: Optional[Path] = DataRootOption,
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
+    precision: str = PrecisionOption,
 ) -> None:
     """Pair verification, the original Siamese task: are two images of the same class?
 
@@ -131,7 +132,7 @@ def evaluate_pairs(
     from retrieval.workflows import evaluate_pairs as run
 
     evaluation = run(checkpoint, data, pairs_per_class, seed, root=root, classes=classes, exclude=exclude,
-                     subset=subset, batch_size=batch_size, device=device)
+                     subset=subset, batch_size=batch_size, device=device, precision=precision)
     result, ckpt, ds = evaluation.verification, evaluation.checkpoint, evaluation.dataset
     if json_out:
         print_json(result.to_json())
@@ -168,6 +169,7 @@ def calibrate(
     checkpoint: Optional[Path] = IndexCheckpointOption,
     batch_size: Optional[int] = BatchSizeOption,
     device: str = DeviceOption,
+    precision: str = PrecisionOption,
 ) -> None:
     """Choose the distance beyond which `retrieval query` answers "unknown", and store it in the index.
 
@@ -181,7 +183,7 @@ def calibrate(
 
     cal, record = run(index, queries, store=not dry_run, root=root, classes=classes, exclude=exclude, subset=subset,
                       seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint, accept=accept,
-                      non_digits=non_digits, distance_accept=distance_accept)
+                      non_digits=non_digits, distance_accept=distance_accept, precision=precision)
     if json_out:
         print_json(record)
     else:
