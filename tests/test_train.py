@@ -371,6 +371,34 @@ def test_cli_overwrite_replaces_the_run_and_keeps_other_files(tmp_path, data_roo
     assert new["notes.txt"] == b"mine"
 
 
+def test_overwrite_interrupted_before_its_first_epoch_leaves_nothing_of_the_old_run(tmp_path, data_root):
+    """--overwrite deletes the old run's checkpoints, history and card before training: a new run stopped in its
+    first epoch leaves its own interrupted state and nothing of the old one (no best checkpoint of another run
+    beside the new config); the user's own files stay."""
+    cfg = tiny(train={"epochs": 2, "batch_size": 32})
+    run = tmp_path / "run"
+    train(cfg, run, device="cpu", data_root=data_root, progress=False, threads=1)
+    (run / "notes.txt").write_text("mine")
+    old_card = (run / "card.md").read_text()
+    assert {"best.safetensors", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+
+    def stop(info):
+        if info.global_step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train({**cfg, "seed": 1}, run, device="cpu", data_root=data_root, progress=False, threads=1,
+              overwrite=True, on_step=stop)
+    names = {p.name for p in run.iterdir()}
+    assert not any(n.startswith("best.") for n in names), names
+    assert "card.md" not in names or (run / "card.md").read_text() != old_card  # the new run's card, if any
+    assert "metrics.jsonl" not in names or not (run / "metrics.jsonl").read_text().strip()
+    state = json.loads((run / "state.json").read_text())
+    assert state["global_step"] == 2 and [s["started_at_step"] for s in state["sessions"]] == [0]
+    assert load_checkpoint(run / "last").meta["interrupted"] is True
+    assert (run / "notes.txt").read_text() == "mine"
+
+
 def test_cli_ctrl_c_saves_and_resume_finishes_identically(tmp_path, data_root):
     cfg = tiny(train={"epochs": 4, "batch_size": 32})
     config = write(tmp_path / "tiny.toml", "# tiny\n")
