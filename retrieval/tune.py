@@ -44,7 +44,7 @@ class Setting:
 
 def default_grid(index: EmbeddingIndex) -> dict[str, list[int]]:
     """Search parameters worth trying for the index, by Faiss's names: nprobe (IVF) in powers of two up to the
-    number of lists, efSearch (HNSW) 16..512, k_factor_rf (refine stage) 1..16."""
+    number of lists, efSearch (HNSW) 16..512, k_factor_rf (refine stage) 1..1,024."""
     chain = _unwrapped(index.index)
     inner, grid = chain[-1], {}
     if isinstance(inner, faiss.IndexIVF):

@@ -271,6 +271,8 @@ def test_bad_specs(data_root):
         load_dataset("mnist", root=data_root)
     with pytest.raises(UsageError, match="split must be"):
         load_dataset("mnist:valid", root=data_root)
+    with pytest.raises(UsageError, match=r"mnist:test\[3\]: one image .* use mnist:test "):  # not "split must be"
+        load_dataset("mnist:test[3]", root=data_root)
     with pytest.raises(UsageError, match="`classes`: 11"):  # the CLI shows it as --classes
         load_dataset("mnist:test", root=data_root, classes="1,11")
 

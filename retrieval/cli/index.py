@@ -218,7 +218,7 @@ def tune(
     grid: Optional[List[str]] = typer.Option(
         None, "--grid",
         help="Values to try for one Faiss search parameter, e.g. --grid nprobe=8,16,32 --grid k_factor_rf=2,4 "
-             "(default: nprobe 1..nlist, efSearch 16..512, k_factor_rf 1..16, as the index has them).",
+             "(default: nprobe 1..nlist, efSearch 16..512, k_factor_rf 1..1,024, as the index has them).",
     ),
     subset: Optional[int] = typer.Option(1000, "--subset", help="Take a seeded random subset of this many queries."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per setting (the median is kept)."),

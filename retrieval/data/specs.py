@@ -112,6 +112,10 @@ def idx_source(kind: str, rest: str, root: Path, fetch: bool) -> IdxSource | Non
     if kind in DATASETS:
         split = rest.strip().lower()
         if split not in ("train", "test"):
+            base = split.split("[", 1)[0]
+            if "[" in split and base in ("train", "test"):  # one image of a split, where a dataset is expected
+                raise UsageError(f"dataset spec {kind}:{split}: one image ([...]) is not a dataset here; "
+                                 f"use {kind}:{base} (picking an image by position works in query and classify)")
             raise UsageError(f"dataset spec {kind}:{split}: split must be 'train' or 'test'")
         if not dataset_files_present(kind, root):
             if not fetch:
