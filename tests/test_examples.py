@@ -1,0 +1,47 @@
+"""The example pictures README.md uses are in examples/, are what examples/draw.py draws, and go through the
+picture path (a README command copied as written finds its file and gets an answer, not an error)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.data.preprocess import load_image_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _draw_module():
+    spec = importlib.util.spec_from_file_location("examples_draw", ROOT / "examples" / "draw.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_picture_readme_names_is_there_and_drawn_by_the_script():
+    named = sorted(set(re.findall(r"examples/([\w.-]+\.png)", (ROOT / "README.md").read_text("utf-8"))))
+    assert named, "README.md names no example picture"
+    draw = _draw_module()
+    assert set(named) <= set(draw.DRAWINGS), f"README names pictures examples/draw.py does not draw: {named}"
+    for name in draw.DRAWINGS:
+        path = ROOT / "examples" / name
+        assert path.is_file(), f"{path} missing: run python examples/draw.py"
+        with Image.open(path) as img:
+            assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(draw.draw(name))), name
+        image = load_image_file(path)
+        assert image.shape == (28, 28) and int(image.max()) == 255, name
+
+
+@pytest.mark.parametrize("name", ["seven.png", "digit.png"])
+def test_the_digits_look_like_mnist_after_preprocessing(name):
+    """Ink white on black (not inverted: little of the picture is ink), centred by mass (the MNIST recipe)."""
+    image = load_image_file(ROOT / "examples" / name).numpy().astype(np.float64)
+    assert 0.05 < float((image > 127).mean()) < 0.35
+    ys, xs = np.mgrid[:28, :28]
+    centre = ((ys * image).sum() / image.sum(), (xs * image).sum() / image.sum())
+    assert np.allclose(centre, 13.5, atol=1.0), centre
