@@ -4,14 +4,16 @@
   (mnist:test digits drawn as thick dark strokes on the page's white canvas); `photo`, a 1024x768 JPEG phone photo
   of a digit on paper (lighting gradient, paper texture, a shadow, blur). All made deterministically from seeded
   mnist:test subsets; each payload rotates through its distinct pictures.
-- per payload: decode + preprocess time in this process (median, one thread, the service's own function);
+- per payload: decode + preprocess time (median, one thread, the service's own function, in a new process
+  importing the server's source tree);
   one client's p50 latency (sequential requests on one keep-alive connection); queries/s, p50 and p99 at 32
   clients, with wrk when it is installed (apt-get install wrk), else with the asyncio client below.
 - for the mnist payload as before: p50/p99 and queries/s at 1, 8 and 32 clients (asyncio client), the server's
   RSS over a long run, and the CLI's cold start for one query.
 
 `--baseline-src DIR` measures a second server from another source tree (e.g. `git archive <commit> | tar -x -C
-DIR`) side by side on the same index, payloads and machine, each payload measured on both in turn.
+DIR`) side by side on the same index, payloads and machine: both run at once, each payload is measured on one,
+then the other, for `--rounds` rounds, and the medians are reported (the machine's other load drifts).
 
 Each request is one POST /query with one picture as a multipart upload and k=5; latency is from the request's
 first byte sent to its last byte received. The load generators run on the same cores as the server.
@@ -172,20 +174,45 @@ def http_requests(pictures) -> list[bytes]:
     return out
 
 
-def decode_ms(pictures, repeats: int = 3) -> float:
-    """Median milliseconds of the service's decode + preprocess (retrieval.serve.library.decode_upload) per
-    picture, one thread, in this process."""
-    from retrieval.serve.library import decode_upload
-
-    for name, data, _ in pictures[:3]:
+DECODE_TIMER = """
+import statistics, sys, time
+from pathlib import Path
+import torch
+import retrieval
+from retrieval.serve.library import decode_upload
+torch.set_num_threads(1)
+assert Path(retrieval.__file__).resolve().is_relative_to(Path.cwd().resolve()), retrieval.__file__
+repeats = int(sys.argv[1])
+for folder in sys.argv[2:]:
+    pictures = [(f.name, f.read_bytes()) for f in sorted(Path(folder).iterdir())]
+    for name, data in pictures[:3]:
         decode_upload(data, name)
     times = []
     for _ in range(repeats):
-        for name, data, _ in pictures:
+        for name, data in pictures:
             t0 = time.perf_counter()
             decode_upload(data, name)
             times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+    print(statistics.median(times) * 1000)
+"""
+
+
+def decode_ms(src: Path, payloads: dict, workdir: Path, repeats: int = 3) -> dict:
+    """{payload: median milliseconds of the service's decode + preprocess (retrieval.serve.library.decode_upload)
+    per picture}, one thread, in a new process importing the source tree `src`."""
+    folders = []
+    for payload, pictures in payloads.items():
+        folder = workdir / "decode" / payload
+        if not folder.is_dir():
+            folder.mkdir(parents=True)
+            for i, (name, data, _) in enumerate(pictures):
+                (folder / f"{i:04d}-{name}").write_bytes(data)
+        folders.append(str(folder))
+    proc = subprocess.run([sys.executable, "-c", DECODE_TIMER, str(repeats), *folders], cwd=src,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        sys.exit(f"timing decode_upload from {src} failed:\n{proc.stderr[-3000:]}")
+    return dict(zip(payloads, map(float, proc.stdout.split())))
 
 
 # -- load generators --------------------------------------------------------------------------------------------------
@@ -321,25 +348,32 @@ class Server:
             return json.loads(r.read())
 
 
-def measure_payloads(server: Server, payloads: dict, args, workdir: Path) -> dict:
-    """{payload: {"one": row of one client, "many": row at args.many clients}}."""
-    out = {}
-    for name, pictures in payloads.items():
-        requests = http_requests(pictures)
-        asyncio.run(load(server.host, server.port, requests, 4, min(200, 4 * len(requests))))  # warm-up
-        one = asyncio.run(load(server.host, server.port, requests, 1, args.one_client))
-        cpu0 = cpu_seconds(server.pid)
-        if shutil.which("wrk") and not args.no_wrk:
-            many = wrk_load(server.host, server.port, pictures, args.many, args.duration, workdir)
-        else:
-            many = asyncio.run(load(server.host, server.port, requests, args.many,
-                                    int(args.duration * 300) if name != "photo" else int(args.duration * 60)))
-        many["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, many["answered"]) * 1000
-        out[name] = {"one": one, "many": many}
-        print(f"  {name:6s}: one client p50 {one['p50_ms']:.2f} ms ({one['errors']} errors); {args.many} clients "
-              f"({many['tool']}): {many['qps']:,.0f} q/s, p50 {many['p50_ms']:.1f} ms, p99 {many['p99_ms']:.1f} ms, "
-              f"{many['errors']} errors {many['first_errors']}, server CPU {many['cpu_ms']:.2f} ms/query", flush=True)
-    return out
+def measure_payload(server: Server, name: str, pictures, args, workdir: Path) -> dict:
+    """{"one": one client's row, "many": the row at args.many clients} for one payload on one server."""
+    requests = http_requests(pictures)
+    asyncio.run(load(server.host, server.port, requests, 4, min(100, 4 * len(requests))))  # warm-up
+    one = asyncio.run(load(server.host, server.port, requests, 1, args.one_client))
+    cpu0 = cpu_seconds(server.pid)
+    if shutil.which("wrk") and not args.no_wrk:
+        many = wrk_load(server.host, server.port, pictures, args.many, args.duration, workdir)
+    else:
+        many = asyncio.run(load(server.host, server.port, requests, args.many,
+                                int(args.duration * 300) if name != "photo" else int(args.duration * 60)))
+    many["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, many["answered"]) * 1000
+    print(f"  {name:6s}: one client p50 {one['p50_ms']:.2f} ms ({one['errors']} errors); {args.many} clients "
+          f"({many['tool']}): {many['qps']:,.0f} q/s, p50 {many['p50_ms']:.1f} ms, p99 {many['p99_ms']:.1f} ms, "
+          f"{many['errors']} errors {many['first_errors']}, server CPU {many['cpu_ms']:.2f} ms/query", flush=True)
+    return {"one": one, "many": many}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The rounds of one payload on one server: the median of each figure, errors summed."""
+    def med(part, key):
+        return statistics.median(r[part][key] for r in runs)
+
+    return {"one_p50_ms": med("one", "p50_ms"), "qps": med("many", "qps"), "p50_ms": med("many", "p50_ms"),
+            "p99_ms": med("many", "p99_ms"), "cpu_ms": med("many", "cpu_ms"),
+            "errors": sum(r["one"]["errors"] + r["many"]["errors"] for r in runs)}
 
 
 def cli_cold_start(index: Path, repeats: int) -> tuple[float, float]:
@@ -370,6 +404,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of each loaded run (wrk)")
     ap.add_argument("--no-wrk", action="store_true", help="use the asyncio client even when wrk is installed")
     ap.add_argument("--baseline-src", help="also measure the server of this source tree, side by side")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every payload on every server this many times, in turn (medians reported)")
     ap.add_argument("--requests", type=int, default=3000, help="requests per concurrency level (mnist payload)")
     ap.add_argument("--long", type=int, default=10_000, help="requests of the RSS run (32 clients; 0: skip)")
     ap.add_argument("--clients", default="1,8,32", help="concurrency levels of the mnist run ('': skip)")
@@ -382,11 +418,9 @@ def main() -> None:
     if unknown := set(names) - set(PAYLOADS):
         sys.exit(f"--payloads: unknown {sorted(unknown)}; expected some of {', '.join(PAYLOADS)}")
     payloads = {name: make_payload(name, args.pictures) for name in names}
-    decode = {name: decode_ms(pictures) for name, pictures in payloads.items()}
-    for name, ms in decode.items():
-        sizes = [len(d) for _, d, _ in payloads[name]]
-        print(f"{name}: {len(sizes)} pictures, median {statistics.median(sizes) / 1024:.1f} KiB; decode + "
-              f"preprocess {ms:.2f} ms (median, one thread)", flush=True)
+    for name, pictures in payloads.items():
+        print(f"{name}: {len(pictures)} pictures, median "
+              f"{statistics.median(len(d) for _, d, _ in pictures) / 1024:.1f} KiB", flush=True)
     load_before = os.getloadavg()[0]
     cold_s = cold_rss = None
     if args.cold_repeats:
@@ -396,46 +430,59 @@ def main() -> None:
     variants = {"this tree": REPO}
     if args.baseline_src:
         variants["baseline"] = Path(args.baseline_src).resolve()
-    results: dict[str, dict] = {}
+    runs: dict[tuple[str, str], list[dict]] = {}  # (server, payload) -> one measure_payload row per round
+    decode: dict[tuple[str, str], list[float]] = {}  # (server, payload) -> decode + preprocess ms per round
     rows, samples, long_row, health, startup_s = [], [], None, {}, None
+    servers: dict[str, Server] = {}
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        for variant, src in variants.items():
-            print(f"server: {variant} ({src})", flush=True)
-            server = Server(index, src)
-            try:
-                asyncio.run(load(server.host, server.port, http_requests(payloads[names[0]][:1]), 1, 1))
+        try:
+            for variant, src in variants.items():  # all started first; each measured in turn, the others idle
+                servers[variant] = Server(index, src)
+                asyncio.run(load(servers[variant].host, servers[variant].port,
+                                 http_requests(payloads[names[0]][:1]), 1, 1))
                 if variant == "this tree":
-                    startup_s = time.perf_counter() - server.t_start
-                results[variant] = measure_payloads(server, payloads, args, Path(tmp))
-                if variant != "this tree":
-                    continue
-                mnist_requests = http_requests(mnist_pictures(1000))
-                for clients in [int(c) for c in args.clients.split(",") if c]:
-                    cpu0 = cpu_seconds(server.pid)
-                    row = asyncio.run(load(server.host, server.port, mnist_requests, clients, args.requests))
-                    row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, row["answered"]) * 1000
-                    rows.append(row)
-                    print(f"{clients:3d} clients (mnist, asyncio): p50 {row['p50_ms']:.2f} ms, p99 "
-                          f"{row['p99_ms']:.2f} ms, {row['qps']:,.0f} q/s, {row['errors']} errors", flush=True)
-                if args.long:
-                    stop = threading.Event()
+                    startup_s = time.perf_counter() - servers[variant].t_start
+            for round_ in range(args.rounds):
+                order = list(servers) if round_ % 2 == 0 else list(servers)[::-1]  # neither always goes first
+                for variant in order:
+                    for name, ms in decode_ms(variants[variant], payloads, Path(tmp)).items():
+                        decode.setdefault((variant, name), []).append(ms)
+                        print(f"round {round_ + 1}, {variant}: {name} decode + preprocess {ms:.2f} ms (median, "
+                              "one thread)", flush=True)
+                for name, pictures in payloads.items():
+                    for variant in order:
+                        print(f"round {round_ + 1}, {variant}:", flush=True)
+                        runs.setdefault((variant, name), []).append(
+                            measure_payload(servers[variant], name, pictures, args, Path(tmp)))
+            server = servers["this tree"]
+            mnist_requests = http_requests(mnist_pictures(1000))
+            for clients in [int(c) for c in args.clients.split(",") if c]:
+                cpu0 = cpu_seconds(server.pid)
+                row = asyncio.run(load(server.host, server.port, mnist_requests, clients, args.requests))
+                row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, row["answered"]) * 1000
+                rows.append(row)
+                print(f"{clients:3d} clients (mnist, asyncio): p50 {row['p50_ms']:.2f} ms, p99 "
+                      f"{row['p99_ms']:.2f} ms, {row['qps']:,.0f} q/s, {row['errors']} errors", flush=True)
+            if args.long:
+                stop = threading.Event()
 
-                    def sample():
-                        t0 = time.perf_counter()
-                        while not stop.is_set():
-                            samples.append((time.perf_counter() - t0, rss_mib(server.pid)))
-                            stop.wait(0.5)
+                def sample():
+                    t0 = time.perf_counter()
+                    while not stop.is_set():
+                        samples.append((time.perf_counter() - t0, rss_mib(server.pid)))
+                        stop.wait(0.5)
 
-                    sampler = threading.Thread(target=sample)
-                    sampler.start()
-                    cpu0 = cpu_seconds(server.pid)
-                    long_row = asyncio.run(load(server.host, server.port, mnist_requests, 32, args.long))
-                    long_row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, long_row["answered"]) * 1000
-                    stop.set()
-                    sampler.join()
-                    samples.append((samples[-1][0] + 0.01, rss_mib(server.pid)))
-                health = server.health()
-            finally:
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+                cpu0 = cpu_seconds(server.pid)
+                long_row = asyncio.run(load(server.host, server.port, mnist_requests, 32, args.long))
+                long_row["cpu_ms"] = (cpu_seconds(server.pid) - cpu0) / max(1, long_row["answered"]) * 1000
+                stop.set()
+                sampler.join()
+                samples.append((samples[-1][0] + 0.01, rss_mib(server.pid)))
+            health = server.health()
+        finally:
+            for server in servers.values():
                 server.stop()
     load_after = os.getloadavg()[0]
 
@@ -443,24 +490,39 @@ def main() -> None:
         f"## Serving: `retrieval serve` under load on loopback, by payload ({dt.date.today().isoformat()}, CPU)",
         "",
         f"Machine: {machine()}. `benchmarks/serve.py --payloads {args.payloads} --pictures {args.pictures} "
-        f"--duration {args.duration:g}`. Tower: {how}. One picture per POST /query (multipart, k=5), "
-        f"{args.pictures} distinct pictures per payload in rotation; 1 client: {args.one_client} sequential "
-        f"requests on one keep-alive connection; {args.many} clients: "
+        f"--duration {args.duration:g} --rounds {args.rounds}`. Tower: {how}. One picture per POST /query "
+        f"(multipart, k=5), {args.pictures} distinct pictures per payload in rotation; 1 client: {args.one_client} "
+        f"sequential requests on one keep-alive connection; {args.many} clients: "
         + ("wrk -t2 --latency (a Lua script rotating the bodies)" if shutil.which("wrk") and not args.no_wrk
            else "the asyncio client") +
-        f", {args.duration:g} s. Load generators on the same cores as the server. Other jobs shared the machine: "
-        f"load average {load_before:.1f} before the run, {load_after:.1f} after it.",
+        f", {args.duration:g} s. Decode + preprocess: the service's decode_upload on every picture, one thread, in a "
+        f"new process importing the server's source tree. "
+        + (f"Both servers run at once; in each of {args.rounds} round(s) each payload is measured on one, then the "
+           "other (the first alternating), the other idle; medians of the rounds. " if len(variants) > 1 else
+           f"Medians of {args.rounds} round(s). ") +
+        f"Load generators on the same cores as the servers. Other jobs shared the machine: load average "
+        f"{load_before:.1f} before the run, {load_after:.1f} after it.",
         "",
         "| server | payload | decode + preprocess ms (1 thread) | 1 client p50 ms | "
         f"{args.many} clients q/s | p50 ms | p99 ms | errors | server CPU ms/query |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for variant, per_payload in results.items():
-        for name, r in per_payload.items():
-            many = r["many"]
-            lines.append(f"| {variant} | {PAYLOAD_TEXT[name]} | {decode[name]:.2f} | {r['one']['p50_ms']:.2f} | "
-                         f"{many['qps']:,.0f} | {many['p50_ms']:.1f} | {many['p99_ms']:.1f} | "
-                         f"{many['errors'] + r['one']['errors']} | {many['cpu_ms']:.2f} |")
+    for name in names:
+        for variant in variants:
+            r = median_row(runs[variant, name])
+            lines.append(f"| {variant} | {PAYLOAD_TEXT[name]} | {statistics.median(decode[variant, name]):.2f} | "
+                         f"{r['one_p50_ms']:.2f} | "
+                         f"{r['qps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+                         f"{r['cpu_ms']:.2f} |")
+    if "baseline" in variants:
+        ratios = []
+        for name in names:
+            this, base = median_row(runs["this tree", name]), median_row(runs["baseline", name])
+            decode_ratio = statistics.median(decode["this tree", name]) / statistics.median(decode["baseline", name])
+            ratios.append(f"{PAYLOAD_TEXT[name]}: {this['qps'] / base['qps']:.2f}x the queries/s at {args.many} "
+                          f"clients, p99 {this['p99_ms'] / base['p99_ms']:.2f}x, one-client p50 "
+                          f"{this['one_p50_ms'] / base['one_p50_ms']:.2f}x, decode + preprocess {decode_ratio:.2f}x")
+        lines += ["", "This tree against the baseline (medians): " + "; ".join(ratios) + "."]
     if rows or long_row:
         lines += ["", "mnist payload, asyncio client:", "",
                   "| clients | requests | p50 ms | p99 ms | queries/s | errors | server CPU ms/query |",
