@@ -1,7 +1,7 @@
 """Training benchmark: our mnist-default recipe against the pytorch-metric-learning MNIST triplet example, side by
 side in one script, plus a check that the data path is not the bottleneck and (optionally) other shipped configs.
 
-Parts (--parts, all three by default):
+Parts (--parts; datapath, ours and baseline by default):
   datapath  step time with real batches (index the on-device uint8 tensor, scale, augment) against the same number
             of steps on one fixed, already prepared batch; blocks of steps alternate so machine load hits both alike
   ours      `retrieval.trainer.train(configs/mnist-default.toml)` on full MNIST train (minus its validation slice)
@@ -9,7 +9,14 @@ Parts (--parts, all three by default):
             TripletMarginLoss(margin 0.2, cosine similarity, ThresholdReducer(low=0)) with a semi-hard
             TripletMarginMiner(margin 0.2), Adam lr 0.01, batch 256, shuffled DataLoader with per-image
             ToTensor + Normalize, 1 epoch
+  precision  training steps of mnist-default (real batches: index + scale + augment + forward + objective + backward
+            + optimizer) in each of --precisions, blocks of steps interleaved; ms/step, images/s, the bf16 / fp32
+            ratio, and (--gemm) each precision's multiply-add rate against this machine's GEMM bound
+            (benchmarks/embed.py): training multiply-adds per image taken as 3x the forward pass's
+  quickstart `retrieval quickstart` (subprocess, from an empty data root each, so MNIST is fetched again) in each of
+            --precisions, one after the other; wall time per step and the whole, and the ratio to fp32
   --configs NAME,...  also train these shipped configs and report their test figures
+  --precision P  the precision of the `ours` and --configs trainings (default: the configs' own, auto)
 
 Test figures: the 10,000 mnist:test queries against the 60,000 mnist:train references, exact search,
 precision@1 and MAP@R as pytorch-metric-learning defines them (retrieval.metrics). Time to 0.98 precision@1: test
@@ -22,6 +29,7 @@ upper bound at that resolution).
     .venv/bin/python benchmarks/train.py --parts ours --configs mnist-triplet,mnist-contrastive --no-readme
     .venv/bin/python benchmarks/train.py --parts ours --json ours.json --no-readme    # parts run separately ...
     .venv/bin/python benchmarks/train.py --combine ours.json baseline.json datapath.json  # ... reported together
+    .venv/bin/python benchmarks/train.py --parts precision,quickstart --gemm   # bf16 against fp32, side by side
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -166,6 +176,83 @@ def bench_datapath(config: Path, device, root, steps: int, block: int, overrides
         "batch_ms": med(batch_only) * 1e3,
         "ratio": med(real) / med(fixed),
     }
+
+
+# ---------------------------------------------------------------------------------------------- precision
+def bench_precision(config: Path, device, root, precisions: list[str], steps: int, block: int, gemm: bool,
+                    overrides=()) -> dict:
+    """Median step time (real batches, the whole step) of the config trained in each precision, blocks of
+    `block` steps interleaved, every trainer from the same seed walking the same batches."""
+    from benchmarks.embed import gemm_bounds, multiply_adds
+
+    trainers = {}
+    for p in precisions:
+        cfg = load_config(config, [*overrides, f"train.precision={p}"])
+        with tempfile.TemporaryDirectory() as tmp:
+            trainers[p] = build_trainer(cfg, Path(tmp), device, data_root=root, progress=False)
+    first = next(iter(trainers.values()))
+    plan = first.sampler.epoch_batches(0).to(device)
+    times = {p: [] for p in trainers}
+    for p, trainer in trainers.items():  # warm-up: oneDNN primitives, allocator
+        trainer.tower.to(device)
+        for s in range(3):
+            g = make_generator(0, "warm", s)
+            trainer.train_step(*trainer.make_batch(plan[s], g), g)
+    s = 0
+    while min(len(v) for v in times.values()) < steps:
+        for p, trainer in trainers.items():
+            for i in range(block):
+                g = make_generator(0, "bench", s + i)
+                sync(device)
+                t0 = time.perf_counter()
+                x, y = trainer.make_batch(plan[(s + i) % len(plan)], g)
+                trainer.train_step(x, y, g)
+                sync(device)
+                times[p].append(time.perf_counter() - t0)
+        s += block
+    batch = first.images_per_step
+    out = {"config": str(config), "batch_size": batch, "steps": steps, "by_precision": {}}
+    macs = 3 * multiply_adds(first.tower, first.images[:64], training=True)
+    bounds = gemm_bounds(device) if gemm else None
+    for p, v in times.items():
+        ms = statistics.median(v) * 1e3
+        entry = {"ms_per_step": ms, "images_per_s": batch / ms * 1e3}
+        if bounds:
+            entry["gmac_per_s"] = macs * entry["images_per_s"] / 1e9
+            entry["bound_gmac_per_s"] = bounds[p]["bound"] / 1e9
+        out["by_precision"][p] = entry
+    out["train_macs_per_image"] = macs
+    if bounds:
+        out["gemm"] = {p: {"bound": b["bound"], "by_size": {str(k): v for k, v in b["by_size"].items()}}
+                       for p, b in bounds.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- quickstart
+def bench_quickstart(precisions: list[str], tiny: bool, keep: Path | None = None) -> dict:
+    """`retrieval quickstart` in each precision from an empty data root (MNIST fetched anew each time); its
+    output folder (runs, index, report) kept in `keep`/<precision> when given."""
+    runs = {}
+    for p in precisions:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "RETRIEVAL_DATA_ROOT": str(Path(tmp) / "data")}
+            out = keep / p if keep else Path(tmp) / "qs"
+            if out.exists():
+                raise SystemExit(f"--quickstart-out: {out} exists (quickstart would reuse what it holds)")
+            cmd = [sys.executable, "-m", "retrieval", "--quiet", "quickstart", "--out", str(out),
+                   "--precision", p, "--json", "--device", "cpu"] + (["--tiny"] if tiny else [])
+            log(f"quickstart --precision {p} ...")
+            start = time.perf_counter()
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
+            wall = time.perf_counter() - start
+            if done.returncode != 0:
+                raise SystemExit(f"quickstart --precision {p} failed: {done.stderr.strip()[-2000:]}")
+            summary = json.loads(done.stdout)
+        runs[p] = {"wall_seconds": wall, "seconds": summary["seconds"],
+                   "precision_at_1": summary["metrics"]["precision@1"], "map_at_r": summary["metrics"]["map@r"],
+                   "fewshot": [{k: r.get(k) for k in ("shots", "accuracy", "ci95")} for r in summary["fewshot"]]}
+        log(f"  {wall:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items()))
+    return {"tiny": tiny, "runs": runs}
 
 
 # ---------------------------------------------------------------------------------------------- ours
@@ -334,6 +421,41 @@ def report(results: dict, args_line: str) -> list[str]:
                          f"reach it in its {base['wall_seconds']:.0f}s run (> "
                          f"{base['wall_seconds'] / ours['time_to_target']:.1f}x).")
         lines.append("")
+    pr = results.get("precision")
+    if pr:
+        by = pr["by_precision"]
+        lines += [f"Training steps of {Path(pr['config']).stem} (batch {pr['batch_size']}, real batches: indexing, "
+                  f"augmentation, forward, objective, backward, optimizer; median of {pr['steps']} steps each, "
+                  f"blocks of 5 interleaved; {pr['train_macs_per_image'] / 1e6:.1f}M multiply-adds per image, 3x the "
+                  "forward pass):", "",
+                  "| precision | ms/step | images/s | vs fp32 |" + (" GMAC/s | GEMM bound GMAC/s | of bound |"
+                                                                  if "gemm" in pr else ""),
+                  "|---|---|---|---|" + ("---|---|---|" if "gemm" in pr else "")]
+        base = by.get("fp32")
+        for p, e in by.items():
+            vs = f"{e['images_per_s'] / base['images_per_s']:.2f}x" if base else "-"
+            line = f"| {p} | {e['ms_per_step']:.1f} | {e['images_per_s']:,.0f} | {vs} |"
+            if "gemm" in pr:
+                line += f" {e['gmac_per_s']:.1f} | {e['bound_gmac_per_s']:.1f} | {e['gmac_per_s'] / e['bound_gmac_per_s']:.0%} |"
+            lines.append(line)
+        lines.append("")
+    qs = results.get("quickstart")
+    if qs:
+        runs = qs["runs"]
+        steps = list(next(iter(runs.values()))["seconds"])
+        lines += [f"`retrieval quickstart{' --tiny' if qs['tiny'] else ''}` from an empty data root, one precision "
+                  "after the other:", "",
+                  "| precision | " + " | ".join(f"{k} s" for k in steps) + " | whole s | vs fp32 | test precision@1 "
+                  "| test MAP@R | few-shot |",
+                  "|---|" + "---|" * (len(steps) + 5)]
+        base = runs.get("fp32")
+        for p, r in runs.items():
+            shots = ", ".join(f"{f['shots']}-shot {f['accuracy']:.4f} +- {f['ci95']:.4f}" for f in r["fewshot"])
+            lines.append(f"| {p} | " + " | ".join(f"{r['seconds'][k]:.0f}" for k in steps) +
+                         f" | {r['wall_seconds']:.0f} | " +
+                         (f"{r['wall_seconds'] / base['wall_seconds']:.2f}x" if base else "-") +
+                         f" | {r['precision_at_1']:.4f} | {r['map_at_r']:.4f} | {shots} |")
+        lines.append("")
     dp = results.get("datapath")
     if dp:
         lines.append(
@@ -356,6 +478,12 @@ def main(argv=None) -> int:
     ap.add_argument("--ours-evals", default="0.25,0.5,0.75,1", help="epochs at which to measure test precision@1")
     ap.add_argument("--baseline-evals", default="0.25,0.5,0.75,1")
     ap.add_argument("--datapath-steps", type=int, default=40)
+    ap.add_argument("--precisions", default="fp32,bf16", help="precision and quickstart parts: the precisions compared")
+    ap.add_argument("--precision", default=None, help="ours and --configs: train.precision (default: the configs')")
+    ap.add_argument("--precision-steps", type=int, default=60, help="precision part: steps per precision")
+    ap.add_argument("--gemm", action="store_true", help="precision part: also measure the GEMM bounds")
+    ap.add_argument("--quickstart-tiny", action="store_true", help="quickstart part: --tiny runs (a smoke test)")
+    ap.add_argument("--quickstart-out", default=None, help="quickstart part: keep each run's folder in DIR/PRECISION")
     ap.add_argument("--subset", type=int, default=None,
                     help="smoke runs: train on this many images, test on a sixth as many against as many references")
     ap.add_argument("--out", default=None, help="keep the mnist-default run here (default: a temp folder)")
@@ -370,6 +498,8 @@ def main(argv=None) -> int:
         results: dict = {}
         for path in args.combine:
             part = json.loads(Path(path).read_text())
+            if "quickstart" in part and "quickstart" in results:  # precisions run separately: one table
+                part["quickstart"]["runs"] = {**results["quickstart"]["runs"], **part["quickstart"]["runs"]}
             results.update({k: v for k, v in part.items() if k != "configs"})
             results.setdefault("configs", []).extend(part.get("configs", []))
     else:
@@ -382,6 +512,16 @@ def main(argv=None) -> int:
                    "machine": machine(), "date": dt.date.today().isoformat(), "configs": []}
         testset = TestSet(args.root, args.subset) if parts & {"ours", "baseline"} or args.configs else None
         sets = [f"data.subset={args.subset}"] if args.subset else []
+        precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+        if "precision" in parts:
+            log(f"training steps in {', '.join(precisions)} ...")
+            results["precision"] = bench_precision(Path(args.config), device, args.root, precisions,
+                                                   args.precision_steps, 5, args.gemm, sets)
+        if "quickstart" in parts:
+            results["quickstart"] = bench_quickstart(precisions, args.quickstart_tiny,
+                                                     Path(args.quickstart_out) if args.quickstart_out else None)
+        if args.precision:
+            sets = [*sets, f"train.precision={args.precision}"]
         if "datapath" in parts:
             log("data path check ...")
             results["datapath"] = bench_datapath(Path(args.config), device, args.root, args.datapath_steps, 5,
@@ -404,7 +544,10 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if not args.no_readme:
         cmd = "benchmarks/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        head = [f"## Training: mnist-default vs the PML MNIST triplet example ({results['date']}, {where})", "",
+        title = ("Training: mnist-default vs the PML MNIST triplet example" if results.get("ours") or results.get("baseline")
+                 else "Training and quickstart in fp32 and bf16" if results.get("precision") or results.get("quickstart")
+                 else "Training")
+        head = [f"## {title} ({results['date']}, {where})", "",
                 f"Machine: {results['machine']}. `{cmd.strip()}`. Test queries: 10,000 mnist:test against the "
                 "60,000 mnist:train references (exact; precision@1 and MAP@R as PML defines them). Training wall "
                 "time excludes the benchmark's own test evaluations; ours includes its per-epoch validation."]
