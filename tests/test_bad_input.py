@@ -352,3 +352,19 @@ def test_kill_9_during_training_then_resume_gives_the_same_weights(tmp_path, dat
 # Ctrl-C during training (tests/test_train.py), pixel budget / truncated PNG / IDX details
 # (tests/test_data.py), bad few-shot settings (tests/test_fewshot.py), bad evaluate/calibrate input
 # (tests/test_evaluate.py).
+
+
+@pytest.mark.parametrize("args,names", [
+    (["query", "--index", "x", "--k", "abc", "y"], "'--k'"),
+    (["query"], "'paths'"),
+    (["index", "build", "--nope"], "--nope"),
+    (["nosuch"], "'nosuch'"),
+])
+def test_usage_errors_are_one_line_naming_the_option(capsys, args, names):
+    """A bad value, a missing argument, an unknown option or command: one `error:` line naming it and where the
+    help is, exit 2 (typer's own report is a boxed panel over several lines)."""
+    from cli_helpers import run_cli
+
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and out == "", err
+    assert err.count("\n") == 1 and err.startswith("error: ") and names in err and " -h`)" in err, err

@@ -64,8 +64,17 @@ def main(argv: list[str] | None = None) -> None:
         debug = True
     setup_cli_logging()  # before the callback runs: options are parsed first, and may already fail
     try:
-        # standalone mode: typer reports usage errors itself (exit 2) and turns Ctrl-C into "Aborted!".
-        app(args=argv, prog_name="retrieval")
+        # not standalone: usage errors reach us, to be one line like every other error (typer draws a boxed panel)
+        code = app(args=argv, prog_name="retrieval", standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a command's own handling
+        print("\nAborted!", file=sys.stderr)
+        sys.exit(1)
+    except typer.TyperException as e:  # a usage error (exit 2): bad option value, missing argument, no such command
+        ctx = getattr(e, "ctx", None)
+        message = " ".join(e.format_message().split()) if hasattr(e, "format_message") else str(e)
+        hint = f" (see `{ctx.command_path} -h`)" if ctx is not None else ""
+        print(f"error: {message}{hint}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
     except RetrievalError as e:
         if debug:
             traceback.print_exc()
@@ -76,3 +85,4 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(code) returns its code when not standalone
