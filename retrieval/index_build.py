@@ -6,9 +6,11 @@ Every process of a job runs `build_streaming` with the same arguments (one proce
 1. plan: the datasets are opened (retrieval.data.stream: labels and where each image lives, no images) and their
    rows, in order, cut into chunks of `chunk_size`; rank r takes a contiguous range of chunks, so the ranks' rows
    in rank order are the rows of a single-process build, and every chunk is the same in both.
-2. embed: each rank reads and embeds its chunks one at a time. An index without training (Flat, HNSW) is filled
-   as the chunks come; a trained one (IVF, PQ, OPQ, ...) spools the embeddings to a temp file and keeps the rows
-   of the seeded training sample (`train_size` rows of all, retrieval.faiss_tools.training_sample).
+2. embed: each rank reads and embeds its chunks one at a time (a folder's pictures are decoded and preprocessed
+   on a thread per core, retrieval.data.preprocess.load_image_files; reading is timed apart, "read" in the
+   build's seconds). An index without training (Flat, HNSW) is filled as the chunks come; a trained one (IVF, PQ,
+   OPQ, ...) spools the embeddings to a temp file and keeps the rows of the seeded training sample (`train_size`
+   rows of all, retrieval.faiss_tools.training_sample).
 3. train: the sample is gathered on rank 0 in row order; rank 0 trains the empty index once (seeded k-means) and
    sends it to every rank (faiss.serialize_index bytes).
 4. fill: each rank adds its spooled embeddings, a chunk at a time, to its copy. IVF lists store each vector's
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from retrieval.data.preprocess import decode_workers
 from retrieval.data.stream import StreamedDataset
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
@@ -108,6 +111,11 @@ class BuildPlan:
             images.append(imgs)
             rows.append(np.arange(lo, hi, dtype=np.int64)[kept])
         return torch.cat(images), np.concatenate(rows)
+
+    @property
+    def pictures(self) -> bool:
+        """Whether some rows are picture files (folder datasets: decoded and preprocessed when read)."""
+        return any(ds.paths is not None for ds in self.datasets)
 
     def labels(self) -> np.ndarray:
         """The label (in `classes`) of every row."""
@@ -297,7 +305,7 @@ class _Copy:
 @dataclass
 class BuildResult:
     index: EmbeddingIndex | None  # None on ranks other than 0
-    seconds: dict = field(default_factory=dict)  # embed, train, fill, merge
+    seconds: dict = field(default_factory=dict)  # read, embed, train, fill, merge
     rows_embedded: int = 0  # by this rank
 
 
@@ -374,13 +382,16 @@ def build_streaming(
 
         # 2. embed
         t0 = time.perf_counter()
+        reading = 0.0  # of which reading the images (decoding and preprocessing a folder's pictures)
         kept_parts, sample_x = [], []
         position = 0  # this rank's vectors so far (direct fill: positions are only known locally, see below)
         bar = tqdm(total=stop - start, desc="embedding", unit="img", leave=False,
                    disable=not (rank == 0 and show_progress(True)))
         try:
             for first in range(start, stop, plan.chunk_size):
+                t_read = time.perf_counter()
                 images, kept = plan.read(first, min(first + plan.chunk_size, stop))
+                reading += time.perf_counter() - t_read
                 x = _as_unit_float32(embed_images(tower, images, batch_size=batch_size, device=device,
                                                   precision=precision))
                 del images
@@ -402,7 +413,12 @@ def build_streaming(
         finally:
             bar.close()
         kept = np.concatenate(kept_parts) if kept_parts else np.zeros(0, np.int64)
-        seconds["embed"] = time.perf_counter() - t0
+        seconds["read"] = reading
+        seconds["embed"] = time.perf_counter() - t0 - reading
+        if rank == 0 and plan.pictures:
+            where = f" (this process's {stop - start:,} rows)" if world > 1 else ""
+            logger.info(f"decoded and preprocessed {stop - start:,} pictures in {reading:.1f}s "
+                        f"({(stop - start) / max(reading, 1e-9):,.0f} images/s, {decode_workers()} threads){where}")
         counts_by_rank = links.all_gather_int(len(kept))
         total = sum(counts_by_rank)
         if total == 0:

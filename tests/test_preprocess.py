@@ -269,3 +269,49 @@ def test_query_answers_a_frame_filling_scan_a_wide_soft_stroke_and_a_canvas_expo
     answers = json.loads(out)
     assert [Path(a["query"]).name for a in answers] == list(files)
     assert all(a["label"] is not None and len(a["neighbors"]) == 3 and "error" not in a for a in answers), answers
+
+
+def test_index_build_of_a_picture_folder_decodes_in_parallel_and_reports_it(tmp_path, untrained_run, pictures,
+                                                                           capsys):
+    """`index build --data folder:DIR` of pictures: each picture's vector is the tower's embedding of
+    load_image_file of that very file (in order, across chunks, with a broken file skipped), and the decode stage's
+    images/s is reported beside the embedding's."""
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.embed import embed_images
+    from retrieval.index import load_index
+
+    files = [data for data in pictures["canvas"]] + [data for _, data in pictures["scan"] + pictures["photo-1024"]]
+    paths = []
+    for i, data in enumerate(files):
+        suffix = ".jpg" if data[:2] == b"\xff\xd8" else ".png"
+        paths.append(tmp_path / "pics" / str(i % 3) / f"p{i:02d}{suffix}")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        paths[-1].write_bytes(data)
+    (tmp_path / "pics" / "1" / "p00-broken.png").write_bytes(b"not a picture")
+    code, out, err = run_cli(capsys, "index", "build", "--checkpoint", untrained_run, "--data",
+                             f"folder:{tmp_path / 'pics'}", "--out", tmp_path / "ix", "--chunk-size", "16",
+                             "--batch-size", "8", "--precision", "fp32", "--device", "cpu")
+    assert code == 0, err
+    assert "p00-broken.png" in err and "skipped" in err
+    decoded = next(line for line in err.splitlines() if "decoded and preprocessed" in line)
+    assert f"{len(files) + 1} pictures" in decoded and "images/s" in decoded and "threads" in decoded  # the broken one too
+    assert any("embedded" in line and "images/s" in line for line in err.splitlines())
+    index = load_index(tmp_path / "ix")
+    assert len(index) == len(files)
+    order = sorted(paths, key=lambda p: (p.parent.name, p.name))
+    assert [Path(s).name for s in index.sources_of(index.ids)] == [p.name for p in order]
+    tower = load_checkpoint(untrained_run).tower
+    expected = embed_images(tower, torch.stack([load_image_file(p) for p in order]), precision="fp32")
+    stored = np.stack([index.index.reconstruct(int(i)) for i in index.ids])
+    assert np.allclose(stored, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_a_scan_fainter_than_its_noise_is_answered(data_root):
+    """A thick soft scan whose every ink level lies under twice the noise level once gave no mark at all to keep
+    (a crash: ValueError on an empty array); the brightest ink is always a mark."""
+    from retrieval.data.pictures import render
+    from retrieval.data.specs import load_dataset
+
+    digit = load_dataset("mnist:train", root=data_root).images[45676].numpy()
+    image = preprocess_image(decode_image(render(digit, "scan-thick", seed=10_045_676).open()))
+    assert image.max() >= 200 and (image > 128).sum() > 20

@@ -13,7 +13,6 @@ as soon as they are grey. There the background is flattened and the ink found ro
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -119,27 +118,6 @@ def load_image_files(paths: Sequence[str | os.PathLike], workers: int | None = N
         return [one(p) for p in paths]
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
         return list(pool.map(one, paths, chunksize=16))
-
-
-class DecodeTimer:
-    """Seconds spent decoding and preprocessing pictures, and how many: the images/s of that stage."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        self.pictures = 0
-        self.workers = decode_workers()
-
-    def load(self, paths: Sequence[str | os.PathLike]) -> list[torch.Tensor | RetrievalError]:
-        t0 = time.perf_counter()
-        out = load_image_files(paths, self.workers)
-        self.seconds += time.perf_counter() - t0
-        self.pictures += len(paths)
-        return out
-
-    def summary(self) -> str:
-        rate = self.pictures / max(self.seconds, 1e-9)
-        return (f"decoded and preprocessed {self.pictures:,} pictures in {self.seconds:.1f}s ({rate:,.0f} images/s, "
-                f"{self.workers} thread{'s' if self.workers != 1 else ''})")
 
 
 # -- grey levels -----------------------------------------------------------------------------------------------------
@@ -300,7 +278,7 @@ def _marks(ink: np.ndarray, sigma: float, lone_mark_alone: bool = True) -> np.nd
     if peak <= 0:
         return ink
     h, w = ink.shape
-    mask = ink > max(0.15 * peak, 2.0 * sigma)
+    mask = ink > max(0.15 * peak, min(2.0 * sigma, 0.5 * peak))  # (the brightest ink is always a mark)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     bright = np.bincount(labels[ink >= 0.5 * peak], minlength=count + 1) > 0  # the brightest mark is one

@@ -25,7 +25,7 @@ from retrieval.data.fetch import (
 )
 from retrieval.data import corrupt
 from retrieval.data.idx import read_idx_pair
-from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
+from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_files
 from retrieval.errors import RetrievalError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -178,19 +178,22 @@ def _load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], l
     if not class_dirs:
         raise RetrievalError(f"folder:{folder}: no class sub-folders; expected {folder}/<label>/*.png")
     classes = [d.name for d in class_dirs]
-    images, labels, sources, skipped = [], [], [], []
+    paths, path_labels, skipped = [], [], []
     for label, d in enumerate(class_dirs):
         for path in sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")):
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append(f"{path} (not an image extension)")
                 continue
-            try:
-                images.append(load_image_file(path))
-            except RetrievalError as e:
-                skipped.append(str(e))
-                continue
-            labels.append(label)
-            sources.append(str(path))
+            paths.append(path)
+            path_labels.append(label)
+    images, labels, sources = [], [], []
+    for path, label, image in zip(paths, path_labels, load_image_files(paths)):  # decoded in parallel
+        if isinstance(image, RetrievalError):
+            skipped.append(str(image))
+            continue
+        images.append(image)
+        labels.append(label)
+        sources.append(str(path))
     for msg in skipped:
         logger.warning(f"skipped {msg}")
     if not images:

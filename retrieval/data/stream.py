@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from retrieval.data.idx import read_idx
-from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_file
+from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_files
 from retrieval.data.specs import (
     _class_sort_key, _split_spec, default_data_root, idx_source, numbered_classes, select_rows,
 )
@@ -149,12 +149,12 @@ class StreamedDataset:
         if self.idx is not None:
             return torch.from_numpy(self.idx.read(rows)), np.ones(len(rows), bool)
         images, kept = [], np.zeros(len(rows), bool)
-        for i, r in enumerate(rows.tolist()):
-            try:
-                images.append(load_image_file(self.paths[r]))
+        for i, image in enumerate(load_image_files([self.paths[r] for r in rows.tolist()])):  # in parallel
+            if isinstance(image, RetrievalError):
+                logger.warning(f"skipped {image}")
+            else:
+                images.append(image)
                 kept[i] = True
-            except RetrievalError as e:
-                logger.warning(f"skipped {e}")
         if not images:
             return torch.zeros((0, 28, 28), dtype=torch.uint8), kept
         return torch.stack(images), kept
