@@ -287,7 +287,8 @@ DIGIT_CLASSES = frozenset("0123456789")
 def gate_threshold(index, tower) -> float | None:
     """The digit-score threshold a Searcher applies: the one `calibrate` stored in the index; else the gate's own
     when every class of the index is a digit (an index of the user's own classes, letters say, is not refused as
-    "not a digit" unless calibrated so); None for a tower without a gate."""
+    "not a digit" unless calibrated so); None for a tower without a gate. Either way the Searcher refuses only
+    queries its neighbours answer as a digit (or unknown), never one of the index's classes that is no digit."""
     gate = tower_gate(tower)
     if gate is None:
         return None

@@ -8,7 +8,9 @@ The predicted label is the majority label of the k neighbours; a tie goes to the
 closer in total (then to the one holding the nearest neighbour). With a distance threshold (the calibrated one in
 the index metadata, or `max_distance`), a query whose nearest neighbour is farther is labelled "unknown" ("far from
 every class"); with a tower that carries a digit-or-not gate (retrieval.gate), a query whose digit score is below
-the gate's threshold (the index's calibrated one, else the gate's own) is "unknown" as well ("not a digit").
+the gate's threshold (the index's calibrated one, else the gate's own) is "unknown" as well ("not a digit"), unless
+its neighbours answer one of the index's classes that is no digit (a symbol a user taught it: the gate only knows
+digits from the rest).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from retrieval.data.specs import DatasetCache, parse_item_spec
 from retrieval.embed import default_batch_size, embed_images
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import search_parameters
-from retrieval.gate import FAR_FROM_EVERY_CLASS, NOT_A_DIGIT, digit_scores, gate_threshold
+from retrieval.gate import DIGIT_CLASSES, FAR_FROM_EVERY_CLASS, NOT_A_DIGIT, digit_scores, gate_threshold
 from retrieval.index import EmbeddingIndex, load_index, load_index_tower
 from retrieval.precision import matching_precision
 
@@ -233,7 +235,7 @@ class Searcher:
         """Neighbours and predicted labels for query embeddings (k must not exceed the index size).
         `search_params`: Faiss search parameters for this search (default: the Searcher's, else the index's).
         `digit_scores`: the gate's scores of the same queries (Searcher.digit_scores); below the gate threshold a
-        query is "unknown", not a digit."""
+        query answered as a digit (or unknown) is "unknown", not a digit."""
         dist, ids = self.index.search(embeddings, k, params=search_params or self.search_params)
         nb_labels = self.index.labels_of(ids)
         predicted = predict_labels(nb_labels, dist, self.max_distance)
@@ -248,7 +250,8 @@ class Searcher:
             label = classes[predicted[i]] if predicted[i] >= 0 else UNKNOWN
             score = None if digit_scores is None else float(digit_scores[i])
             reason = FAR_FROM_EVERY_CLASS if label == UNKNOWN and neighbors else None
-            if score is not None and self.gate_threshold is not None and score < self.gate_threshold:
+            if (score is not None and self.gate_threshold is not None and score < self.gate_threshold
+                    and (label == UNKNOWN or label in DIGIT_CLASSES)):
                 label, reason = UNKNOWN, NOT_A_DIGIT
             results.append(QueryResult(
                 query=names[i] if names is not None else str(i),
