@@ -1,4 +1,4 @@
-"""The example pictures README.md uses are in examples/, are what examples/draw.py draws, and go through the
+"""The example pictures README.md and docs/ use are in examples/, are what examples/draw.py draws, and go through the
 picture path (a README command copied as written finds its file and gets an answer, not an error)."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def _draw_module():
 
 
 def test_every_picture_readme_names_is_there_and_drawn_by_the_script():
-    named = sorted(set(re.findall(r"examples/([\w.-]+\.png)", (ROOT / "README.md").read_text("utf-8"))))
-    assert named, "README.md names no example picture"
+    texts = [(ROOT / "README.md").read_text("utf-8")] + [p.read_text("utf-8") for p in (ROOT / "docs").glob("*.md")]
+    named = sorted({name for text in texts for name in re.findall(r"examples/([\w.-]+\.png)", text)})
+    assert {"seven.png", "star1.png"} <= set(named), f"README.md and docs/ name only {named}"
     draw = _draw_module()
     assert set(named) <= set(draw.DRAWINGS), f"README names pictures examples/draw.py does not draw: {named}"
     for name in draw.DRAWINGS:
