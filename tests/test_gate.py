@@ -141,13 +141,16 @@ def test_threshold_rules():
 
 @pytest.fixture(scope="module")
 def gated(untrained_run, data_root, tmp_path_factory):
-    """`retrieval gate train` (tiny settings) on the untrained run, and a 300-image index built from its output."""
+    """`retrieval gate train` (tiny settings) on the untrained run, a 300-image index built from its output and a
+    few-shot index of class prototypes (one vector per class) of the same images."""
     from retrieval.workflows import build_index, train_digit_gate
 
     base = tmp_path_factory.mktemp("gated")
     sidecar = train_digit_gate(untrained_run, base / "run", steps=20, digits=300, non_digits=30, root=data_root,
                                device="cpu")
-    build_index(base / "run", ["mnist:train"], base / "index", root=data_root, device="cpu", subset=300, seed=0)
+    for name, prototypes in (("index", False), ("prototypes", True)):
+        build_index(base / "run", ["mnist:train"], base / name, root=data_root, device="cpu", subset=300, seed=0,
+                    prototypes=prototypes)
     return base, sidecar
 
 
@@ -201,12 +204,13 @@ def test_export_parity_includes_the_gate_output(gated, tmp_path, fmt):
     assert embeddings.shape == (len(x), ckpt.tower.embedding_size)
 
 
-def test_calibrate_sets_the_gate_threshold_and_the_reason_reaches_cli_json(gated, data_root):
+@pytest.mark.parametrize("kind", ["index", "prototypes"])
+def test_calibrate_sets_the_gate_threshold_and_the_reason_reaches_cli_json(gated, data_root, kind):
     from retrieval.index import update_index_meta
     from retrieval.workflows import calibrate
 
     base, _ = gated
-    folder = base / "index"
+    folder = base / kind
     _, record = calibrate(folder, "mnist:test", root=data_root, subset=200, seed=0, device="cpu", accept=0.9)
     assert record["gate"]["answered"] == pytest.approx(0.9, abs=0.011)
     assert record["max_distance"] is None  # the gate refuses non-digits; no distance threshold without negatives
@@ -226,18 +230,20 @@ def test_calibrate_sets_the_gate_threshold_and_the_reason_reaches_cli_json(gated
 
 
 @pytest.fixture
-def forced_index(gated, tmp_path):
-    """A copy of the gated index whose stored gate threshold no picture reaches: every answer is "not a digit"."""
+def forced_index(gated, tmp_path, request):
+    """A copy of the gated index (or, parametrized indirectly, of the prototype index) whose stored gate threshold
+    no picture reaches: every answer is "not a digit"."""
     import shutil
 
     from retrieval.index import update_index_meta
 
     base, _ = gated
-    folder = shutil.copytree(base / "index", tmp_path / "index")
+    folder = shutil.copytree(base / getattr(request, "param", "index"), tmp_path / "index")
     update_index_meta(str(folder), calibration={"gate": {"threshold": 1.5}})
     return folder
 
 
+@pytest.mark.parametrize("forced_index", ["index", "prototypes"], indirect=True)
 def test_the_unknown_reason_reaches_classify(forced_index):
     import warnings
 
@@ -259,34 +265,116 @@ def test_the_unknown_reason_reaches_classify(forced_index):
     assert answer["label"] == "unknown" and answer["unknown"] == "far from every class"
 
 
-def test_the_page_says_not_a_digit(forced_index):
+def test_a_class_a_user_taught_is_not_refused_as_not_a_digit(forced_index, data_root, tmp_path):
+    """Symbols taught to a gated index (the page's teach panel, `retrieval index add`) are answered as themselves:
+    the gate refuses what would be answered as a digit, not the user's own classes."""
+    from PIL import Image
+
+    from retrieval.workflows import add_to_index
+
+    taught = tmp_path / "taught" / "star"
+    taught.mkdir(parents=True)
+    for i, image in enumerate(nd.load_source("hershey", 3, seed=4, root=data_root).images):
+        Image.fromarray(image).save(taught / f"{i}.png")
+    add_to_index(forced_index, [f"folder:{taught.parent}"], root=data_root, device="cpu")
+    answers = _cli_json("query", "--index", forced_index, "--json", "--k", 1, "--root", data_root,
+                        taught / "0.png", "mnist:test[0]")
+    assert answers[0]["label"] == "star" and "unknown" not in answers[0]
+    assert answers[1]["label"] == "unknown" and answers[1]["unknown"] == "not a digit"
+
+
+def _chromium() -> str:
     import os
     import shutil
 
-    from serve_helpers import ServerProcess
-
-    playwright_api = pytest.importorskip("playwright.sync_api")
     path = next((p for p in (os.environ.get("RETRIEVAL_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"))
                  if p and os.path.isfile(p)), None)
     if path is None:
         if os.environ.get("RETRIEVAL_REQUIRE_BROWSER"):
             pytest.fail("Chromium is not installed (apt-get install chromium) but RETRIEVAL_REQUIRE_BROWSER is set")
         pytest.skip("Chromium is not installed (apt-get install chromium)")
-    with ServerProcess(forced_index) as server, playwright_api.sync_playwright() as pw:
+    return path
+
+
+@pytest.fixture(scope="module")
+def page_index(tmp_path_factory, data_root):
+    """The serve tests' tiny trained tower with a gate trained here as `retrieval gate train` does, only smaller
+    (2,000 digits against 500 pictures of each training source, 300 steps: about a minute), an index of 500 digits
+    and `calibrate` as a user runs it: the gate threshold answering 95% of mnist:test digits, no distance
+    threshold."""
+    from serve_helpers import serve_artifacts
+
+    from retrieval.workflows import build_index, calibrate, train_digit_gate
+
+    base = serve_artifacts(tmp_path_factory, data_root)
+    here = tmp_path_factory.mktemp("page-gate")
+    train_digit_gate(base / "run", here / "run", steps=300, digits=2000, non_digits=500, root=data_root, device="cpu")
+    build_index(here / "run", ["mnist:train"], here / "index", root=data_root, device="cpu", subset=500, seed=1)
+    _, record = calibrate(here / "index", "mnist:test", root=data_root, subset=300, seed=0, device="cpu",
+                          accept=0.95)
+    assert record["max_distance"] is None and record["gate"]["answered"] >= 0.94
+    return here / "index"
+
+
+def _arc(cx, cy, r, start, stop, n=16):
+    return [(cx + r * np.cos(np.radians(a)), cy + r * np.sin(np.radians(a))) for a in np.linspace(start, stop, n)]
+
+
+# Mouse strokes in the pad's own 280x280 frame.
+PAGE_DIGITS = {
+    "7": [[(70, 62), (212, 62), (118, 232)]],
+    "1": [[(120, 80), (150, 50), (150, 235)]],
+    "4": [[(170, 235), (170, 45), (60, 170), (215, 170)]],
+}
+PAGE_NON_DIGITS = {
+    "the letter K": [[(80, 40), (80, 240)], [(210, 40), (82, 150), (210, 240)]],
+    "a star": [[(140, 40), (140, 240)], [(54, 92), (226, 188)], [(54, 188), (226, 92)]],
+    "a smiley": [_arc(140, 140, 100, 0, 360, 24), [(105, 110), (108, 113)], [(175, 110), (178, 113)],
+                 _arc(140, 150, 50, 20, 160, 12)],
+}
+
+
+def test_the_page_answers_drawn_digits_and_refuses_a_letter_a_star_and_a_smiley(page_index):
+    """Drawn with the mouse in Chromium on `retrieval serve` over the calibrated gated index: the digits are
+    answered, a letter, a star and a smiley are "unknown" because they do not look like a digit."""
+    from serve_helpers import ServerProcess
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    path = _chromium()
+    with ServerProcess(page_index) as server, playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 940})
+            page.add_init_script("window.__queries = 0; const f = window.fetch; window.fetch = (...a) => "
+                                 "{ if (String(a[0]).startsWith('/query')) window.__queries++; return f(...a); };")
             page.goto(server.url + "/")
             page.wait_for_function("document.getElementById('index-meta').textContent.includes('references')")
             box = page.locator("#pad").bounding_box()
-            page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.2)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.2, steps=10)
-            page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.8, steps=10)
-            page.mouse.up()
-            page.wait_for_function("document.getElementById('answer-why').textContent.includes('digit score')",
-                                   timeout=20_000)
-            assert page.locator("#answer-label").text_content().strip() == "unknown"
-            assert "does not look like a digit" in page.locator("#answer-why").text_content()
+            scale = box["width"] / 280
+
+            def drawn(strokes) -> tuple[str, str]:
+                page.click("#clear")
+                for k, stroke in enumerate(strokes):
+                    sent = page.evaluate("window.__queries")
+                    points = [(box["x"] + x * scale, box["y"] + y * scale) for x, y in stroke]
+                    page.mouse.move(*points[0])
+                    page.mouse.down()
+                    for point in points[1:]:
+                        page.mouse.move(*point, steps=8)
+                    page.mouse.up()
+                    # each stroke is sent when it ends: the answer shown is the whole drawing's after the last
+                    page.wait_for_function(f"document.body.dataset.busy === '0' && window.__queries > {sent}",
+                                           timeout=20_000)
+                return (page.locator("#answer-label").text_content().strip(),
+                        page.locator("#answer-why").text_content())
+
+            for digit, strokes in PAGE_DIGITS.items():
+                label, why = drawn(strokes)
+                assert label in "0123456789" and label != "", (digit, label, why)
+                if digit == "7":
+                    assert label == "7", why
+            for what, strokes in PAGE_NON_DIGITS.items():
+                label, why = drawn(strokes)
+                assert label == "unknown" and "does not look like a digit" in why, (what, label, why)
         finally:
             browser.close()
