@@ -22,6 +22,10 @@ first byte sent to its last byte received. The load generators run on the same c
     .venv/bin/python benchmarks/serve.py --checkpoint runs/NAME               # build indexes/serve-bench first
     .venv/bin/python benchmarks/serve.py --train-epochs 2                     # train a quick tower first
     .venv/bin/python benchmarks/serve.py --index DIR --long 0 --cold-repeats 0 --clients "" --no-readme
+    # side by side with the tree before a change, three rounds:
+    git archive <commit> | tar -x -C /tmp/base-src
+    .venv/bin/python benchmarks/serve.py --index DIR --baseline-src /tmp/base-src --rounds 3 --one-client 150 \
+        --duration 8 --long 0 --cold-repeats 0 --clients "" --no-readme
 """
 
 from __future__ import annotations
@@ -197,15 +201,16 @@ for folder in sys.argv[2:]:
 """
 
 
-def decode_ms(src: Path, payloads: dict, workdir: Path, repeats: int = 3) -> dict:
+def decode_ms(src: Path, payloads: dict, workdir: Path, pictures_timed: int = 60, repeats: int = 2) -> dict:
     """{payload: median milliseconds of the service's decode + preprocess (retrieval.serve.library.decode_upload)
-    per picture}, one thread, in a new process importing the source tree `src`."""
+    per picture} over the payload's first `pictures_timed` pictures, each `repeats` times, one thread, in a new
+    process importing the source tree `src`."""
     folders = []
     for payload, pictures in payloads.items():
         folder = workdir / "decode" / payload
         if not folder.is_dir():
             folder.mkdir(parents=True)
-            for i, (name, data, _) in enumerate(pictures):
+            for i, (name, data, _) in enumerate(pictures[:pictures_timed]):
                 (folder / f"{i:04d}-{name}").write_bytes(data)
         folders.append(str(folder))
     proc = subprocess.run([sys.executable, "-c", DECODE_TIMER, str(repeats), *folders], cwd=src,
@@ -495,8 +500,8 @@ def main() -> None:
         f"sequential requests on one keep-alive connection; {args.many} clients: "
         + ("wrk -t2 --latency (a Lua script rotating the bodies)" if shutil.which("wrk") and not args.no_wrk
            else "the asyncio client") +
-        f", {args.duration:g} s. Decode + preprocess: the service's decode_upload on every picture, one thread, in a "
-        f"new process importing the server's source tree. "
+        f", {args.duration:g} s. Decode + preprocess: the service's decode_upload on 60 of the pictures twice, one "
+        f"thread, in a new process importing the server's source tree. "
         + (f"Both servers run at once; in each of {args.rounds} round(s) each payload is measured on one, then the "
            "other (the first alternating), the other idle; medians of the rounds. " if len(variants) > 1 else
            f"Medians of {args.rounds} round(s). ") +
