@@ -417,6 +417,11 @@ def main() -> None:
     ap.add_argument("--cold-repeats", type=int, default=3, help="CLI cold starts (0: skip)")
     ap.add_argument("--no-readme", action="store_true", help="print the section instead of appending it")
     args = ap.parse_args()
+    if args.rounds < 1:
+        sys.exit(f"--rounds: expected 1 or more, got {args.rounds}")
+    if args.baseline_src and not (Path(args.baseline_src) / "retrieval" / "__main__.py").is_file():
+        sys.exit(f"--baseline-src {args.baseline_src}: no retrieval package there; expected a source tree "
+                 "(git archive <commit> | tar -x -C DIR)")
 
     index, how = prepare_index(args)
     names = [p for p in args.payloads.split(",") if p]
