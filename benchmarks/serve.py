@@ -191,20 +191,22 @@ for folder in sys.argv[2:]:
     pictures = [(f.name, f.read_bytes()) for f in sorted(Path(folder).iterdir())]
     for name, data in pictures[:3]:
         decode_upload(data, name)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         for name, data in pictures:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             decode_upload(data, name)
             times.append(time.perf_counter() - t0)
-    print(statistics.median(times) * 1000)
+            cpu_times.append(time.thread_time() - c0)
+    print(statistics.median(times) * 1000, statistics.median(cpu_times) * 1000)
 """
 
 
 def decode_ms(src: Path, payloads: dict, workdir: Path, pictures_timed: int = 60, repeats: int = 2) -> dict:
-    """{payload: median milliseconds of the service's decode + preprocess (retrieval.serve.library.decode_upload)
-    per picture} over the payload's first `pictures_timed` pictures, each `repeats` times, one thread, in a new
-    process importing the source tree `src`."""
+    """{payload: (wall, CPU) median milliseconds of the service's decode + preprocess
+    (retrieval.serve.library.decode_upload) per picture} over the payload's first `pictures_timed` pictures, each
+    `repeats` times, one thread, in a new process importing the source tree `src`. On a shared machine the thread's
+    CPU time is the closer estimate of the wall time on an idle one."""
     folders = []
     for payload, pictures in payloads.items():
         folder = workdir / "decode" / payload
@@ -217,7 +219,7 @@ def decode_ms(src: Path, payloads: dict, workdir: Path, pictures_timed: int = 60
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         sys.exit(f"timing decode_upload from {src} failed:\n{proc.stderr[-3000:]}")
-    return dict(zip(payloads, map(float, proc.stdout.split())))
+    return {payload: tuple(map(float, line.split())) for payload, line in zip(payloads, proc.stdout.splitlines())}
 
 
 # -- load generators --------------------------------------------------------------------------------------------------
@@ -441,7 +443,7 @@ def main() -> None:
     if args.baseline_src:
         variants["baseline"] = Path(args.baseline_src).resolve()
     runs: dict[tuple[str, str], list[dict]] = {}  # (server, payload) -> one measure_payload row per round
-    decode: dict[tuple[str, str], list[float]] = {}  # (server, payload) -> decode + preprocess ms per round
+    decode: dict[tuple[str, str], list[tuple]] = {}  # (server, payload) -> decode + preprocess (ms, CPU ms) per round
     rows, samples, long_row, health, startup_s = [], [], None, {}, None
     servers: dict[str, Server] = {}
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -455,10 +457,10 @@ def main() -> None:
             for round_ in range(args.rounds):
                 order = list(servers) if round_ % 2 == 0 else list(servers)[::-1]  # neither always goes first
                 for variant in order:
-                    for name, ms in decode_ms(variants[variant], payloads, Path(tmp)).items():
-                        decode.setdefault((variant, name), []).append(ms)
-                        print(f"round {round_ + 1}, {variant}: {name} decode + preprocess {ms:.2f} ms (median, "
-                              "one thread)", flush=True)
+                    for name, (ms, cpu_ms) in decode_ms(variants[variant], payloads, Path(tmp)).items():
+                        decode.setdefault((variant, name), []).append((ms, cpu_ms))
+                        print(f"round {round_ + 1}, {variant}: {name} decode + preprocess {ms:.2f} ms, CPU "
+                              f"{cpu_ms:.2f} ms (median, one thread)", flush=True)
                 for name, pictures in payloads.items():
                     for variant in order:
                         print(f"round {round_ + 1}, {variant}:", flush=True)
@@ -513,22 +515,23 @@ def main() -> None:
         f"Load generators on the same cores as the servers. Other jobs shared the machine: load average "
         f"{load_before:.1f} before the run, {load_after:.1f} after it.",
         "",
-        "| server | payload | decode + preprocess ms (1 thread) | 1 client p50 ms | "
+        "| server | payload | decode + preprocess ms, 1 thread (CPU ms) | 1 client p50 ms | "
         f"{args.many} clients q/s | p50 ms | p99 ms | errors | server CPU ms/query |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         for variant in variants:
             r = median_row(runs[variant, name])
-            lines.append(f"| {variant} | {PAYLOAD_TEXT[name]} | {statistics.median(decode[variant, name]):.2f} | "
-                         f"{r['one_p50_ms']:.2f} | "
+            ms, cpu_ms = (statistics.median(column) for column in zip(*decode[variant, name]))
+            lines.append(f"| {variant} | {PAYLOAD_TEXT[name]} | {ms:.2f} ({cpu_ms:.2f}) | {r['one_p50_ms']:.2f} | "
                          f"{r['qps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
                          f"{r['cpu_ms']:.2f} |")
     if "baseline" in variants:
         ratios = []
         for name in names:
             this, base = median_row(runs["this tree", name]), median_row(runs["baseline", name])
-            decode_ratio = statistics.median(decode["this tree", name]) / statistics.median(decode["baseline", name])
+            decode_ratio = (statistics.median(ms for ms, _ in decode["this tree", name])
+                            / statistics.median(ms for ms, _ in decode["baseline", name]))
             ratios.append(f"{PAYLOAD_TEXT[name]}: {this['qps'] / base['qps']:.2f}x the queries/s at {args.many} "
                           f"clients, p99 {this['p99_ms'] / base['p99_ms']:.2f}x, one-client p50 "
                           f"{this['one_p50_ms'] / base['one_p50_ms']:.2f}x, decode + preprocess {decode_ratio:.2f}x")
