@@ -14,8 +14,15 @@ distance threshold (answer --accept, no negatives); then answered fractions of o
 and of every mnist-c:test set, refused fractions of Fashion-MNIST test, letters and symbols of DejaVu / Liberation
 (look-alikes apart), scribbles, shapes, blank and noisy pages (benchmarks/robustness.py's pictures, seed 0).
 
+Cost (--cost RUN --base-run BASE): RUN is a gated run made from BASE (the same tower, no gate). Two index folders
+of the same --cost-index images, one from each, calibrated as a user would (the gated one's gate threshold, the other's
+distance threshold, both answering --accept of clean mnist:test); a `retrieval serve` process on each; one client
+sends the same pictures to both in turn (POST /classify, one picture per request, alternating which server goes
+first), so machine noise falls on both alike; p50 and p90 of each and their ratio.
+
     .venv/bin/python benchmarks/gate.py --selection --runs /work/runs/mnist-robust --forms cnn,trunk,embedding
     .venv/bin/python benchmarks/gate.py --test /work/runs/mnist-robust-gate
+    .venv/bin/python benchmarks/gate.py --cost /work/runs/mnist-robust-gate --base-run /work/runs/mnist-robust
 """
 
 from __future__ import annotations
@@ -41,7 +48,10 @@ def _concat(sets) -> np.ndarray:
     return np.concatenate([s.images for s in sets.values()])
 
 
-def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, n_neg: int) -> dict:
+def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, n_neg: int,
+              gated: Path | None = None) -> dict:
+    """Selection figures of a gate trained here for each recipe, or (`gated`: a run of `retrieval gate train` from
+    `run`) of that run's own gate, measured without training."""
     from retrieval.checkpoint import load_checkpoint
     from retrieval.data.fetch import dataset_files_present
     from retrieval.data.nondigits import load_split
@@ -62,7 +72,7 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
         sets = {f"{name} answered": corrupt(val, name, seed=1) for name in CORRUPTIONS}
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, pos=pos, val=val, **{f"c_{k.split(' ')[0]}": v for k, v in sets.items()})
-    negatives = _concat(load_split("train", n_neg, seed=0, root=root))
+    negatives = _concat(load_split("train", n_neg, seed=0, root=root)) if gated is None else np.zeros((0, 28, 28))
     held_out = load_split("selection", 2000, seed=1, root=root)
     for s, nd in held_out.items():
         sets[f"{s} refused"] = nd.images
@@ -71,11 +81,18 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
                                                            seed=0).images.numpy()
     print(f"positives {len(pos)}, negatives {len(negatives)} (train sources), validation {len(val)}", flush=True)
     out = {}
-    for recipe in recipes:
-        key = f"{recipe.form} w{recipe.width} p{recipe.degrade_p:g} {recipe.steps} steps"
-        t = time.perf_counter()
-        gate = train_gate(ckpt.tower, pos, negatives, recipe, device=device)
-        seconds = time.perf_counter() - t
+    for recipe in (recipes if gated is None else [None]):
+        if recipe is None:
+            from retrieval.gate import tower_gate
+
+            trained = load_checkpoint(gated, device=device)
+            key = f"{gated.name}: {trained.meta['gate']['recipe']}"
+            gate, seconds = tower_gate(trained.tower), trained.meta["gate"]["seconds"]
+        else:
+            key = f"{recipe.form} w{recipe.width} p{recipe.degrade_p:g} {recipe.steps} steps"
+            t = time.perf_counter()
+            gate = train_gate(ckpt.tower, pos, negatives, recipe, device=device)
+            seconds = time.perf_counter() - t
         attach_gate(ckpt.tower, gate)
         threshold = acceptance_threshold(digit_scores(ckpt.tower, val, device=device), accept)
         res = {"train seconds": seconds, "threshold": threshold}
@@ -93,8 +110,11 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
     return out
 
 
-def test_table(run: Path, root, device: str, accept: float) -> dict:
-    """Refused / answered fractions for the gated run's gate and today's distance threshold, side by side."""
+def test_table(run: Path, root, device: str, accept: float, references: int | None = None, subset: int = 2000,
+               non_digits: int = 300) -> dict:
+    """Refused / answered fractions for the gated run's gate and today's distance threshold, side by side: an index
+    of `references` mnist:train images (all: None), `subset` images of each query set, `non_digits` pictures of
+    each kind of benchmarks/robustness.py's."""
     from retrieval.data.fetch import dataset_files_present
     from retrieval.data.nondigits import LOOK_ALIKES
     from retrieval.data.specs import default_data_root, load_dataset
@@ -109,7 +129,7 @@ def test_table(run: Path, root, device: str, accept: float) -> dict:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="gate-test-") as tmp:
         folder = Path(tmp) / "index"
-        build_index(run, ["mnist:train"], folder, root=root, device=device)
+        build_index(run, ["mnist:train"], folder, root=root, device=device, subset=references, seed=0)
         cal, record = calibrate(folder, "mnist:test", store=True, root=root, subset=2000, seed=0, device=device,
                                 accept=accept)
         distance_t = calibrate(folder, "mnist:test", store=False, root=root, subset=2000, seed=0, device=device,
@@ -119,7 +139,7 @@ def test_table(run: Path, root, device: str, accept: float) -> dict:
 
         def measure(spec: str | None = None, images: np.ndarray | None = None, ok: np.ndarray | None = None):
             if images is None:
-                iq = load_index_queries(folder, spec, root=root, subset=2000, seed=1, device=device)
+                iq = load_index_queries(folder, spec, root=root, subset=subset, seed=1, device=device)
                 images = iq.dataset.images.numpy()
                 emb = iq.embeddings
                 ok = np.ones(len(images), bool)
@@ -140,14 +160,12 @@ def test_table(run: Path, root, device: str, accept: float) -> dict:
         def row(name, score, dist, refused: bool):
             g = score < gate_t
             d = dist > distance_t
-            both = g | d
             if refused:
                 rows[name] = {"gate": g.mean(), "distance": d.mean(), "n": len(score)}
             else:
                 rows[name] = {"gate": (~g).mean(), "distance": (~d).mean(), "n": len(score)}
             rows[name] = {k: float(v) for k, v in rows[name].items()}
             print(f"{name:40s} gate {rows[name]['gate']:.4f}  distance {rows[name]['distance']:.4f}", flush=True)
-            del both
 
         row("clean mnist:test answered", *measure("mnist:test"), refused=False)
         for name in CORRUPTIONS:
@@ -155,7 +173,7 @@ def test_table(run: Path, root, device: str, accept: float) -> dict:
         if dataset_files_present("fashion-mnist", data_root):
             row("fashion-mnist:test refused", *measure("fashion-mnist:test"), refused=True)
         for kind in NON_DIGITS:
-            images, ok, marks = _preprocessed_non_digits(kind, 300, seed=0)
+            images, ok, marks = _preprocessed_non_digits(kind, non_digits, seed=0)
             score, dist = measure(images=images, ok=ok)
             plain = np.array([m not in look_alike for m in marks])
             row(f"{kind} refused" + (", look-alikes excluded" if not plain.all() else ""), score[plain],
@@ -166,12 +184,113 @@ def test_table(run: Path, root, device: str, accept: float) -> dict:
     return {"gate_threshold": gate_t, "distance_threshold": distance_t, "rows": rows}
 
 
+class _Server:
+    """`retrieval serve --index FOLDER --port 0` in a subprocess (one torch thread, as --threads asks), its URL read
+    from its log."""
+
+    def __init__(self, folder: Path, threads: int):
+        import os
+        import re
+        import subprocess
+
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        self.proc = subprocess.Popen([sys.executable, "-m", "retrieval", "serve", "--index", str(folder), "--port",
+                                      "0"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        for line in self.proc.stderr:
+            m = re.search(r"listening on http://([\d.]+):(\d+)/", line)
+            if m:
+                self.host, self.port = m.group(1), int(m.group(2))
+                break
+        else:
+            raise RuntimeError(f"retrieval serve --index {folder} exited ({self.proc.wait()}) before listening")
+        import threading
+
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep its log pipe from filling
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "gate-cost-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _pictures(n: int, root) -> list[tuple[str, bytes]]:
+    """PNG files as users send them: half MNIST test digits at 28x28, half the page's 280x280 canvas drawing of
+    them (retrieval.data.corrupt's canvas path, upscaled)."""
+    import io
+
+    from PIL import Image
+
+    from retrieval.data.specs import load_dataset
+
+    digits = load_dataset("mnist:test", root=root, subset=n, seed=3).images.numpy()
+    drawn = corrupt(digits, "canvas", seed=3)
+    out = []
+    for i, (a, b) in enumerate(zip(digits, drawn)):
+        for name, img in ((f"mnist-{i}.png", Image.fromarray(255 - a)),
+                          (f"canvas-{i}.png", Image.fromarray(255 - b).resize((280, 280), Image.BILINEAR))):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            out.append((name, buf.getvalue()))
+    return out[:n]
+
+
+def cost(run: Path, base_run: Path, root, accept: float, index_images: int, requests: int, threads: int) -> dict:
+    """p50 / p90 of POST /classify (one picture) at one client, the gated index beside the same index without it."""
+    import http.client
+
+    from retrieval.workflows import build_index, calibrate
+
+    out: dict = {"index_images": index_images, "requests_per_server": requests}
+    with tempfile.TemporaryDirectory(prefix="gate-cost-") as tmp:
+        folders = {}
+        for name, checkpoint in (("with gate", run), ("without gate", base_run)):
+            folders[name] = Path(tmp) / name.replace(" ", "-")
+            build_index(checkpoint, ["mnist:train"], folders[name], root=root, device="cpu", subset=index_images,
+                        seed=0)
+            calibrate(folders[name], "mnist:test", root=root, subset=2000, seed=0, device="cpu", accept=accept)
+        servers = {name: _Server(folder, threads) for name, folder in folders.items()}
+        try:
+            conns = {name: http.client.HTTPConnection(s.host, s.port, timeout=120) for name, s in servers.items()}
+            pictures = _pictures(64, root)
+            times: dict[str, list[float]] = {name: [] for name in servers}
+            order = list(servers)
+            for i in range(requests + 20):  # the first 20 of each warm up and are not counted
+                body, ctype = _multipart(*pictures[i % len(pictures)])
+                for name in (order if i % 2 else order[::-1]):
+                    t = time.perf_counter()
+                    conns[name].request("POST", "/classify", body=body, headers={"Content-Type": ctype})
+                    response = conns[name].getresponse()
+                    answer = response.read()
+                    elapsed = time.perf_counter() - t
+                    if response.status != 200:
+                        raise RuntimeError(f"{name}: /classify answered {response.status}: {answer[:300]!r}")
+                    if i >= 20:
+                        times[name].append(elapsed * 1000)
+        finally:
+            for s in servers.values():
+                s.stop()
+    for name, ms in times.items():
+        out[name] = {"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
+    out["p50 ratio (with / without)"] = out["with gate"]["p50_ms"] / out["without gate"]["p50_ms"]
+    print(json.dumps(out, indent=2), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     from retrieval.gate import GateRecipe
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--selection", action="store_true")
     p.add_argument("--runs", nargs="*", type=Path, default=[])
+    p.add_argument("--gated", type=Path, help="with --selection and one --runs RUN: measure this gated run's own "
+                   "gate (retrieval gate train --checkpoint RUN), no training")
     p.add_argument("--forms", default="cnn")
     p.add_argument("--degrade-p", default="0.3")
     p.add_argument("--steps", default="1500")
@@ -179,7 +298,14 @@ def main(argv=None) -> int:
     p.add_argument("--n-pos", type=int, default=20000)
     p.add_argument("--n-neg", type=int, default=6000, help="pictures per training source")
     p.add_argument("--test", type=Path, help="a gated run: the test table")
+    p.add_argument("--cost", type=Path, help="a gated run: its service's query time beside --base-run's")
+    p.add_argument("--base-run", type=Path, help="the run the --cost run's gate was trained for (no gate)")
+    p.add_argument("--cost-index", type=int, default=10000, help="images of mnist:train in the --cost indexes")
+    p.add_argument("--requests", type=int, default=300, help="timed requests per server (--cost)")
     p.add_argument("--accept", type=float, default=0.99)
+    p.add_argument("--references", type=int, help="mnist:train images in the --test index (default: all)")
+    p.add_argument("--subset", type=int, default=2000, help="images of each query set (--test)")
+    p.add_argument("--non-digits", type=int, default=300, help="pictures of each non-digit kind (--test)")
     p.add_argument("--root", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path)
@@ -194,13 +320,17 @@ def main(argv=None) -> int:
                    for f in a.forms.split(",") for d in a.degrade_p.split(",") for s in a.steps.split(",")
                    for w in a.widths.split(",")]
         for run in a.runs:
-            res[run.name] = selection(run, recipes, a.root, a.device, a.accept, a.n_pos, a.n_neg)
+            res[run.name] = selection(run, recipes, a.root, a.device, a.accept, a.n_pos, a.n_neg, a.gated)
     if a.test:
-        res["test"] = test_table(a.test, a.root, a.device, a.accept)
+        res["test"] = test_table(a.test, a.root, a.device, a.accept, a.references, a.subset, a.non_digits)
         rows = res["test"]["rows"]
         print("| set | gate | distance threshold (today) |\n|---|---|---|")
         for k, v in rows.items():
             print(f"| {k} | {v['gate']:.4f} | {v['distance']:.4f} |")
+    if a.cost:
+        if a.base_run is None:
+            p.error("--cost needs --base-run (the same run without the gate)")
+        res["cost"] = cost(a.cost, a.base_run, a.root, a.accept, a.cost_index, a.requests, a.threads)
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0
