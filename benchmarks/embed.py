@@ -17,6 +17,7 @@ included) x images/s, as a fraction of the bound of the precision it ran in.
     .venv/bin/python benchmarks/embed.py --towers mnist-default,mnist-robust,mnist-fewshot,mnist-seed-pair \\
         --batch-sizes 256 --threads 2 --gemm                   # the precision targets (bf16 >= 1.7x fp32)
     .venv/bin/python benchmarks/embed.py --device cuda --threads 1
+    .venv/bin/python benchmarks/embed.py --agreement runs/mnist-default   # a bf16 index's answers vs an fp32 one's
 """
 
 from __future__ import annotations
