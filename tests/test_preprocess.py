@@ -253,8 +253,8 @@ def small_index(untrained_run, tmp_path_factory):
     return folder
 
 
-def test_query_answers_a_frame_filling_scan_a_wide_soft_stroke_and_a_canvas_export(tmp_path, small_index, digits,
-                                                                                  capsys):
+def test_query_and_the_service_answer_a_frame_filling_scan_a_wide_soft_stroke_and_a_canvas_export(
+        tmp_path, small_index, digits, capsys):
     from retrieval.data.pictures import render
 
     scan = next(r for r in (render(d, "scan-thick", seed=s).data for s in range(40) for d in digits[:3])
@@ -269,6 +269,17 @@ def test_query_answers_a_frame_filling_scan_a_wide_soft_stroke_and_a_canvas_expo
     answers = json.loads(out)
     assert [Path(a["query"]).name for a in answers] == list(files)
     assert all(a["label"] is not None and len(a["neighbors"]) == 3 and "error" not in a for a in answers), answers
+    # the service answers the same uploads the same (decoded off the event loop, the same picture path)
+    from fastapi.testclient import TestClient
+
+    from retrieval.serve.app import Service, create_app
+
+    with TestClient(create_app(Service.open(small_index))) as client:
+        response = client.post("/query", data={"k": "3"}, files=[
+            ("images", (str(tmp_path / name), data, "image/jpeg" if name.endswith(".jpg") else "image/png"))
+            for name, data in files.items()])
+    assert response.status_code == 200, response.text
+    assert response.json() == answers
 
 
 def test_index_build_of_a_picture_folder_decodes_in_parallel_and_reports_it(tmp_path, untrained_run, pictures,
