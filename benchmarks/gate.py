@@ -111,10 +111,11 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
 
 
 def test_table(run: Path, root, device: str, accept: float, references: int | None = None, subset: int = 2000,
-               non_digits: int = 300) -> dict:
+               non_digits: int = 300, index_dir: Path | None = None) -> dict:
     """Refused / answered fractions for the gated run's gate and today's distance threshold, side by side: an index
     of `references` mnist:train images (all: None), `subset` images of each query set, `non_digits` pictures of
-    each kind of benchmarks/robustness.py's."""
+    each kind of benchmarks/robustness.py's. `index_dir`: where the index is built (kept, and used as it is when
+    it already holds one), else a temporary folder."""
     from retrieval.data.fetch import dataset_files_present
     from retrieval.data.nondigits import LOOK_ALIKES
     from retrieval.data.specs import default_data_root, load_dataset
@@ -128,26 +129,26 @@ def test_table(run: Path, root, device: str, accept: float, references: int | No
     data_root = Path(root) if root else default_data_root()
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="gate-test-") as tmp:
-        folder = Path(tmp) / "index"
-        build_index(run, ["mnist:train"], folder, root=root, device=device, subset=references, seed=0)
+        folder = index_dir or Path(tmp) / "index"
+        if not (folder / "meta.json").is_file():
+            build_index(run, ["mnist:train"], folder, root=root, device=device, subset=references, seed=0)
         cal, record = calibrate(folder, "mnist:test", store=True, root=root, subset=2000, seed=0, device=device,
                                 accept=accept)
         distance_t = calibrate(folder, "mnist:test", store=False, root=root, subset=2000, seed=0, device=device,
                                accept=accept, gate=False)[0].max_distance
         gate_t = record["gate"]["threshold"]
         print(f"thresholds: gate {gate_t:.4f}, distance {distance_t:.4f}", flush=True)
+        from retrieval.query import Searcher
+
+        searcher = Searcher.open(folder, device=device)
 
         def measure(spec: str | None = None, images: np.ndarray | None = None, ok: np.ndarray | None = None):
             if images is None:
                 iq = load_index_queries(folder, spec, root=root, subset=subset, seed=1, device=device)
                 images = iq.dataset.images.numpy()
                 emb = iq.embeddings
-                ok = np.ones(len(images), bool)
-                tower, dist = iq.tower, nearest_neighbors(emb, index_search(iq.index), 1, iq.self_ids)[0][:, 0]
-                return digit_scores(tower, images, emb, device=device), dist
-            from retrieval.query import Searcher
-
-            searcher = Searcher.open(folder, device=device)
+                dist = nearest_neighbors(emb, index_search(iq.index), 1, iq.self_ids)[0][:, 0]
+                return digit_scores(searcher.tower, images, emb, device=device), dist
             n = len(ok)
             score, dist = np.full(n, -np.inf), np.full(n, np.inf)  # no ink: the query fails, never answered
             if len(images):
@@ -306,6 +307,7 @@ def main(argv=None) -> int:
     p.add_argument("--references", type=int, help="mnist:train images in the --test index (default: all)")
     p.add_argument("--subset", type=int, default=2000, help="images of each query set (--test)")
     p.add_argument("--non-digits", type=int, default=300, help="pictures of each non-digit kind (--test)")
+    p.add_argument("--index-dir", type=Path, help="build the --test index here and keep it (reused when present)")
     p.add_argument("--root", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path)
@@ -322,7 +324,8 @@ def main(argv=None) -> int:
         for run in a.runs:
             res[run.name] = selection(run, recipes, a.root, a.device, a.accept, a.n_pos, a.n_neg, a.gated)
     if a.test:
-        res["test"] = test_table(a.test, a.root, a.device, a.accept, a.references, a.subset, a.non_digits)
+        res["test"] = test_table(a.test, a.root, a.device, a.accept, a.references, a.subset, a.non_digits,
+                                 a.index_dir)
         rows = res["test"]["rows"]
         print("| set | gate | distance threshold (today) |\n|---|---|---|")
         for k, v in rows.items():
