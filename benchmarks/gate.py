@@ -16,9 +16,10 @@ and of every mnist-c:test set, refused fractions of Fashion-MNIST test, letters 
 
 Cost (--cost RUN --base-run BASE): RUN is a gated run made from BASE (the same tower, no gate). Two index folders
 of the same --cost-index images, one from each, calibrated as a user would (the gated one's gate threshold, the other's
-distance threshold, both answering --accept of clean mnist:test); a `retrieval serve` process on each; one client
-sends the same pictures to both in turn (POST /classify, one picture per request, alternating which server goes
-first), so machine noise falls on both alike; p50 and p90 of each and their ratio.
+distance threshold, both answering --accept of clean mnist:test). First the service's own work per picture
+(Service.process) for both and an A/A copy, in this process, in turn; then a `retrieval serve` process on each and
+one client sending the same pictures to both in turn (POST /classify, one picture per request, alternating which
+server goes first); p50 and p90 of each and their ratios.
 
     .venv/bin/python benchmarks/gate.py --selection --runs /work/runs/mnist-robust --forms cnn,trunk,embedding
     .venv/bin/python benchmarks/gate.py --test /work/runs/mnist-robust-gate
@@ -242,6 +243,32 @@ def _pictures(n: int, root) -> list[tuple[str, bytes]]:
     return out[:n]
 
 
+def _compute_times(folders: dict[str, Path], requests: int, root) -> dict:
+    """The service's own work for one picture (Service.process: tower, gate, search, answer), in this process, the
+    services asked in turn (rotating which goes first): no HTTP, decoding or scheduling of separate processes, whose
+    noise on a shared machine is larger than the gate (an A/A pair of server processes differed by 12%). The copy
+    of the index without the gate is the A/A control."""
+    from retrieval.data.specs import load_dataset
+    from retrieval.serve.app import QueryJob, Service
+
+    services = {name: Service.open(folder) for name, folder in folders.items()}
+    images = load_dataset("mnist:test", root=root, subset=64, seed=3).images
+    names = list(services)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(requests + 30):  # the first 30 rounds warm up
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            job = QueryJob(images[i % len(images)].unsqueeze(0), ["q"], 5, None)
+            t = time.perf_counter()
+            services[name].process([job])
+            if i >= 30:
+                times[name].append((time.perf_counter() - t) * 1000)
+    out = {name: {"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))} for name, ms in times.items()}
+    base = out["without gate"]["p50_ms"]
+    out["p50 ratio (with / without)"] = out["with gate"]["p50_ms"] / base
+    out["p50 ratio A/A (copy / without)"] = out["without gate (copy)"]["p50_ms"] / base
+    return out
+
+
 def cost(run: Path, base_run: Path, root, accept: float, index_images: int, requests: int, threads: int) -> dict:
     """p50 / p90 of POST /classify (one picture) at one client, the gated index beside the same index without it."""
     import http.client
@@ -256,6 +283,10 @@ def cost(run: Path, base_run: Path, root, accept: float, index_images: int, requ
             build_index(checkpoint, ["mnist:train"], folders[name], root=root, device="cpu", subset=index_images,
                         seed=0)
             calibrate(folders[name], "mnist:test", root=root, subset=2000, seed=0, device="cpu", accept=accept)
+        import shutil
+
+        control = shutil.copytree(folders["without gate"], Path(tmp) / "without-gate-copy")
+        out["service compute"] = _compute_times({**folders, "without gate (copy)": control}, requests, root)
         servers = {name: _Server(folder, threads) for name, folder in folders.items()}
         try:
             conns = {name: http.client.HTTPConnection(s.host, s.port, timeout=120) for name, s in servers.items()}
