@@ -4,8 +4,8 @@
 A DigitGate rides on a Tower as its optional `gate` submodule (`tower.gate`), so it is saved in the checkpoint
 (weights under `tower.gate.`, its description under the sidecar's "gate" key), copied into index folders with the
 tower and exported as a second output of the ONNX / TorchScript graph (retrieval/export.py). Forms (FORMS):
-  cnn        a separate small CNN on the image (about 0.8M multiply-adds: a twelfth of one embedding pass, a
-             hundredth of mnist-robust's nine shifted passes); trained alone, the tower untouched
+  cnn        a separate small CNN on the image (about 0.76M multiply-adds: a quarter of one pass of the default
+             tower, a thirty-sixth of mnist-robust's nine shifted passes); trained alone, the tower untouched
   trunk      a small head on a frozen copy of the tower's convolutional trunk (its 64 x 7 x 7 map)
   embedding  a small head on the tower's embedding (the same forward as the lookup)
 benchmarks/README.md ("digit-or-not gate") has the figures that chose the form shipped by `retrieval gate train`.
