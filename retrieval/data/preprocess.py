@@ -306,7 +306,17 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
         background = float(np.median(border))
     else:  # no interior (1-pixel, 2-pixel-high...): the pixels are the ink, on the contrasting background
         background = 255.0 if gray.mean() < 128 else 0.0
-    if background > 127:  # light background: ink is dark, invert to MNIST's white-on-black
+    # Dark ink (a light background: paper, a canvas) is inverted to MNIST's white-on-black, unless the picture
+    # reaches much further above the background than below it: light ink on a light background (a brightened or
+    # fogged digit); the other way round on a dark background. (Not the nearer extreme alone: a photo's lighting
+    # spreads its paper further than its ink.)
+    lo, hi = (np.percentile(gray, (0.5, 99.5)) if gray.size >= 64 else (gray.min(), gray.max()))
+    dark_ink = background > 127
+    if dark_ink and hi - background > 2 * (background - lo):
+        dark_ink = False
+    elif not dark_ink and background - lo > 2 * (hi - background):
+        dark_ink = True
+    if dark_ink:
         gray = 255.0 - gray
         background = 255.0 - background
     flat = float(gray.max()) <= float(gray.min())
