@@ -326,3 +326,21 @@ def test_a_scan_fainter_than_its_noise_is_answered(data_root):
     digit = load_dataset("mnist:train", root=data_root).images[45676].numpy()
     image = preprocess_image(decode_image(render(digit, "scan-thick", seed=10_045_676).open()))
     assert image.max() >= 200 and (image > 128).sum() > 20
+
+
+def test_light_ink_on_a_light_background_is_not_inverted(digits, references):
+    """MNIST-C's brightened digits as pictures: a white digit on a light-grey background. The old path inverted
+    every picture whose border is light (the ink then lay below the background: refused as 'no ink' or a
+    negative); now which way the ink goes is read from the picture. Dark ink on a dark-grey background likewise."""
+    from retrieval.data.pictures import render
+
+    old_wrong = 0
+    for i, d in enumerate(digits):
+        bright = render(d, "mnistc-brightness", seed=i).data
+        before, now = _both(bright)
+        assert now is not None and _similarity(references[i], now) > 0.8, i
+        old_wrong += before is None or _similarity(references[i], before) < 0.5
+        dark_on_grey = _png(Image.fromarray((100 - 0.35 * np.asarray(Image.fromarray(d).resize(
+            (64, 64), Image.Resampling.BILINEAR), np.float32)).astype(np.uint8)))
+        assert _similarity(references[i], _both(dark_on_grey)[1]) > 0.8, i
+    assert old_wrong >= len(digits) // 2
