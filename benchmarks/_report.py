@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: describe the machine, append a section to benchmarks/README.md."""
+"""Shared by the benchmark scripts: describe the machine, append a dated section to benchmarks/history.md (the
+journal; benchmarks/README.md holds the current figure for each question, kept by hand)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
-README = Path(__file__).with_name("README.md")
+README = Path(__file__).with_name("history.md")  # the journal the scripts append to
 
 
 def machine() -> str:
@@ -40,7 +41,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 def append_section(lines: list[str]) -> None:
-    """Append a markdown section to benchmarks/README.md (created with a title when missing)."""
+    """Append a markdown section to benchmarks/history.md (created with a title when missing)."""
     if README.exists():
         text = README.read_text()
         prefix = "" if text.endswith("\n\n") or not text else ("\n" if text.endswith("\n") else "\n\n")

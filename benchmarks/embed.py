@@ -180,7 +180,7 @@ def main(argv=None) -> int:
                     "checkpoint's mnist:train index built and mnist:test queried in fp32 and bf16; recall@k of "
                     "the bf16 answers against the fp32 ones and both test figures")
     ap.add_argument("--k", type=int, default=10, help="--agreement: neighbours compared")
-    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/README.md")
+    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/history.md")
     args = ap.parse_args(argv)
     if args.agreement:
         return agreement_report(args, argv)

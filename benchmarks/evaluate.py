@@ -81,7 +81,7 @@ def main() -> None:
                         help="torch / BLAS / Faiss threads for both sides (default: as the libraries choose)")
     parser.add_argument("--skip-faiss-search", action="store_true",
                         help="do not time metrics through Faiss Flat search at MAP@R depth")
-    parser.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/README.md")
+    parser.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/history.md")
     args = parser.parse_args()
 
     if args.threads:

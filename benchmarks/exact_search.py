@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="Faiss/BLAS threads (default: all cores available)")
-    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/README.md")
+    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/history.md")
     args = ap.parse_args(argv)
 
     if args.threads:

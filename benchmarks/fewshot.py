@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--episodes", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/README.md")
+    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/history.md")
     args = ap.parse_args(argv)
 
     run = Path(args.run)

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base-size", type=int, default=None, help="index only this many train images (smoke runs)")
     ap.add_argument("--query-size", type=int, default=None, help="query only this many test images (smoke runs)")
     ap.add_argument("--factories", help="only these factories, separated by ';' (e.g. 'Flat;HNSW32')")
-    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/README.md")
+    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/history.md")
     args = ap.parse_args(argv)
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="training epochs (memory does not grow with them)")
     ap.add_argument("--data", default="mnist:train", help="what the index holds")
     ap.add_argument("--factory", default="Flat")
-    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/README.md")
+    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/history.md")
     args = ap.parse_args(argv)
 
     cli = [sys.executable, "-m", "retrieval"]

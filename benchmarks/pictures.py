@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=1000, help="quality: validation images per family (0: all 5,000)")
     ap.add_argument("--root", default=None, help="data root (default: the usual)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--write", action="store_true", help="append the table to benchmarks/README.md")
+    ap.add_argument("--write", action="store_true", help="append the table to benchmarks/history.md")
     args = ap.parse_args()
 
     import torch

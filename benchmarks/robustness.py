@@ -5,7 +5,7 @@ Test mode (default): for every run given (by default /work/runs/NAME or runs/NAM
 a checkpoint), a Flat index of mnist:train is built with the run's tower (workflows.build_index), and every
 `mnist-c:test/NAME` spec (made once and cached in the data root) is evaluated against it (workflows.evaluate: the
 same code as `retrieval evaluate`), on a seeded subset of the 10,000 test images (`--subset`, 0 for all). One table
-(rows: corruptions, columns: runs) goes to stdout and, with --write, to benchmarks/README.md.
+(rows: corruptions, columns: runs) goes to stdout and, with --write, to benchmarks/history.md.
 
 Selection mode (--selection): the split used to CHOOSE a recipe. References are the run's training slice of
 mnist:train, queries its validation slice (the 5,000 images the trainer held out, same seed), corrupted with seed 1
@@ -138,7 +138,7 @@ def selection_figures(run: Path, names: list[str], subset: int | None, root, dev
 NON_DIGITS = ("letters", "symbols", "scribbles", "shapes", "blank", "noisy")
 # Marks of those sets that the usual OCR confusions pair with a digit (B/8, b/6, G/6, Q/0, z/2; brackets, braces
 # and ! read as 1; an ellipse is a 0): a tower that answers digits has to answer these too, so their rejection is
-# also reported without them. The list was made after seeing which marks a run answers (benchmarks/README.md).
+# also reported without them. The list was made after seeing which marks a run answers (benchmarks/history.md).
 DIGIT_LOOK_ALIKES = {"B": "8", "b": "6", "G": "6", "Q": "0", "z": "2", "[": "1", "]": "1", "!": "1", "{": "1",
                      "}": "1", "ellipse": "0"}
 
@@ -535,7 +535,7 @@ def main(argv=None) -> int:
     p.add_argument("--selection", action="store_true", help="corrupted validation slice of mnist:train instead")
     p.add_argument("--root", default=None, help="data root (default: $RETRIEVAL_DATA_ROOT or the cache)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--write", action="store_true", help="append the table to benchmarks/README.md")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/history.md")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--note", default="", help="a paragraph added under the table")
     p.add_argument("--references", type=int, default=0, help="a seeded subset of this many references (0: all)")

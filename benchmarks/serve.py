@@ -563,7 +563,7 @@ def main() -> None:
     print("\n" + text)
     if not args.no_readme:
         append_section(lines)
-        print("\nappended to benchmarks/README.md")
+        print("\nappended to benchmarks/history.md")
 
 
 if __name__ == "__main__":

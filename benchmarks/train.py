@@ -490,7 +490,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     ap.add_argument("--combine", nargs="+", default=None, help="report these JSON result files together")
     ap.add_argument("--note", default="", help="a line added to the README section (e.g. how the machine was set)")
-    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/README.md")
+    ap.add_argument("--no-readme", action="store_true", help="print only; do not append to benchmarks/history.md")
     args = ap.parse_args(argv)
     setup_cli_logging()  # the trainer's messages (epoch lines) on stderr, as the CLI shows them
 
