@@ -56,7 +56,7 @@ def _trainable_parts(index: faiss.Index):
 
 
 # The default training sample: this many vectors per centroid of the largest k-means the index runs (the least Faiss
-# accepts without a warning; training time grows with it, recall barely: benchmarks/README.md, "Indexes of a
+# accepts without a warning; training time grows with it, recall barely: benchmarks/history.md, "Indexes of a
 # million"), or DEFAULT_TRAIN_SIZE for indexes trained otherwise (scalar quantizers, PCA, ...).
 TRAIN_POINTS_PER_CENTROID = POINTS_PER_CENTROID
 DEFAULT_TRAIN_SIZE = 65_536

@@ -8,7 +8,7 @@ tower and exported as a second output of the ONNX / TorchScript graph (retrieval
              tower, a thirty-sixth of mnist-robust's nine shifted passes); trained alone, the tower untouched
   trunk      a small head on a frozen copy of the tower's convolutional trunk (its 64 x 7 x 7 map)
   embedding  a small head on the tower's embedding (the same forward as the lookup)
-benchmarks/README.md ("digit-or-not gate") has the figures that chose the form shipped by `retrieval gate train`.
+benchmarks/history.md ("The digit-or-not gate") has the figures that chose the form shipped by `retrieval gate train`.
 
 Training (train_gate): positives are digits of the tower's training slice through the robust recipe's
 augmentation (affine, then every degradation family of augment.DegradeAugment), negatives the pictures of

@@ -54,7 +54,7 @@ def default_grid(index: EmbeddingIndex) -> dict[str, list[int]]:
         grid["efSearch"] = [16, 32, 64, 128, 256, 512]
     if any(isinstance(p, faiss.IndexRefine) for p in chain):
         # fast-scan PQ codes (PQ16x4fs) are coarse and cheap to scan: they may need ~1,000 candidates per
-        # neighbour re-ranked (benchmarks/README.md, "Indexes of a million")
+        # neighbour re-ranked (benchmarks/history.md, "Indexes of a million")
         grid["k_factor_rf"] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
     return grid
 
