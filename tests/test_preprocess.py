@@ -4,7 +4,6 @@ pictures that path refused, answered through `retrieval query`; the parallel fol
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -17,18 +16,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from retrieval.data.preprocess import decode_image, load_image_file, load_image_files, preprocess_image
 from retrieval.errors import RetrievalError
 from cli_helpers import run_cli
+from repo_scripts import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _before():
-    spec = importlib.util.spec_from_file_location("preprocess_before", REPO / "benchmarks" / "_preprocess_before.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BEFORE = _before()
+BEFORE = load_script("benchmarks/_preprocess_before.py", "preprocess_before")
 
 
 @pytest.fixture(scope="module")

@@ -289,11 +289,9 @@ def test_training_applies_the_degradations_a_config_asks_for(data_root, tmp_path
 
 
 def test_non_digit_pictures_say_what_they_show_and_look_alikes_are_reported_apart():
-    import importlib.util
+    from repo_scripts import load_script
 
-    spec = importlib.util.spec_from_file_location("robustness_bench", REPO / "benchmarks" / "robustness.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/robustness.py", "robustness_bench")
     images, ok, marks = bench._preprocessed_non_digits("symbols", 60, seed=0)
     assert len(marks) == 60 and images.shape == (int(ok.sum()), 28, 28) and set(marks) <= set("@#%&*+=?!$<>{}[]~^")
     look_alike = np.array([m in bench.DIGIT_LOOK_ALIKES for m in marks])

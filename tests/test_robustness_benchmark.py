@@ -4,7 +4,6 @@ a few hundred references (seconds, not a training)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "robustness.py"
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # as the subprocess runs (OM
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("robustness_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/robustness.py", "robustness_bench")
 
 
 def _cells(stdout: str) -> dict[str, list[str]]:
