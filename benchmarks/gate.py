@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -119,7 +120,7 @@ def test_table(run: Path, root, device: str, accept: float, references: int | No
     it already holds one), else a temporary folder."""
     from retrieval.data.fetch import dataset_files_present
     from retrieval.data.nondigits import LOOK_ALIKES
-    from retrieval.data.specs import default_data_root, load_dataset
+    from retrieval.data.specs import default_data_root
     from retrieval.gate import digit_scores
     from retrieval.knn import nearest_neighbors
     from retrieval.workflows import build_index, calibrate, index_search, load_index_queries
@@ -184,35 +185,6 @@ def test_table(run: Path, root, device: str, accept: float, references: int | No
                 row(f"{kind}: look-alikes refused ({''.join(sorted({m for m in marks if m in look_alike}))})"
                     if kind != "shapes" else "shapes: ellipses refused", score[~plain], dist[~plain], refused=True)
     return {"gate_threshold": gate_t, "distance_threshold": distance_t, "rows": rows}
-
-
-class _Server:
-    """`retrieval serve --index FOLDER --port 0` in a subprocess (one torch thread, as --threads asks), its URL read
-    from its log."""
-
-    def __init__(self, folder: Path, threads: int):
-        import os
-        import re
-        import subprocess
-
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        self.proc = subprocess.Popen([sys.executable, "-m", "retrieval", "serve", "--index", str(folder), "--port",
-                                      "0"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
-        for line in self.proc.stderr:
-            m = re.search(r"listening on http://([\d.]+):(\d+)/", line)
-            if m:
-                self.host, self.port = m.group(1), int(m.group(2))
-                break
-        else:
-            raise RuntimeError(f"retrieval serve --index {folder} exited ({self.proc.wait()}) before listening")
-        import threading
-
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # keep its log pipe from filling
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
 
 
 def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
@@ -287,7 +259,10 @@ def cost(run: Path, base_run: Path, root, accept: float, index_images: int, requ
 
         control = shutil.copytree(folders["without gate"], Path(tmp) / "without-gate-copy")
         out["service compute"] = _compute_times({**folders, "without gate (copy)": control}, requests, root)
-        servers = {name: _Server(folder, threads) for name, folder in folders.items()}
+        from benchmarks.serve import Server
+
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))  # one torch thread, as --threads asks
+        servers = {name: Server(folder, env=env) for name, folder in folders.items()}
         try:
             conns = {name: http.client.HTTPConnection(s.host, s.port, timeout=120) for name, s in servers.items()}
             pictures = _pictures(64, root)

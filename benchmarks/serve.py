@@ -328,11 +328,12 @@ def rss_mib(pid: int) -> float:
 
 
 class Server:
-    """`python -m retrieval serve --index DIR --port 0` run from the source tree `src`."""
+    """`python -m retrieval serve --index DIR --port 0` run from the source tree `src` (environment `env`: None,
+    this process's), its URL read from its log."""
 
-    def __init__(self, index: Path, src: Path = REPO):
+    def __init__(self, index: Path, src: Path = REPO, env: dict | None = None):
         self.t_start = time.perf_counter()
-        self.proc = subprocess.Popen([*RETRIEVAL, "serve", "--index", str(index), "--port", "0"], cwd=src,
+        self.proc = subprocess.Popen([*RETRIEVAL, "serve", "--index", str(index), "--port", "0"], cwd=src, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
             m = re.search(r"listening on http://([\d.]+):(\d+)/", line)
