@@ -134,6 +134,7 @@ def index_agreement(run: str, k: int, device: torch.device, references: str = "m
     import tempfile
 
     from retrieval.knn import nearest_neighbors
+    from retrieval.tune import recall_at_k
     from retrieval.workflows import build_index, evaluate, index_search
 
     out: dict = {"run": run, "k": k, "references": references, "queries": queries, "by_precision": {}}
@@ -147,7 +148,7 @@ def index_agreement(run: str, k: int, device: torch.device, references: str = "m
             answers[p] = nearest_neighbors(iq.embeddings, index_search(iq.index), k, iq.self_ids)[1]
             out["by_precision"][p] = {key: ev.payload[key] for key in ("precision@1", "map@r")}
     overlap = [len(set(a) & set(b)) / k for a, b in zip(answers["fp32"], answers["bf16"])]
-    out["recall_at_k"] = float(np.mean(overlap))
+    out["recall_at_k"] = recall_at_k(answers["bf16"], answers["fp32"])
     out["queries_with_all_k"] = float(np.mean([o == 1.0 for o in overlap]))
     out["same_first"] = float(np.mean(answers["fp32"][:, 0] == answers["bf16"][:, 0]))
     return out

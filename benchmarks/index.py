@@ -1,8 +1,9 @@
 """Faiss index types against plain numpy brute force on real MNIST embeddings (60k train indexed, 10k test queries).
 
 For each factory: build time (train + add), batched QPS (all test queries in one call), one-at-a-time QPS (single
-query calls, as a service answers them), and recall@10 against exact neighbours. Exact references: numpy brute
-force (chunked matmul + argpartition) and Faiss Flat; Flat's 10k x 60k k=10 time is the "well under 1 s" target.
+query calls, as a service answers them), and recall@10 against exact neighbours. Exact references: the package's
+numpy brute force (retrieval.knn.ExactSearch, the engine behind the metrics) and Faiss Flat; Flat's 10k x 60k
+k=10 time is the "well under 1 s" target.
 All searches go through EmbeddingIndex.search (ids mapped, distances converted), i.e. what `retrieval query` runs.
 
     .venv/bin/python benchmarks/index.py                              # newest runs/*/ checkpoint, else untrained
@@ -28,7 +29,9 @@ from retrieval.checkpoint import load_checkpoint  # noqa: E402
 from retrieval.data.specs import load_dataset  # noqa: E402
 from retrieval.embed import embed_images  # noqa: E402
 from retrieval.index import build_index  # noqa: E402
+from retrieval.knn import ExactSearch  # noqa: E402
 from retrieval.towers import build_tower  # noqa: E402
+from retrieval.tune import recall_at_k  # noqa: E402
 
 K = 10
 # (factory, [search params to try]); None = the defaults build_index stores.
@@ -45,23 +48,6 @@ def newest_checkpoint(runs: Path) -> Path | None:
     found = sorted(runs.glob("*/best.safetensors"), key=lambda p: p.stat().st_mtime) or \
         sorted(runs.glob("*/last.safetensors"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
-
-
-def numpy_topk(queries: np.ndarray, base: np.ndarray, k: int, chunk: int = 1000) -> np.ndarray:
-    """Exact k nearest by inner product on unit vectors (= smallest Euclidean distance)."""
-    out = np.empty((len(queries), k), dtype=np.int64)
-    for s in range(0, len(queries), chunk):
-        sims = queries[s : s + chunk] @ base.T
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, part, 1), axis=1, kind="stable")
-        out[s : s + chunk] = np.take_along_axis(part, order, 1)
-    return out
-
-
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
-    k = exact.shape[1]
-    hits = sum(len(set(f[:k].tolist()) & set(e.tolist())) for f, e in zip(found, exact))
-    return hits / exact.size
 
 
 def one_at_a_time_qps(search, queries: np.ndarray) -> float:
@@ -106,7 +92,7 @@ def main(argv=None) -> int:
 
     threads = faiss.omp_get_max_threads()
     start = time.perf_counter()
-    exact = numpy_topk(queries, base, K)
+    _, exact = ExactSearch(base)(queries, K)  # smallest Euclidean distance = largest inner product on unit vectors
     numpy_s = time.perf_counter() - start
     log(f"numpy brute force: {numpy_s:.2f}s")
 

@@ -176,12 +176,13 @@ def run_build(args, out: Path, factory: str, data: Path, extra=(), processes: in
 
 # -- search measurements ----------------------------------------------------------------------------------------------
 def grid_for(index) -> dict:
+    from retrieval.faiss_tools import index_ivf
     from retrieval.tune import default_grid
 
     grid = {}
     for name in default_grid(index):
         if name == "nprobe":
-            nlist = int(index.meta["factory"].split(",")[0].split("IVF")[-1].split("_")[0])
+            nlist = index_ivf(index.index).nlist
             grid["nprobe"] = [p for p in TUNE_GRID["IVF"]["nprobe"] if p <= nlist]
         elif name == "efSearch":
             grid.update(TUNE_GRID["HNSW"])

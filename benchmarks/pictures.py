@@ -138,21 +138,24 @@ def quality(run: Path, families: list[str], subset: int, root, device: str) -> d
     import torch
 
     from retrieval.checkpoint import load_checkpoint
+    from retrieval.config import DataConfig
     from retrieval.data.pictures import NEEDS_LABEL, render
     from retrieval.data.specs import load_dataset
     from retrieval.embed import embed_images
     from retrieval.errors import RetrievalError
+    from retrieval.knn import ExactSearch
     from retrieval.trainer import split_validation
 
     before = baseline_module()
     ckpt = load_checkpoint(run)
     data = ckpt.meta.get("data", {})
     ds = load_dataset("mnist:train", root=root)
-    train_pos, val_pos = split_validation(ds.labels, int(data.get("val_images") or 5000), int(data.get("val_seed", 0)))
+    val_size = int(data.get("val_images") or DataConfig().val_size)  # older sidecars: the trainer's default split
+    train_pos, val_pos = split_validation(ds.labels, val_size, int(data.get("val_seed", 0)))
     if subset and subset < len(val_pos):
         g = torch.Generator().manual_seed(0)
         val_pos = val_pos[torch.randperm(len(val_pos), generator=g)[:subset].sort().values]
-    refs = torch.from_numpy(embed_images(ckpt.tower, ds.images[train_pos], device=device))
+    nearest_reference = ExactSearch(embed_images(ckpt.tower, ds.images[train_pos], device=device))
     ref_labels = ds.labels[train_pos].numpy()
     digits, labels = ds.images[val_pos].numpy(), ds.labels[val_pos].numpy()
     out = {}
@@ -169,8 +172,8 @@ def quality(run: Path, families: list[str], subset: int, root, device: str) -> d
                 except RetrievalError:
                     refused_rows[i] = True
             refused = int(refused_rows.sum())
-            emb = torch.from_numpy(embed_images(ckpt.tower, torch.from_numpy(images), device=device))
-            nearest = np.concatenate([ref_labels[(part @ refs.T).argmax(1).numpy()] for part in emb.split(1024)])
+            _, ids = nearest_reference(embed_images(ckpt.tower, torch.from_numpy(images), device=device), 1)
+            nearest = ref_labels[ids[:, 0]]
             hits = float(((nearest == labels) & ~refused_rows).sum())
             row[key] = (hits / len(files), refused)
         out[family] = row

@@ -104,13 +104,15 @@ def selection_split(run: Path, subset: int | None, root, references: int | None 
     trainer held out (same size and seed), cut to a seeded `subset`, and the rest (its training slice), cut to a
     seeded `references`."""
     from retrieval.checkpoint import load_checkpoint
+    from retrieval.config import DataConfig
     from retrieval.data.specs import load_dataset
     from retrieval.trainer import split_validation
 
     ckpt = load_checkpoint(run)
     data = ckpt.meta.get("data", {})
     ds = load_dataset("mnist:train", root=root)
-    train_pos, val_pos = split_validation(ds.labels, int(data.get("val_images") or 5000), int(data.get("val_seed", 0)))
+    val_size = int(data.get("val_images") or DataConfig().val_size)  # older sidecars: the trainer's default split
+    train_pos, val_pos = split_validation(ds.labels, val_size, int(data.get("val_seed", 0)))
     return ckpt, ds, _seeded_part(train_pos, references), _seeded_part(val_pos, subset)
 
 
