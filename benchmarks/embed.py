@@ -40,6 +40,7 @@ from retrieval.data.specs import load_dataset  # noqa: E402
 from retrieval.embed import embed_images  # noqa: E402
 from retrieval.precision import autocast, resolve_precision  # noqa: E402
 from retrieval.towers import Tower, build_tower  # noqa: E402
+from retrieval.workflows import Compute
 
 
 def pml_example_tower() -> Tower:
@@ -142,8 +143,8 @@ def index_agreement(run: str, k: int, device: torch.device, references: str = "m
     with tempfile.TemporaryDirectory() as tmp:
         for p in ("fp32", "bf16"):
             folder = Path(tmp) / p
-            build_index(run, [references], folder, device=device, precision=p)
-            ev = evaluate(folder, queries, device=device, precision=p)
+            build_index(run, [references], folder, compute=Compute(device=device, precision=p))
+            ev = evaluate(folder, queries, compute=Compute(device=device, precision=p))
             iq = ev.queries
             answers[p] = nearest_neighbors(iq.embeddings, index_search(iq.index), k, iq.self_ids)[1]
             out["by_precision"][p] = {key: ev.payload[key] for key in ("precision@1", "map@r")}

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.data.corrupt import CORRUPTIONS, KIND, corrupt  # noqa: E402
+from retrieval.workflows import Compute, Selection
 
 
 def _concat(sets) -> np.ndarray:
@@ -133,11 +134,12 @@ def test_table(run: Path, root, device: str, accept: float, references: int | No
     with tempfile.TemporaryDirectory(prefix="gate-test-") as tmp:
         folder = index_dir or Path(tmp) / "index"
         if not (folder / "meta.json").is_file():
-            build_index(run, ["mnist:train"], folder, root=root, device=device, subset=references, seed=0)
-        cal, record = calibrate(folder, "mnist:test", store=True, root=root, subset=2000, seed=0, device=device,
-                                accept=accept)
-        distance_t = calibrate(folder, "mnist:test", store=False, root=root, subset=2000, seed=0, device=device,
-                               accept=accept, gate=False)[0].max_distance
+            build_index(run, Selection(["mnist:train"], root=root, subset=references, seed=0), folder,
+                        compute=Compute(device=device))
+        cal, record = calibrate(folder, Selection("mnist:test", root=root, subset=2000, seed=0), store=True,
+                                accept=accept, compute=Compute(device=device))
+        distance_t = calibrate(folder, Selection("mnist:test", root=root, subset=2000, seed=0), store=False,
+                               accept=accept, gate=False, compute=Compute(device=device))[0].max_distance
         gate_t = record["gate"]["threshold"]
         print(f"thresholds: gate {gate_t:.4f}, distance {distance_t:.4f}", flush=True)
         from retrieval.query import Searcher
@@ -146,7 +148,8 @@ def test_table(run: Path, root, device: str, accept: float, references: int | No
 
         def measure(spec: str | None = None, images: np.ndarray | None = None, ok: np.ndarray | None = None):
             if images is None:
-                iq = load_index_queries(folder, spec, root=root, subset=subset, seed=1, device=device)
+                iq = load_index_queries(folder, Selection(spec, root=root, subset=subset, seed=1),
+                                        compute=Compute(device=device))
                 images = iq.dataset.images.numpy()
                 emb = iq.embeddings
                 dist = nearest_neighbors(emb, index_search(iq.index), 1, iq.self_ids)[0][:, 0]
@@ -252,9 +255,10 @@ def cost(run: Path, base_run: Path, root, accept: float, index_images: int, requ
         folders = {}
         for name, checkpoint in (("with gate", run), ("without gate", base_run)):
             folders[name] = Path(tmp) / name.replace(" ", "-")
-            build_index(checkpoint, ["mnist:train"], folders[name], root=root, device="cpu", subset=index_images,
-                        seed=0)
-            calibrate(folders[name], "mnist:test", root=root, subset=2000, seed=0, device="cpu", accept=accept)
+            build_index(checkpoint, Selection(["mnist:train"], root=root, subset=index_images, seed=0), folders[name],
+                        compute=Compute(device="cpu"))
+            calibrate(folders[name], Selection("mnist:test", root=root, subset=2000, seed=0), accept=accept,
+                      compute=Compute(device="cpu"))
         import shutil
 
         control = shutil.copytree(folders["without gate"], Path(tmp) / "without-gate-copy")

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._report import append_section, machine  # noqa: E402
 from retrieval.data.corrupt import CORRUPTIONS, KIND, corrupt  # noqa: E402
 from retrieval.precision import resolve_precision  # noqa: E402
+from retrieval.workflows import Compute, Selection
 
 # Families the mnist-robust recipe's training augmentation imitates; the others are held out from training.
 TRAINED_FAMILIES = {"noise", "blur", "low resolution", "stroke width", "contrast", "affine", "edges"}
@@ -80,11 +81,13 @@ def test_figures(run: Path, names: list[str], subset: int | None, root, device: 
     out = {}
     with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
         folder = _index_folder(index_dir, run, tmp)
-        build_index(run, ["mnist:train"], folder, root=root, device=device, subset=references, seed=0)
+        build_index(run, Selection(["mnist:train"], root=root, subset=references, seed=0), folder,
+                    compute=Compute(device=device))
         for name in ["clean", *names]:
             spec = "mnist:test" if name == "clean" else f"{KIND}:test/{name}"
             t = time.perf_counter()
-            ev = evaluate(folder, spec, ks=(1,), root=root, subset=subset, seed=0, device=device)
+            ev = evaluate(folder, Selection(spec, root=root, subset=subset, seed=0), ks=(1,),
+                          compute=Compute(device=device))
             out[name] = {"precision@1": ev.metrics.precision[1], "map@r": ev.metrics.map_at_r,
                          "seconds": time.perf_counter() - t}
             print(f"{run.name:24s} {name:16s} p@1 {out[name]['precision@1']:.4f}  MAP@R {out[name]['map@r']:.4f}",
@@ -211,12 +214,14 @@ def unknown_figures(run: Path, names: list[str], subset: int | None, root, devic
     looks: dict[str, tuple[np.ndarray, list[str]]] = {}
     with tempfile.TemporaryDirectory(prefix="robustness-unknown-") as tmp:
         folder = _index_folder(index_dir, run, tmp)
-        build_index(run, ["mnist:train"], folder, root=root, device=device, subset=references, seed=0)
-        thresholds = {a: calibrate(folder, "mnist:test", store=False, root=root, subset=subset, seed=0,
-                                   device=device, accept=a)[0].max_distance for a in accepts}
+        build_index(run, Selection(["mnist:train"], root=root, subset=references, seed=0), folder,
+                    compute=Compute(device=device))
+        thresholds = {a: calibrate(folder, Selection("mnist:test", root=root, subset=subset, seed=0), store=False,
+                      accept=a, compute=Compute(device=device))[0].max_distance for a in accepts}
 
         def nearest(spec):
-            iq = load_index_queries(folder, spec, root=root, subset=subset, seed=1, device=device)
+            iq = load_index_queries(folder, Selection(spec, root=root, subset=subset, seed=1),
+                                    compute=Compute(device=device))
             dist, _ = nearest_neighbors(iq.embeddings, index_search(iq.index), 1, iq.self_ids)
             return dist[:, 0]
 

@@ -26,6 +26,7 @@ from retrieval.embed import embed_images
 from retrieval.index import META_NAME, build_index, load_index, save_index, tower_files
 from retrieval.query import Searcher
 from retrieval.towers import build_tower
+from retrieval.workflows import Selection
 
 REPO = Path(__file__).resolve().parents[1]
 QUERIES = [f"mnist:test[{i}]" for i in range(8)]
@@ -86,14 +87,15 @@ def test_an_index_folder_moved_away_from_its_deleted_run_answers_the_same(tmp_pa
     assert tower_size < size and tower_size < 2_000_000  # the default tower's copy is about 1 MB
 
     before = _query_json(capsys, tmp_path / "built")
-    evaluated_before = workflows.evaluate(tmp_path / "built", "mnist:test", (1, 4), subset=100, seed=3).payload
+    evaluated_before = workflows.evaluate(tmp_path / "built", Selection("mnist:test", subset=100, seed=3), (1,
+                                          4)).payload
 
     # what `cp -r` / `mv` / rsync do: the folder elsewhere, under another name; the run folder deleted
     shutil.move(tmp_path / "built", tmp_path / "elsewhere" / "copied")
     shutil.rmtree(tmp_path / "run")
     moved = tmp_path / "elsewhere" / "copied"
     assert _query_json(capsys, moved) == before
-    after = workflows.evaluate(moved, "mnist:test", (1, 4), subset=100, seed=3).payload
+    after = workflows.evaluate(moved, Selection("mnist:test", subset=100, seed=3), (1, 4)).payload
     assert {k: after[k] for k in ("recall@1", "map@r")} == {k: evaluated_before[k] for k in ("recall@1", "map@r")}
     searcher = Searcher.open(moved)  # what the service opens
     assert searcher.index.meta["tower"]["fingerprint"] == fingerprint
@@ -108,7 +110,7 @@ def test_an_index_folder_moved_away_from_its_deleted_run_answers_the_same(tmp_pa
 
 
 def test_saving_a_loaded_index_keeps_or_copies_its_tower(tmp_path, run, data_root):
-    index = workflows.build_index(run, ["mnist:test"], tmp_path / "a", subset=50)
+    index = workflows.build_index(run, Selection(["mnist:test"], subset=50), tmp_path / "a")
     names = tower_files(index.meta)
     weights = tmp_path / "a" / names["weights"]
     inode = weights.stat().st_ino
@@ -121,7 +123,7 @@ def test_saving_a_loaded_index_keeps_or_copies_its_tower(tmp_path, run, data_roo
 
 
 def test_a_damaged_or_foreign_tower_copy_is_refused(tmp_path, run, data_root, capsys):
-    workflows.build_index(run, ["mnist:test"], tmp_path / "ix", subset=50)
+    workflows.build_index(run, Selection(["mnist:test"], subset=50), tmp_path / "ix")
     names = tower_files(load_index(tmp_path / "ix").meta)
     weights = tmp_path / "ix" / names["weights"]
     original = weights.read_bytes()
@@ -157,7 +159,7 @@ def _as_written_by_an_earlier_version(folder: Path) -> None:
 
 def test_indexes_of_earlier_versions_still_load_with_a_hint_to_rebuild(tmp_path, run, data_root, capsys):
     shutil.copytree(run, tmp_path / "run")
-    workflows.build_index(tmp_path / "run", ["mnist:test"], tmp_path / "old", subset=200)
+    workflows.build_index(tmp_path / "run", Selection(["mnist:test"], subset=200), tmp_path / "old")
     current = _query_json(capsys, tmp_path / "old")
     _as_written_by_an_earlier_version(tmp_path / "old")
     shutil.copytree(tmp_path / "old", tmp_path / "old2")
@@ -282,14 +284,15 @@ def test_version_is_defined_once_and_printed(capsys):
 def test_the_wheel_carries_configs_and_web_page_and_quickstart_runs_from_it(tmp_path, data_root):
     src = tmp_path / "src"  # the checkout's package files alone: the build leaves nothing in the shared tree
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "retrieval", src / "retrieval", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("retrieval", "configs"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("retrieval-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = sorted(p.name for p in (REPO / "retrieval" / "configs").glob("*.toml"))
+    shipped = sorted(p.name for p in (REPO / "configs").glob("*.toml"))
     assert len(shipped) == 6 and {f"retrieval/configs/{n}" for n in shipped} <= names  # mnist-robust: the 6th
     assert "retrieval/web/index.html" in names and "retrieval/export.py" in names
 

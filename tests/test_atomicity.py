@@ -38,6 +38,7 @@ from retrieval.fsutil import exclusive_lock
 from retrieval.index import META_NAME, is_index_folder_content, load_index, save_index
 from retrieval.reports import REPORT_FILES, check_report_target, exchange_paths
 from retrieval.towers import build_tower
+from retrieval.workflows import Selection
 
 RUN_TIMEOUT_S = 120  # one CLI run; they take a few seconds
 MUTATIONS = "rename,renameat,renameat2,unlink,unlinkat,rmdir"  # the syscalls that change what a folder names
@@ -172,7 +173,7 @@ def base(tmp_path_factory, data_root):
     for name, seed in (("run_a", 0), ("run_b", 1)):
         torch.manual_seed(seed)
         save_checkpoint(base / name / "best", build_tower("default"))
-    workflows.build_index(base / "run_a", ["mnist:test"], base / "index", subset=200, root=data_root)
+    workflows.build_index(base / "run_a", Selection(["mnist:test"], root=data_root, subset=200), base / "index")
     return base
 
 

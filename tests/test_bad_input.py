@@ -27,6 +27,7 @@ from retrieval.checkpoint import save_checkpoint
 from retrieval.towers import build_tower
 
 from cli_helpers import write_png_header_only
+from retrieval.workflows import Selection
 
 
 
@@ -93,7 +94,7 @@ def artifacts(tmp_path_factory, data_root):
     base = tmp_path_factory.mktemp("artifacts")
     torch.manual_seed(0)
     save_checkpoint(base / "run" / "best", build_tower("default"), objective="none", data="mnist:test")
-    build_index(base / "run", ["mnist:test"], base / "index", subset=300, root=data_root)
+    build_index(base / "run", Selection(["mnist:test"], root=data_root, subset=300), base / "index")
     return base
 
 

@@ -31,6 +31,7 @@ from retrieval.objectives import PairHead
 from retrieval.towers import build_tower
 from cli_helpers import run_cli
 from figures import assert_tiles_show, grid_tiles, heatmap_fractions
+from retrieval.workflows import Selection
 
 def pml(queries, query_labels, references=None, reference_labels=None) -> dict:
     from pytorch_metric_learning.utils import common_functions
@@ -63,7 +64,7 @@ def run_dir(untrained_run):
 @pytest.fixture(scope="module")
 def index_dir(run_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval-index") / "ix"
-    build_index(run_dir, ["mnist:train"], folder, subset=600, seed=0)
+    build_index(run_dir, Selection(["mnist:train"], subset=600, seed=0), folder)
     return folder
 
 
@@ -136,13 +137,13 @@ def test_evaluate_leaves_each_indexed_query_out(index_dir, capsys):
 def test_evaluate_text_table_and_class_names(tmp_path, run_dir, capsys):
     # an index of digits 3 and 5 only: query labels are matched by name, other digits are lone
     folder = tmp_path / "ix35"
-    build_index(run_dir, ["mnist:train"], folder, classes="5,3", subset=200, seed=0)
+    build_index(run_dir, Selection(["mnist:train"], classes="5,3", subset=200, seed=0), folder)
     code, out, err = run_cli(capsys, "evaluate", "--index", folder, "--queries", "mnist:test", "--classes", "3,5,7",
                              "--subset", 150)
     assert code == 0, err
     assert "recall@k" in out and "MAP@R" in out and "R-precision" in out
     assert "lone" in out and "7" in err  # digit 7 is not in the index
-    result = evaluate(folder, "mnist:test", classes="3,5,7", subset=150)
+    result = evaluate(folder, Selection("mnist:test", classes="3,5,7", subset=150))
     metrics, iq = result.metrics, result.queries
     assert iq.missing_classes == ["7"]
     assert set(metrics.per_class) == {"3", "5"}
@@ -180,7 +181,7 @@ def test_report_folder(index_dir, tmp_path, capsys):
     assert np.abs(shown - counts / counts.sum(1, keepdims=True)).max() < 0.02
     assert abs((np.diag(shown) * counts.sum(1)).sum() - saved["precision@1"] * 200) < 1
     # ... and the failures grid shows the closest wrong nearest neighbours, each query beside its neighbours
-    metrics = evaluate(index_dir, "mnist:test", subset=200).metrics
+    metrics = evaluate(index_dir, Selection("mnist:test", subset=200)).metrics
     assert metrics.precision[1] == saved["precision@1"]
     wrong = np.flatnonzero(~metrics.nn_correct)
     wrong = wrong[np.argsort(metrics.neighbor_distances[wrong, 0], kind="stable")][:10]
@@ -215,13 +216,13 @@ def test_approximate_index_is_searched_by_faiss(tmp_path, run_dir):
     # exact search does not have; so the neighbours show whether Faiss's approximate search (and the stored
     # search parameters) were used.
     folder = tmp_path / "ivf"
-    build_index(run_dir, ["mnist:train"], folder, factory="IVF8,Flat", search_params="nprobe=1", subset=400,
-                       seed=0)
-    evaluation = evaluate(folder, "mnist:test", subset=100)
+    build_index(run_dir, Selection(["mnist:train"], subset=400, seed=0), folder, factory="IVF8,Flat",
+                search_params="nprobe=1")
+    evaluation = evaluate(folder, Selection("mnist:test", subset=100))
     approx, iq = evaluation.metrics, evaluation.queries
     flat = tmp_path / "flat"
-    build_index(run_dir, ["mnist:train"], flat, subset=400, seed=0)
-    exact = evaluate(flat, "mnist:test", subset=100).metrics
+    build_index(run_dir, Selection(["mnist:train"], subset=400, seed=0), flat)
+    exact = evaluate(flat, Selection("mnist:test", subset=100)).metrics
     assert approx.n_references == exact.n_references == 400
 
     ivf = faiss.extract_index_ivf(iq.index.index)
@@ -360,7 +361,7 @@ def query_labels(capsys, folder, items) -> list[str]:
 
 def test_calibration_makes_an_unseen_class_unknown(trained_run, tmp_path, capsys):
     folder = tmp_path / "digits0-4"
-    build_index(trained_run, ["mnist:train"], folder, classes="0,1,2,3,4", subset=1000, seed=0)
+    build_index(trained_run, Selection(["mnist:train"], classes="0,1,2,3,4", subset=1000, seed=0), folder)
     test = load_dataset("mnist:test")
     names = np.array(test.label_names())
     calibration = {s for s in load_dataset("mnist:test", subset=500, seed=0).sources}
@@ -400,7 +401,8 @@ def test_unknown_reaches_query_and_classify_on_a_calibrated_prototype_index(trai
     from retrieval.serve.library import png_bytes
 
     folder = tmp_path / "prototypes0-4"
-    build_index(trained_run, ["mnist:train"], folder, classes="0,1,2,3,4", subset=1000, seed=0, prototypes=True)
+    build_index(trained_run, Selection(["mnist:train"], classes="0,1,2,3,4", subset=1000, seed=0), folder,
+                prototypes=True)
     code, out, err = run_cli(capsys, "calibrate", "--index", folder, "--queries", "mnist:test", "--subset", 500,
                              "--json")
     assert code == 0, err

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from retrieval.data import nondigits as nd
+from retrieval.gate import GateRecipe
+from retrieval.workflows import Compute, Selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,11 +148,11 @@ def gated(untrained_run, data_root, tmp_path_factory):
     from retrieval.workflows import build_index, train_digit_gate
 
     base = tmp_path_factory.mktemp("gated")
-    sidecar = train_digit_gate(untrained_run, base / "run", steps=20, digits=300, non_digits=30, root=data_root,
-                               device="cpu")
+    sidecar = train_digit_gate(untrained_run, base / "run", recipe=GateRecipe(steps=20), digits=300, non_digits=30,
+                               root=data_root, device="cpu")
     for name, prototypes in (("index", False), ("prototypes", True)):
-        build_index(base / "run", ["mnist:train"], base / name, root=data_root, device="cpu", subset=300, seed=0,
-                    prototypes=prototypes)
+        build_index(base / "run", Selection(["mnist:train"], root=data_root, subset=300, seed=0), base / name,
+                    prototypes=prototypes, compute=Compute(device="cpu"))
     return base, sidecar
 
 
@@ -211,7 +213,8 @@ def test_calibrate_sets_the_gate_threshold_and_the_reason_reaches_cli_json(gated
 
     base, _ = gated
     folder = base / kind
-    _, record = calibrate(folder, "mnist:test", root=data_root, subset=200, seed=0, device="cpu", accept=0.9)
+    _, record = calibrate(folder, Selection("mnist:test", root=data_root, subset=200, seed=0), accept=0.9,
+                          compute=Compute(device="cpu"))
     assert record["gate"]["answered"] == pytest.approx(0.9, abs=0.011)
     assert record["max_distance"] is None  # the gate refuses non-digits; no distance threshold without negatives
     update_index_meta(str(folder), calibration={"gate": {"threshold": 1.5}})  # no score reaches it
@@ -276,7 +279,7 @@ def test_a_class_a_user_taught_is_not_refused_as_not_a_digit(forced_index, data_
     taught.mkdir(parents=True)
     for i, image in enumerate(nd.load_source("hershey", 3, seed=4, root=data_root).images):
         Image.fromarray(image).save(taught / f"{i}.png")
-    add_to_index(forced_index, [f"folder:{taught.parent}"], root=data_root, device="cpu")
+    add_to_index(forced_index, Selection([f"folder:{taught.parent}"], root=data_root), compute=Compute(device="cpu"))
     answers = _cli_json("query", "--index", forced_index, "--json", "--k", 1, "--root", data_root,
                         taught / "0.png", "mnist:test[0]")
     assert answers[0]["label"] == "star" and "unknown" not in answers[0]
@@ -308,10 +311,12 @@ def page_index(tmp_path_factory, data_root):
 
     base = serve_artifacts(tmp_path_factory, data_root)
     here = tmp_path_factory.mktemp("page-gate")
-    train_digit_gate(base / "run", here / "run", steps=300, digits=2000, non_digits=500, root=data_root, device="cpu")
-    build_index(here / "run", ["mnist:train"], here / "index", root=data_root, device="cpu", subset=500, seed=1)
-    _, record = calibrate(here / "index", "mnist:test", root=data_root, subset=300, seed=0, device="cpu",
-                          accept=0.95)
+    train_digit_gate(base / "run", here / "run", recipe=GateRecipe(steps=300), digits=2000, non_digits=500,
+                     root=data_root, device="cpu")
+    build_index(here / "run", Selection(["mnist:train"], root=data_root, subset=500, seed=1), here / "index",
+                compute=Compute(device="cpu"))
+    _, record = calibrate(here / "index", Selection("mnist:test", root=data_root, subset=300, seed=0), accept=0.95,
+                          compute=Compute(device="cpu"))
     assert record["max_distance"] is None and record["gate"]["answered"] >= 0.94
     return here / "index"
 

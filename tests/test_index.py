@@ -18,6 +18,7 @@ from retrieval import workflows
 from retrieval.index import META_NAME, build_index, load_index, load_index_tower, save_index, update_index_meta
 from retrieval.towers import build_tower
 from cli_helpers import run_cli
+from retrieval.workflows import Selection
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ def embedded(runs, test_subset):
 
 def built_index(tmp_path, runs, name="idx", subset=200, **kw) -> Path:
     out = tmp_path / name
-    workflows.build_index(runs["a"], ["mnist:test"], out, subset=subset, **kw)
+    workflows.build_index(runs["a"], Selection(["mnist:test"], subset=subset), out, **kw)
     return out
 
 
@@ -300,7 +301,8 @@ def test_cli_errors_are_one_line(tmp_path, runs, capsys):
 
 def test_prototype_index(tmp_path, runs, embedded, test_subset):
     ckpt, emb = embedded
-    index = workflows.build_index(runs["a"], ["mnist:test"], tmp_path / "protos", subset=300, prototypes=True)
+    index = workflows.build_index(runs["a"], Selection(["mnist:test"], subset=300), tmp_path / "protos",
+                                  prototypes=True)
     assert len(index) == 10 and index.meta["prototypes"] is True
     labels = test_subset.labels.numpy()
     for pos, source in enumerate(index.sources):
@@ -312,7 +314,7 @@ def test_prototype_index(tmp_path, runs, embedded, test_subset):
         got = index.index.reconstruct(int(index.ids[pos]))
         np.testing.assert_allclose(got, want, atol=1e-5)
     with pytest.raises(UsageError, match="one prototype per class"):
-        workflows.add_to_index(tmp_path / "protos", ["mnist:train"], subset=30)
+        workflows.add_to_index(tmp_path / "protos", Selection(["mnist:train"], subset=30))
 
 
 def test_quiet_keeps_stderr_for_warnings_and_errors(tmp_path, runs, capsys):

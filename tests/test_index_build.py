@@ -28,6 +28,7 @@ from retrieval.faiss_tools import default_train_size, lists_on_disk, search_para
 from retrieval.index import META_NAME, build_index, load_index
 from retrieval.items import SourceTable, read_items, write_items
 from cli_helpers import run_cli
+from retrieval.workflows import Selection
 
 N = 3000  # images of mnist:test in the builds compared
 
@@ -65,8 +66,8 @@ def test_streaming_build_equals_the_in_memory_build(tmp_path, run, data, factory
     # chunks of 512 images, on-disk blocks of 700 vectors (the default block, 262,144, lowered to the data's
     # scale): every path through chunks and blocks is taken
     monkeypatch.setattr(index_build, "DEFAULT_BLOCK_SIZE", 700)
-    streamed = workflows.build_index(run, ["mnist:test"], tmp_path / "ix", subset=N, seed=1, factory=factory,
-                                     train_size=1500, chunk_size=500, on_disk=on_disk)
+    streamed = workflows.build_index(run, Selection(["mnist:test"], subset=N, seed=1), tmp_path / "ix",
+                                     factory=factory, train_size=1500, chunk_size=500, on_disk=on_disk)
     in_memory = build_index(emb, ds.labels.numpy(), ds.classes, ds.sources, factory=factory, seed=1,
                             train_size=1500)
     assert streamed.meta["build"]["chunk_size"] == 512  # rounded up to whole embedding batches
@@ -85,13 +86,14 @@ def test_streaming_memory_is_bounded_by_the_chunk(tmp_path, run, data_root):
     Holding every image at once breaks the bound, shown by the same build with one chunk of everything."""
     n, chunk = 10_000, 512
     bound = (2 << 20) + 4 * chunk * (28 * 28 + 64 * 4) + 60 * n  # 4.8 MB; the images alone are 7.8 MB
-    workflows.build_index(run, ["mnist:test"], tmp_path / "warm", subset=100)  # imports and caches: not counted
+    workflows.build_index(run, Selection(["mnist:test"], subset=100),
+                          tmp_path / "warm")  # imports and caches: not counted
 
     def peak(chunk_size: int, subset: int | None = None) -> int:
         tracemalloc.start()
         try:
-            workflows.build_index(run, ["mnist:test"], tmp_path / f"ix{chunk_size}-{subset}", chunk_size=chunk_size,
-                                  subset=subset)
+            workflows.build_index(run, Selection(["mnist:test"], subset=subset), tmp_path / f"ix{chunk_size}-{subset}",
+                                  chunk_size=chunk_size)
             return tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -193,7 +195,7 @@ def test_search_params_per_query_leave_the_index_alone(tmp_path, run, data, caps
             search_parameters(index.index, bad)
 
     folder = tmp_path / "ix"
-    workflows.build_index(run, ["mnist:test"], folder, subset=N, seed=1, factory="IVF16,PQ8x4fs,RFlat")
+    workflows.build_index(run, Selection(["mnist:test"], subset=N, seed=1), folder, factory="IVF16,PQ8x4fs,RFlat")
     code, wide, _ = run_cli(capsys, "query", "--index", folder, "--json", "--k", "5", "mnist:train[1]")
     code, one, _ = run_cli(capsys, "query", "--index", folder, "--json", "--k", "5", "--search-params", "nprobe=1",
                            "mnist:train[1]")
@@ -207,7 +209,7 @@ def test_tune_stores_the_fastest_setting_reaching_the_recall(tmp_path, run, data
     from retrieval.tune import Setting, exact_neighbors, fastest_reaching, recall_at_k
 
     folder = tmp_path / "ix"
-    workflows.build_index(run, ["mnist:test"], folder, subset=N, seed=1, factory="IVF32,Flat",
+    workflows.build_index(run, Selection(["mnist:test"], subset=N, seed=1), folder, factory="IVF32,Flat",
                           search_params="nprobe=1")
     code, out, err = run_cli(capsys, "index", "tune", "--index", folder, "--queries", "mnist:train", "--subset", 200,
                              "--recall", 0.9, "--repeats", 1, "--json")
@@ -224,7 +226,7 @@ def test_tune_stores_the_fastest_setting_reaching_the_recall(tmp_path, run, data
     assert index.meta["search_params"] == chosen["search_params"] and index.meta["tuned"]["k"] == 10
     # the stored setting reaches the recall, checked independently of the tune run
     q = embed_images(load_checkpoint(run).tower, load_dataset("mnist:train", subset=200, seed=0).images)
-    flat = workflows.build_index(run, ["mnist:test"], tmp_path / "flat", subset=N, seed=1)
+    flat = workflows.build_index(run, Selection(["mnist:test"], subset=N, seed=1), tmp_path / "flat")
     assert recall_at_k(index.search(q, 10)[1], flat.search(q, 10)[1]) >= 0.9
     np.testing.assert_array_equal(exact_neighbors(index, q, 10), flat.search(q, 10)[1])
     nprobe_one = recall_at_k(index.search(q, 10, params="nprobe=1")[1], flat.search(q, 10)[1])
@@ -279,7 +281,7 @@ def test_index_written_with_json_items_still_loads_and_is_converted_on_save(tmp_
     """An index folder as the previous version wrote it: items-<token>.json with one entry per item."""
     ds, emb, queries = data
     folder = tmp_path / "old"
-    index = workflows.build_index(run, ["mnist:test"], folder, subset=500, seed=2)
+    index = workflows.build_index(run, Selection(["mnist:test"], subset=500, seed=2), folder)
     meta = json.loads((folder / META_NAME).read_text())
     items = folder / meta["files"]["items"]
     ids, labels, sources = read_items(items)
@@ -329,7 +331,7 @@ def test_service_takes_search_params_per_request_as_the_cli_does(tmp_path, run, 
     from retrieval.serve import Service, create_app
 
     folder = tmp_path / "ix"
-    workflows.build_index(run, ["mnist:test"], folder, subset=N, seed=1, factory="IVF16,Flat")
+    workflows.build_index(run, Selection(["mnist:test"], subset=N, seed=1), folder, factory="IVF16,Flat")
     from retrieval.data.specs import DatasetCache
     from retrieval.serve.library import png_bytes
 

@@ -27,6 +27,7 @@ from retrieval.trainer import TrainingInterrupted, train
 from retrieval.workflows import add_to_index, build_index, evaluate
 
 from cli_helpers import run_cli
+from retrieval.workflows import Compute, Selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,8 +183,10 @@ def test_index_records_its_precision_and_queries_and_additions_follow_it(tmp_pat
                                                                          log_messages, capsys):
     monkeypatch.delenv("RETRIEVAL_PRECISION", raising=False)
     run = runs["fp32"]
-    bf16 = build_index(run, ["mnist:test"], tmp_path / "bf16", subset=300, device="cpu", precision="bf16")
-    fp32 = build_index(run, ["mnist:test"], tmp_path / "fp32", subset=300, device="cpu", precision="fp32")
+    bf16 = build_index(run, Selection(["mnist:test"], subset=300), tmp_path / "bf16", compute=Compute(device="cpu",
+                       precision="bf16"))
+    fp32 = build_index(run, Selection(["mnist:test"], subset=300), tmp_path / "fp32", compute=Compute(device="cpu",
+                       precision="fp32"))
     for index, precision in ((bf16, "bf16"), (fp32, "fp32")):
         meta = json.loads((index.folder / "meta.json").read_text())
         assert meta["precision"] == precision and [d["precision"] for d in meta["data"]] == [precision]
@@ -193,7 +196,7 @@ def test_index_records_its_precision_and_queries_and_additions_follow_it(tmp_pat
     simulate_cpu(monkeypatch, bf16_units=True)
     for folder, precision in ((tmp_path / "bf16", "bf16"), (tmp_path / "fp32", "fp32")):
         assert Searcher.open(folder).precision == precision
-        added = add_to_index(folder, ["mnist:train"], subset=10, device="cpu")[0]
+        added = add_to_index(folder, Selection(["mnist:train"], subset=10), compute=Compute(device="cpu"))[0]
         assert added.meta["data"][-1]["precision"] == precision
     # an indexed image queried as its index embedded it: its own entry at distance 0
     searcher = Searcher.open(tmp_path / "bf16")
@@ -204,7 +207,7 @@ def test_index_records_its_precision_and_queries_and_additions_follow_it(tmp_pat
 
     # another precision than the index's is honoured, with a warning (query, evaluate, add)
     assert Searcher.open(tmp_path / "bf16", precision="fp32").precision == "fp32"
-    evaluate(tmp_path / "bf16", "mnist:test", subset=50, device="cpu", precision="fp32")
+    evaluate(tmp_path / "bf16", Selection("mnist:test", subset=50), compute=Compute(device="cpu", precision="fp32"))
     code, out, err = run_cli(capsys, "index", "add", "--index", tmp_path / "fp32", "--data", "mnist:train",
                              "--subset", "5", "--precision", "bf16", "--device", "cpu")
     assert code == 0, err
@@ -233,7 +236,8 @@ def test_cli_index_build_records_the_precision(tmp_path, runs, capsys):
 @pytest.fixture(scope="module")
 def small_index(runs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("precision-index") / "index"
-    build_index(runs["fp32"], ["mnist:test"], folder, subset=200, device="cpu", precision="bf16")
+    build_index(runs["fp32"], Selection(["mnist:test"], subset=200), folder, compute=Compute(device="cpu",
+                precision="bf16"))
     return folder
 
 

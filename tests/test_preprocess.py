@@ -17,6 +17,7 @@ from retrieval.data.preprocess import decode_image, load_image_file, load_image_
 from retrieval.errors import RetrievalError
 from cli_helpers import run_cli
 from repo_scripts import load_script
+from retrieval.workflows import Compute, Selection
 
 BEFORE = load_script("benchmarks/_preprocess_before.py", "preprocess_before")
 
@@ -239,7 +240,7 @@ def small_index(untrained_run, tmp_path_factory):
     from retrieval.workflows import build_index
 
     folder = tmp_path_factory.mktemp("pp-index") / "ix"
-    build_index(untrained_run, ["mnist:test"], folder, subset=200, seed=0, device="cpu")
+    build_index(untrained_run, Selection(["mnist:test"], subset=200, seed=0), folder, compute=Compute(device="cpu"))
     return folder
 
 

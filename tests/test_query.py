@@ -22,6 +22,7 @@ from retrieval.query import UNKNOWN, Searcher, predict_labels, resolve_query_inp
 from retrieval.towers import build_tower
 from cli_helpers import run_cli
 from figures import assert_tiles_show, grid_tiles
+from retrieval.workflows import Compute, Selection
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def index_dir(run_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("qindex") / "ix"
-    build_index(run_dir / "a", ["mnist:test"], folder, subset=250, seed=0)
+    build_index(run_dir / "a", Selection(["mnist:test"], subset=250, seed=0), folder)
     return folder
 
 
@@ -235,7 +236,7 @@ def test_a_failed_query_is_logged_by_the_library_and_said_once_by_the_cli(tmp_pa
     from retrieval import workflows
 
     missing = tmp_path / "gone.png"
-    answers = workflows.query(index_dir, [str(missing), "mnist:test[3]"], k=2, device="cpu")
+    answers = workflows.query(index_dir, [str(missing), "mnist:test[3]"], k=2, compute=Compute(device="cpu"))
     assert [r.label is None for r in answers.results] == [True, False] and len(answers.failed) == 1
     assert [m for m in log_messages() if str(missing) in m] == [answers.failed[0].error], log_messages()
     assert "not found" in answers.failed[0].error

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from repo_scripts import load_script
+from retrieval.workflows import Compute, Selection
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "robustness.py"
@@ -47,7 +48,7 @@ def test_test_mode_rows_are_workflows_evaluate_on_the_same_index_and_subset(untr
     cells = _cells(proc.stdout)
     for name in ["clean", *NAMES]:
         spec = "mnist:test" if name == "clean" else f"mnist-c:test/{name}"
-        ev = evaluate(index, spec, ks=(1,), subset=40, seed=0, device="cpu")
+        ev = evaluate(index, Selection(spec, subset=40, seed=0), ks=(1,), compute=Compute(device="cpu"))
         assert figures[name]["precision@1"] == ev.metrics.precision[1], name
         assert figures[name]["map@r"] == ev.metrics.map_at_r, name
         assert cells[name][1] == f"{ev.metrics.precision[1]:.4f} / {ev.metrics.map_at_r:.4f}"
@@ -99,11 +100,12 @@ def test_selection_mode_is_the_held_out_slice_against_the_training_slice_and_rea
 
     labels = ds.labels.numpy()
     index = tmp_path / "ix"
-    build_index(untrained_run, [folder("refs", ds.images[refs].numpy(), labels[refs])], index, device="cpu")
+    build_index(untrained_run, [folder("refs", ds.images[refs].numpy(), labels[refs])], index,
+                compute=Compute(device="cpu"))
     clean = ds.images[queries].numpy()
     for name in ("clean", "stripe", "impulse_noise"):  # impulse noise is seeded: the seed is checked
         images = clean if name == "clean" else corrupt(clean, name, seed=1)  # seed 1: the test sets use seed 0
-        ev = evaluate(index, folder(f"q-{name}", images, labels[queries]), ks=(1,), device="cpu")
+        ev = evaluate(index, folder(f"q-{name}", images, labels[queries]), ks=(1,), compute=Compute(device="cpu"))
         assert figures[name]["precision@1"] == pytest.approx(ev.metrics.precision[1], abs=1e-9), name
         assert figures[name]["map@r"] == pytest.approx(ev.metrics.map_at_r, abs=1e-9), name
 
@@ -129,11 +131,12 @@ def test_unknown_mode_thresholds_are_calibrate_and_answers_are_what_query_answer
     assert list(figures) == [f"{untrained_run.name}, accept 0.9", f"{untrained_run.name}, accept 0.99"]
     for accept in (0.9, 0.99):
         fig = figures[f"{untrained_run.name}, accept {accept:g}"]
-        cal, _ = calibrate(index, "mnist:test", store=False, subset=40, seed=0, accept=accept, device="cpu")
+        cal, _ = calibrate(index, Selection("mnist:test", subset=40, seed=0), store=False, accept=accept,
+                           compute=Compute(device="cpu"))
         assert fig["threshold"] == cal.max_distance
         for key, spec in (("clean mnist:test answered", "mnist:test"), ("stripe answered", "mnist-c:test/stripe")):
             items = load_dataset(spec, subset=40, seed=1).sources  # other test images than the calibration's
-            answers = query(index, items, k=1, max_distance=cal.max_distance, device="cpu")
+            answers = query(index, items, k=1, max_distance=cal.max_distance, compute=Compute(device="cpu"))
             answered = np.mean([r.label != "unknown" for r in answers.results])
             assert fig[key] == answered, key
         for kind in bench.NON_DIGITS:
@@ -159,7 +162,7 @@ def test_pictures_mode_reads_the_families_files_as_folder_specs_do_beside_their_
     write_idx(tmp_path / "refs" / "images-idx3-ubyte", ds.images[refs].numpy())
     write_idx(tmp_path / "refs" / "labels-idx1-ubyte", labels[refs])
     index = tmp_path / "ix"
-    build_index(untrained_run, [f"idx:{tmp_path / 'refs'}"], index, device="cpu")
+    build_index(untrained_run, [f"idx:{tmp_path / 'refs'}"], index, compute=Compute(device="cpu"))
     clean = ds.images[queries].numpy()
     for family in families:
         # the same picture files in a folder spec: read by the product's folder loader, scored by evaluate
@@ -169,12 +172,12 @@ def test_pictures_mode_reads_the_families_files_as_folder_specs_do_beside_their_
             (tmp_path / family / name).mkdir(parents=True, exist_ok=True)
             (tmp_path / family / name / f"{i}{pic.suffix}").write_bytes(pic.data)
         assert figures[family]["refused"] == 0 and figures[family]["n"] == 12
-        ev = evaluate(index, f"folder:{tmp_path / family}", ks=(1,), device="cpu")
+        ev = evaluate(index, f"folder:{tmp_path / family}", ks=(1,), compute=Compute(device="cpu"))
         assert figures[family]["pictures"]["precision@1"] == pytest.approx(ev.metrics.precision[1], abs=1e-9)
         assert figures[family]["pictures"]["map@r"] == pytest.approx(ev.metrics.map_at_r, abs=1e-9)
         arrays = corrupt(clean, ARRAY_COUNTERPART[family], seed=1)  # seed 1: selection, as the corrupted sets
         write_idx(tmp_path / f"a-{family}" / "images-idx3-ubyte", arrays)
         write_idx(tmp_path / f"a-{family}" / "labels-idx1-ubyte", labels[queries])
-        ev = evaluate(index, f"idx:{tmp_path / f'a-{family}'}", ks=(1,), device="cpu")
+        ev = evaluate(index, f"idx:{tmp_path / f'a-{family}'}", ks=(1,), compute=Compute(device="cpu"))
         assert figures[family]["arrays"]["precision@1"] == pytest.approx(ev.metrics.precision[1], abs=1e-9)
         assert figures[family]["arrays"]["map@r"] == pytest.approx(ev.metrics.map_at_r, abs=1e-9)

@@ -74,11 +74,10 @@ def evaluate(
 
     Example: retrieval evaluate --index indexes/run-mnist-train --queries mnist:test --report reports/mnist-test
     """
-    from retrieval.workflows import evaluate as run
+    from retrieval.workflows import Compute, Selection, evaluate as run
 
-    result = run(index, queries, _k_list(k), report=report, root=root, classes=classes, exclude=exclude,
-                 subset=subset, seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint,
-                 precision=precision)
+    result = run(index, Selection(queries, root, classes, exclude, subset, seed), _k_list(k), report=report,
+                 compute=Compute(device, batch_size, precision), checkpoint=checkpoint)
     if json_out:
         print_json(result.payload)
         return
@@ -129,10 +128,10 @@ def evaluate_pairs(
 
     A checkpoint trained with the pair head scores a pair by the head's P(same); any other by the distance between the two embeddings. Reported: ROC AUC (rank-based, ties count half), and the accuracy at the best threshold with that threshold.
     """
-    from retrieval.workflows import evaluate_pairs as run
+    from retrieval.workflows import Compute, Selection, evaluate_pairs as run
 
-    evaluation = run(checkpoint, data, pairs_per_class, seed, root=root, classes=classes, exclude=exclude,
-                     subset=subset, batch_size=batch_size, device=device, precision=precision)
+    evaluation = run(checkpoint, Selection(data, root, classes, exclude, subset, seed), pairs_per_class, seed,
+                     compute=Compute(device, batch_size, precision))
     result, ckpt, ds = evaluation.verification, evaluation.checkpoint, evaluation.dataset
     if json_out:
         print_json(result.to_json())
@@ -179,11 +178,11 @@ def calibrate(
 
     Stored as meta.json "calibration" {"max_distance", "f1", "queries", "gate": {"threshold", ...}, "created", ...}; `retrieval query --max-distance` overrides the distance.
     """
-    from retrieval.workflows import calibrate as run
+    from retrieval.workflows import Compute, Selection, calibrate as run
 
-    cal, record = run(index, queries, store=not dry_run, root=root, classes=classes, exclude=exclude, subset=subset,
-                      seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint, accept=accept,
-                      non_digits=non_digits, distance_accept=distance_accept, precision=precision)
+    cal, record = run(index, Selection(queries, root, classes, exclude, subset, seed), store=not dry_run,
+                      compute=Compute(device, batch_size, precision), checkpoint=checkpoint, accept=accept,
+                      non_digits=non_digits, distance_accept=distance_accept)
     if json_out:
         print_json(record)
     else:

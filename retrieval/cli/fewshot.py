@@ -67,14 +67,14 @@ def fewshot(
 
       retrieval fewshot --checkpoint runs/mnist-fewshot --data mnist:test --classes 0,4,5,8 --ways 4 --shots 1,5
     """
-    from retrieval.workflows import fewshot as run
+    from retrieval.workflows import Compute, Selection, fewshot as run
 
     shot_counts = parse_int_list(shots, "--shots")
     if k is not None and method != "knn":
         raise UsageError(f"--k applies to --method knn only; --method {method} classifies by the nearest class mean")
-    outcome = run(checkpoint, data, ways=ways, shots=shot_counts, queries=queries, episodes=episodes, method=method,
-                  k=1 if k is None else k, seed=seed, classes=classes, root=root, batch_size=batch_size,
-                  device=device, precision=precision)
+    outcome = run(checkpoint, Selection(data, root, classes), ways=ways, shots=shot_counts, queries=queries,
+                  episodes=episodes, method=method, k=1 if k is None else k, seed=seed,
+                  compute=Compute(device, batch_size, precision))
     results, ds, what = outcome.results, outcome.dataset, outcome.embeddings_of
     if json_out:
         rows = [{"ways": r.ways, "shots": r.shots, "episodes": r.episodes, "accuracy": r.accuracy, "ci95": r.ci95}

@@ -39,14 +39,15 @@ def train(
 
     Example: retrieval gate train --checkpoint runs/mnist-robust --out runs/mnist-robust-gate
     """
+    from retrieval.gate import GateRecipe
     from retrieval.workflows import train_digit_gate
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    sidecar = train_digit_gate(checkpoint, out, form=form, steps=steps, degrade_p=degrade_p, accept=accept,
-                               seed=seed, root=root, device=device, overwrite=overwrite)
+    recipe = GateRecipe(form=form, steps=int(steps), degrade_p=float(degrade_p), seed=int(seed), accept=float(accept))
+    sidecar = train_digit_gate(checkpoint, out, recipe=recipe, root=root, device=device, overwrite=overwrite)
     if json_out:
         print_json(sidecar)
     else:

@@ -95,17 +95,16 @@ def build(
 
     from retrieval.distributed import is_follower
     from retrieval.logs import setup_cli_logging
-    from retrieval.workflows import build_index
+    from retrieval.workflows import Compute, Selection, build_index
 
     follower = is_follower()  # a process of a torchrun launch other than rank 0: warnings and errors only
     if follower:
         setup_cli_logging(-1)
     start = time.perf_counter()
     index = build_index(
-        checkpoint, data, out, factory=factory, metric=metric, prototypes=prototypes, batch_size=batch_size,
-        device=device, root=root, classes=classes, exclude=exclude, subset=subset, seed=seed,
-        search_params=search_params, train_size=train_size, on_disk=on_disk, chunk_size=chunk_size,
-        dist_timeout=dist_timeout, precision=precision,
+        checkpoint, Selection(data, root, classes, exclude, subset, seed), out, factory=factory, metric=metric,
+        prototypes=prototypes, search_params=search_params, train_size=train_size, on_disk=on_disk,
+        chunk_size=chunk_size, compute=Compute(device, batch_size, precision), dist_timeout=dist_timeout,
     )
     if index is None:
         return
@@ -135,10 +134,10 @@ def add(
     seed: int = SeedOption,
 ) -> None:
     """Embed more images with the index's own tower and append them with new ids (new classes are added)."""
-    from retrieval.workflows import add_to_index
+    from retrieval.workflows import Compute, Selection, add_to_index
 
-    add_to_index(index, data, checkpoint=checkpoint, batch_size=batch_size, device=device, root=root,
-                 classes=classes, exclude=exclude, subset=subset, seed=seed, precision=precision)
+    add_to_index(index, Selection(data, root, classes, exclude, subset, seed), checkpoint=checkpoint,
+                 compute=Compute(device, batch_size, precision))
     print(index)
 
 
@@ -238,11 +237,11 @@ def tune(
     Exits 1 when no setting of the grid reaches the recall (nothing is stored).
     """
     from retrieval.tune import parse_grid
-    from retrieval.workflows import tune_index
+    from retrieval.workflows import Compute, Selection, tune_index
 
-    result = tune_index(index, queries, k=k, target_recall=recall, grid=parse_grid(grid) if grid else None,
-                        store=not dry_run, repeats=repeats, root=root, classes=classes, exclude=exclude,
-                        subset=subset, seed=seed, batch_size=batch_size, device=device, checkpoint=checkpoint)
+    result = tune_index(index, Selection(queries, root, classes, exclude, subset, seed), k=k, target_recall=recall,
+                        grid=parse_grid(grid) if grid else None, store=not dry_run, repeats=repeats,
+                        compute=Compute(device, batch_size), checkpoint=checkpoint)
     chosen = result.chosen
     if json_out:
         print_json({"index": str(index), "k": result.k, "target_recall": recall, "queries": result.queries,
@@ -310,11 +309,10 @@ def query(
     Unreadable inputs are reported and the others still answered; the exit code is then 1.
     """
     from retrieval.query import format_result
-    from retrieval.workflows import query as run
+    from retrieval.workflows import Compute, query as run
 
-    answers = run(index, paths, k, max_distance=max_distance, checkpoint=checkpoint, grid=grid,
-                  batch_size=batch_size, device=device, root=root, search_params=search_params,
-                  precision=precision)
+    answers = run(index, paths, k, max_distance=max_distance, checkpoint=checkpoint, grid=grid, root=root,
+                  search_params=search_params, compute=Compute(device, batch_size, precision))
     if json_out:
         print_json([r.to_json() for r in answers.results])
     else:
