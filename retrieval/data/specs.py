@@ -88,7 +88,7 @@ class ImageDataset:
         }
 
 
-def _split_spec(spec: str) -> tuple[str, str]:
+def split_spec(spec: str) -> tuple[str, str]:
     if ":" not in spec:
         raise UsageError(f"dataset spec {spec!r} has no kind; expected {SPEC_HELP}")
     kind, rest = spec.split(":", 1)
@@ -166,7 +166,7 @@ def idx_pair(folder: Path) -> tuple[Path, Path]:
     return pairs[0]
 
 
-def _class_sort_key(name: str):
+def class_sort_key(name: str):
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
@@ -174,7 +174,7 @@ def _load_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], l
     if not folder.is_dir():
         raise RetrievalError(f"folder:{folder}: folder not found")
     class_dirs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                        key=lambda d: _class_sort_key(d.name))
+                        key=lambda d: class_sort_key(d.name))
     if not class_dirs:
         raise RetrievalError(f"folder:{folder}: no class sub-folders; expected {folder}/<label>/*.png")
     classes = [d.name for d in class_dirs]
@@ -259,7 +259,7 @@ def load_dataset(
 ) -> ImageDataset:
     """Load the images a spec names, keep/exclude classes (by name), then take a seeded subset of `subset` images."""
     root = Path(root) if root is not None else default_data_root()
-    kind, rest = _split_spec(spec)
+    kind, rest = split_spec(spec)
     preprocessing = "none (MNIST-format IDX)"
     source = idx_source(kind, rest, root, fetch)
     if source is not None:

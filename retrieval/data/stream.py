@@ -29,7 +29,7 @@ import torch
 from retrieval.data.idx import read_idx
 from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_files
 from retrieval.data.specs import (
-    _class_sort_key, _split_spec, default_data_root, idx_source, numbered_classes, select_rows,
+    class_sort_key, split_spec, default_data_root, idx_source, numbered_classes, select_rows,
 )
 from retrieval.data import SPEC_HELP
 from retrieval.errors import RetrievalError, UsageError
@@ -180,7 +180,7 @@ def _list_folder(folder: Path) -> tuple[list[str], list[str], np.ndarray]:
     if not folder.is_dir():
         raise RetrievalError(f"folder:{folder}: folder not found")
     class_dirs = sorted((d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                        key=lambda d: _class_sort_key(d.name))
+                        key=lambda d: class_sort_key(d.name))
     if not class_dirs:
         raise RetrievalError(f"folder:{folder}: no class sub-folders; expected {folder}/<label>/*.png")
     classes = [d.name for d in class_dirs]
@@ -208,7 +208,7 @@ def open_dataset(
 ) -> StreamedDataset:
     """The selection load_dataset(spec, ...) makes, with the images left where they are."""
     root = Path(root) if root is not None else default_data_root()
-    kind, rest = _split_spec(spec)
+    kind, rest = split_spec(spec)
     idx = paths = prefix = None
     preprocessing = "none (MNIST-format IDX)"
     source = idx_source(kind, rest, root, fetch)
