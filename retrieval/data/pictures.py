@@ -155,9 +155,9 @@ def _disc(radius: float) -> np.ndarray:
 
 def _strokes(digit: np.ndarray) -> list[np.ndarray]:
     """The digit's skeleton (Zhang-Suen at 112x112) as ordered polylines of (x, y) in 28x28 units."""
-    from retrieval.data.corrupt import _skeleton
+    from retrieval.data.corruptions.image_ops import skeleton
 
-    skel = _skeleton(digit[None].astype(np.float32) / 255.0, 4)[0]
+    skel = skeleton(digit[None].astype(np.float32) / 255.0, 4)[0]
     left = {(int(y), int(x)) for y, x in zip(*np.nonzero(skel))}
 
     def free_neighbours(p):
