@@ -55,7 +55,8 @@ def serve(index, *, host: str = "127.0.0.1", port: int = 8000, token_file=None, 
     """Load the index and its tower, serve until Ctrl-C or SIGTERM (in-flight requests finish), return 0."""
     import uvicorn
 
-    from retrieval.serve.app import Service, create_app
+    from retrieval.serve.app import create_app
+    from retrieval.serve.service import Service
 
     service = Service.open(index, device=device, checkpoint=checkpoint, max_distance=max_distance,
                            token_file=token_file, uploads=uploads, root=root, limits=limits)
