@@ -23,12 +23,14 @@ each block, so memory stays bounded by a block whatever the number of queries.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.knn import PositionLookup, Search, as_embeddings, as_labels, rank_exact, rank_with_search
+from retrieval.knn import (
+    PositionLookup, Ranking, Search, as_embeddings, as_labels, rank_exact, rank_with_search,
+)
 from retrieval.logs import show_progress
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
@@ -171,106 +173,166 @@ def retrieval_metrics(
         references, reference_labels = q, ql
         if query_self_ids is None:
             query_self_ids = np.arange(len(q), dtype=np.int64)
-    if reference_labels is None:
-        raise ValueError("reference_labels are required")
-    rl = as_labels(reference_labels, len(np.asarray(reference_labels).reshape(-1)), "reference labels")
-    ref_ids = np.arange(len(rl), dtype=np.int64) if reference_ids is None else \
-        np.asarray(reference_ids, dtype=np.int64).reshape(-1)
-    if len(ref_ids) != len(rl):
-        raise ValueError(f"{len(ref_ids)} reference ids for {len(rl)} reference labels")
-    position_of = PositionLookup(ref_ids)
+    refs = _References.of(references, reference_labels, reference_ids, exact=search is None)
     # Everything below works on positions in the reference arrays (-1: no neighbour).
-    if search is None:
-        references = as_embeddings(references, "reference embeddings")
-        if len(references) != len(rl):
-            raise RetrievalError(f"reference labels: {len(rl)} labels for {len(references)} embeddings")
-    n_ref = len(rl)
-    label_at = np.append(rl, -1)  # label_at[-1] == -1: "no neighbour"
-    id_at = np.append(ref_ids, -1)
-    self_ids = (np.full(len(q), -1, np.int64) if query_self_ids is None
-                else np.asarray(query_self_ids, dtype=np.int64).reshape(-1))
-    if len(self_ids) != len(q):
-        raise ValueError(f"{len(self_ids)} self ids for {len(q)} queries")
-    self_pos = position_of(self_ids)
+    self_pos = refs.position_of(_self_ids(query_self_ids, len(q)))
+    classes = _class_names(classes, ql, refs.labels)
+    scores = _QueryScores.empty(len(q), ks)
+    scores.fill(_rankings(q, ql, refs, search, self_pos, ks[-1]), progress)
+    return scores.summary(ql, refs, classes)
 
-    n_classes = max(int(ql.max(initial=-1)), int(rl.max(initial=-1))) + 1
+
+@dataclass
+class _References:
+    """The reference side of a scoring: labels and ids by position, the id -> position lookup, and the
+    embeddings when they are searched exactly (None when a search callable stands for them)."""
+
+    labels: np.ndarray
+    ids: np.ndarray
+    position_of: PositionLookup
+    embeddings: np.ndarray | None
+
+    @classmethod
+    def of(cls, references, reference_labels, reference_ids, exact: bool) -> "_References":
+        if reference_labels is None:
+            raise ValueError("reference_labels are required")
+        rl = as_labels(reference_labels, len(np.asarray(reference_labels).reshape(-1)), "reference labels")
+        ref_ids = np.arange(len(rl), dtype=np.int64) if reference_ids is None else \
+            np.asarray(reference_ids, dtype=np.int64).reshape(-1)
+        if len(ref_ids) != len(rl):
+            raise ValueError(f"{len(ref_ids)} reference ids for {len(rl)} reference labels")
+        position_of = PositionLookup(ref_ids)
+        if exact:
+            references = as_embeddings(references, "reference embeddings")
+            if len(references) != len(rl):
+                raise RetrievalError(f"reference labels: {len(rl)} labels for {len(references)} embeddings")
+        return cls(rl, ref_ids, position_of, references if exact else None)
+
+
+def _self_ids(query_self_ids, n: int) -> np.ndarray:
+    self_ids = (np.full(n, -1, np.int64) if query_self_ids is None
+                else np.asarray(query_self_ids, dtype=np.int64).reshape(-1))
+    if len(self_ids) != n:
+        raise ValueError(f"{len(self_ids)} self ids for {n} queries")
+    return self_ids
+
+
+def _class_names(classes: Sequence[str] | None, query_labels: np.ndarray, reference_labels: np.ndarray) -> list[str]:
+    n_classes = max(int(query_labels.max(initial=-1)), int(reference_labels.max(initial=-1))) + 1
     if classes is None:
         classes = [str(i) for i in range(n_classes)]
     classes = [str(c) for c in classes]
     if n_classes > len(classes):
         raise ValueError(f"labels go up to {n_classes - 1} but only {len(classes)} class names were given")
+    return classes
 
-    n, m = len(q), ks[-1]  # m: neighbours kept per query (reports, calibration)
-    relevant = np.zeros(n, np.int64)
-    hits = np.zeros((n, len(ks)), bool)
-    prec = np.zeros((n, len(ks)), np.float64)
-    rprec = np.full(n, np.nan)
-    ap = np.full(n, np.nan)
-    nb_pos = np.full((n, m), -1, np.int64)
-    nb_dist = np.full((n, m), np.inf, np.float32)
+
+def _rankings(q: np.ndarray, ql: np.ndarray, refs: _References, search: Search | None, self_pos: np.ndarray,
+              m: int) -> Iterator[Ranking]:
+    """The search: per block of queries, the ranks of their relevant references and their first m neighbours."""
     if search is None:
-        rankings = rank_exact(q, ql, references, rl, self_pos, m)
-    else:
-        def find(x, k):
-            dist, ids = search(x, k)
-            return position_of(ids), dist
+        return rank_exact(q, ql, refs.embeddings, refs.labels, self_pos, m)
 
-        rankings = rank_with_search(q, ql, rl, find, self_pos, m)
-    from tqdm import tqdm
+    def find(x, k):
+        dist, ids = search(x, k)
+        return refs.position_of(ids), dist
 
-    bar = tqdm(total=n, desc="neighbours", unit="query", disable=not show_progress(progress), leave=False)
-    try:
-        for r in rankings:
-            rows = r.rows
-            relevant[rows] = r.relevant
-            hits[rows] = recall_at_k(r.ranks, ks)
-            prec[rows] = precision_at_k(r.ranks, ks)
-            rprec[rows] = r_precision(r.ranks, r.relevant)
-            ap[rows] = average_precision_at_r(r.ranks, r.relevant)
-            nb_pos[rows] = r.neighbors
-            nb_dist[rows] = r.distances
-            bar.update(len(rows))
-    finally:
-        rankings.close()
-        bar.close()
+    return rank_with_search(q, ql, refs.labels, find, self_pos, m)
 
-    nb_labels = label_at[nb_pos]
-    nb_ids = id_at[nb_pos]
-    scored = relevant > 0
-    n_scored = int(scored.sum())
 
-    def mean(x) -> float:
-        return float(np.mean(x[scored], dtype=np.float64)) if n_scored else float("nan")
+@dataclass
+class _QueryScores:
+    """Per-query figures, filled block by block: R, recall and precision at each k, R-precision, AP@R, and the
+    positions and distances of the first m = max k neighbours."""
 
-    # every query with a neighbour, lone ones too: where a class the references lack ends up is worth seeing
-    confusion = np.zeros((len(classes), len(classes)), np.int64)
-    has_nn = nb_labels[:, 0] >= 0
-    np.add.at(confusion, (ql[has_nn], nb_labels[has_nn, 0]), 1)
-    per_class = {}
-    for c in np.unique(ql[scored]):
-        sel = scored & (ql == c)
-        per_class[classes[c]] = {
-            "queries": int(sel.sum()),
-            "nn_accuracy": float(hits[sel, 0].mean()),
-            "map@r": float(ap[sel].mean()),
-            "r_precision": float(rprec[sel].mean()),
-        }
-    return RetrievalMetrics(
-        ks=ks,
-        classes=classes,
-        n_queries=len(q),
-        n_references=n_ref,
-        n_scored=n_scored,
-        recall={k: mean(hits[:, j].astype(np.float64)) for j, k in enumerate(ks)},
-        precision={k: mean(prec[:, j]) for j, k in enumerate(ks)},
-        map_at_r=mean(ap),
-        r_precision=mean(rprec),
-        confusion=confusion,
-        query_labels=ql,
-        relevant=relevant,
-        average_precision=ap,
-        neighbor_ids=nb_ids,
-        neighbor_distances=nb_dist,
-        neighbor_labels=nb_labels,
-        per_class=per_class,
-    )
+    ks: tuple[int, ...]
+    relevant: np.ndarray
+    hits: np.ndarray
+    precision: np.ndarray
+    r_precision: np.ndarray
+    average_precision: np.ndarray
+    neighbor_positions: np.ndarray
+    neighbor_distances: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, ks: tuple[int, ...]) -> "_QueryScores":
+        m = ks[-1]  # neighbours kept per query (reports, calibration)
+        return cls(ks, np.zeros(n, np.int64), np.zeros((n, len(ks)), bool), np.zeros((n, len(ks)), np.float64),
+                   np.full(n, np.nan), np.full(n, np.nan), np.full((n, m), -1, np.int64),
+                   np.full((n, m), np.inf, np.float32))
+
+    def fill(self, rankings: Iterator[Ranking], progress: bool) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(self.relevant), desc="neighbours", unit="query", disable=not show_progress(progress),
+                   leave=False)
+        try:
+            for r in rankings:
+                self.add(r)
+                bar.update(len(r.rows))
+        finally:
+            rankings.close()
+            bar.close()
+
+    def add(self, r: Ranking) -> None:
+        """One block's per-query relevance, per-k figures and MAP@R terms, scored from its ranks."""
+        rows = r.rows
+        self.relevant[rows] = r.relevant
+        self.hits[rows] = recall_at_k(r.ranks, self.ks)
+        self.precision[rows] = precision_at_k(r.ranks, self.ks)
+        self.r_precision[rows] = r_precision(r.ranks, r.relevant)
+        self.average_precision[rows] = average_precision_at_r(r.ranks, r.relevant)
+        self.neighbor_positions[rows] = r.neighbors
+        self.neighbor_distances[rows] = r.distances
+
+    def summary(self, ql: np.ndarray, refs: _References, classes: list[str]) -> RetrievalMetrics:
+        """The averages over the scored queries, the confusion matrix and the per-class figures."""
+        ks = self.ks
+        nb_labels = np.append(refs.labels, -1)[self.neighbor_positions]  # position -1: "no neighbour", label -1
+        nb_ids = np.append(refs.ids, -1)[self.neighbor_positions]
+        scored = self.relevant > 0
+        n_scored = int(scored.sum())
+
+        def mean(x) -> float:
+            return float(np.mean(x[scored], dtype=np.float64)) if n_scored else float("nan")
+
+        return RetrievalMetrics(
+            ks=ks,
+            classes=classes,
+            n_queries=len(ql),
+            n_references=len(refs.labels),
+            n_scored=n_scored,
+            recall={k: mean(self.hits[:, j].astype(np.float64)) for j, k in enumerate(ks)},
+            precision={k: mean(self.precision[:, j]) for j, k in enumerate(ks)},
+            map_at_r=mean(self.average_precision),
+            r_precision=mean(self.r_precision),
+            confusion=_confusion(ql, nb_labels[:, 0], len(classes)),
+            query_labels=ql,
+            relevant=self.relevant,
+            average_precision=self.average_precision,
+            neighbor_ids=nb_ids,
+            neighbor_distances=self.neighbor_distances,
+            neighbor_labels=nb_labels,
+            per_class=self.per_class(ql, scored, classes),
+        )
+
+    def per_class(self, ql: np.ndarray, scored: np.ndarray, classes: list[str]) -> dict[str, dict]:
+        per_class = {}
+        for c in np.unique(ql[scored]):
+            sel = scored & (ql == c)
+            per_class[classes[c]] = {
+                "queries": int(sel.sum()),
+                "nn_accuracy": float(self.hits[sel, 0].mean()),
+                "map@r": float(self.average_precision[sel].mean()),
+                "r_precision": float(self.r_precision[sel].mean()),
+            }
+        return per_class
+
+
+def _confusion(query_labels: np.ndarray, nearest_labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C, C) counts, query class against its nearest neighbour's: every query with a neighbour, lone ones too
+    (where a class the references lack ends up is worth seeing)."""
+    confusion = np.zeros((n_classes, n_classes), np.int64)
+    has_nn = nearest_labels >= 0
+    np.add.at(confusion, (query_labels[has_nn], nearest_labels[has_nn]), 1)
+    return confusion
