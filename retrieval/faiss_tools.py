@@ -196,59 +196,79 @@ def search_parameters(index: faiss.Index, params: str) -> tuple[faiss.SearchPara
         return None, []
     if "k_factor" in values and "k_factor_rf" not in values:
         values["k_factor_rf"] = values["k_factor"]
-    used: set[str] = {"k_factor"} if "k_factor" in values else set()
-    keep: list = []
-
-    def build(ix):
-        ix = faiss.downcast_index(ix)
-        if isinstance(ix, faiss.IndexIDMap):
-            return build(ix.index)
-        if isinstance(ix, faiss.IndexPreTransform):
-            inner = build(ix.index)
-            if inner is None:
-                return None
-            p = faiss.SearchParametersPreTransform()
-            p.index_params = inner
-            keep.append(p)
-            return p
-        if isinstance(ix, faiss.IndexRefine):
-            p = faiss.IndexRefineSearchParameters()
-            p.k_factor = float(values.get("k_factor_rf", ix.k_factor))
-            used.add("k_factor_rf")
-            base = build(ix.base_index)
-            if base is not None:
-                p.base_index_params = base
-            keep.append(p)
-            return p
-        if isinstance(ix, faiss.IndexIVF):
-            p = faiss.SearchParametersIVF()
-            p.nprobe = int(values.get("nprobe", ix.nprobe))
-            p.max_codes = int(values.get("max_codes", ix.max_codes))
-            used.update(("nprobe", "max_codes"))
-            quantizer = faiss.downcast_index(ix.quantizer)
-            if isinstance(quantizer, faiss.IndexHNSW):
-                q = faiss.SearchParametersHNSW()
-                q.efSearch = int(values.get("quantizer_efSearch", quantizer.hnsw.efSearch))
-                used.add("quantizer_efSearch")
-                keep.append(q)
-                p.quantizer_params = q
-            keep.append(p)
-            return p
-        if isinstance(ix, faiss.IndexHNSW):
-            p = faiss.SearchParametersHNSW()
-            p.efSearch = int(values.get("efSearch", ix.hnsw.efSearch))
-            used.add("efSearch")
-            keep.append(p)
-            return p
-        return None
-
-    top = build(index)
-    unused = [name for name in values if name not in used]
+    levels = _SearchParameterLevels(values)
+    top = levels.build(index)
+    unused = [name for name in values if name not in levels.used]
     if unused:
-        known = [n for n in SEARCH_PARAM_NAMES if n in used] or ["none"]
+        known = [n for n in SEARCH_PARAM_NAMES if n in levels.used] or ["none"]
         raise UsageError(f"search parameters {params!r} do not apply to this index ({', '.join(unused)}: this "
                          f"index takes {', '.join(known)})")
-    return top, keep  # `keep`: every object built, each level pointed to by the one above it
+    return top, levels.keep  # `keep`: every object built, each level pointed to by the one above it
+
+
+class _SearchParameterLevels:
+    """SearchParameters built level by level down an index's wrappers (id maps pass through, pre-transforms and
+    refine stages point to their inner level's), with the names used on the way and every object built."""
+
+    def __init__(self, values: dict[str, float]):
+        self.values = values
+        self.used: set[str] = {"k_factor"} if "k_factor" in values else set()
+        self.keep: list = []
+
+    def build(self, ix: faiss.Index) -> faiss.SearchParameters | None:
+        ix = faiss.downcast_index(ix)
+        if isinstance(ix, faiss.IndexIDMap):
+            return self.build(ix.index)
+        if isinstance(ix, faiss.IndexPreTransform):
+            return self.pre_transform(ix)
+        if isinstance(ix, faiss.IndexRefine):
+            return self.refine(ix)
+        if isinstance(ix, faiss.IndexIVF):
+            return self.ivf(ix)
+        if isinstance(ix, faiss.IndexHNSW):
+            return self.hnsw(ix)
+        return None
+
+    def pre_transform(self, ix: faiss.IndexPreTransform) -> faiss.SearchParameters | None:
+        inner = self.build(ix.index)
+        if inner is None:
+            return None
+        p = faiss.SearchParametersPreTransform()
+        p.index_params = inner
+        self.keep.append(p)
+        return p
+
+    def refine(self, ix: faiss.IndexRefine) -> faiss.SearchParameters:
+        p = faiss.IndexRefineSearchParameters()
+        p.k_factor = float(self.values.get("k_factor_rf", ix.k_factor))
+        self.used.add("k_factor_rf")
+        base = self.build(ix.base_index)
+        if base is not None:
+            p.base_index_params = base
+        self.keep.append(p)
+        return p
+
+    def ivf(self, ix: faiss.IndexIVF) -> faiss.SearchParameters:
+        p = faiss.SearchParametersIVF()
+        p.nprobe = int(self.values.get("nprobe", ix.nprobe))
+        p.max_codes = int(self.values.get("max_codes", ix.max_codes))
+        self.used.update(("nprobe", "max_codes"))
+        quantizer = faiss.downcast_index(ix.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            q = faiss.SearchParametersHNSW()
+            q.efSearch = int(self.values.get("quantizer_efSearch", quantizer.hnsw.efSearch))
+            self.used.add("quantizer_efSearch")
+            self.keep.append(q)
+            p.quantizer_params = q
+        self.keep.append(p)
+        return p
+
+    def hnsw(self, ix: faiss.IndexHNSW) -> faiss.SearchParameters:
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = int(self.values.get("efSearch", ix.hnsw.efSearch))
+        self.used.add("efSearch")
+        self.keep.append(p)
+        return p
 
 
 # -- on-disk inverted lists -------------------------------------------------------------------------------------
