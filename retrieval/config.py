@@ -319,16 +319,31 @@ def _get(config: Config, dotted: str) -> Any:
 
 
 def _validate(config: Config, source: str) -> Config:
-    """Range and choice checks that types alone cannot express; returns the config."""
+    """Range and choice checks that types alone cannot express, section by section (the first failure is
+    reported); returns the config."""
+    check = _Checks(config, source)
+    _check_data_and_tower(check, config)
+    _check_training(check, config)
+    _check_augment(check, config)
+    return config
 
-    def fail(key: str, expected: str) -> UsageError:
-        return UsageError(f"{source}: {key} must be {expected}, got {_plain(_get(config, key))!r}")
 
-    def choice(key: str, registry: Iterable[str]) -> None:
-        if _get(config, key) not in registry:
-            raise fail(key, "one of " + ", ".join(registry))
+class _Checks:
+    """The failures of one config's checks, naming its source and the value found."""
 
-    c = config
+    def __init__(self, config: Config, source: str):
+        self.config, self.source = config, source
+
+    def fail(self, key: str, expected: str) -> UsageError:
+        return UsageError(f"{self.source}: {key} must be {expected}, got {_plain(_get(self.config, key))!r}")
+
+    def choice(self, key: str, registry: Iterable[str]) -> None:
+        if _get(self.config, key) not in registry:
+            raise self.fail(key, "one of " + ", ".join(registry))
+
+
+def _check_data_and_tower(check: _Checks, c: Config) -> None:
+    fail = check.fail
     if c.seed < 0:
         raise fail("seed", "a non-negative integer")
     for key, zero in (("data.subset", "all images"), ("data.val_size", "no validation"),
@@ -339,29 +354,38 @@ def _validate(config: Config, source: str) -> Config:
         raise fail("data.spec", "a dataset spec such as mnist:train")
     if c.data.spec.strip().lower().endswith(":test"):
         raise fail("data.spec", "a training split (the test split is kept for evaluation)")
-    choice("tower.name", TOWERS)
+    check.choice("tower.name", TOWERS)
     if not 0 <= c.tower.test_shifts <= 3:
         raise fail("tower.test_shifts", "a shift in pixels between 0 and 3")
-    choice("objective.name", OBJECTIVES)
-    choice("sampler.name", SAMPLERS)
+
+
+def _check_training(check: _Checks, c: Config) -> None:
+    """The objective, the sampler, the training loop and the optimizer."""
+    fail = check.fail
+    check.choice("objective.name", OBJECTIVES)
+    check.choice("sampler.name", SAMPLERS)
     if c.sampler.m < 1:
         raise fail("sampler.m", "a positive integer")
     if c.train.epochs < 1:
         raise fail("train.epochs", "a positive number of epochs")
     if c.train.batch_size < 2:
         raise fail("train.batch_size", "at least 2")
-    choice("train.precision", PRECISIONS)
+    check.choice("train.precision", PRECISIONS)
     if c.sampler.name == "m-per-class" and c.train.batch_size % c.sampler.m:
-        raise UsageError(f"{source}: train.batch_size ({c.train.batch_size}) must be a multiple of sampler.m "
-                         f"({c.sampler.m}) for the m-per-class sampler")
-    choice("optimizer.name", OPTIMIZERS)
+        raise UsageError(f"{check.source}: train.batch_size ({c.train.batch_size}) must be a multiple of "
+                         f"sampler.m ({c.sampler.m}) for the m-per-class sampler")
+    check.choice("optimizer.name", OPTIMIZERS)
     if not c.optimizer.lr > 0:
         raise fail("optimizer.lr", "a positive number")
     if c.optimizer.weight_decay < 0:
         raise fail("optimizer.weight_decay", "a non-negative number")
-    choice("optimizer.schedule", SCHEDULES)
+    check.choice("optimizer.schedule", SCHEDULES)
     if not 0 < c.optimizer.warmup < 1:
         raise fail("optimizer.warmup", "a fraction between 0 and 1 (exclusive)")
+
+
+def _check_augment(check: _Checks, c: Config) -> None:
+    fail = check.fail
     for key in ("augment.degrees", "augment.shear"):
         if _get(c, key) < 0:
             raise fail(key, "a non-negative angle in degrees")
@@ -387,7 +411,6 @@ def _validate(config: Config, source: str) -> Config:
     for key in ("augment.non_digit_mirrors", "augment.non_digit_overlays"):
         if _get(c, key) and not c.augment.non_digit_slots:
             raise fail(key, "augment.non_digit_slots >= 1 (these images fill the non-digit slots)")
-    return config
 
 
 def resolve_config(user: Config | Mapping | None = None, overrides: Iterable[str] = (), source: str = "config",
