@@ -98,7 +98,7 @@ class ElasticAugment:
 
 
 class DegradeAugment:
-    """What scans, photos and drawing tools do to a digit, on a float batch on its device (issue 15): each image
+    """What scans, photos and drawing tools do to a digit, on a float batch on its device: each image
     independently, with probability `p` for each kind, is replaced by its outline (`edges`: Canny's edges or a
     1 px contour of its ink, as edge detectors and outline fonts draw a digit), gets its stroke width
     changed (thinner by up to 1 px or thicker by up to `stroke` px), its resolution lost (area-downsampled to
@@ -108,7 +108,7 @@ class DegradeAugment:
     dark margins or a photo's shadowed edges) and noise added (Gaussian with std up to `noise`, salt and pepper on
     up to 0.6 * `noise` of the pixels), in that order; 0 turns a kind off. All draws are made for the whole batch
     from the step's generator (then cut to `rows`), so runs are reproducible; edges and bands draw after the
-    others, so recipes without them draw exactly as before they existed."""
+    others, so a recipe without them draws the same images whether or not they exist."""
 
     DRAWS = 16
 

@@ -352,8 +352,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
     backward: the local sums of dy and dy * x_hat (native_batch_norm_backward's weight and bias gradients) summed
     over the processes, then dx = weight * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)) with the global
     means, as two fused per-channel affine maps; the weight and bias get this process's sums (DDP adds the
-    processes' up). About 1 ms for a 128 x 32 x 14 x 14 activation on one core, against 12 ms for the same
-    formula written with autograd."""
+    processes' up). Fused kernels, because the same formula written with autograd is many times slower."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps: float, factor: float):

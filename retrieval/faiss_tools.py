@@ -314,8 +314,8 @@ def faiss_quiet():
 
 def no_prefetch(index: faiss.Index) -> None:
     """Turn off the prefetch threads of on-disk inverted lists: Faiss starts 32 of them per search to read the lists
-    a search will visit ahead of it, which pays on a cold, slow disk, but costs about 1 ms per query (a lone query
-    took 1.3-1.5 ms instead of 0.15-0.26 ms) once the lists are in the page cache, where searched lists stay."""
+    a search will visit ahead of it, which pays on a cold, slow disk, but once the lists are in the page cache
+    (where searched lists stay) starting them costs a lone query several times its search."""
     ivf = index_ivf(index)
     if ivf is not None and lists_on_disk(index):
         faiss.downcast_InvertedLists(ivf.invlists).prefetch_nthread = 0

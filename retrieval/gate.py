@@ -1,4 +1,4 @@
-"""The digit-or-not gate (issue 26): a small binary classifier in front of the lookup, so that `unknown` can mean
+"""The digit-or-not gate: a small binary classifier in front of the lookup, so that `unknown` can mean
 "this is not a digit" and not only "far from every class".
 
 A DigitGate rides on a Tower as its optional `gate` submodule (`tower.gate`), so it is saved in the checkpoint

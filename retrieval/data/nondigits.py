@@ -1,4 +1,4 @@
-"""Pictures that are no digit, from real character sources, for the digit-or-not gate (retrieval/gate.py, issue 26).
+"""Pictures that are no digit, from real character sources, for the digit-or-not gate (retrieval/gate.py).
 
 Every source draws its marks as people write them (random rotation, shear and aspect, a wobbly hand, pen widths
 from hairline to marker, elastic distortion, paper and ink tones, a little sensor noise), some of them through the

@@ -1,4 +1,4 @@
-"""Digits as the picture files users send (issue 25): a 28x28 digit + a seed -> an encoded picture, per family.
+"""Digits as the picture files users send: a 28x28 digit + a seed -> an encoded picture, per family.
 
 The robustness sets of retrieval.data.corrupt are 28x28 arrays; users send files (old scans, the web page's canvas,
 phone photos, screenshots) that go through the picture path (retrieval.data.preprocess: decode -> grey ->
@@ -9,7 +9,7 @@ such a file would look, deterministically for a seed, and encodes it as that kin
                     upscaled bilinear or bicubic to a square of 64-300 px, a little sensor noise, JPEG (quality
                     45-90), grey (L)
   scan-thick        thick, soft strokes (grown 1-2.5 px at 28x28, then blurred) touching the frame, 64x64 JPEG:
-                    the scans the background flattening once took for background
+                    the scans a background flattening can mistake for background
   canvas-mouse      the web page's export (retrieval/web: 280x280 canvas, white, #111 ink, round pen 18 px, strokes
                     as segments between pointer events): the digit's skeleton drawn through pointer events a few px
                     apart (a mouse), RGBA PNG

@@ -270,8 +270,8 @@ def _robust_ink(gray: np.ndarray) -> np.ndarray:
 def _marks(ink: np.ndarray, sigma: float, lone_mark_alone: bool = True) -> np.ndarray:
     """The ink of the marks that count: marks much smaller than the largest one, or much fainter than the ink,
     are dropped, keeping what lies next to a kept mark; the brightest 1% saturates. With `lone_mark_alone` false
-    (a noise-free drawing), a single mark keeps all the faint ink (its anti-aliased rim) as the path before issue
-    25 did."""
+    (a noise-free drawing), a single mark keeps all the faint ink (its anti-aliased rim): a drawing has no noise
+    to drop."""
     from scipy import ndimage
 
     peak = float(ink.max())
