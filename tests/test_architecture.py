@@ -116,3 +116,86 @@ def test_help_imports_no_heavy_libraries():
             "print(','.join(m for m in ('torch', 'faiss', 'numpy', 'retrieval.workflows') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert loaded.stdout.strip() == ""
+
+
+# -- size and naming limits: a newcomer can read a module, call a function and trust an underscore ----------------
+MAX_MODULE_LINES = 500
+MAX_PARAMETERS = 12
+
+
+def _package_files() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_typer_command(node: ast.AST) -> bool:
+    """A function registered with typer (`@app.command(...)`, `@app.callback(...)`): one parameter per option."""
+    for decorator in getattr(node, "decorator_list", []):
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        if isinstance(target, ast.Attribute) and target.attr in ("command", "callback"):
+            return True
+    return False
+
+
+def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def test_no_module_is_over_500_lines():
+    long = {name: n for name, path in _package_files().items()
+            if (n := len(path.read_text("utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by concept): {long}"
+
+
+def test_no_function_takes_more_than_12_parameters_outside_typer_commands():
+    many = []
+    for name, path in _package_files().items():
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _is_typer_command(node):
+                if len(_parameters(node)) > MAX_PARAMETERS:
+                    many.append(f"{name}.{node.name} ({len(_parameters(node))})")
+    assert not many, f"functions over {MAX_PARAMETERS} parameters (pass a built object instead): {many}"
+
+
+def private_imports() -> list[str]:
+    """`from retrieval.x import _name` and `x._name` (x an imported package module) in another package module."""
+    files = _package_files()
+    modules = set(files)
+    found = []
+    for name, path in files.items():
+        tree = ast.parse(path.read_text("utf-8"))
+        aliases = {}  # local name -> package module it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("retrieval"):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        found.append(f"{name} imports {node.module}.{alias.name}")
+                    if f"{node.module}.{alias.name}" in modules:
+                        aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in modules and alias.asname:
+                        aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and aliases[node.value.id] != name):
+                found.append(f"{name} uses {aliases[node.value.id]}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_no_private_name_is_used_across_modules():
+    assert not private_imports(), "private names used outside their module (give them a public name): " \
+                                  f"{private_imports()}"
+
+
+def test_the_limit_checks_see_what_they_look_for(tmp_path):
+    """The checks above parse real code: a 13-parameter function, a typer command and a private import."""
+    tree = ast.parse("import typer\napp = typer.Typer()\n"
+                     "def f(a, b, c, d, e, f, g, h, i, j, k, l, m): pass\n"
+                     "@app.command('x')\ndef g(a, b, c, d, e, f, g, h, i, j, k, l, m): pass\n")
+    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    assert [len(_parameters(n)) for n in functions] == [13, 13]
+    assert [_is_typer_command(n) for n in functions] == [False, True]

@@ -288,7 +288,8 @@ def test_the_library_never_prints_and_the_cli_draws_bars_only_on_a_terminal(inde
     the same evaluation through the CLI with stderr on a terminal (a pseudo-terminal) draws the bar there."""
     report = tmp_path / "report"
     library = _python(f"from retrieval import workflows; "
-                      f"workflows.evaluate({str(index_dir)!r}, 'mnist:test', subset=120, report={str(report)!r})",
+                      f"workflows.evaluate({str(index_dir)!r}, workflows.Selection('mnist:test', subset=120), "
+                      f"report={str(report)!r})",
                       data_root, capture_output=True)
     assert library.returncode == 0, library.stderr
     assert (library.stdout, library.stderr) == ("", "") and (report / "metrics.json").is_file()

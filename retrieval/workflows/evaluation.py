@@ -139,25 +139,22 @@ def calibrate(
                                       Compute.of(compute).on_device(), checkpoint)
     if gate_record is not None and not outside.any():
         cal, rule = _distance_threshold_beside_gate(nearest, correct, distance_accept)
-    record = {
-        **cal.to_json(),
-        "rule": rule,
-        "queries": queries.spec,
-        "filters": iq.dataset.filters,
-        "classes_not_in_index": iq.missing_classes,
-        "rejected_not_in_index": int((dist[outside, 0] > cal.max_distance).sum()),
-        "queries_not_in_index": int(outside.sum()),
-        "left_out_own_entries": int((iq.self_ids >= 0).sum()),
-        "index_count": len(iq.index),
-        **({"gate": gate_record} if gate_record is not None else {}),
-        "created": now(),
-    }
+    record = {**cal.to_json(), "rule": rule, "queries": queries.spec, "filters": iq.dataset.filters,
+              **_counts(iq, nearest, outside, cal), **({"gate": gate_record} if gate_record is not None else {}),
+              "created": now()}
     if store:
         update_index_meta(os.fspath(index), calibration=record)
         logger.info(f"stored in {Path(index) / META_NAME}")
     else:
         logger.info("not stored (dry run)")
     return cal, record
+
+
+def _counts(iq: IndexQueries, nearest: np.ndarray, outside: np.ndarray, cal: Calibration) -> dict:
+    return {"classes_not_in_index": iq.missing_classes,
+            "rejected_not_in_index": int((nearest[outside] > cal.max_distance).sum()),
+            "queries_not_in_index": int(outside.sum()), "left_out_own_entries": int((iq.self_ids >= 0).sum()),
+            "index_count": len(iq.index)}
 
 
 def _distance_threshold(nearest: np.ndarray, correct: np.ndarray, outside: np.ndarray,

@@ -17,10 +17,8 @@ from retrieval.data.preprocess import PREPROCESSING
 from retrieval.data.selection import Selection, merge_datasets
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import metric_code
-from retrieval.fsutil import exclusive_lock
 from retrieval.index import (
-    EmbeddingIndex, META_NAME, check_index_target, class_prototypes, load_index, load_index_tower,
-    normalize_factory, read_index_meta, save_index, tower_files, tower_meta, update_index_meta,
+    EmbeddingIndex, IndexFolder, class_prototypes, load_index_tower, normalize_factory, tower_files, tower_meta,
 )
 from retrieval.workflows.common import now
 from retrieval.workflows.querying import load_index_queries
@@ -56,6 +54,13 @@ class BuildRequest:
     on_disk: bool
     chunk_size: int | None
     compute: Compute  # pinned: device and precision resolved
+
+    def index_spec(self):
+        """The retrieval.index_build.IndexSpec of this build."""
+        from retrieval.index_build import IndexSpec
+
+        return IndexSpec(self.factory, self.metric, self.data.seed, train_size=self.train_size,
+                         search_params=self.search_params, on_disk=self.on_disk, prototypes=self.prototypes)
 
 
 def build_index(
@@ -93,18 +98,12 @@ def build_index(
         out = Path("indexes") / default_index_name(checkpoint, data.specs, classes=data.classes,
                                                    exclude=data.exclude, subset=data.subset, prototypes=prototypes)
     out = Path(out)
-    factory = normalize_factory(factory)
-    metric_code(metric)
-    for name, value in (("train_size", train_size), ("chunk_size", chunk_size)):
-        if value is not None and value <= 0:
-            raise UsageError(f"`{name}` must be positive, got {value}")
-    if prototypes and on_disk:
-        raise UsageError("`on_disk` does not apply to `prototypes` (one vector per class)")
+    _check_build_options(metric, train_size, chunk_size, prototypes, on_disk)
     group = join_process_group(compute.device, dist_timeout)  # None: one process
     if group is not None:
         compute = Compute(group.device, compute.batch_size, compute.precision)
-    request = BuildRequest(checkpoint, data, factory, metric, prototypes, search_params, train_size, on_disk,
-                           chunk_size, compute.pinned())
+    request = BuildRequest(checkpoint, data, normalize_factory(factory), metric, prototypes, search_params,
+                           train_size, on_disk, chunk_size, compute.pinned())
     try:
         if group is not None and not group.is_main:
             group.wait_release("to set up the index build")
@@ -122,28 +121,37 @@ def build_index(
             group.close()
 
 
+def _check_build_options(metric: str, train_size, chunk_size, prototypes: bool, on_disk: bool) -> None:
+    metric_code(metric)
+    for name, value in (("train_size", train_size), ("chunk_size", chunk_size)):
+        if value is not None and value <= 0:
+            raise UsageError(f"`{name}` must be positive, got {value}")
+    if prototypes and on_disk:
+        raise UsageError("`on_disk` does not apply to `prototypes` (one vector per class)")
+
+
 def _build_main(request: BuildRequest, out: Path, group) -> EmbeddingIndex:
     """build_index in one process, or as rank 0 of a torchrun job (which releases the others once the folder,
     checkpoint and data are checked, or hands them its error)."""
+    folder = IndexFolder(out)
     try:
-        existed = check_index_target(out)
+        existed = folder.check_target()
     except BaseException as e:
         if group is not None:
             group.fail(e)
         raise
     try:
-        with exclusive_lock(out):
-            old = (out / META_NAME).is_file()
+        with folder.lock():
+            old = folder.holds_index()
             index = _build_rows(request, out, group)
-            save_index(index, out, locked=True)
+            folder.save(index, locked=True)
             if old:
                 logger.info(f"replaced the previous index in {out}")
     except BaseException as e:
         if group is not None and not group.released:
             group.fail(e)
-        if not existed and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
-            (out / ".lock").unlink(missing_ok=True)
-            out.rmdir()
+        if not existed:
+            folder.remove_if_unused()
         raise
     logger.info(f"index: {len(index):,} vectors of {index.dimension} dims, {index.meta['factory']} ({index.metric}), "
                 f"{len(index.label_counts())} classes -> {out}")
@@ -152,7 +160,8 @@ def _build_main(request: BuildRequest, out: Path, group) -> EmbeddingIndex:
 
 def _build_rows(request: BuildRequest, out: Path | None, group) -> EmbeddingIndex | None:
     """Open the datasets and run retrieval.index_build.build_streaming (rank 0 releases the others first)."""
-    from retrieval.index_build import DEFAULT_CHUNK_SIZE, BuildPlan, build_streaming
+    from retrieval.index_build import DEFAULT_CHUNK_SIZE, build_streaming
+    from retrieval.index_build_rows import BuildPlan, TowerRows
 
     main = group is None or group.is_main
     compute = request.compute
@@ -165,11 +174,8 @@ def _build_rows(request: BuildRequest, out: Path | None, group) -> EmbeddingInde
     if group is not None and main:
         group.release(None)  # the folder, checkpoint and data are fine: the others start
     try:
-        result = build_streaming(plan, ckpt.tower, factory=request.factory, metric=request.metric,
-                                 seed=request.data.seed, train_size=request.train_size,
-                                 search_params=request.search_params, on_disk=request.on_disk,
-                                 prototypes=request.prototypes, batch_size=compute.batch, device=compute.device,
-                                 precision=compute.precision, group=group, out=out, meta=meta)
+        result = build_streaming(TowerRows(plan, ckpt.tower, compute), request.index_spec(), group=group, out=out,
+                                 meta=meta)
     finally:
         plan.close()
     embed = result.seconds.get("embed", 0.0)
@@ -213,9 +219,10 @@ def add_to_index(
     folder = Path(folder)
     data = Selection.of(data)
     compute = Compute.of(compute).on_device()  # the precision once the index is read
-    read_index_meta(folder)  # a clear error before taking the lock (which would create the folder)
-    with exclusive_lock(folder):
-        index = load_index(folder)
+    index_folder = IndexFolder(folder)
+    index_folder.read_meta()  # a clear error before taking the lock (which would create the folder)
+    with index_folder.lock():
+        index = index_folder.load()
         ckpt = load_index_tower(index, device=compute.device, checkpoint=checkpoint)
         if not tower_files(index.meta):  # written before towers were copied: it carries its tower from now on
             index.meta["tower"] = tower_meta(ckpt)
@@ -244,7 +251,7 @@ def append_embeddings(index: EmbeddingIndex, folder: str | os.PathLike, embeddin
             )
         embeddings, labels, sources = class_prototypes(embeddings, labels, classes)
     new_ids = index.add(embeddings, labels, classes, sources, data=data)
-    save_index(index, folder, locked=True)
+    IndexFolder(folder).save(index, locked=True)
     logger.info(f"added {len(new_ids):,} vectors (ids {new_ids[0]}..{new_ids[-1]}); the index now holds {len(index):,}")
     if index.meta.get("calibration"):
         logger.info("note: the index has a calibrated distance threshold measured before this addition; "
@@ -299,7 +306,7 @@ def tune_index(
     chosen = fastest_reaching(results, target_recall)
     stored = False
     if chosen is not None and store:
-        update_index_meta(folder, search_params=chosen.search_params, tuned={
+        IndexFolder(folder).update_meta(search_params=chosen.search_params, tuned={
             "search_params": chosen.search_params, "k": k, "recall": round(chosen.recall, 6),
             "target_recall": target_recall, "queries_per_s": round(chosen.queries_per_s, 1),
             "latency_ms": round(chosen.latency_ms, 4), "queries": iq.describe(), "when": now(),

@@ -134,41 +134,58 @@ def _card_with_test_figures(run: Path, evaluation: "Evaluation") -> None:
     write_run_card(run, test=test)
 
 
-def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, tiny: bool = False,
-               fewshot_step: bool = True, device="auto", root=None,
-               precision: str | None = "auto") -> QuickstartResult:
-    """Fetch MNIST, train mnist-default, index mnist:train, evaluate mnist:test with a report, train mnist-fewshot
-    and run its episodes, answer a few queries: every step into `out` (runs/, indexes/, reports/), each reusing
-    what an earlier run left there. `precision` (auto, fp32, bf16): the towers' arithmetic in every step."""
-    from retrieval.data.fetch import fetch_dataset
+class _Laps:
+    """Seconds each step took, by name."""
 
-    out = Path(out)
-    root = data_root(root)
-    device = str(resolve_device(device))
-    precision = check_precision(precision)
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
 
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        seconds[name] = now - t
-        t = now
+    def __call__(self, name: str) -> None:
+        t = time.perf_counter()
+        self.seconds[name] = t - self._t
+        self._t = t
 
-    logger.info(f"[data] MNIST in {root}")
-    fetch_dataset("mnist", root)
-    lap("fetch")
 
+def _quickstart_fewshot(out: Path, overrides: list[str], force: bool, compute: Compute, root: Path, tiny: bool):
+    """Train mnist-fewshot and run its 4-way episodes on digits it never saw -> (run folder, results)."""
+    run = _quickstart_train("mnist-fewshot", out / "runs" / "mnist-fewshot", overrides, force, str(compute.device),
+                            root)
+    logger.info(f"[fewshot] 4-way episodes on mnist:test digits {','.join(FEWSHOT_CLASSES)}")
+    return run, fewshot(run, Selection("mnist:test", root=root, classes=FEWSHOT_CLASSES), ways=4, shots=[1, 5],
+                        queries=15, episodes=TINY["episodes"] if tiny else 1000, seed=0,
+                        compute=Compute(compute.device, 256, compute.precision)).results
+
+
+def _training_overrides(tiny: bool, precision: str) -> list[str]:
     overrides = []
     if tiny:
         overrides = [f"data.subset={TINY['train_subset']}", f"data.val_size={TINY['val_size']}",
                      f"train.epochs={TINY['epochs']}"]
     if precision != "auto":  # else the configs' own train.precision (auto)
         overrides.append(f"train.precision={precision}")
-    run = _quickstart_train("mnist-default", out / "runs" / "mnist-default", overrides, force, device, root)
-    lap("train")
+    return overrides
 
-    compute = Compute(device, precision=precision)
+
+def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, tiny: bool = False,
+               fewshot_step: bool = True, device="auto", root=None,
+               precision: str | None = "auto") -> QuickstartResult:
+    """Fetch MNIST, train mnist-default, index mnist:train, evaluate mnist:test with a report, train mnist-fewshot
+    and run its episodes, answer a few queries: every step into `out` (runs/, indexes/, reports/), each reusing
+    what an earlier run left there. `precision` (auto, fp32, bf16): the towers' arithmetic in every step.
+    A straight sequence of the steps, each timed."""
+    from retrieval.data.fetch import fetch_dataset
+
+    out, root = Path(out), data_root(root)
+    compute = Compute(str(resolve_device(device)), precision=check_precision(precision))
+    lap = _Laps()
+    logger.info(f"[data] MNIST in {root}")
+    fetch_dataset("mnist", root)
+    lap("fetch")
+
+    overrides = _training_overrides(tiny, compute.precision)
+    run = _quickstart_train("mnist-default", out / "runs" / "mnist-default", overrides, force, compute.device, root)
+    lap("train")
     index = _quickstart_index(run, out / "indexes" / "mnist-default-train", TINY["train_subset"] if tiny else None,
                               force, compute, root)
     lap("index")
@@ -182,12 +199,7 @@ def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, ti
 
     fewshot_run, fewshot_results = None, []
     if fewshot_step:
-        fewshot_run = _quickstart_train("mnist-fewshot", out / "runs" / "mnist-fewshot", overrides, force, device,
-                                        root)
-        logger.info(f"[fewshot] 4-way episodes on mnist:test digits {','.join(FEWSHOT_CLASSES)}")
-        fewshot_results = fewshot(fewshot_run, Selection("mnist:test", root=root, classes=FEWSHOT_CLASSES), ways=4,
-                                  shots=[1, 5], queries=15, episodes=TINY["episodes"] if tiny else 1000, seed=0,
-                                  compute=Compute(device, 256, precision)).results
+        fewshot_run, fewshot_results = _quickstart_fewshot(out, overrides, force, compute, root, tiny)
         lap("fewshot")
     else:
         logger.info("[fewshot] skipped; to run it: retrieval train --config mnist-fewshot && "
@@ -197,7 +209,6 @@ def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, ti
     logger.info(f"[query] {', '.join(QUICKSTART_QUERIES)}")
     answers = query(index, QUICKSTART_QUERIES, k=5, root=root, compute=compute)
     lap("query")
-
     return QuickstartResult(out=out, run=run, index=index, report=report, fewshot_run=fewshot_run,
                             metrics=evaluation.metrics.to_json(), fewshot=fewshot_results, queries=answers.results,
-                            seconds=seconds)
+                            seconds=lap.seconds)
