@@ -653,7 +653,7 @@ def main(argv=None) -> int:
             f"Machine: {machine()}. `benchmarks/robustness.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
             f" ({time.perf_counter() - start:.0f} s). {split}; {subset or 'all'} queries per set (seeded subset). "
             "Columns: precision@1 / MAP@R per run. Families marked \"held out\" are not imitated by mnist-robust's "
-            "training augmentation (retrieval/configs/mnist-robust.toml).", "",
+            "training augmentation (configs/mnist-robust.toml).", "",
             *lines, "", *( [a.note, ""] if a.note else []),
         ])
     return 0

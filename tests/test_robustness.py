@@ -202,7 +202,7 @@ def test_degrade_options_are_validated(key, value):
 def test_shipped_robust_config_turns_every_degradation_on():
     from retrieval.config import load_config
 
-    a = load_config(REPO / "retrieval" / "configs" / "mnist-robust.toml").augment
+    a = load_config(REPO / "configs" / "mnist-robust.toml").augment
     assert a.lowres and a.blur and a.stroke and a.noise and a.contrast and a.edges and a.bands
     assert 0 < a.degrade_p < 1 and a.non_digit_slots >= 1
 

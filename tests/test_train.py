@@ -289,7 +289,7 @@ def test_overrides_are_typed_by_the_default():
     assert set(Config().to_dict()) == set(cfg.to_dict())
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "retrieval" / "configs").glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.stem)
 def test_shipped_configs_load_and_build(path):
     cfg = load_config(path)
     assert cfg.name == path.stem
@@ -300,7 +300,7 @@ def test_shipped_configs_load_and_build(path):
 
 
 def test_fewshot_config_holds_out_digits():
-    cfg = load_config(REPO / "retrieval" / "configs" / "mnist-fewshot.toml")
+    cfg = load_config(REPO / "configs" / "mnist-fewshot.toml")
     kept = set(cfg.data.classes) or set("0123456789") - set(cfg.data.exclude)
     assert kept == set("123679")
 
