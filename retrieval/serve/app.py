@@ -30,11 +30,10 @@ from retrieval.serve.guard import RequestGuard
 from retrieval.serve.library import ServiceError
 from retrieval.serve.parsing import (ADD_FIELDS, DEFAULT_CLASSIFY_K, DEFAULT_K, check_token, read_images,
                                      read_query)
-from retrieval.serve.service import JobResult, Limits, QueryJob, Service, available_cpus, read_token
+from retrieval.serve.service import JobResult, Limits, QueryJob, Service
 
-# The names callers imported from this module before the service, parsing and guard had modules of their own.
-__all__ = ["DEFAULT_CLASSIFY_K", "DEFAULT_K", "JobResult", "Limits", "QueryJob", "RequestGuard", "Service",
-           "available_cpus", "create_app", "page_html", "read_images", "read_token"]
+# Callers that serve the app (tests, benchmarks) take the service's names from here too.
+__all__ = ["JobResult", "Limits", "QueryJob", "Service", "create_app", "page_html"]
 
 logger = logging.getLogger("retrieval.serve")
 
