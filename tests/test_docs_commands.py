@@ -61,7 +61,7 @@ RULES: list[tuple[str, str]] = [
     (r"retrieval evaluate ", RUN),
     (r"retrieval fewshot ", RUN),
     (r"retrieval export ", RUN),
-    (r"retrieval gate train ", "trains the digit-or-not gate (about a minute on 2 cores; tests/test_gate.py trains "
+    (r"retrieval gate train ", "trains the digit-or-not gate for minutes (tests/test_gate.py trains "
      "a small one)"),
     (r"retrieval index build --checkpoint runs/mnist-robust-gate ", "needs the gate run of `retrieval gate train`"),
     (r"retrieval calibrate --index indexes/robust ", "needs indexes/robust, built from the gate run"),
