@@ -84,7 +84,7 @@ def trained_run(tmp_path_factory, data_root):
     torch.set_num_threads(1)  # small batches: one thread is faster, and much faster on a busy machine
     try:
         tower.train()
-        for _ in range(40):
+        for _ in range(80):
             batch = torch.randint(len(ds), (64,), generator=generator)
             emb = tower(images_to_input(ds.images[batch]))
             loss = loss_fn(emb, ds.labels[batch], miner(emb, ds.labels[batch]))
