@@ -128,6 +128,7 @@ def evaluate_pairs(
 
     A checkpoint trained with the pair head scores a pair by the head's P(same); any other by the distance between the two embeddings. Reported: ROC AUC (rank-based, ties count half), and the accuracy at the best threshold with that threshold.
     """
+    from retrieval.data.specs import filters_text
     from retrieval.workflows import Compute, Selection, evaluate_pairs as run
 
     evaluation = run(checkpoint, Selection(data, root, classes, exclude, subset, seed), pairs_per_class, seed,
@@ -137,7 +138,7 @@ def evaluate_pairs(
         print_json(result.to_json())
         return
     print(f"checkpoint  {ckpt.path}")
-    print(f"data        {ds.spec}" + (f" {ds.filters}" if ds.filters else "") + f": {len(ds):,} images")
+    print(f"data        {ds.spec}" + (f" ({filters_text(ds.filters)})" if ds.filters else "") + f": {len(ds):,} images")
     print(f"pairs       {result.pairs:,} ({result.same_pairs:,} same, {result.different_pairs:,} different; "
           f"{pairs_per_class} per class, seed {seed})")
     print(f"scored by   {result.score}")

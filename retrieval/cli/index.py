@@ -148,6 +148,7 @@ def info(
 ) -> None:
     """Show an index's metadata (factory, metric, tower, data, ...), its size on disk and in memory, and how many
     vectors each label has."""
+    from retrieval.data.specs import filters_text
     from retrieval.index import index_sizes, load_index
 
     index = load_index(folder)
@@ -157,13 +158,13 @@ def info(
     if json_out:
         print_json({"folder": str(folder), "meta": meta, "label_counts": counts, "sizes": sizes})
         return
-    from retrieval.index import tower_files
+    from retrieval.index import IndexFolder, tower_files
 
     tower = meta.get("tower") or {}
     checkpoint = tower.get("checkpoint")
     copied = tower_files(meta)
     if copied:
-        here = all((Path(folder) / name).is_file() for kind, name in copied.items() if kind != "card")
+        here = not IndexFolder(folder).missing_tower_files(meta)
         tower_row = ("tower files", ", ".join(copied.values()) + ("" if here else "  (missing from the folder)"))
         checkpoint_row = ("built from", str(checkpoint))
     else:
@@ -194,7 +195,7 @@ def info(
     if meta.get("updated"):
         rows.append(("updated", meta["updated"]))
     for entry in meta.get("data", []):
-        filters = f"  {entry['filters']}" if entry.get("filters") else ""
+        filters = f"  ({filters_text(entry['filters'])})" if entry.get("filters") else ""
         rows.append(("data", f"{entry.get('spec')}: {entry.get('images', '?'):,} images{filters}"))
     calibration = meta.get("calibration")
     if calibration:

@@ -166,6 +166,12 @@ def idx_pair(folder: Path) -> tuple[Path, Path]:
     return pairs[0]
 
 
+def filters_text(filters: dict) -> str:
+    """A selection's filters as people read them: "classes 3,5, subset 20, seed 1"."""
+    return ", ".join(f"{key} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+                     for key, value in filters.items())
+
+
 def class_sort_key(name: str):
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
@@ -244,7 +250,7 @@ def select_rows(labels: np.ndarray, names: Sequence[str], spec: str, classes=Non
             rows = rows[torch.randperm(len(rows), generator=g)[:subset].sort().values.numpy()]
         filters.update(subset=subset, seed=seed)
     if len(rows) == 0:
-        raise RetrievalError(f"{spec}: no images left after filtering ({filters})")
+        raise RetrievalError(f"{spec}: no images left after filtering ({filters_text(filters)})")
     return rows, filters
 
 

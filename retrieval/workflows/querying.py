@@ -13,7 +13,7 @@ import numpy as np
 
 from retrieval.compute import Compute
 from retrieval.data.selection import Selection
-from retrieval.data.specs import DatasetCache, ImageDataset
+from retrieval.data.specs import DatasetCache, ImageDataset, filters_text
 from retrieval.errors import RetrievalError
 from retrieval.grid import SourceImages, check_grid_target, query_grid_rows, render_grid
 from retrieval.index import EmbeddingIndex, load_index, load_index_tower
@@ -105,7 +105,7 @@ class IndexQueries:
 
     def describe(self) -> str:
         ds = self.dataset
-        text = f"{ds.spec}" + (f" {ds.filters}" if ds.filters else "") + f": {len(ds):,} images"
+        text = f"{ds.spec}" + (f" ({filters_text(ds.filters)})" if ds.filters else "") + f": {len(ds):,} images"
         own = int((self.self_ids >= 0).sum())
         if own:
             text += f", {own:,} of them in the index (left out of their own neighbours)"
