@@ -31,15 +31,10 @@ from retrieval.checkpoint import load_checkpoint  # noqa: E402
 from retrieval.data.specs import load_dataset  # noqa: E402
 from retrieval.embed import embed_images  # noqa: E402
 from retrieval.metrics import retrieval_metrics  # noqa: E402
+from retrieval.run_folder import newest_checkpoint  # noqa: E402
 from retrieval.towers import build_tower  # noqa: E402
 
 PML_KEYS = {"precision@1": "precision_at_1", "map@r": "mean_average_precision_at_r", "r_precision": "r_precision"}
-
-
-def newest_checkpoint(runs: Path) -> Path | None:
-    found = sorted(runs.glob("*/best.safetensors"), key=lambda p: p.stat().st_mtime) or \
-        sorted(runs.glob("*/last.safetensors"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 def pml_metrics(queries, query_labels, references=None, reference_labels=None) -> dict:

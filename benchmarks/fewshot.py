@@ -30,6 +30,7 @@ from retrieval.data.specs import load_dataset  # noqa: E402
 from retrieval.embed import embed_images  # noqa: E402
 from retrieval.errors import RetrievalError  # noqa: E402
 from retrieval.fewshot import evaluate_fewshot, pixel_embeddings  # noqa: E402
+from retrieval.run_folder import RunFolder  # noqa: E402
 
 HELD_OUT = ["0", "4", "5", "8"]
 TARGET = {1: 0.95, 5: 0.985}
@@ -38,7 +39,7 @@ TARGET = {1: 0.95, 5: 0.985}
 def training_seconds(run: Path) -> float | None:
     """Training time recorded by the trainer (state.json), if any."""
     try:
-        return float(json.loads((run / "state.json").read_text())["train_seconds"])
+        return float(json.loads(RunFolder(run).state.read_text())["train_seconds"])
     except (OSError, ValueError, KeyError):
         return None
 

@@ -30,6 +30,7 @@ from retrieval.data.specs import load_dataset  # noqa: E402
 from retrieval.embed import embed_images  # noqa: E402
 from retrieval.index import build_index  # noqa: E402
 from retrieval.knn import ExactSearch  # noqa: E402
+from retrieval.run_folder import newest_checkpoint  # noqa: E402
 from retrieval.towers import build_tower  # noqa: E402
 from retrieval.tune import recall_at_k  # noqa: E402
 
@@ -42,12 +43,6 @@ CONFIGS = [
     ("IVF256,PQ16", ["nprobe=8", "nprobe=16", "nprobe=32"]),
     ("IVF256,PQ16,RFlat", ["nprobe=16,k_factor_rf=4", "nprobe=16,k_factor_rf=16"]),
 ]
-
-
-def newest_checkpoint(runs: Path) -> Path | None:
-    found = sorted(runs.glob("*/best.safetensors"), key=lambda p: p.stat().st_mtime) or \
-        sorted(runs.glob("*/last.safetensors"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 def one_at_a_time_qps(search, queries: np.ndarray) -> float:

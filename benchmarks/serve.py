@@ -70,11 +70,13 @@ def prepare_index(args) -> tuple[Path, str]:
     if args.index:
         meta = json.loads((Path(args.index) / "meta.json").read_text())
         return Path(args.index), f"index {args.index} ({meta['count']:,} vectors, tower {meta['tower']['checkpoint']})"
+    from retrieval.run_folder import BEST, RunFolder
+
     checkpoint = args.checkpoint
     how = f"checkpoint {checkpoint}"
     if checkpoint is None:
         checkpoint = REPO / "runs" / "serve-bench"
-        if not (checkpoint / "best.safetensors").is_file():
+        if not RunFolder(checkpoint).weights(BEST).is_file():
             print(f"training the shipped config mnist-default for {args.train_epochs} epoch(s) -> {checkpoint}", flush=True)
             run_cli("train", "--config", "mnist-default", "--out", checkpoint,
                     "--epochs", args.train_epochs, "--device", "cpu", "--no-progress")

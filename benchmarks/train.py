@@ -60,7 +60,8 @@ from retrieval.metrics import retrieval_metrics  # noqa: E402
 from retrieval.logs import setup_cli_logging  # noqa: E402
 from retrieval.seeding import make_generator  # noqa: E402
 from retrieval.towers import Tower  # noqa: E402
-from retrieval.trainer import build_trainer, train  # noqa: E402
+from retrieval.run_folder import BEST, LAST, RunFolder  # noqa: E402
+from retrieval.training import build_trainer, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_P1 = 0.98
@@ -271,14 +272,15 @@ def bench_ours(config: Path, device, root, testset: TestSet, evals: list[float],
         train(config, run_dir, device=device, data_root=root, progress=False, on_step=on_step,
               threads=threads, overwrite=True, overrides=overrides)
         wall = time.perf_counter() - start - points.eval_seconds
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        folder = RunFolder(run_dir)
+        records = folder.history()
         from retrieval.checkpoint import load_checkpoint
 
         final = {}
-        for name in ("best", "last"):
-            ckpt = load_checkpoint(run_dir / name, device=device)
-            if name == "last" and ckpt.fingerprint == final["best"]["fingerprint"]:
-                final["last"] = final["best"]
+        for name in (BEST, LAST):
+            ckpt = load_checkpoint(folder.checkpoint(name), device=device)
+            if name == LAST and ckpt.fingerprint == final[BEST]["fingerprint"]:
+                final[LAST] = final[BEST]
                 continue
             final[name] = {**testset.scores(ckpt.tower, device, ckpt.meta["classes_seen"]),
                            "epoch": ckpt.meta["epoch"], "fingerprint": ckpt.fingerprint}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from retrieval.errors import RetrievalError
 from retrieval.fsutil import atomic_path, atomic_write_json, read_json
+from retrieval.run_folder import BEST, LAST, RunFolder
 from retrieval.towers import Tower, build_tower
 
 FORMAT = "retrieval-checkpoint/1"
@@ -76,10 +77,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A run folder (-> best, else last), a NAME.safetensors / NAME.json file, or NAME -> the .safetensors path."""
     p = Path(path)
     if p.is_dir():
-        for name in ("best", "last"):
-            if (p / f"{name}.safetensors").is_file():
-                return p / f"{name}.safetensors"
-        raise RetrievalError(f"checkpoint folder {p} has neither best.safetensors nor last.safetensors")
+        weights = RunFolder(p).preferred_weights()
+        if weights is None:
+            raise RetrievalError(f"checkpoint folder {p} has neither {BEST}.safetensors nor {LAST}.safetensors")
+        return weights
     if p.suffix == ".json":
         p = p.with_suffix(".safetensors")
     elif p.suffix != ".safetensors":

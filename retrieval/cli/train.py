@@ -70,11 +70,11 @@ def train_command(
     """
     import time
 
-    from retrieval.distributed import is_follower, launched_world_size
+    from retrieval.distributed import is_follower
     from retrieval.errors import UsageError
     from retrieval.logs import setup_cli_logging
-    from retrieval.trainer import TrainingInterrupted
-    from retrieval.workflows import run_summary, train
+    from retrieval.training import TrainingInterrupted
+    from retrieval.workflows import train
 
     follower = is_follower()  # a process of a torchrun launch other than rank 0: warnings and errors only
     if follower:
@@ -82,6 +82,22 @@ def train_command(
 
     if config is None and not (resume and out is not None):
         raise UsageError("--config is required (only --resume --out RUN can reuse the run's own config)")
+    sets = _config_overrides(overrides, epochs, subset, precision)
+    start = time.perf_counter()
+    try:
+        run = train(config, out, device=device, resume=resume, overrides=sets, data_root=root,
+                    overwrite=overwrite, progress=not no_progress, threads=threads, dist_timeout=dist_timeout)
+    except TrainingInterrupted as e:
+        _log_interrupted(e)
+        raise typer.Exit(130)
+    seconds = time.perf_counter() - start
+    if not follower:
+        _report(run, seconds, json_out)
+
+
+def _config_overrides(overrides: Optional[List[str]], epochs: Optional[int], subset: Optional[int],
+                      precision: Optional[str]) -> list[str]:
+    """The --set overrides, then those of the options that override one config key."""
     sets = list(overrides or [])
     if epochs is not None:
         sets.append(f"train.epochs={epochs}")
@@ -91,38 +107,33 @@ def train_command(
         from retrieval.precision import check_precision
 
         sets.append(f"train.precision={check_precision(precision)}")
-    start = time.perf_counter()
-    try:
-        run = train(config, out, device=device, resume=resume, overrides=sets, data_root=root,
-                    overwrite=overwrite, progress=not no_progress, threads=threads, dist_timeout=dist_timeout)
-    except TrainingInterrupted as e:
-        log(f"interrupted: {e.message}")
-        if e.saved:
-            if launched_world_size() > 1:
-                log(f"continue with: torchrun ... -m retrieval train --resume --out {e.run_dir} (the same launch "
-                    "options, or another number of processes)")
-            else:
-                log(f"continue with: retrieval train --resume --out {e.run_dir}")
-        raise typer.Exit(130)
-    seconds = time.perf_counter() - start
-    if follower:
-        return
-    _summary(run)
-    if json_out:
-        print_json(run_summary(run, seconds=round(seconds, 3)))
-    else:
-        print(run)
+    return sets
 
 
-def _summary(run: Path) -> None:
-    import json
+def _log_interrupted(e) -> None:
+    """What Ctrl-C left behind, and the command that continues the run."""
+    from retrieval.distributed import launched_world_size
 
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        return
-    records = [json.loads(line) for line in metrics.read_text("utf-8").splitlines() if line.strip()]
-    best = [r for r in records if r.get("best")]
+    log(f"interrupted: {e.message}")
+    if e.saved:
+        if launched_world_size() > 1:
+            log(f"continue with: torchrun ... -m retrieval train --resume --out {e.run_dir} (the same launch "
+                "options, or another number of processes)")
+        else:
+            log(f"continue with: retrieval train --resume --out {e.run_dir}")
+
+
+def _report(run: Path, seconds: float, json_out: bool) -> None:
+    """Log the best epoch; print the run folder, or its summary as JSON."""
+    from retrieval.run_folder import BEST, RunFolder
+
+    folder = RunFolder(run)
+    best = [r for r in folder.history() if r.get("best")]
     if best:
         b = best[-1]
         log(f"best epoch {b['epoch']}: val precision@1 {b['val_precision_at_1']:.4f}, MAP@R {b['val_map_at_r']:.4f} "
-            f"-> {run / 'best.safetensors'}")
+            f"-> {folder.weights(BEST)}")
+    if json_out:
+        print_json(folder.summary(seconds=round(seconds, 3)))
+    else:
+        print(run)
