@@ -105,7 +105,7 @@ def worker(args) -> None:
 
                 return fut.then(done)
 
-            trainer._ddp.register_comm_hook(None, hook)
+            trainer.loss_step.register_comm_hook(None, hook)
         try:
             trainer.run()
         except TrainingInterrupted:

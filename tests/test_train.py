@@ -28,7 +28,7 @@ from retrieval.objectives import PairObjective, balanced_pairs, build_objective
 from retrieval.sampling import ClassBalancedBatchSampler, RandomBatchSampler
 from retrieval.seeding import make_generator
 from retrieval.towers import build_tower
-from retrieval.trainer import Trainer, TrainingInterrupted, build_optimizer, train
+from retrieval.training import Batches, Trainer, TrainerSettings, TrainingInterrupted, build_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,9 @@ def test_loss_is_finite_and_falls_on_a_repeated_batch(mnist_small, tower_name, o
     sampler = ClassBalancedBatchSampler(mnist_small.labels, 40, 4, seed=0)
     cfg = OptimizerConfig(lr=1e-3, weight_decay=0.0, schedule="constant", warmup=0.2)
     optimizer, scheduler = build_optimizer(cfg, [*tower.parameters(), *objective.parameters()], len(sampler))
-    trainer = Trainer(tower, objective, sampler, BatchAugment(degrees=0, translate=0, scale=(1, 1)), optimizer,
-                      scheduler, images=mnist_small.images, labels=mnist_small.labels, epochs=1, seed=0,
-                      device=torch.device("cpu"), out_dir=Path("unused"))
+    batches = Batches(mnist_small.images, mnist_small.labels, sampler, BatchAugment(degrees=0, translate=0, scale=(1, 1)))
+    trainer = Trainer(tower, objective, batches, optimizer, scheduler,
+                      TrainerSettings(epochs=1, seed=0, device=torch.device("cpu")), Path("unused"))
     positions = sampler.epoch_batches(0)[0]
     losses = []
     for _ in range(8):
