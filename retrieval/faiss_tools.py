@@ -34,7 +34,7 @@ def metric_code(metric: str) -> int:
     return METRICS[metric]
 
 
-def _unwrapped(index: faiss.Index) -> list[faiss.Index]:
+def unwrapped(index: faiss.Index) -> list[faiss.Index]:
     """The index and the indexes it wraps (pre-transforms, id maps), outermost first."""
     chain = [faiss.downcast_index(index)]
     while isinstance(chain[-1], (faiss.IndexPreTransform, faiss.IndexIDMap, faiss.IndexRefine)):
@@ -45,7 +45,7 @@ def _unwrapped(index: faiss.Index) -> list[faiss.Index]:
 
 def _trainable_parts(index: faiss.Index):
     """(description, number of centroids, ClusteringParameters) for each k-means an index runs when trained."""
-    inner = _unwrapped(index)[-1]
+    inner = unwrapped(index)[-1]
     parts = []
     if isinstance(inner, faiss.IndexIVF):
         parts.append(("inverted lists", int(inner.nlist), inner.cp))
@@ -104,14 +104,14 @@ def check_training_size(index: faiss.Index, factory: str, n: int, available: int
             break  # one warning
 
 
-def _train(index: faiss.Index, factory: str, x: np.ndarray, seed: int, *, checked: bool = False) -> None:
+def train_index(index: faiss.Index, factory: str, x: np.ndarray, seed: int, *, checked: bool = False) -> None:
     """Train `index` on `x` with seeded k-means (check_training_size first, unless the caller did)."""
     if not checked:
         check_training_size(index, factory, len(x))
     for what, k, cp in _trainable_parts(index):
         cp.seed = int(seed)
         cp.min_points_per_centroid = 1  # we warned above, once, instead of Faiss once per sub-quantizer
-    for part in _unwrapped(index):
+    for part in unwrapped(index):
         if getattr(part, "do_polysemous_training", False):
             # Polysemous codes only serve Hamming-filtered search, which we never enable; training them is
             # slow (simulated annealing: seconds even for a few hundred vectors).
@@ -121,7 +121,7 @@ def _train(index: faiss.Index, factory: str, x: np.ndarray, seed: int, *, checke
 
 
 def _is_hnsw(index: faiss.Index) -> bool:
-    inner = _unwrapped(index)[-1]
+    inner = unwrapped(index)[-1]
     return isinstance(inner, faiss.IndexHNSW) or (
         isinstance(inner, faiss.IndexIVF) and isinstance(faiss.downcast_index(inner.quantizer), faiss.IndexHNSW)
     )
@@ -130,7 +130,7 @@ def _is_hnsw(index: faiss.Index) -> bool:
 def default_search_params(index: faiss.Index) -> str:
     """Sensible query-time settings: probe 1/16 of IVF lists (at least 8), HNSW efSearch 64, and re-rank 4k
     candidates exactly for a refined index (",RFlat")."""
-    chain = _unwrapped(index)
+    chain = unwrapped(index)
     inner, params = chain[-1], []
     if isinstance(inner, faiss.IndexIVF):
         params.append(f"nprobe={min(int(inner.nlist), max(8, int(inner.nlist) // 16))}")
@@ -155,7 +155,7 @@ def apply_search_params(index: faiss.Index, params: str) -> None:
 
 
 def _refine_alias(index: faiss.Index, params: str) -> str:
-    chain = _unwrapped(index)
+    chain = unwrapped(index)
     if any(isinstance(p, faiss.IndexRefine) for p in chain) and not any(isinstance(p, faiss.IndexIVFPQR) for p in chain):
         return re.sub(r"(^|,)\s*k_factor\s*=", r"\1k_factor_rf=", params)
     return params
@@ -274,7 +274,7 @@ class _SearchParameterLevels:
 # -- on-disk inverted lists -------------------------------------------------------------------------------------
 def index_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
     """The IVF level of an index (under id maps, pre-transforms and a refine stage), if any."""
-    inner = _unwrapped(index)[-1]
+    inner = unwrapped(index)[-1]
     return inner if isinstance(inner, faiss.IndexIVF) else None
 
 
@@ -358,7 +358,7 @@ def write_lists(index: faiss.Index, path: Path, sources: Sequence | None = None)
     return path.stat().st_size
 
 
-def _faiss_search(index: faiss.Index, x: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
+def faiss_search(index: faiss.Index, x: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
     """index.search, with SearchParameters when given. faiss.contrib.torch_utils (imported by pytorch-metric-learning)
     replaces Index.search by a torch-aware one without `params`, keeping the numpy one as search_numpy."""
     if params is None:
@@ -367,7 +367,7 @@ def _faiss_search(index: faiss.Index, x: np.ndarray, k: int, params) -> tuple[np
 
 
 @contextlib.contextmanager
-def _omp_threads(n: int):
+def omp_threads(n: int):
     """Run Faiss with n OpenMP threads inside the block (the setting is per calling thread in OpenMP)."""
     before = faiss.omp_get_max_threads()
     if n == before:
@@ -396,11 +396,11 @@ def hnsw_pieces(start: int, n: int) -> list[tuple[int, int]]:
     return pieces
 
 
-def _add_with_ids(index: faiss.Index, x: np.ndarray, ids: np.ndarray) -> None:
+def add_with_ids(index: faiss.Index, x: np.ndarray, ids: np.ndarray) -> None:
     if _is_hnsw(index):
         # HNSW inserts in parallel in a nondeterministic order; one thread gives the same graph every time.
-        with _omp_threads(1):
-            if isinstance(_unwrapped(index)[-1], faiss.IndexHNSW):
+        with omp_threads(1):
+            if isinstance(unwrapped(index)[-1], faiss.IndexHNSW):
                 for a, b in hnsw_pieces(int(index.ntotal), len(x)):
                     index.add_with_ids(x[a:b], ids[a:b])
             else:

@@ -38,7 +38,7 @@ import retrieval
 from retrieval.checkpoint import load_checkpoint
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import (
-    METRICS, _add_with_ids, _faiss_search, _omp_threads, _train, apply_search_params, check_training_size,
+    METRICS, add_with_ids, faiss_search, omp_threads, train_index, apply_search_params, check_training_size,
     default_search_params, default_train_size, faiss_quiet, index_ivf, lists_on_disk, lists_to_memory,
     metric_code, needs_training, no_prefetch, search_parameters, training_sample, write_lists,
 )
@@ -162,10 +162,10 @@ class EmbeddingIndex:
         if len(q) < faiss.omp_get_max_threads():
             # Faiss parallelises over queries: a lone query gains nothing from a thread team, and on a busy
             # machine waking one costs more than the search (measured in benchmarks/index.py).
-            with _omp_threads(1):
-                scores, ids = _faiss_search(searched, q, k, sp)
+            with omp_threads(1):
+                scores, ids = faiss_search(searched, q, k, sp)
         else:
-            scores, ids = _faiss_search(searched, q, k, sp)
+            scores, ids = faiss_search(searched, q, k, sp)
         scores = np.where(ids >= 0, scores, 0.0)  # Faiss pads with -1 ids and +-FLT_MAX scores
         if self.metric == "ip":
             dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * scores))
@@ -234,7 +234,7 @@ class EmbeddingIndex:
         if lists_on_disk(self.index):  # the mapped file belongs to the committed index: add to a copy in memory
             lists_to_memory(self.index)
             self.lists_file = None
-        _add_with_ids(self.index, x, new_ids)
+        add_with_ids(self.index, x, new_ids)
         self.ids = np.concatenate([self.ids, new_ids])
         self.labels = np.concatenate([self.labels, new_labels])
         self.sources.extend(str(s) for s in sources)
@@ -295,14 +295,14 @@ def build_index(
         size = default_train_size(sub) if train_size is None else int(train_size)
         sample = training_sample(len(x), size, seed)
         check_training_size(sub, factory, len(sample), available=len(x))
-        _train(sub, factory, x if len(sample) == len(x) else x[sample], seed, checked=True)
+        train_index(sub, factory, x if len(sample) == len(x) else x[sample], seed, checked=True)
         trained_on = len(sample)
     index = faiss.IndexIDMap2(sub)
     if search_params is None:
         search_params = default_search_params(index)
     apply_search_params(index, search_params)
     ids = np.arange(len(x), dtype=np.int64)
-    _add_with_ids(index, x, ids)
+    add_with_ids(index, x, ids)
     full_meta = new_index_meta(factory, metric, int(x.shape[1]), int(index.ntotal), len(x), classes, search_params,
                                seed, trained_on, **meta)
     return EmbeddingIndex(index, full_meta, ids, labels, [str(s) for s in sources])

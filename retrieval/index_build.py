@@ -48,7 +48,7 @@ from retrieval.data.stream import StreamedDataset
 from retrieval.embed import embed_images
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import (
-    HNSW_BATCH, _omp_threads, _train, _unwrapped, apply_search_params, check_on_disk, check_training_size,
+    HNSW_BATCH, omp_threads, train_index, unwrapped, apply_search_params, check_on_disk, check_training_size,
     default_search_params, default_train_size, faiss_quiet, hnsw_pieces, index_ivf, metric_code, needs_training,
     no_prefetch, training_sample,
 )
@@ -197,7 +197,7 @@ def _add_at(index: faiss.Index, x: np.ndarray, positions: np.ndarray) -> None:
     elif isinstance(ix, faiss.IndexIVF):
         ix.add_with_ids(x, positions)
     elif isinstance(ix, faiss.IndexHNSW):
-        with _omp_threads(1):  # one thread, pieces cut as index._add_with_ids cuts them: the same graph
+        with omp_threads(1):  # one thread, pieces cut as index.add_with_ids cuts them: the same graph
             for a, b in hnsw_pieces(int(ix.ntotal), len(x)):
                 ix.add(x[a:b])
     else:
@@ -229,7 +229,7 @@ def _set_total(index: faiss.Index, n: int) -> None:
 
 def mergeable(index: faiss.Index) -> bool:
     """Whether filled copies of the index merge with Faiss's merge_from (IVF lists, flat codes)."""
-    return isinstance(_unwrapped(index)[-1], (faiss.IndexIVF, faiss.IndexFlatCodes))
+    return isinstance(unwrapped(index)[-1], (faiss.IndexIVF, faiss.IndexFlatCodes))
 
 
 class _Spool:
@@ -266,7 +266,7 @@ class _Copy:
         self.index = faiss.deserialize_index(np.frombuffer(empty, np.uint8))
         self.blocks: list[Path] = []
         # a graph takes its vectors in pieces ending at multiples of HNSW_BATCH (hnsw_pieces): hold the rest
-        self.graph = isinstance(_unwrapped(self.index)[-1], faiss.IndexHNSW)
+        self.graph = isinstance(unwrapped(self.index)[-1], faiss.IndexHNSW)
         self.held: list[np.ndarray] = []
 
     def add(self, x: np.ndarray, positions: np.ndarray) -> None:
@@ -484,7 +484,7 @@ def _all_cores(links: _Links):
         return
     from retrieval.embed import available_cores
 
-    with _omp_threads(available_cores()):
+    with omp_threads(available_cores()):
         yield
 
 
@@ -506,7 +506,7 @@ def _train_once(links: _Links, sub, factory: str, sample_x: list, d: int, seed: 
             check_training_size(sub, factory, len(x), available=rows)
         t0 = time.perf_counter()
         with _all_cores(links):
-            _train(sub, factory, x, seed, checked=True)
+            train_index(sub, factory, x, seed, checked=True)
         logger.info(f"trained {factory} on {len(x):,} vectors in {time.perf_counter() - t0:.1f}s")
         trained = faiss.serialize_index(sub).tobytes()
     except BaseException as e:
@@ -596,11 +596,11 @@ def _merge_on_disk(empty: bytes, blocks: list[Path], out: Path, total: int) -> _
             merge_ondisk(ivf, [str(p) for p in blocks], str(tmp))
     faiss.downcast_InvertedLists(ivf.invlists).filename = str(path)  # as the .faiss file records it
     no_prefetch(final)
-    if any(isinstance(part, faiss.IndexRefine) for part in _unwrapped(final)):
-        refine = next(faiss.downcast_index(p) for p in _unwrapped(final) if isinstance(p, faiss.IndexRefine))
+    if any(isinstance(part, faiss.IndexRefine) for part in unwrapped(final)):
+        refine = next(faiss.downcast_index(p) for p in unwrapped(final) if isinstance(p, faiss.IndexRefine))
         for block in blocks:
             part = faiss.read_index(str(block))
-            block_refine = next(faiss.downcast_index(p) for p in _unwrapped(part) if isinstance(p, faiss.IndexRefine))
+            block_refine = next(faiss.downcast_index(p) for p in unwrapped(part) if isinstance(p, faiss.IndexRefine))
             refine.refine_index.merge_from(block_refine.refine_index, 0)
     _set_total(final, total)
     return _Final(final, path)

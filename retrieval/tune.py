@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.faiss_tools import METRICS, _unwrapped, search_parameters
+from retrieval.faiss_tools import METRICS, unwrapped, search_parameters
 from retrieval.index import EmbeddingIndex, _as_unit_float32
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Setting:
 def default_grid(index: EmbeddingIndex) -> dict[str, list[int]]:
     """Search parameters worth trying for the index, by Faiss's names: nprobe (IVF) in powers of two up to the
     number of lists, efSearch (HNSW) 16..512, k_factor_rf (refine stage) 1..1,024."""
-    chain = _unwrapped(index.index)
+    chain = unwrapped(index.index)
     inner, grid = chain[-1], {}
     if isinstance(inner, faiss.IndexIVF):
         nlist = int(inner.nlist)
@@ -85,7 +85,7 @@ def grid_settings(grid: dict[str, list]) -> list[str]:
 def _exact_vectors(index: EmbeddingIndex, chunk: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(full-precision vectors, their ids) of the whole index, a chunk at a time; RetrievalError when the index
     keeps only compressed codes."""
-    chain = _unwrapped(index.index)
+    chain = unwrapped(index.index)
     flat = None
     refine = next((faiss.downcast_index(p.refine_index) for p in chain if isinstance(p, faiss.IndexRefine)), None)
     inner = chain[-1]
