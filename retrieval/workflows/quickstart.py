@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -16,6 +15,7 @@ from retrieval.embed import resolve_device
 from retrieval.errors import RetrievalError
 from retrieval.index import META_NAME, read_index_meta
 from retrieval.precision import check_precision
+from retrieval.run_folder import RunFolder
 from retrieval.workflows.common import data_root
 from retrieval.workflows.evaluation import Evaluation, evaluate, fewshot
 from retrieval.workflows.indexing import build_index
@@ -66,7 +66,7 @@ class QuickstartResult:
             lines.append(f"  few-shot run    {self.fewshot_run}")
         lines.append(f"  index           {self.index}")
         lines.append(f"  report          {self.report}  (summary.md, metrics.json, plots)")
-        lines.append(f"  model card      {self.run / 'card.md'}")
+        lines.append(f"  model card      {RunFolder(self.run).card}")
         return lines
 
     def to_json(self) -> dict:
@@ -74,7 +74,7 @@ class QuickstartResult:
         return {
             "out": str(self.out), "run": str(self.run),
             "fewshot_run": str(self.fewshot_run) if self.fewshot_run else None,
-            "index": str(self.index), "report": str(self.report), "card": str(self.run / "card.md"),
+            "index": str(self.index), "report": str(self.report), "card": str(RunFolder(self.run).card),
             "metrics": self.metrics,
             "fewshot": [{"classes": FEWSHOT_CLASSES, **r.to_dict()} for r in self.fewshot],
             "queries": [r.to_json() for r in self.queries],
@@ -82,27 +82,16 @@ class QuickstartResult:
         }
 
 
-def _finished_run(run: Path, epochs: int) -> bool:
-    """A run folder whose `last` checkpoint is from the final epoch of an uninterrupted run."""
-    meta_path = run / "last.json"
-    if not (meta_path.is_file() and (run / "best.safetensors").is_file()):
-        return False
-    try:
-        meta = json.loads(meta_path.read_text("utf-8"))
-    except (ValueError, OSError):
-        return False
-    return meta.get("epoch") == epochs and not meta.get("interrupted")
-
-
 def _quickstart_train(config_name: str, run: Path, overrides: list[str], force: bool, device, root) -> Path:
     from retrieval.config import load_config
 
     path = shipped_config(config_name)
     cfg = load_config(path, overrides)
-    if not force and _finished_run(run, cfg.train.epochs):
+    folder = RunFolder(run)
+    if not force and folder.finished(cfg.train.epochs):
         logger.info(f"[train] reusing the finished run in {run} (--force to retrain)")
         return run
-    resume = not force and (run / "state.json").is_file()
+    resume = not force and folder.state.is_file()
     logger.info(f"[train] {'resuming' if resume else 'training'} {config_name} -> {run}")
     return train(path, run, device=device, resume=resume, overrides=overrides, data_root=root, overwrite=force)
 

@@ -3,7 +3,6 @@ trained tower."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -14,6 +13,7 @@ import numpy as np
 from retrieval.checkpoint import load_checkpoint
 from retrieval.embed import resolve_device
 from retrieval.errors import UsageError
+from retrieval.run_folder import RECORD_FILES, RunFolder
 from retrieval.workflows.common import data_root, now
 
 logger = logging.getLogger(__name__)
@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 def train(config, out_dir=None, **options) -> Path:
     """Train a tower as `config` says (a config file, the name of a shipped config such as "mnist-default", a
-    Config or a dict) into `out_dir` (see retrieval.trainer.train for the options)."""
-    from retrieval.trainer import train as run_training
+    Config or a dict) into `out_dir` (see retrieval.training.train for the options)."""
+    from retrieval.training import train as run_training
 
     if isinstance(config, (str, os.PathLike)):
         config = resolve_config_path(config)
@@ -30,49 +30,9 @@ def train(config, out_dir=None, **options) -> Path:
 
 
 def run_summary(run: str | os.PathLike, seconds: float | None = None) -> dict:
-    """What a finished (or interrupted) training run amounts to, as `retrieval train --json` prints it: the best
-    epoch and its validation figures, the last epoch's, the files written and the times (`seconds`: this call's
-    wall time, when the caller measured it)."""
-    run = Path(run)
-    history = []
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        history = [json.loads(line) for line in metrics.read_text("utf-8").splitlines() if line.strip()]
-
-    def checkpoint(name: str) -> dict | None:
-        path = run / f"{name}.json"
-        if not path.is_file():
-            return None
-        meta = json.loads(path.read_text("utf-8"))
-        val = meta.get("val") or {}
-        return {"epoch": meta.get("epoch"), "val_precision_at_1": val.get("precision_at_1"),
-                "val_map_at_r": val.get("map_at_r"), "fingerprint": meta.get("fingerprint"),
-                "checkpoint": str(run / f"{name}.safetensors"), "interrupted": bool(meta.get("interrupted"))}
-
-    state = {}
-    if (run / "state.json").is_file():
-        state = json.loads((run / "state.json").read_text("utf-8"))
-    last = checkpoint("last")
-    config = json.loads((run / "config.json").read_text("utf-8")) if (run / "config.json").is_file() else {}
-    return {
-        "run": str(run),
-        "config": config.get("name"),
-        "epochs": (config.get("train") or {}).get("epochs"),
-        "epochs_done": len(history),
-        "finished": bool(state.get("finished")),
-        "best": checkpoint("best"),
-        "last": last,
-        "validation": [{k: r.get(k) for k in ("epoch", "loss", "val_precision_at_1", "val_map_at_r")}
-                       for r in history],
-        "times": {
-            "train_seconds": state.get("train_seconds", sum(float(r.get("epoch_seconds") or 0) for r in history)),
-            "validation_seconds": sum(float(r.get("val_seconds") or 0) for r in history),
-            "images_per_s_last_epoch": history[-1].get("images_per_s") if history else None,
-            **({"wall_seconds": seconds} if seconds is not None else {}),
-        },
-        "files": {name: str(run / name) for name in ("config.json", "metrics.jsonl", "card.md", "state.json")
-                  if (run / name).is_file()},
-    }
+    """What a finished (or interrupted) training run amounts to, as `retrieval train --json` prints it
+    (RunFolder.summary; `seconds`: this call's wall time, when the caller measured it)."""
+    return RunFolder(run).summary(seconds)
 
 
 def shipped_config_folder() -> Path:
@@ -154,7 +114,7 @@ def train_digit_gate(
     attach_gate(ckpt.tower, gate)
     gate.threshold = gate_acceptance(digit_scores(ckpt.tower, validation, device=device), recipe.accept)
     ensure_writable_dir(out, "run folder")
-    for name in ("config.json", "metrics.jsonl", "card.md"):  # the run's own record, as it was
+    for name in RECORD_FILES:  # the run's own record, as it was
         if (source.parent / name).is_file():
             shutil.copyfile(source.parent / name, out / name)
     skip = {"format", "tower", "embedding_size", "deskew", "test_shifts", "fingerprint", "has_pair_head", "gate"}
@@ -162,5 +122,5 @@ def train_digit_gate(
               "non_digits": {name: int(len(s.images)) for name, s in sets.items()},
               "threshold_rule": f"answers {recipe.accept:g} of {len(validation):,} validation digits",
               "seconds": round(seconds, 1), "from_checkpoint": str(source.resolve()), "created": now()}
-    return save_checkpoint(out / "best", ckpt.tower, ckpt.head, **{k: v for k, v in ckpt.meta.items() if k not in skip},
+    return save_checkpoint(RunFolder(out).best, ckpt.tower, ckpt.head, **{k: v for k, v in ckpt.meta.items() if k not in skip},
                            gate=record)
