@@ -73,11 +73,15 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
         raise RetrievalError(f"{what} {path} is not valid JSON ({e})") from None
 
 
+# The file exclusive_lock holds in a folder (a writer's folder may hold it beside its own files).
+LOCK_NAME = ".lock"
+
+
 @contextlib.contextmanager
 def exclusive_lock(folder: str | os.PathLike, wait: bool = False) -> Iterator[None]:
     """Hold an advisory lock on `folder/.lock` so two writers never interleave in one folder."""
     folder = ensure_writable_dir(Path(folder))
-    fh = open(folder / ".lock", "a+")
+    fh = open(folder / LOCK_NAME, "a+")
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

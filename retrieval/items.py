@@ -10,8 +10,8 @@ Sources of the form `<prefix>[<position>]` (every item of a dataset spec) are st
                         source_pos int64 (n,) (position, or the row of the text), source_prefixes (JSON, uint8),
                         source_blob uint8, source_offsets int64 (texts + 1)
 
-Index folders written before this format hold `items-<token>.json` ({"ids": [...], "labels": [...],
-"sources": [...]}); `read_items` reads both.
+Index folders written before this format hold `items-<token>.json` (retrieval.index_legacy); `read_items` reads
+both.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from retrieval.errors import RetrievalError
-from retrieval.fsutil import atomic_path, read_json
+from retrieval.fsutil import atomic_path
+from retrieval.index_legacy import JSON_ITEMS_SUFFIX, read_json_items
 
 _INDEXED = re.compile(r"^(?P<prefix>.+)\[(?P<pos>0|[1-9][0-9]{0,17})\]$", re.DOTALL)
 ARRAYS = ("ids", "labels", "source_kind", "source_pos", "source_prefixes", "source_blob", "source_offsets")
@@ -239,15 +240,9 @@ def write_items(path: str | os.PathLike, ids: np.ndarray, labels: np.ndarray, so
 def read_items(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, SourceTable]:
     """(ids int64, labels int64, sources) from an items file: `.npz` (this format) or `.json` (earlier versions)."""
     path = Path(path)
-    if path.suffix == ".json":
-        items = read_json(path, "index items file")
-        try:
-            ids = np.asarray(items["ids"], dtype=np.int64)
-            labels = np.asarray(items["labels"], dtype=np.int64)
-            sources = SourceTable.from_strings(str(s) for s in items["sources"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RetrievalError(f"{path} is not an index items file ({e})") from None
-        return ids, labels, sources
+    if path.suffix == JSON_ITEMS_SUFFIX:
+        ids, labels, sources = read_json_items(path)
+        return ids, labels, SourceTable.from_strings(sources)
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [name for name in ARRAYS if name not in z.files]

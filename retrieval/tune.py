@@ -24,7 +24,7 @@ import numpy as np
 
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import METRICS, unwrapped, search_parameters
-from retrieval.index import EmbeddingIndex, _as_unit_float32
+from retrieval.index import EmbeddingIndex, as_unit_float32
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _exact_vectors(index: EmbeddingIndex, chunk: int = 65_536) -> Iterator[tuple
 
 def exact_neighbors(index: EmbeddingIndex, queries: np.ndarray, k: int) -> np.ndarray:
     """ids (n, k) of the exact k nearest indexed vectors of each query (by the index's metric)."""
-    q = _as_unit_float32(queries, "query embeddings")
+    q = as_unit_float32(queries, "query embeddings")
     metric = METRICS[index.metric]
     heap = faiss.ResultHeap(len(q), k, keep_max=metric == faiss.METRIC_INNER_PRODUCT)
     for x, ids in _exact_vectors(index):
@@ -149,7 +149,7 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
 def measure(index: EmbeddingIndex, queries: np.ndarray, k: int, params: str, exact: np.ndarray,
             repeats: int = 3, single: int = 200) -> Setting:
     """recall@k, batched queries/s (median of `repeats`) and one-query latency (median over `single` queries)."""
-    q = _as_unit_float32(queries, "query embeddings")
+    q = as_unit_float32(queries, "query embeddings")
     times, found = [], None
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
