@@ -15,18 +15,25 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from retrieval.embedding_index import (  # noqa: F401  (public names of the index)
+from retrieval.embedding_index import (
     FORMAT, STRUCTURAL_KEYS, EmbeddingIndex, as_unit_float32, class_prototypes, new_index_meta, normalize_factory,
     prototypes_from_sums,
 )
 from retrieval.faiss_tools import metric_code
 from retrieval.index_build import IndexSpec, build_from_arrays
-from retrieval.index_folder import (  # noqa: F401
+from retrieval.index_folder import (
     META_NAME, REV_MAP_BYTES, IndexFolder, index_sizes, is_index_folder_content,
 )
-from retrieval.index_tower import (  # noqa: F401
+from retrieval.index_tower import (
     TOWER_KINDS, check_tower_matches, load_index_tower, tower_files, tower_meta,
 )
+
+__all__ = [
+    "FORMAT", "STRUCTURAL_KEYS", "EmbeddingIndex", "as_unit_float32", "class_prototypes", "new_index_meta",
+    "normalize_factory", "prototypes_from_sums", "META_NAME", "REV_MAP_BYTES", "IndexFolder", "index_sizes",
+    "is_index_folder_content", "TOWER_KINDS", "check_tower_matches", "load_index_tower", "tower_files", "tower_meta",
+    "build_index", "load_index", "save_index", "read_index_meta", "update_index_meta", "check_index_target",
+]
 
 
 def build_index(

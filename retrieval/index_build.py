@@ -53,10 +53,13 @@ from retrieval.faiss_tools import (
 )
 from retrieval.index_build_fill import IndexCopy, mergeable, wrap_with_ids
 from retrieval.index_build_merge import FilledIndex, Links, all_cores, gather, hand_over, received_array, train_once
-from retrieval.index_build_rows import ArrayRows, BuildPlan, TowerRows  # noqa: F401  (BuildPlan: the public name)
+from retrieval.index_build_rows import ArrayRows, BuildPlan, TowerRows
 from retrieval.logs import show_progress
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_BLOCK_SIZE", "IndexSpec", "BuildResult", "BuildState", "BuildPlan",
+           "TowerRows", "ArrayRows", "build_streaming", "build_from_arrays", "make_faiss_index"]
 
 DEFAULT_CHUNK_SIZE = 16_384  # images read and embedded at a time (~17 MB of images and embeddings)
 DEFAULT_BLOCK_SIZE = 262_144  # vectors per block of an on-disk build before it goes to a file

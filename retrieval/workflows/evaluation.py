@@ -20,7 +20,7 @@ from retrieval.errors import UsageError
 from retrieval.fewshot import (
     FewShotResult, check_fewshot_settings, check_method, evaluate_fewshot, pixel_embeddings,
 )
-from retrieval.index import META_NAME, load_index_tower, update_index_meta
+from retrieval.index import IndexFolder, load_index_tower, update_index_meta
 from retrieval.knn import nearest_neighbors
 from retrieval.metrics import DEFAULT_KS, RetrievalMetrics, retrieval_metrics
 from retrieval.pairs import (
@@ -144,7 +144,7 @@ def calibrate(
               "created": now()}
     if store:
         update_index_meta(os.fspath(index), calibration=record)
-        logger.info(f"stored in {Path(index) / META_NAME}")
+        logger.info(f"stored in {IndexFolder(index).meta_path}")
     else:
         logger.info("not stored (dry run)")
     return cal, record

@@ -13,7 +13,7 @@ from retrieval.compute import Compute
 from retrieval.data.selection import Selection
 from retrieval.embed import resolve_device
 from retrieval.errors import RetrievalError
-from retrieval.index import META_NAME, read_index_meta
+from retrieval.index import IndexFolder, read_index_meta
 from retrieval.precision import check_precision
 from retrieval.run_folder import RunFolder
 from retrieval.workflows.common import data_root
@@ -98,7 +98,7 @@ def _quickstart_train(config_name: str, run: Path, overrides: list[str], force: 
 
 def _quickstart_index(run: Path, folder: Path, subset: int | None, force: bool, compute: Compute, root) -> Path:
     fingerprint = load_checkpoint(run).fingerprint
-    if not force and (folder / META_NAME).is_file():
+    if not force and IndexFolder(folder).holds_index():
         try:
             if read_index_meta(folder)["tower"]["fingerprint"] == fingerprint:
                 logger.info(f"[index] reusing {folder} (built by the same tower)")
