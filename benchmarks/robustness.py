@@ -59,12 +59,13 @@ def trained(name: str) -> bool:
 
 
 def default_runs() -> list[Path]:
+    from retrieval.run_folder import BEST, RunFolder
     from retrieval.workflows import shipped_configs
 
     out = []
     for name in shipped_configs():
         for base in (Path("/work/runs"), ROOT / "runs"):
-            if (base / name / "best.safetensors").is_file():
+            if RunFolder(base / name).weights(BEST).is_file():
                 out.append(base / name)
                 break
     return out

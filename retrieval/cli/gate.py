@@ -54,4 +54,6 @@ def train(
         g = sidecar["gate"]
         print(f"gate        {g['form']}, threshold {g['threshold']:.4f} ({g['threshold_rule']}), "
               f"trained in {g['seconds']:.0f}s")
-        print(out / "best.safetensors")
+        from retrieval.run_folder import BEST, RunFolder
+
+        print(RunFolder(out).weights(BEST))
