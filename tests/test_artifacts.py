@@ -230,11 +230,17 @@ def test_exported_tower_gives_the_towers_embeddings_and_neighbours(tmp_path, par
     diff = float(np.abs(got - want).max())
     assert got.shape == want.shape and diff <= 1e-5, f"{kind} {fmt}: max |exported - tower| = {diff:.2e}"
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
-    # the same nearest neighbours on a small index of the tower's own embeddings
+    # the same nearest neighbours on a small index of the tower's own embeddings, up to neighbours tied within
+    # what the embeddings differ by (a random-weight tower packs its points closely: on some CPUs two neighbours
+    # of one query lie 1e-7 apart, and the exported graph's rounding swaps them)
     index = build_index(want[:300], labels[:300], [str(c) for c in range(10)], [str(i) for i in range(300)])
-    _, ids_tower = index.search(want[300:], 5)
+    dist_tower, ids_tower = index.search(want[300:], 5)  # Euclidean distances of unit vectors
     _, ids_exported = index.search(got[300:], 5)
-    np.testing.assert_array_equal(ids_exported, ids_tower)
+    tie = 2.0 * float(np.linalg.norm(got - want, axis=1).max())
+    sims_of_exported = np.einsum("qd,qkd->qk", want[300:], want[:300][ids_exported])  # the tower's own similarity
+    differ = (ids_exported != ids_tower).any(axis=1)
+    assert differ.mean() <= 0.02, f"{kind} {fmt}: {differ.sum()} of {len(differ)} queries answered differently"
+    np.testing.assert_allclose(sims_of_exported[differ], 1.0 - dist_tower[differ] ** 2 / 2.0, atol=tie)
 
     # the file carries its own description
     if fmt == "onnx":
