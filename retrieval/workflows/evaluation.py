@@ -17,15 +17,15 @@ from retrieval.compute import Compute
 from retrieval.data.selection import Selection
 from retrieval.data.specs import ImageDataset
 from retrieval.errors import UsageError
-from retrieval.fewshot import (
-    FewShotResult, check_fewshot_settings, check_method, evaluate_fewshot, pixel_embeddings,
-)
+from retrieval.fewshot import FewShotResult, check_fewshot_settings, check_method, evaluate_fewshot, pixel_embeddings
+from retrieval.gate import acceptance_threshold as gate_acceptance, digit_scores, separating_threshold
 from retrieval.index import IndexFolder, load_index_tower, update_index_meta
 from retrieval.knn import nearest_neighbors
 from retrieval.metrics import DEFAULT_KS, RetrievalMetrics, retrieval_metrics
 from retrieval.pairs import (
-    DEFAULT_ACCEPT, Calibration, Verification, acceptance_threshold, balanced_pairs, calibrate_threshold, verify_pairs,
+    DEFAULT_ACCEPT, Calibration, Verification, acceptance_threshold, balanced_pairs, calibrate_threshold, verify_pairs
 )
+from retrieval.reports import check_report_target, write_report
 from retrieval.workflows.common import now
 from retrieval.workflows.querying import IndexQueries, index_search, load_index_queries
 
@@ -60,8 +60,6 @@ def evaluate(
     vectors, approximate ones with their own search, as their users get it."""
     queries = Selection.of(queries)
     if report is not None:
-        from retrieval.reports import check_report_target
-
         check_report_target(report)
     iq = load_index_queries(index, queries, compute=compute, checkpoint=checkpoint)
     vectors = iq.index.flat_vectors()
@@ -76,8 +74,6 @@ def evaluate(
                "left_out_own_entries": int((iq.self_ids >= 0).sum())}
     result = Evaluation(metrics, iq, payload, _report_context(index, iq))
     if report is not None:
-        from retrieval.reports import write_report
-
         result.report_files = write_report(report, metrics, iq, result.context, payload=payload,
                                            root=queries.data_root, seed=queries.seed)
         logger.info(f"wrote {report}/ ({', '.join(p.name for p in result.report_files)})")
@@ -188,8 +184,6 @@ def _distance_threshold_beside_gate(nearest: np.ndarray, correct: np.ndarray,
 def _calibrate_gate(iq: IndexQueries, outside: np.ndarray, accept: float | None, non_digits: Selection | None,
                     compute: Compute, checkpoint) -> dict | None:
     """The gate threshold of calibrate (None for a tower without a gate)."""
-    from retrieval.gate import acceptance_threshold as gate_acceptance, digit_scores, separating_threshold
-
     ckpt = load_index_tower(iq.index, device=compute.device, checkpoint=checkpoint)
     scores = digit_scores(ckpt.tower, iq.dataset.images, iq.embeddings, device=compute.device)
     if scores is None:

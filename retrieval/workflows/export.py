@@ -10,6 +10,7 @@ from pathlib import Path
 
 from retrieval.checkpoint import load_checkpoint
 from retrieval.errors import UsageError
+from retrieval.export import DEFAULT_OPSET, FORMATS, check_export, export_tower
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,6 @@ class Export:
 def export(checkpoint: str | os.PathLike, format: str, out: str | os.PathLike, *, opset: int | None = None) -> Export:
     """The checkpoint's tower as an inference graph in `out` (see retrieval.export): ONNX (`opset`, default 17) or
     TorchScript, checked against the tower before it is written, with a JSON sidecar beside it."""
-    from retrieval.export import DEFAULT_OPSET, FORMATS, check_export, export_tower
-
     if format not in FORMATS:
         raise UsageError(f"`format` {format!r}: expected one of: {', '.join(FORMATS)}")
     if opset is not None and format != "onnx":

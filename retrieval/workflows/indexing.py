@@ -15,11 +15,15 @@ from retrieval.checkpoint import load_checkpoint
 from retrieval.compute import Compute
 from retrieval.data.preprocess import PREPROCESSING
 from retrieval.data.selection import Selection, merge_datasets
+from retrieval.distributed import is_comm_error, join as join_process_group
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import metric_code
 from retrieval.index import (
-    EmbeddingIndex, IndexFolder, class_prototypes, load_index_tower, normalize_factory, tower_files, tower_meta,
+    EmbeddingIndex, IndexFolder, class_prototypes, load_index_tower, normalize_factory, tower_files, tower_meta
 )
+from retrieval.index_build import DEFAULT_CHUNK_SIZE, IndexSpec, build_streaming
+from retrieval.index_build_rows import BuildPlan, TowerRows
+from retrieval.tune import default_grid, fastest_reaching, measure_grid
 from retrieval.workflows.common import now
 from retrieval.workflows.querying import load_index_queries
 
@@ -57,8 +61,6 @@ class BuildRequest:
 
     def index_spec(self):
         """The retrieval.index_build.IndexSpec of this build."""
-        from retrieval.index_build import IndexSpec
-
         return IndexSpec(self.factory, self.metric, self.data.seed, train_size=self.train_size,
                          search_params=self.search_params, on_disk=self.on_disk, prototypes=self.prototypes)
 
@@ -90,8 +92,6 @@ def build_index(
     (`dist_timeout`: seconds a process waits for the others), rank 0 merges the shares, writes the folder and
     returns the index; the others return None. `compute`'s precision (auto, fp32, bf16; retrieval.precision):
     the tower's arithmetic; the metadata's "precision" says which one embedded it."""
-    from retrieval.distributed import is_comm_error, join as join_process_group
-
     data = Selection.of(data)
     compute = Compute.of(compute)
     if out is None:
@@ -160,9 +160,6 @@ def _build_main(request: BuildRequest, out: Path, group) -> EmbeddingIndex:
 
 def _build_rows(request: BuildRequest, out: Path | None, group) -> EmbeddingIndex | None:
     """Open the datasets and run retrieval.index_build.build_streaming (rank 0 releases the others first)."""
-    from retrieval.index_build import DEFAULT_CHUNK_SIZE, build_streaming
-    from retrieval.index_build_rows import BuildPlan, TowerRows
-
     main = group is None or group.is_main
     compute = request.compute
     ckpt = load_checkpoint(request.checkpoint, device=compute.device)
@@ -285,8 +282,6 @@ def tune_index(
     (Faiss search parameters; default retrieval.tune.default_grid) with the images of `queries` (a Selection, or
     a spec of which a seeded subset of 1000 is taken), and store the fastest setting that reaches `target_recall`
     as the index's search parameters (meta "search_params", with the measurements under "tuned")."""
-    from retrieval.tune import default_grid, fastest_reaching, measure_grid
-
     if not 0 < target_recall <= 1:
         raise UsageError(f"`target_recall` must be in (0, 1], got {target_recall}")
     if k <= 0:

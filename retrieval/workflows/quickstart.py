@@ -8,8 +8,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrieval.cards import write_run_card
 from retrieval.checkpoint import load_checkpoint
 from retrieval.compute import Compute
+from retrieval.config import load_config
+from retrieval.data.fetch import fetch_dataset
 from retrieval.data.selection import Selection
 from retrieval.embed import resolve_device
 from retrieval.errors import RetrievalError
@@ -83,8 +86,6 @@ class QuickstartResult:
 
 
 def _quickstart_train(config_name: str, run: Path, overrides: list[str], force: bool, device, root) -> Path:
-    from retrieval.config import load_config
-
     path = shipped_config(config_name)
     cfg = load_config(path, overrides)
     folder = RunFolder(run)
@@ -112,8 +113,6 @@ def _quickstart_index(run: Path, folder: Path, subset: int | None, force: bool, 
 
 def _card_with_test_figures(run: Path, evaluation: "Evaluation") -> None:
     """Rewrite the run's model card with the test figures just measured."""
-    from retrieval.cards import write_run_card
-
     m = evaluation.metrics.to_json()
     ds = evaluation.queries.dataset
     test = {**{k: m.get(k) for k in ("recall@1", "precision@1", "map@r", "r_precision", "per_class")},
@@ -163,8 +162,6 @@ def quickstart(out: str | os.PathLike = "quickstart", *, force: bool = False, ti
     and run its episodes, answer a few queries: every step into `out` (runs/, indexes/, reports/), each reusing
     what an earlier run left there. `precision` (auto, fp32, bf16): the towers' arithmetic in every step.
     A straight sequence of the steps, each timed."""
-    from retrieval.data.fetch import fetch_dataset
-
     out, root = Path(out), data_root(root)
     compute = Compute(str(resolve_device(device)), precision=check_precision(precision))
     lap = _Laps()

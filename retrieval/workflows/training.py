@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
-from retrieval.checkpoint import load_checkpoint
+from retrieval.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from retrieval.data.nondigits import load_split
 from retrieval.embed import resolve_device
 from retrieval.errors import UsageError
+from retrieval.fsutil import ensure_writable_dir
+from retrieval.gate import (
+    GateRecipe, acceptance_threshold as gate_acceptance, attach_gate, digit_pictures, digit_scores, train_gate
+)
 from retrieval.run_folder import RECORD_FILES, RunFolder
 from retrieval.workflows.common import data_root, now
 
@@ -22,7 +29,7 @@ logger = logging.getLogger(__name__)
 def train(config, out_dir=None, **options) -> Path:
     """Train a tower as `config` says (a config file, the name of a shipped config such as "mnist-default", a
     Config or a dict) into `out_dir` (see retrieval.training.train for the options)."""
-    from retrieval.training import train as run_training
+    from retrieval.training import train as run_training  # here: training's imports (torchvision) cost a second
 
     if isinstance(config, (str, os.PathLike)):
         config = resolve_config_path(config)
@@ -39,8 +46,6 @@ def shipped_config_folder() -> Path:
     """The folder of the configs shipped with the tool: package data (retrieval/configs/) in an installed wheel,
     the checkout's top-level configs/ in a source checkout or an editable install (setup.py installs the one as
     the other)."""
-    from importlib.resources import files
-
     package = Path(os.fspath(files("retrieval")))  # installed as files (a wheel or a checkout), never zipped
     installed = package / "configs"
     return installed if installed.is_dir() else package.parent / "configs"
@@ -85,13 +90,6 @@ def train_digit_gate(
     retrieval.data.nondigits' training sources, trained as `recipe` says (a retrieval.gate.GateRecipe; None:
     its defaults); its threshold answers the recipe's `accept` of 2,000 digits of the validation slice. The tower's own weights are unchanged (its embeddings too); its fingerprint covers the
     gate, so indexes are built anew from `out`. Returns the new checkpoint sidecar."""
-    import shutil
-
-    from retrieval.checkpoint import resolve_checkpoint, save_checkpoint
-    from retrieval.data.nondigits import load_split
-    from retrieval.fsutil import ensure_writable_dir
-    from retrieval.gate import GateRecipe, acceptance_threshold as gate_acceptance, attach_gate, digit_pictures, \
-        digit_scores, train_gate
 
     recipe = GateRecipe() if recipe is None else recipe
     if recipe.steps < 1 or recipe.width < 1 or not 0 <= recipe.degrade_p <= 1 or not 0 < recipe.accept <= 1:
