@@ -18,11 +18,19 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
+import faiss
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from retrieval.data.preprocess import PREPROCESSING, check_pixel_budget, preprocess_image
 from retrieval.errors import RetrievalError
+from retrieval.faiss_tools import search_parameters
+from retrieval.fsutil import atomic_write_bytes, exclusive_lock
+from retrieval.grid import SourceImages
+from retrieval.index import check_tower_matches, index_sizes, load_index, load_index_tower, read_index_meta
+from retrieval.query import UNKNOWN, Searcher
+from retrieval.workflows import append_embeddings
 
 # Class names taught through the service become folder names under the uploads folder (folder:DIR specs).
 LABEL_PATTERN = re.compile(r"^[^\W_][\w .+\-]{0,39}$")
@@ -40,9 +48,6 @@ class ServiceError(RetrievalError):
 def open_index(folder, *, device: str = "cpu", checkpoint=None, max_distance: float | None = None,
                batch_size: int | None = None):
     """(Searcher, Checkpoint) for an index folder: its tower loaded once and checked by fingerprint."""
-    from retrieval.index import load_index, load_index_tower
-    from retrieval.query import Searcher
-
     index = load_index(folder)
     ckpt = load_index_tower(index, device=device, checkpoint=checkpoint)
     return Searcher(index, ckpt.tower, device=device, max_distance=max_distance, batch_size=batch_size), ckpt
@@ -51,8 +56,6 @@ def open_index(folder, *, device: str = "cpu", checkpoint=None, max_distance: fl
 def searcher_for(searcher, index=None, max_distance: float | None = None):
     """A Searcher sharing `searcher`'s tower, on `index` (default: the same index) with the distance threshold
     `max_distance` (None: the index's calibrated threshold, if any)."""
-    from retrieval.query import Searcher
-
     return Searcher(searcher.index if index is None else index, searcher.tower, device=searcher.device,
                     max_distance=max_distance, batch_size=searcher.batch_size)
 
@@ -61,8 +64,6 @@ def set_compute_threads(threads: int) -> dict:
     """Threads for the tower (torch's intra-op pool) and for Faiss (this thread's OpenMP team). A service answers
     small batches: on a few cores, one thread each beats thread teams that wake and spin for every request.
     Returns what the two libraries then report ({"torch": n, "faiss": n})."""
-    import faiss
-
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     return {"torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads()}
@@ -70,8 +71,6 @@ def set_compute_threads(threads: int) -> dict:
 
 def index_info(folder_name: str, index) -> dict:
     """What `retrieval index info --json` prints: the metadata, the per-label counts and the sizes."""
-    from retrieval.index import index_sizes
-
     return {"folder": folder_name, "meta": index.meta, "label_counts": index.label_counts(),
             "sizes": index_sizes(index)}
 
@@ -81,8 +80,6 @@ def open_upload(data: bytes, name: str) -> Image.Image:
     """Read an uploaded picture's header (not its pixels), refusing it when it is empty, not an image, or over the
     pixel budget ($RETRIEVAL_MAX_PIXELS, the CLI's limit) before anything is decoded. (Cheap, but not thread-safe:
     warnings.catch_warnings changes process-wide state; the service calls it on its event loop.)"""
-    from retrieval.data.preprocess import check_pixel_budget
-
     if not data:
         raise ServiceError(f"{name}: empty file, expected an image")
     try:
@@ -104,8 +101,6 @@ def open_upload(data: bytes, name: str) -> Image.Image:
 def preprocess_upload(img: Image.Image, name: str) -> torch.Tensor:
     """Decode an opened upload and turn it into the uint8 28x28 image the tower sees (the CLI's recipe). Safe to
     run in several threads at once (the pixel budget was checked when the upload was opened)."""
-    from retrieval.data.preprocess import preprocess_image
-
     try:
         # A photo is turned upright by its EXIF orientation; otherwise decoding is left to the preprocessing, which
         # may decode a large JPEG at a reduced size (exif_transpose would decode every picture in full first).
@@ -157,15 +152,11 @@ def answer_queries(searcher, embeddings: np.ndarray, k: int, names: Sequence[str
 
 def check_search_params(searcher, params: str) -> None:
     """A UsageError unless `params` are Faiss search parameters that apply to the served index."""
-    from retrieval.faiss_tools import search_parameters
-
     search_parameters(searcher.index.index, params)
 
 
 # -- adding items ---------------------------------------------------------------------------------------------------
 def check_label(label) -> str:
-    from retrieval.query import UNKNOWN
-
     if not isinstance(label, str) or not label.strip():
         raise ServiceError("label: a non-empty class name is required")
     label = label.strip()
@@ -191,8 +182,6 @@ def _now() -> str:
 @contextlib.contextmanager
 def _folder_lock(folder: Path, timeout: float):
     """exclusive_lock(folder), waiting up to `timeout` seconds for another writer (a CLI `index add`...)."""
-    from retrieval.fsutil import exclusive_lock
-
     deadline = time.monotonic() + timeout
     while True:
         acquired = False
@@ -215,11 +204,6 @@ def add_items(folder, checkpoint, embed_images: Callable[[torch.Tensor], np.ndar
     folder lock, the index as saved on disk, the tower checked by fingerprint, new ids appended, saved atomically.
     The images are written to `uploads/<label>/` first (their sources); on failure nothing is committed and they
     are removed. Returns (the saved EmbeddingIndex, new ids)."""
-    from retrieval.data.preprocess import PREPROCESSING
-    from retrieval.fsutil import atomic_write_bytes
-    from retrieval.index import check_tower_matches, load_index, read_index_meta
-    from retrieval.workflows import append_embeddings
-
     folder = Path(folder)
     written: list[Path] = []
     with _folder_lock(folder, lock_timeout):
@@ -269,8 +253,6 @@ class ReferenceImages:
     """The stored image of an indexed item: a dataset item, an image file; None for prototypes or moved files."""
 
     def __init__(self, root=None):
-        from retrieval.grid import SourceImages
-
         self._sources = SourceImages(root)
 
     def get(self, index, item_id: int) -> torch.Tensor | None:
