@@ -46,7 +46,7 @@ def training_seconds(run: Path) -> float | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "retrieval" / "configs" / "mnist-fewshot.toml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "mnist-fewshot.toml"))
     ap.add_argument("--run", default=str(ROOT / "runs" / "mnist-fewshot"), help="run folder (reused unless --retrain)")
     ap.add_argument("--retrain", action="store_true", help="train the config into --run first, replacing a run there")
     ap.add_argument("--device", default=None, help="training/embedding device (default: cuda when available)")

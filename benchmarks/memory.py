@@ -40,7 +40,7 @@ def run_measured(args: list[str]) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "retrieval" / "configs" / "mnist-default.toml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "mnist-default.toml"))
     ap.add_argument("--epochs", type=int, default=1, help="training epochs (memory does not grow with them)")
     ap.add_argument("--data", default="mnist:train", help="what the index holds")
     ap.add_argument("--factory", default="Flat")

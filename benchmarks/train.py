@@ -474,7 +474,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores available)")
     ap.add_argument("--root", default=None, help="data root (default: RETRIEVAL_DATA_ROOT or the cache)")
-    ap.add_argument("--config", default=str(REPO / "retrieval" / "configs" / "mnist-default.toml"))
+    ap.add_argument("--config", default=str(REPO / "configs" / "mnist-default.toml"))
     ap.add_argument("--parts", default="datapath,ours,baseline")
     ap.add_argument("--configs", default="", help="also train these shipped configs (names, comma-separated)")
     ap.add_argument("--ours-evals", default="0.25,0.5,0.75,1", help="epochs at which to measure test precision@1")
@@ -537,7 +537,7 @@ def main(argv=None) -> int:
             results["baseline"] = bench_baseline(device, testset, evals(args.baseline_evals))
         for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
             log(f"training configs/{name}.toml ...")
-            results["configs"].append(bench_ours(REPO / "retrieval" / "configs" / f"{name}.toml", device, args.root, testset, [],
+            results["configs"].append(bench_ours(REPO / "configs" / f"{name}.toml", device, args.root, testset, [],
                                                  args.threads, None, sets))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
