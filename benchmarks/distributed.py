@@ -8,7 +8,7 @@ Runs, alternated in rounds so that the load of other jobs on the machine hits al
   p1-t2    one process, 2 threads, batch 256: what a plain run does with the same 2 cores
 
 Each run trains `--steps` optimizer steps of mnist-default (full MNIST train less its validation slice) through
-retrieval.trainer (build_trainer + Trainer.run, as `retrieval train` does) and times every step (between
+retrieval.training (build_trainer + Trainer.run, as `retrieval train` does) and times every step (between
 consecutive on_step callbacks); the first `--warmup` steps are dropped, the median step time of the rest gives
 images/s. In p2, rank 0 also times every collective it takes part in: the Python-level torch.distributed calls
 (batch norm all_reduce, PML's all_gather, the Ctrl-C agreement) by wrapping them, and DDP's gradient all-reduce
@@ -57,7 +57,7 @@ def worker(args) -> None:
 
     from retrieval.config import load_config
     from retrieval.distributed import join
-    from retrieval.trainer import TrainingInterrupted, build_trainer
+    from retrieval.training import TrainingInterrupted, build_trainer
     from retrieval.workflows import resolve_config_path
 
     torch.set_num_threads(args.threads)

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         has_checkpoint = False
     if args.retrain or not has_checkpoint:
         from retrieval.logs import setup_cli_logging
-        from retrieval.trainer import train
+        from retrieval.training import train
 
         setup_cli_logging()  # the trainer's messages on stderr, as the CLI shows them
 

@@ -144,7 +144,7 @@ def quality(run: Path, families: list[str], subset: int, root, device: str) -> d
     from retrieval.embed import embed_images
     from retrieval.errors import RetrievalError
     from retrieval.knn import ExactSearch
-    from retrieval.trainer import split_validation
+    from retrieval.training import split_validation
 
     before = baseline_module()
     ckpt = load_checkpoint(run)

@@ -110,7 +110,7 @@ def selection_split(run: Path, subset: int | None, root, references: int | None 
     from retrieval.checkpoint import load_checkpoint
     from retrieval.config import DataConfig
     from retrieval.data.specs import load_dataset
-    from retrieval.trainer import split_validation
+    from retrieval.training import split_validation
 
     ckpt = load_checkpoint(run)
     data = ckpt.meta.get("data", {})
@@ -469,7 +469,7 @@ def step_times(configs: list[str], steps: int, block: int, root, device: str) ->
     side by side in one process, blocks of `block` steps alternating so machine load hits them alike."""
     from retrieval.config import load_config
     from retrieval.seeding import make_generator
-    from retrieval.trainer import build_trainer
+    from retrieval.training import build_trainer
     from retrieval.workflows import shipped_config
 
     dev = torch.device(device)

@@ -4,7 +4,7 @@ side in one script, plus a check that the data path is not the bottleneck and (o
 Parts (--parts; datapath, ours and baseline by default):
   datapath  step time with real batches (index the on-device uint8 tensor, scale, augment) against the same number
             of steps on one fixed, already prepared batch; blocks of steps alternate so machine load hits both alike
-  ours      `retrieval.trainer.train(configs/mnist-default.toml)` on full MNIST train (minus its validation slice)
+  ours      `retrieval.training.train(configs/mnist-default.toml)` on full MNIST train (minus its validation slice)
   baseline  the PML example recipe: conv(1,32,3)-ReLU-conv(32,64,3)-ReLU-maxpool-dropout(0.25)-fc(9216,128),
             TripletMarginLoss(margin 0.2, cosine similarity, ThresholdReducer(low=0)) with a semi-hard
             TripletMarginMiner(margin 0.2), Adam lr 0.01, batch 256, shuffled DataLoader with per-image

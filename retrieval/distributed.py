@@ -5,7 +5,7 @@ A run is distributed when its launcher says so in the environment (torchrun sets
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) with WORLD_SIZE > 1; WORLD_SIZE 1 (torchrun --nproc-per-node 1) is a
 plain run. Backend gloo on CPU, NCCL on CUDA (each process takes the GPU of its local rank).
 
-What keeps N processes equal to one (see retrieval.trainer and retrieval.objectives for the rest):
+What keeps N processes equal to one (see retrieval.training and retrieval.objectives for the rest):
 - batch norm over the global batch: torch.nn.SyncBatchNorm on CUDA; on CPU, where torch refuses it,
   GlobalBatchNorm2d below (torch's fused CPU batch-norm kernels, with the per-channel statistics and the
   per-channel gradient sums all-reduced);

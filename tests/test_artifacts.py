@@ -368,7 +368,7 @@ def test_train_json_summary_and_the_model_card(tmp_path, run, data_root, capsys)
 
 
 def test_an_interrupted_run_gets_a_card_that_says_so(tmp_path, data_root):
-    from retrieval.trainer import TrainingInterrupted
+    from retrieval.training import TrainingInterrupted
 
     def stop(info):
         if info.step == 2:

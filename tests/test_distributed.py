@@ -38,7 +38,7 @@ from retrieval.data import load_dataset
 from retrieval.embed import embed_images
 from retrieval.sampling import ClassBalancedBatchSampler, RandomBatchSampler, ShardedBatchSampler
 from retrieval.seeding import make_generator
-from retrieval.trainer import TrainingInterrupted, build_trainer, train
+from retrieval.training import TrainingInterrupted, build_trainer, train
 
 # 320 training images (80 validation), 5 global batches of 64 per epoch, 4 epochs.
 TINY = {"name": "tiny", "data": {"subset": 400, "val_size": 80}, "train": {"epochs": 4, "batch_size": 64},

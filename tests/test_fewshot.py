@@ -322,7 +322,7 @@ def test_trainer_uses_dihedral_classes_and_elastic(data_root, tmp_path):
 
     from retrieval.config import resolve_config
     from retrieval.seeding import make_generator
-    from retrieval.trainer import build_trainer
+    from retrieval.training import build_trainer
 
     cfg = resolve_config({"data": {"exclude": ["0", "4", "5", "8"], "subset": 400, "val_size": 80},
                           "train": {"epochs": 1, "batch_size": 32}, "sampler": {"m": 8},
@@ -344,7 +344,7 @@ def test_trainer_with_composite_classes_and_deskew(data_root, tmp_path):
     from retrieval.checkpoint import load_checkpoint
     from retrieval.config import resolve_config
     from retrieval.seeding import make_generator
-    from retrieval.trainer import build_trainer, train
+    from retrieval.training import build_trainer, train
 
     cfg = resolve_config({"data": {"exclude": ["0", "4", "5", "8"], "subset": 400, "val_size": 80},
                           "train": {"epochs": 1, "batch_size": 32}, "sampler": {"m": 8},

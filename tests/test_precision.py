@@ -23,7 +23,7 @@ from retrieval.embed import embed_images
 from retrieval.errors import UsageError
 from retrieval.precision import cpu_has_native_bf16, resolve_precision
 from retrieval.query import Searcher
-from retrieval.trainer import TrainingInterrupted, train
+from retrieval.training import TrainingInterrupted, train
 from retrieval.workflows import add_to_index, build_index, evaluate
 
 from cli_helpers import run_cli

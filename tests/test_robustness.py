@@ -272,7 +272,7 @@ def test_preprocessing_finds_the_digit_on_uneven_grey_paper(digits):
 def test_training_applies_the_degradations_a_config_asks_for(data_root, tmp_path):
     from retrieval.config import resolve_config
     from retrieval.seeding import make_generator
-    from retrieval.trainer import build_trainer
+    from retrieval.training import build_trainer
 
     def batch(**augment):
         cfg = resolve_config({"name": "tiny", "data": {"subset": 400, "val_size": 80}, "sampler": {"m": 8},

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -49,10 +48,6 @@ class Selection:
         if len(self.specs) != 1:
             raise UsageError(f"expected one dataset spec, got {len(self.specs)}: {', '.join(self.specs)}")
         return self.specs[0]
-
-    def with_root(self, root: str | os.PathLike | None) -> "Selection":
-        """This selection read from `root` unless it names its own."""
-        return self if self.root is not None or root is None else replace(self, root=Path(root))
 
     def _check(self) -> None:
         if not self.specs:

@@ -15,7 +15,7 @@ indexing, querying, evaluation, training, export, quickstart.
     tune_index      a query spec against an index folder -> the fastest search parameters reaching a recall, stored
     fewshot         a checkpoint (or raw pixels) on N-way K-shot episodes -> accuracy with confidence intervals
     export          a checkpoint -> its tower as an ONNX or TorchScript inference graph with a JSON sidecar
-    train           a config -> a run folder (retrieval.trainer.train)
+    train           a config -> a run folder (retrieval.training.train)
     quickstart      fetch, train, index, evaluate, few-shot, query: the whole chain into one folder
 """
 
