@@ -51,10 +51,46 @@ def _concat(sets) -> np.ndarray:
     return np.concatenate([s.images for s in sets.values()])
 
 
+def _nearest_distances(ckpt, run: Path, val: np.ndarray, sets: dict, root, device: str) -> tuple[np.ndarray, dict]:
+    """Each picture's distance to its nearest digit of the run's training slice (the references an index of the
+    run's own training data holds), for the validation digits and every set: what the distance threshold reads."""
+    from benchmarks.robustness import selection_split
+    from retrieval.compute import Compute
+    from retrieval.knn import ExactSearch, nearest_neighbors
+
+    _, ds, train_pos, _ = selection_split(run, None, root)
+    compute = Compute(device).pinned()  # as `retrieval index build` and `query` embed by default
+    search = ExactSearch(compute.embed(ckpt.tower, ds.images[train_pos]))
+
+    def nearest(images: np.ndarray) -> np.ndarray:
+        return nearest_neighbors(compute.embed(ckpt.tower, torch.from_numpy(images)), search, 1)[0][:, 0]
+
+    return nearest(val), {name: nearest(images) for name, images in sets.items()}
+
+
+def _with_distance(res: dict, scores: dict, threshold: float, val_dist: np.ndarray, dists: dict,
+                   distance_accept: float) -> None:
+    """The gate and a distance threshold answering `distance_accept` of the validation digits, together: a picture
+    is answered when the gate answers it and it lies within the threshold (calibrate --distance-accept)."""
+    from retrieval.pairs import acceptance_threshold as distance_threshold
+
+    limit = distance_threshold(val_dist, np.ones(len(val_dist), bool), distance_accept).max_distance
+    key = f"+distance {distance_accept:g}"
+    for name, s in scores.items():
+        answered = (s >= threshold) & (dists[name] <= limit)
+        res[f"{name} {key}"] = float((~answered).mean() if name.endswith("refused") else answered.mean())
+    answered = [v for k, v in res.items() if k.endswith(f"answered {key}") and not k.startswith("lowres-8")]
+    refused = [v for k, v in res.items() if k.endswith(f"refused {key}")]
+    res[f"min answered (no lowres-8) {key}"] = min(answered)
+    res[f"mean refused {key}"] = float(np.mean(refused))
+    res[f"min refused {key}"] = min(refused)
+
+
 def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, n_neg: int,
-              gated: Path | None = None) -> dict:
+              gated: Path | None = None, distance_accepts: tuple[float, ...] = ()) -> dict:
     """Selection figures of a gate trained here for each recipe, or (`gated`: a run of `retrieval gate train` from
-    `run`) of that run's own gate, measured without training."""
+    `run`) of that run's own gate, measured without training; with `distance_accepts`, also the gate and a distance
+    threshold answering each of those shares of the validation digits, together."""
     from retrieval.checkpoint import load_checkpoint
     from retrieval.data.fetch import dataset_files_present
     from retrieval.data.nondigits import load_split
@@ -83,6 +119,8 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
         sets["fashion-mnist:train refused"] = load_dataset("fashion-mnist:train", root=root, subset=2000,
                                                            seed=0).images.numpy()
     print(f"positives {len(pos)}, negatives {len(negatives)} (train sources), validation {len(val)}", flush=True)
+    if distance_accepts:  # the tower's embeddings do not depend on its gate: measured once
+        val_dist, dists = _nearest_distances(ckpt, run, val, sets, root, device)
     out = {}
     for recipe in (recipes if gated is None else [None]):
         if recipe is None:
@@ -99,14 +137,16 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
         attach_gate(ckpt.tower, gate)
         threshold = acceptance_threshold(digit_scores(ckpt.tower, val, device=device), accept)
         res = {"train seconds": seconds, "threshold": threshold}
-        for name, images in sets.items():
-            s = digit_scores(ckpt.tower, images, device=device)
+        scores = {name: digit_scores(ckpt.tower, images, device=device) for name, images in sets.items()}
+        for name, s in scores.items():
             res[name] = float((s < threshold).mean() if name.endswith("refused") else (s >= threshold).mean())
         answered = [v for k, v in res.items() if k.endswith("answered") and not k.startswith("lowres-8")]
         refused = [v for k, v in res.items() if k.endswith("refused")]
         res["min answered (no lowres-8)"] = min(answered)
         res["mean refused"] = float(np.mean(refused))
         res["min refused"] = min(refused)
+        for distance_accept in distance_accepts:
+            _with_distance(res, scores, threshold, val_dist, dists, distance_accept)
         attach_gate(ckpt.tower, None)
         out[key] = res
         print(key, json.dumps({k: round(v, 4) for k, v in res.items()}), flush=True)
@@ -114,7 +154,7 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
 
 
 def test_table(run: Path, root, device: str, accept: float, references: int | None = None, subset: int = 2000,
-               non_digits: int = 300, index_dir: Path | None = None) -> dict:
+               non_digits: int = 300, index_dir: Path | None = None, distance_accept: float | None = None) -> dict:
     """Refused / answered fractions for the gated run's gate and today's distance threshold, side by side: an index
     of `references` mnist:train images (all: None), `subset` images of each query set, `non_digits` pictures of
     each kind of benchmarks/robustness.py's. `index_dir`: where the index is built (kept, and used as it is when
@@ -141,7 +181,12 @@ def test_table(run: Path, root, device: str, accept: float, references: int | No
         distance_t = calibrate(folder, Selection("mnist:test", root=root, subset=2000, seed=0), store=False,
                                accept=accept, gate=False, compute=Compute(device=device))[0].max_distance
         gate_t = record["gate"]["threshold"]
-        print(f"thresholds: gate {gate_t:.4f}, distance {distance_t:.4f}", flush=True)
+        both_t = np.inf  # the distance threshold beside the gate (--distance-accept), as calibrate stores it
+        if distance_accept is not None:
+            both_t = calibrate(folder, Selection("mnist:test", root=root, subset=2000, seed=0), store=False,
+                               accept=accept, distance_accept=distance_accept,
+                               compute=Compute(device=device))[1]["max_distance"]
+        print(f"thresholds: gate {gate_t:.4f}, distance {distance_t:.4f}, beside the gate {both_t:.4f}", flush=True)
         from retrieval.query import Searcher
 
         searcher = Searcher.open(folder, device=device)
@@ -166,12 +211,14 @@ def test_table(run: Path, root, device: str, accept: float, references: int | No
         def row(name, score, dist, refused: bool):
             g = score < gate_t
             d = dist > distance_t
+            b = g | (dist > both_t)
             if refused:
-                rows[name] = {"gate": g.mean(), "distance": d.mean(), "n": len(score)}
+                rows[name] = {"gate": g.mean(), "distance": d.mean(), "both": b.mean(), "n": len(score)}
             else:
-                rows[name] = {"gate": (~g).mean(), "distance": (~d).mean(), "n": len(score)}
+                rows[name] = {"gate": (~g).mean(), "distance": (~d).mean(), "both": (~b).mean(), "n": len(score)}
             rows[name] = {k: float(v) for k, v in rows[name].items()}
-            print(f"{name:40s} gate {rows[name]['gate']:.4f}  distance {rows[name]['distance']:.4f}", flush=True)
+            print(f"{name:40s} gate {rows[name]['gate']:.4f}  distance {rows[name]['distance']:.4f}  "
+                  f"both {rows[name]['both']:.4f}", flush=True)
 
         row("clean mnist:test answered", *measure("mnist:test"), refused=False)
         for name in CORRUPTIONS:
@@ -314,6 +361,10 @@ def main(argv=None) -> int:
     p.add_argument("--cost-index", type=int, default=10000, help="images of mnist:train in the --cost indexes")
     p.add_argument("--requests", type=int, default=300, help="timed requests per server (--cost)")
     p.add_argument("--accept", type=float, default=0.99)
+    p.add_argument("--distance-accepts", default="", help="--selection: also the gate with a distance threshold "
+                   "answering each of these shares of the validation digits (comma-separated), together")
+    p.add_argument("--distance-accept", type=float, help="--test: also the gate with a distance threshold "
+                   "answering this share of clean mnist:test, together (calibrate --distance-accept)")
     p.add_argument("--references", type=int, help="mnist:train images in the --test index (default: all)")
     p.add_argument("--subset", type=int, default=2000, help="images of each query set (--test)")
     p.add_argument("--non-digits", type=int, default=300, help="pictures of each non-digit kind (--test)")
@@ -332,14 +383,17 @@ def main(argv=None) -> int:
                    for f in a.forms.split(",") for d in a.degrade_p.split(",") for s in a.steps.split(",")
                    for w in a.widths.split(",")]
         for run in a.runs:
-            res[run.name] = selection(run, recipes, a.root, a.device, a.accept, a.n_pos, a.n_neg, a.gated)
+            res[run.name] = selection(run, recipes, a.root, a.device, a.accept, a.n_pos, a.n_neg, a.gated,
+                                      tuple(float(x) for x in a.distance_accepts.split(",") if x))
     if a.test:
         res["test"] = test_table(a.test, a.root, a.device, a.accept, a.references, a.subset, a.non_digits,
-                                 a.index_dir)
+                                 a.index_dir, a.distance_accept)
         rows = res["test"]["rows"]
-        print("| set | gate | distance threshold (today) |\n|---|---|---|")
+        both = a.distance_accept is not None
+        print("| set | gate | distance threshold (today) |" + (f" gate + distance {a.distance_accept:g} |" if both else "")
+              + "\n|---|---|---|" + ("---|" if both else ""))
         for k, v in rows.items():
-            print(f"| {k} | {v['gate']:.4f} | {v['distance']:.4f} |")
+            print(f"| {k} | {v['gate']:.4f} | {v['distance']:.4f} |" + (f" {v['both']:.4f} |" if both else ""))
     if a.cost:
         if a.base_run is None:
             p.error("--cost needs --base-run (the same run without the gate)")
