@@ -273,12 +273,12 @@ def main() -> None:
     }
 
     from retrieval.index import build_index, index_sizes, load_index, save_index
-    from retrieval.tune import _exact_vectors
+    from retrieval.tune import exact_vectors
 
     compressed = load_index(builds["compressed"]["folder"])
     on_disk = load_index(builds["on_disk"]["folder"])
     # the exact vectors, from the compressed index's refine stage, in id order
-    vectors = np.concatenate([x for x, _ in _exact_vectors(compressed)])
+    vectors = np.concatenate([x for x, _ in exact_vectors(compressed)])
     labels, classes, sources = compressed.labels, compressed.classes, compressed.sources
 
     in_process = {}

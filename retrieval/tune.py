@@ -82,7 +82,7 @@ def grid_settings(grid: dict[str, list]) -> list[str]:
     return [",".join(f"{n}={v}" for n, v in zip(names, combo)) for combo in itertools.product(*grid.values())]
 
 
-def _exact_vectors(index: EmbeddingIndex, chunk: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def exact_vectors(index: EmbeddingIndex, chunk: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(full-precision vectors, their ids) of the whole index, a chunk at a time; RetrievalError when the index
     keeps only compressed codes."""
     chain = unwrapped(index.index)
@@ -129,7 +129,7 @@ def exact_neighbors(index: EmbeddingIndex, queries: np.ndarray, k: int) -> np.nd
     q = as_unit_float32(queries, "query embeddings")
     metric = METRICS[index.metric]
     heap = faiss.ResultHeap(len(q), k, keep_max=metric == faiss.METRIC_INNER_PRODUCT)
-    for x, ids in _exact_vectors(index):
+    for x, ids in exact_vectors(index):
         d, i = faiss.knn(q, x, min(k, len(x)), metric=metric)
         if d.shape[1] < k:  # pad a short chunk
             d = np.pad(d, ((0, 0), (0, k - d.shape[1])), constant_values=-np.inf if heap.keep_max else np.inf)
