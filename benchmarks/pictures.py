@@ -138,20 +138,17 @@ def quality(run: Path, families: list[str], subset: int, root, device: str) -> d
     import torch
 
     from retrieval.checkpoint import load_checkpoint
-    from retrieval.config import DataConfig
     from retrieval.data.pictures import NEEDS_LABEL, render
     from retrieval.data.specs import load_dataset
     from retrieval.embed import embed_images
     from retrieval.errors import RetrievalError
     from retrieval.knn import ExactSearch
-    from retrieval.training import split_validation
+    from retrieval.data.splits import run_split
 
     before = baseline_module()
     ckpt = load_checkpoint(run)
-    data = ckpt.meta.get("data", {})
     ds = load_dataset("mnist:train", root=root)
-    val_size = int(data.get("val_images") or DataConfig().val_size)  # older sidecars: the trainer's default split
-    train_pos, val_pos = split_validation(ds.labels, val_size, int(data.get("val_seed", 0)))
+    train_pos, val_pos = run_split(ckpt.meta, ds.labels)
     if subset and subset < len(val_pos):
         g = torch.Generator().manual_seed(0)
         val_pos = val_pos[torch.randperm(len(val_pos), generator=g)[:subset].sort().values]

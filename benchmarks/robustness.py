@@ -108,15 +108,12 @@ def selection_split(run: Path, subset: int | None, root, references: int | None 
     trainer held out (same size and seed), cut to a seeded `subset`, and the rest (its training slice), cut to a
     seeded `references`."""
     from retrieval.checkpoint import load_checkpoint
-    from retrieval.config import DataConfig
     from retrieval.data.specs import load_dataset
-    from retrieval.training import split_validation
+    from retrieval.data.splits import run_split
 
     ckpt = load_checkpoint(run)
-    data = ckpt.meta.get("data", {})
     ds = load_dataset("mnist:train", root=root)
-    val_size = int(data.get("val_images") or DataConfig().val_size)  # older sidecars: the trainer's default split
-    train_pos, val_pos = split_validation(ds.labels, val_size, int(data.get("val_seed", 0)))
+    train_pos, val_pos = run_split(ckpt.meta, ds.labels)
     return ckpt, ds, _seeded_part(train_pos, references), _seeded_part(val_pos, subset)
 
 

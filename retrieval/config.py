@@ -26,6 +26,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from retrieval.data.splits import DEFAULT_VAL_SIZE
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.objectives import OBJECTIVES
 from retrieval.optim import OPTIMIZERS, SCHEDULES
@@ -46,7 +47,7 @@ class DataConfig:
     classes: tuple[str, ...] = ()  # keep only these classes (empty: all)
     exclude: tuple[str, ...] = ()  # drop these classes (held out, e.g. for few-shot evaluation)
     subset: int = 0  # seeded random subset of this many images (0: all), for small runs
-    val_size: int = 5000  # images carved from the training split for per-epoch validation (0: none)
+    val_size: int = DEFAULT_VAL_SIZE  # images carved from the training split for per-epoch validation (0: none)
 
 
 @dataclass(frozen=True)

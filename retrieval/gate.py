@@ -260,14 +260,10 @@ def digit_pictures(meta: dict, root=None, n: int = 20000, seed: int = 0,
     from retrieval.data.corrupt import corrupt
     from retrieval.data.nondigits import CANVAS_SHARE, PHOTO_SHARE
     from retrieval.data.specs import load_dataset
-    from retrieval.seeding import make_generator
+    from retrieval.data.splits import run_split
 
-    data = meta.get("data") or {}
     ds = load_dataset("mnist:train", root=root)
-    # the split trainer.split_validation makes (not imported: the trainer imports checkpoints, which import this)
-    perm = torch.randperm(len(ds.labels), generator=make_generator(int(data.get("val_seed", 0)), "validation"))
-    val_size = int(data.get("val_images") or 5000)
-    train_pos, val_pos = perm[val_size:].sort().values, perm[:val_size].sort().values
+    train_pos, val_pos = run_split(meta, ds.labels)
     rng = np.random.default_rng([seed, 26])
     pick = np.sort(rng.choice(len(train_pos), size=min(n, len(train_pos)), replace=False))
     x = ds.images[train_pos[torch.from_numpy(pick)]].numpy().copy()

@@ -75,7 +75,7 @@ def test_selection_mode_is_the_held_out_slice_against_the_training_slice_and_rea
     from retrieval.data.corrupt import corrupt
     from retrieval.data.idx import write_idx
     from retrieval.data.specs import load_dataset
-    from retrieval.training import split_validation
+    from retrieval.data.splits import split_validation
     from retrieval.workflows import build_index, evaluate
 
     root = _root_without_mnist_test(tmp_path, data_root)

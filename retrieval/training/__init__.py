@@ -34,12 +34,12 @@ from retrieval.training.batches import Batches
 from retrieval.training.control import TrainingInterrupted, cpu_threads
 from retrieval.training.loop import StepInfo, Trainer, TrainerSettings, Validation
 from retrieval.training.run import TrainRequest, train
-from retrieval.training.setup import build_optimizer, build_trainer, config_sha256, split_validation
+from retrieval.training.setup import build_optimizer, build_trainer, config_sha256
 from retrieval.training.state import STATE_FORMAT
 from retrieval.training.step import TrainStep
 
 __all__ = [
     "STATE_FORMAT", "Batches", "StepInfo", "TrainRequest", "TrainStep", "Trainer", "TrainerSettings",
     "TrainingInterrupted", "Validation", "build_optimizer", "build_trainer", "config_sha256", "cpu_threads",
-    "split_validation", "train",
+    "train",
 ]

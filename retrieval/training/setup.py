@@ -12,18 +12,17 @@ from typing import Callable
 
 import torch
 
-from retrieval.augment import (
-    BatchAugment, Chain, DegradeAugment, ElasticAugment, build_class_expansions,
-)
+from retrieval.augment import BatchAugment, Chain, DegradeAugment, ElasticAugment, build_class_expansions
 from retrieval.config import AugmentConfig, Config, OptimizerConfig
 from retrieval.data.specs import class_indices, load_dataset
+from retrieval.data.splits import split_validation
 from retrieval.distributed import ProcessGroup
 from retrieval.errors import UsageError
 from retrieval.objectives import build_objective
 from retrieval.optim import OPTIMIZERS, SCHEDULES
 from retrieval.precision import resolve_precision
 from retrieval.sampling import SAMPLERS, ShardedBatchSampler
-from retrieval.seeding import derive_seed, make_generator
+from retrieval.seeding import derive_seed
 from retrieval.towers import build_tower
 from retrieval.training.batches import Batches
 from retrieval.training.loop import StepInfo, Trainer, TrainerSettings, Validation
@@ -38,12 +37,6 @@ def build_optimizer(o: OptimizerConfig, params, total_steps: int):
     """The optimizer (optimizer.name) and its learning-rate schedule (optimizer.schedule) over `total_steps`."""
     optimizer = OPTIMIZERS[o.name](params, lr=o.lr, weight_decay=o.weight_decay)
     return optimizer, SCHEDULES[o.schedule](optimizer, o.lr, o.warmup, total_steps)
-
-
-def split_validation(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded (train positions, validation positions) of a training split."""
-    perm = torch.randperm(len(labels), generator=make_generator(seed, "validation"))
-    return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
 def config_sha256(cfg: Config) -> str:
