@@ -21,9 +21,9 @@ distance threshold, both answering --accept of clean mnist:test). First the serv
 one client sending the same pictures to both in turn (POST /classify, one picture per request, alternating which
 server goes first); p50 and p90 of each and their ratios.
 
-    .venv/bin/python benchmarks/gate.py --selection --runs /work/runs/mnist-robust --forms cnn,trunk,embedding
-    .venv/bin/python benchmarks/gate.py --test /work/runs/mnist-robust-gate
-    .venv/bin/python benchmarks/gate.py --cost /work/runs/mnist-robust-gate --base-run /work/runs/mnist-robust
+    .venv/bin/python benchmarks/gate.py --selection --runs runs/mnist-robust --forms cnn,trunk,embedding
+    .venv/bin/python benchmarks/gate.py --test runs/mnist-robust-gate
+    .venv/bin/python benchmarks/gate.py --cost runs/mnist-robust-gate --base-run runs/mnist-robust
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ From those vectors, in this process (index time only, the embedding excluded): F
 Sharded: IVF4096,PQ16x4fs,RFlat over --shard-images of the data, 1 process (2 threads) vs torchrun 2 processes
 (1 thread each), and whether both answer the same.
 
-    .venv/bin/python benchmarks/large_index.py --checkpoint /work/runs/mnist-default
+    .venv/bin/python benchmarks/large_index.py --checkpoint runs/mnist-default
     .venv/bin/python benchmarks/large_index.py --images 200000 --shard-images 50000 --no-readme   # a quick look
 """
 
@@ -251,7 +251,7 @@ def rss_of_search(folder: Path, queries: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=Path("/work/runs/mnist-default"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/mnist-default"))
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--shard-images", type=int, default=300_000, help="images of the 1 vs 2 process builds")
     parser.add_argument("--work", type=Path, default=Path("/tmp/retrieval-large-index"))

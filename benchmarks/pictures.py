@@ -15,7 +15,7 @@ each image rendered with seed 10,000,000 + its position, as benchmarks/robustnes
 renders them); a refused picture counts as a miss. Families HELD_OUT there are reported apart.
 
     .venv/bin/python benchmarks/pictures.py --pictures 100 --repeats 5
-    .venv/bin/python benchmarks/pictures.py --quality --runs /work/runs/mnist-default /work/runs/mnist-robust --subset 1000
+    .venv/bin/python benchmarks/pictures.py --quality --runs runs/mnist-default runs/mnist-robust --subset 1000
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Robustness of trained towers to corrupted queries: precision@1 and MAP@R per corruption (retrieval.data.corrupt:
 the 15 MNIST-C corruptions, low resolution, stroke width, photo-like, web canvas) against the clean train index.
 
-Test mode (default): for every run given (by default /work/runs/NAME or runs/NAME for each shipped config that has
+Test mode (default): for every run given (by default runs/NAME for each shipped config that has
 a checkpoint), a Flat index of mnist:train is built with the run's tower (workflows.build_index), and every
 `mnist-c:test/NAME` spec (made once and cached in the data root) is evaluated against it (workflows.evaluate: the
 same code as `retrieval evaluate`), on a seeded subset of the 10,000 test images (`--subset`, 0 for all). One table
@@ -20,9 +20,9 @@ family's 28x28 array counterpart (retrieval/data/corrupt.py); a refused picture 
 `--references N` takes a seeded subset of N references instead of all (a quick look; the tests use it with an
 untrained tower); `--index-dir DIR` builds the test mode's indexes in DIR/RUN and keeps them.
 
-    .venv/bin/python benchmarks/robustness.py --runs /work/runs/mnist-default --subset 2000
-    .venv/bin/python benchmarks/robustness.py --selection --runs /work/runs/mnist-default /work/runs/mnist-robust
-    .venv/bin/python benchmarks/robustness.py --pictures --selection --subset 500 --runs /work/runs/mnist-robust
+    .venv/bin/python benchmarks/robustness.py --runs runs/mnist-default --subset 2000
+    .venv/bin/python benchmarks/robustness.py --selection --runs runs/mnist-default runs/mnist-robust
+    .venv/bin/python benchmarks/robustness.py --pictures --selection --subset 500 --runs runs/mnist-robust
 """
 
 from __future__ import annotations
@@ -64,10 +64,8 @@ def default_runs() -> list[Path]:
 
     out = []
     for name in shipped_configs():
-        for base in (Path("/work/runs"), ROOT / "runs"):
-            if RunFolder(base / name).weights(BEST).is_file():
-                out.append(base / name)
-                break
+        if RunFolder(ROOT / "runs" / name).weights(BEST).is_file():
+            out.append(ROOT / "runs" / name)
     return out
 
 
