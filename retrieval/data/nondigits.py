@@ -160,14 +160,14 @@ def _cache_name(source: str, n: int, seed: int) -> str:
 def load_source(source: str, n: int, seed: int = 0, root=None) -> NonDigits:
     """`n` preprocessed pictures of `source`, the same for the same seed: read from DATA_ROOT/nondigits/ when
     cached and intact, else rendered (fetching what the source needs) and cached."""
-    from retrieval.data.specs import default_data_root
+    from retrieval.data.specs import data_root
     from retrieval.fsutil import atomic_path, atomic_write_json, ensure_writable_dir, exclusive_lock, read_json
 
     if source not in SOURCES:
         raise UsageError(f"unknown non-digit source {source!r}; expected one of: {', '.join(SOURCES)}")
     if int(n) <= 0:
         raise UsageError(f"`n` must be a positive number of pictures, got {n}")
-    root = Path(root) if root is not None else default_data_root()
+    root = data_root(root)
     folder = ensure_writable_dir(root / FOLDER, "data root")
     name = _cache_name(source, int(n), int(seed))
     data, sidecar = folder / f"{name}.npz", folder / f"{name}.json"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from retrieval.data.specs import ImageDataset, default_data_root, load_dataset
+from retrieval.data.specs import ImageDataset, data_root, load_dataset
 from retrieval.errors import UsageError
 
 Filter = Sequence[str | int] | str | None
@@ -40,7 +40,7 @@ class Selection:
 
     @property
     def data_root(self) -> Path:
-        return self.root if self.root is not None else default_data_root()
+        return data_root(self.root)
 
     @property
     def spec(self) -> str:

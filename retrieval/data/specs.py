@@ -40,6 +40,11 @@ def default_data_root() -> Path:
     return cache / "retrieval" / "data"
 
 
+def data_root(root: str | os.PathLike | None) -> Path:
+    """`root` as a path, or the default data root when none is given."""
+    return Path(root) if root is not None else default_data_root()
+
+
 @dataclass
 class ImageDataset:
     """uint8 images (N, 28, 28), int64 labels indexing `classes`, and where each image came from."""
@@ -264,7 +269,7 @@ def load_dataset(
     fetch: bool = True,
 ) -> ImageDataset:
     """Load the images a spec names, keep/exclude classes (by name), then take a seeded subset of `subset` images."""
-    root = Path(root) if root is not None else default_data_root()
+    root = data_root(root)
     kind, rest = split_spec(spec)
     preprocessing = "none (MNIST-format IDX)"
     source = idx_source(kind, rest, root, fetch)

@@ -29,7 +29,7 @@ import torch
 from retrieval.data.idx import read_idx
 from retrieval.data.preprocess import IMAGE_EXTENSIONS, PREPROCESSING, load_image_files
 from retrieval.data.specs import (
-    class_sort_key, split_spec, default_data_root, idx_source, numbered_classes, select_rows,
+    class_sort_key, split_spec, data_root, idx_source, numbered_classes, select_rows,
 )
 from retrieval.data import SPEC_HELP
 from retrieval.errors import RetrievalError, UsageError
@@ -207,7 +207,7 @@ def open_dataset(
     fetch: bool = True,
 ) -> StreamedDataset:
     """The selection load_dataset(spec, ...) makes, with the images left where they are."""
-    root = Path(root) if root is not None else default_data_root()
+    root = data_root(root)
     kind, rest = split_spec(spec)
     idx = paths = prefix = None
     preprocessing = "none (MNIST-format IDX)"

@@ -13,13 +13,12 @@ import numpy as np
 
 from retrieval.compute import Compute
 from retrieval.data.selection import Selection
-from retrieval.data.specs import DatasetCache, ImageDataset, filters_text
+from retrieval.data.specs import DatasetCache, ImageDataset, data_root, filters_text
 from retrieval.errors import RetrievalError
 from retrieval.grid import SourceImages, check_grid_target, query_grid_rows, render_grid
 from retrieval.index import EmbeddingIndex, load_index, load_index_tower
 from retrieval.knn import ExactSearch, Search
 from retrieval.query import QueryResult, Searcher, resolve_query_inputs
-from retrieval.workflows.common import data_root
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from retrieval.compute import Compute
 from retrieval.config import load_config
 from retrieval.data.fetch import fetch_dataset
 from retrieval.data.selection import Selection
+from retrieval.data.specs import data_root
 from retrieval.embed import resolve_device
 from retrieval.errors import RetrievalError
 from retrieval.index import IndexFolder, read_index_meta
 from retrieval.precision import check_precision
 from retrieval.run_folder import RunFolder
-from retrieval.workflows.common import data_root
 from retrieval.workflows.evaluation import Evaluation, evaluate, fewshot
 from retrieval.workflows.indexing import build_index
 from retrieval.workflows.querying import query
@@ -137,7 +137,7 @@ class _Laps:
 
 def _quickstart_fewshot(out: Path, overrides: list[str], force: bool, compute: Compute, root: Path, tiny: bool):
     """Train mnist-fewshot and run its 4-way episodes on digits it never saw -> (run folder, results)."""
-    run = _quickstart_train("mnist-fewshot", out / "runs" / "mnist-fewshot", overrides, force, str(compute.device),
+    run = _quickstart_train("mnist-fewshot", out / "runs" / "mnist-fewshot", overrides, force, compute.device,
                             root)
     logger.info(f"[fewshot] 4-way episodes on mnist:test digits {','.join(FEWSHOT_CLASSES)}")
     return run, fewshot(run, Selection("mnist:test", root=root, classes=FEWSHOT_CLASSES), ways=4, shots=[1, 5],

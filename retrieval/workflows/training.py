@@ -14,6 +14,7 @@ import numpy as np
 
 from retrieval.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from retrieval.data.nondigits import load_split
+from retrieval.data.specs import data_root
 from retrieval.embed import resolve_device
 from retrieval.errors import UsageError
 from retrieval.fsutil import ensure_writable_dir
@@ -21,7 +22,7 @@ from retrieval.gate import (
     GateRecipe, acceptance_threshold as gate_acceptance, attach_gate, digit_pictures, digit_scores, train_gate
 )
 from retrieval.run_folder import RECORD_FILES, RunFolder
-from retrieval.workflows.common import data_root, now
+from retrieval.workflows.common import now
 
 logger = logging.getLogger(__name__)
 
