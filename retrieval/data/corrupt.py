@@ -100,10 +100,6 @@ CORRUPTIONS: dict[str, Corruption] = {c.name: c for c in (
 )}
 
 
-def corruption_names() -> list[str]:
-    return list(CORRUPTIONS)
-
-
 def _lookup(name: str) -> Corruption:
     key = name.strip().lower().replace("-", "_")
     for c in CORRUPTIONS.values():

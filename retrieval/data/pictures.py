@@ -76,10 +76,6 @@ class Picture:
         return Image.open(io.BytesIO(self.data))
 
 
-def family_names() -> list[str]:
-    return list(FAMILIES)
-
-
 def _rng(family: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(family.encode())])
 
