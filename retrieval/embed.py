@@ -3,6 +3,7 @@ bf16 autocast (retrieval.precision)."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -36,10 +37,13 @@ def embed_images(
     device = torch.device(device) if device is not None else next(tower.parameters()).device
     if precision not in ("fp32", "bf16"):  # auto (resolved ones pass as they are: a warning once, not per call)
         precision = resolve_precision(precision, device)
-    was_training = tower.training
-    tower.eval()
+    # (a tower already in eval mode is left as it is: toggling every module costs a lone query more than its
+    # convolutions do)
+    was_training = any(m.training for m in tower.modules())
+    if was_training:
+        tower.eval()
     out = np.empty((len(images), tower.embedding_size), dtype=np.float32)
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not show_progress(progress), leave=False)
+    bar = tqdm(total=len(images), desc=desc, unit="img", leave=False) if show_progress(progress) else None
     try:
         for start in range(0, len(images), batch_size):
             # channels-last, as the towers' weights are (retrieval.towers.build_tower)
@@ -48,11 +52,29 @@ def embed_images(
             with autocast(device, precision):
                 emb = tower(batch)
             out[start : start + len(batch)] = emb.float().cpu().numpy()
-            bar.update(len(batch))
+            if bar is not None:
+                bar.update(len(batch))
     finally:
-        bar.close()
-        tower.train(was_training)
+        if bar is not None:
+            bar.close()
+        if was_training:
+            tower.train()
     return out
+
+
+def inference_tower(tower: Tower, precision: str) -> Tower:
+    """`tower` ready for many small embedding calls at a resolved `precision`: under "bf16", an eval-mode copy whose
+    backbone's convolutions and linear layers hold their weights in bfloat16. Autocast casts them to exactly
+    that on every forward pass (the same rounding: the same embeddings), which costs a lone query more than its
+    arithmetic; here they are cast once. The copy is for embed_images only (under autocast): the gate and
+    training keep the fp32 tower. Under "fp32", `tower` itself."""
+    if precision != "bf16":
+        return tower
+    fast = copy.deepcopy(tower).eval()
+    for module in fast.backbone.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.to(torch.bfloat16)
+    return fast
 
 
 def default_batch_size(device=None) -> int:

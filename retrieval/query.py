@@ -26,7 +26,7 @@ import torch
 
 from retrieval.data.preprocess import IMAGE_EXTENSIONS, load_image_file
 from retrieval.data.specs import DatasetCache, parse_item_spec
-from retrieval.embed import default_batch_size, embed_images
+from retrieval.embed import default_batch_size, embed_images, inference_tower
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import search_parameters
 from retrieval.gate import DIGIT_CLASSES, FAR_FROM_EVERY_CLASS, NOT_A_DIGIT, digit_scores, gate_threshold
@@ -189,6 +189,7 @@ class Searcher:
             index.use_device(self.device)  # Faiss on the GPU too, where its build has GPU support (asked once)
         self.batch_size = batch_size if batch_size is not None else default_batch_size(self.device)
         self.precision = matching_precision(precision, self.device, index.meta.get("precision"), "queries")
+        self.embedding_tower = inference_tower(tower, self.precision)
         if max_distance is None:
             max_distance = (index.meta.get("calibration") or {}).get("max_distance")
         self.max_distance = None if max_distance is None else float(max_distance)
@@ -214,7 +215,7 @@ class Searcher:
             images = images.unsqueeze(0)
         if images.dtype != torch.uint8 or images.ndim != 3:
             raise RetrievalError(f"query images must be uint8 (n, 28, 28), got {images.dtype} {tuple(images.shape)}")
-        return embed_images(self.tower, images, batch_size=self.batch_size, device=self.device,
+        return embed_images(self.embedding_tower, images, batch_size=self.batch_size, device=self.device,
                             precision=self.precision)
 
     def effective_k(self, k: int) -> tuple[int, str | None]:

@@ -19,7 +19,7 @@ from retrieval import precision as precision_module
 from retrieval.checkpoint import load_checkpoint
 from retrieval.config import resolve_config
 from retrieval.data import load_dataset
-from retrieval.embed import embed_images
+from retrieval.embed import embed_images, inference_tower
 from retrieval.errors import UsageError
 from retrieval.precision import cpu_has_native_bf16, resolve_precision
 from retrieval.query import Searcher
@@ -149,6 +149,22 @@ def test_bf16_embeddings_agree_with_fp32(runs, data_root):
     cosine = (e32 * e16).sum(1)
     assert cosine.min() > 0.999 and not np.array_equal(e32, e16), cosine.min()
 
+
+
+def test_the_inference_tower_casts_once_what_autocast_casts_every_time(runs, data_root):
+    """Searcher embeds with inference_tower's copy: bf16 weights cast once give the embeddings autocast gives,
+    bit for bit, one image at a time or many; the tower it was made from keeps its fp32 weights."""
+    tower = load_checkpoint(runs["bf16"], device="cpu").tower.eval()
+    images = load_dataset("mnist:test", root=data_root, subset=64, seed=2).images
+    fast = inference_tower(tower, "bf16")
+    assert fast is not tower and inference_tower(tower, "fp32") is tower
+    assert {p.dtype for p in tower.parameters()} == {torch.float32}
+    assert torch.bfloat16 in {p.dtype for p in fast.parameters()}
+    expected = embed_images(tower, images, precision="bf16")
+    assert np.array_equal(embed_images(fast, images, precision="bf16"), expected)
+    assert np.array_equal(np.concatenate([embed_images(fast, images[i:i + 1], precision="bf16")
+                                          for i in range(8)]), expected[:8])
+    assert not any(m.training for m in fast.modules())
 
 def test_bf16_resume_is_bit_identical_and_another_precision_warns(tmp_path, data_root, caplog):
     cfg = tiny("bf16", epochs=2)
