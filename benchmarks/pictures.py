@@ -16,6 +16,8 @@ renders them); a refused picture counts as a miss. Families HELD_OUT there are r
 
     .venv/bin/python benchmarks/pictures.py --pictures 100 --repeats 5
     .venv/bin/python benchmarks/pictures.py --quality --runs runs/mnist-default runs/mnist-robust --subset 1000
+    git archive <commit> | tar -x -C /tmp/base-src     # the speed against another tree's picture path:
+    .venv/bin/python benchmarks/pictures.py --baseline-src /tmp/base-src --repeats 8
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from benchmarks._report import append_section, machine  # noqa: E402
 PAYLOADS = ("mnist", "canvas", "canvas-transparent", "photo", "photo-3000")
 
 
-def baseline_module():
-    """benchmarks/_preprocess_before.py as a module (the picture path before issue 25)."""
-    spec = importlib.util.spec_from_file_location("preprocess_before", Path(__file__).with_name("_preprocess_before.py"))
+def baseline_module(src: Path | None = None):
+    """benchmarks/_preprocess_before.py as a module (the picture path before issue 25), or, with `src`, the picture
+    path of that source tree (its retrieval/data/preprocess.py)."""
+    path = src / "retrieval" / "data" / "preprocess.py" if src else Path(__file__).with_name("_preprocess_before.py")
+    spec = importlib.util.spec_from_file_location("preprocess_before", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -101,6 +105,8 @@ def decode_before(before, data: bytes, name: str):
     from PIL import Image, ImageOps
 
     img = Image.open(io.BytesIO(data))
+    if hasattr(before, "decode_image"):  # a tree of issue 25 or later (--baseline-src)
+        return before.preprocess_image(before.decode_image(img, name), source=name)
     before.check_pixel_budget(*img.size, name)
     img = ImageOps.exif_transpose(img)
     img.load()
@@ -115,9 +121,9 @@ def decode_now(data: bytes, name: str):
     return preprocess_image(decode_image(Image.open(io.BytesIO(data)), name), source=name)
 
 
-def speed(files, repeats: int) -> dict:
+def speed(files, repeats: int, baseline_src: Path | None = None) -> dict:
     """Median ms per picture of both paths, interleaved picture by picture (the same machine state for both)."""
-    before = baseline_module()
+    before = baseline_module(baseline_src)
     for name, data, _ in files[:3]:
         decode_before(before, data, name)
         decode_now(data, name)
@@ -190,6 +196,8 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=1000, help="quality: validation images per family (0: all 5,000)")
     ap.add_argument("--root", default=None, help="data root (default: the usual)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--baseline-src", type=Path, help="speed: compare with the picture path of this source tree "
+                    "(e.g. `git archive <commit> | tar -x -C DIR`) instead of the path before issue 25")
     ap.add_argument("--write", action="store_true", help="append the table to benchmarks/history.md")
     args = ap.parse_args()
 
@@ -228,12 +236,13 @@ def main() -> None:
         lines = [f"## Picture path speed, before and after issue 25 ({today}, CPU, one thread)", "",
                  f"Machine: {machine()}. `benchmarks/pictures.py --pictures {args.pictures} --repeats {args.repeats}`: "
                  "decode + preprocess of one picture file's bytes, median ms over the payload's distinct pictures x "
-                 "repeats, both paths interleaved picture by picture in one process. Before: full decode, "
-                 "exif_transpose, preprocessing at full resolution (commit 1a91827); now: decode_image + "
-                 "preprocess_image.", "",
+                 "repeats, both paths interleaved picture by picture in one process. Before: "
+                 + (f"the picture path of the source tree {args.baseline_src}" if args.baseline_src else
+                    "full decode, exif_transpose, preprocessing at full resolution (commit 1a91827)")
+                 + "; now: decode_image + preprocess_image.", "",
                  "| payload | bytes (median) | before ms | now ms | speed-up |", "|---|---:|---:|---:|---:|"]
         for name in names:
-            t = speed(files[name], args.repeats)
+            t = speed(files[name], args.repeats, args.baseline_src)
             size = int(statistics.median(len(d) for _, d, _ in files[name]))
             lines.append(f"| {name} | {size:,} | {t['before']:.3f} | {t['now']:.3f} | {t['before'] / t['now']:.1f}x |")
             print(lines[-1], flush=True)
