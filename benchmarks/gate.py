@@ -105,12 +105,14 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             pos, val = z["pos"], z["val"]
+            pos_labels = z["pos_labels"] if "pos_labels" in z else None
             sets = {f"{name} answered": z[f"c_{name}"] for name in CORRUPTIONS}
-    else:
-        pos, val = digit_pictures(ckpt.meta, root=root, n=n_pos, seed=0, val_n=2000)
+    if not cache.is_file() or pos_labels is None:  # (caches of before the labels were kept are made again)
+        pos, pos_labels, val = digit_pictures(ckpt.meta, root=root, n=n_pos, seed=0, val_n=2000)
         sets = {f"{name} answered": corrupt(val, name, seed=1) for name in CORRUPTIONS}
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, pos=pos, val=val, **{f"c_{k.split(' ')[0]}": v for k, v in sets.items()})
+        np.savez(cache, pos=pos, pos_labels=pos_labels, val=val,
+                 **{f"c_{k.split(' ')[0]}": v for k, v in sets.items()})
     negatives = _concat(load_split("train", n_neg, seed=0, root=root)) if gated is None else np.zeros((0, 28, 28))
     held_out = load_split("selection", 2000, seed=1, root=root)
     for s, nd in held_out.items():
@@ -130,9 +132,10 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
             key = f"{gated.name}: {trained.meta['gate']['recipe']}"
             gate, seconds = tower_gate(trained.tower), trained.meta["gate"]["seconds"]
         else:
-            key = f"{recipe.form} w{recipe.width} p{recipe.degrade_p:g} {recipe.steps} steps"
+            key = (f"{recipe.form} w{recipe.width} p{recipe.degrade_p:g} {recipe.steps} steps"
+                   + (f" {recipe.classes} classes" if recipe.classes else ""))
             t = time.perf_counter()
-            gate = train_gate(ckpt.tower, pos, negatives, recipe, device=device)
+            gate = train_gate(ckpt.tower, pos, negatives, recipe, device=device, positive_labels=pos_labels)
             seconds = time.perf_counter() - t
         attach_gate(ckpt.tower, gate)
         threshold = acceptance_threshold(digit_scores(ckpt.tower, val, device=device), accept)
@@ -353,6 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--degrade-p", default="0.3")
     p.add_argument("--steps", default="1500")
     p.add_argument("--widths", default="16")
+    p.add_argument("--classes", default="0", help="--selection: 0 (one digit-or-not output) and/or 10 (an output "
+                   "per digit class and one for no digit)")
     p.add_argument("--n-pos", type=int, default=20000)
     p.add_argument("--n-neg", type=int, default=6000, help="pictures per training source")
     p.add_argument("--test", type=Path, help="a gated run: the test table")
@@ -378,10 +383,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     res = {}
     if a.selection:
-        recipes = [replace(GateRecipe(), form=f, degrade_p=float(d), steps=int(s), width=int(w),
+        recipes = [replace(GateRecipe(), form=f, degrade_p=float(d), steps=int(s), width=int(w), classes=int(c),
                            batch_size=a.batch_size)
                    for f in a.forms.split(",") for d in a.degrade_p.split(",") for s in a.steps.split(",")
-                   for w in a.widths.split(",")]
+                   for w in a.widths.split(",") for c in a.classes.split(",")]
         for run in a.runs:
             res[run.name] = selection(run, recipes, a.root, a.device, a.accept, a.n_pos, a.n_neg, a.gated,
                                       tuple(float(x) for x in a.distance_accepts.split(",") if x))

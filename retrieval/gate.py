@@ -44,51 +44,64 @@ DEFAULT_THRESHOLD = 0.5
 
 class DigitGate(nn.Module):
     """Digit-or-not logits (N,) for images x float (N, 1, 28, 28) in [0, 1]; `embeddings` (N, D): the tower's
-    embeddings of the same images (the `embedding` form reads them, the others ignore them)."""
+    embeddings of the same images (the `embedding` form reads them, the others ignore them).
+
+    classes: 0, one output (digit or not); or the number of digit classes C: C + 1 outputs (each digit, and "no
+    digit"), trained on the digits' labels, and the logit is log(sum of the digits' probabilities / that of "no
+    digit") (so a picture is a digit when it is one digit in particular)."""
 
     def __init__(self, form: str = "cnn", width: int = 16, embedding_size: int = 64, trunk: nn.Module | None = None,
-                 trunk_features: int = 64 * 7 * 7, threshold: float = DEFAULT_THRESHOLD):
+                 trunk_features: int = 64 * 7 * 7, threshold: float = DEFAULT_THRESHOLD, classes: int = 0):
         super().__init__()
         if form not in FORMS:
             raise UsageError(f"unknown gate form {form!r}; expected one of: {', '.join(FORMS)}")
         self.form, self.width, self.embedding_size, self.trunk_features = form, int(width), int(embedding_size), \
             int(trunk_features)
         self.threshold = float(threshold)
-        w = self.width
+        self.classes = int(classes)
+        w, outputs = self.width, self.classes + 1 if self.classes else 1
         if form == "cnn":
             self.net = nn.Sequential(
                 nn.Conv2d(1, w, 5, 2, 2, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),  # 28 -> 14
                 nn.Conv2d(w, 2 * w, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),  # 14 -> 7
                 nn.Conv2d(2 * w, 2 * w, 3, 1, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),
-                nn.Flatten(), nn.Linear(2 * w * 49, 1),
+                nn.Flatten(), nn.Linear(2 * w * 49, outputs),
             )
         elif form == "trunk":
             if trunk is None:
                 raise UsageError("the trunk gate needs the tower's convolutional trunk")
             self.trunk = trunk
-            self.net = nn.Sequential(nn.Linear(self.trunk_features, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, 1))
+            self.net = nn.Sequential(nn.Linear(self.trunk_features, 4 * w), nn.ReLU(inplace=True),
+                                     nn.Linear(4 * w, outputs))
         else:
             self.net = nn.Sequential(nn.Linear(self.embedding_size, 4 * w), nn.ReLU(inplace=True),
-                                     nn.Linear(4 * w, 1))
+                                     nn.Linear(4 * w, outputs))
 
-    def forward(self, x: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def outputs(self, x: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's outputs (N, 1), or (N, classes + 1) with `classes`."""
         if self.form == "embedding":
             if embeddings is None:
                 raise RetrievalError("the embedding gate needs the tower's embeddings of the images")
-            return self.net(embeddings.float()).squeeze(1)
+            return self.net(embeddings.float())
         z = ((x - PIXEL_MEAN) / PIXEL_STD).float()
         if self.form == "trunk":
             with torch.no_grad():
                 z = self.trunk(z)
-            return self.net(z.float()).squeeze(1)
-        return self.net(z).squeeze(1)
+            return self.net(z.float())
+        return self.net(z)
+
+    def forward(self, x: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.outputs(x, embeddings)
+        if not self.classes:
+            return out.squeeze(1)
+        return torch.logsumexp(out[:, :self.classes], dim=1) - out[:, self.classes]
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("trunk.")]
 
     def describe(self) -> dict:
         return {"form": self.form, "width": self.width, "embedding_size": self.embedding_size,
-                "trunk_features": self.trunk_features, "threshold": self.threshold}
+                "trunk_features": self.trunk_features, "threshold": self.threshold, "classes": self.classes}
 
 
 def tower_trunk(tower) -> nn.Module:
@@ -102,13 +115,14 @@ def tower_trunk(tower) -> nn.Module:
     return trunk.eval()
 
 
-def build_gate(tower, form: str = "cnn", width: int = 16, threshold: float = DEFAULT_THRESHOLD) -> DigitGate:
+def build_gate(tower, form: str = "cnn", width: int = 16, threshold: float = DEFAULT_THRESHOLD,
+               classes: int = 0) -> DigitGate:
     trunk = tower_trunk(tower) if form == "trunk" else None
     n_features = 64 * 7 * 7
     if trunk is not None:
         with torch.no_grad():
             n_features = int(trunk(torch.zeros(1, 1, 28, 28)).shape[1])
-    return DigitGate(form, width, tower.embedding_size, trunk, n_features, threshold)
+    return DigitGate(form, width, tower.embedding_size, trunk, n_features, threshold, classes)
 
 
 def gate_from_meta(tower, meta: dict) -> DigitGate:
@@ -116,8 +130,8 @@ def gate_from_meta(tower, meta: dict) -> DigitGate:
     form = meta.get("form", "cnn")
     if form not in FORMS:
         raise RetrievalError(f"checkpoint metadata names gate form {form!r}; expected one of: {', '.join(FORMS)}")
-    gate = build_gate(tower, form, int(meta.get("width", 16)), float(meta.get("threshold", DEFAULT_THRESHOLD)))
-    return gate
+    return build_gate(tower, form, int(meta.get("width", 16)), float(meta.get("threshold", DEFAULT_THRESHOLD)),
+                      int(meta.get("classes", 0)))
 
 
 def attach_gate(tower, gate: DigitGate | None):
@@ -177,6 +191,7 @@ class GateRecipe:
     seed: int = 0
     degrade_p: float = 0.3
     accept: float = 0.99  # the threshold answers this share of the selection digits
+    classes: int = 0  # 0: one digit-or-not output; 10: an output per digit class and one for "no digit"
 
     def augmentation(self):
         from retrieval.augment import BatchAugment, Chain, DegradeAugment
@@ -187,16 +202,19 @@ class GateRecipe:
 
 
 def train_gate(tower, positives: np.ndarray, negatives: np.ndarray, recipe: GateRecipe,
-               device="cpu", log_every: int = 250) -> DigitGate:
+               device="cpu", log_every: int = 250, positive_labels: np.ndarray | None = None) -> DigitGate:
     """A gate for `tower` trained on uint8 (n, 28, 28) digit pictures `positives` against `negatives`; the tower's
-    own weights are not touched (it runs in eval mode for the embedding form)."""
+    own weights are not touched (it runs in eval mode for the embedding form). A recipe with `classes` needs the
+    digits' `positive_labels` (0 .. classes - 1)."""
     from retrieval.seeding import make_generator
 
     if len(positives) == 0 or len(negatives) == 0:
         raise UsageError("the gate needs both digit and non-digit pictures to train on")
+    if recipe.classes and (positive_labels is None or len(positive_labels) != len(positives)):
+        raise UsageError("a gate with digit classes needs the label of every digit it trains on")
     device = torch.device(device)
     torch.manual_seed(recipe.seed)
-    gate = build_gate(tower, recipe.form, recipe.width).to(device)
+    gate = build_gate(tower, recipe.form, recipe.width, classes=recipe.classes).to(device)
     tower_was = tower.training
     tower.eval()
     params = gate.trainable()
@@ -220,12 +238,16 @@ def train_gate(tower, positives: np.ndarray, negatives: np.ndarray, recipe: Gate
             # shuffle so the affine's groups mix digits and non-digits
             order = torch.randperm(len(x), generator=g)
             x = aug(x[order], g).clamp_(0, 1).to(device)
-            target = y[order.to(device)]
             emb = None
             if gate.form == "embedding":
                 with torch.no_grad():
                     emb = tower(x).float()
-            loss = F.binary_cross_entropy_with_logits(gate(x, emb), target)
+            if recipe.classes:
+                classes = torch.cat([torch.as_tensor(positive_labels)[pi].long(),
+                                     torch.full((recipe.batch_size - half,), recipe.classes)])
+                loss = F.cross_entropy(gate.outputs(x, emb), classes[order].to(device))
+            else:
+                loss = F.binary_cross_entropy_with_logits(gate(x, emb), y[order.to(device)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -252,11 +274,11 @@ def acceptance_threshold(scores: np.ndarray, accept: float) -> float:
 
 
 def digit_pictures(meta: dict, root=None, n: int = 20000, seed: int = 0,
-                   val_n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    """(positives, validation digits) for a gate on the tower a checkpoint sidecar `meta` describes: `n` digits
+                   val_n: int = 2000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positives, their labels, validation digits) for a gate on the tower a checkpoint sidecar `meta` describes: `n` digits
     of its training slice of mnist:train (the same split its trainer made), CANVAS_SHARE of them redrawn as the
     web canvas draws them and PHOTO_SHARE as a phone photo (as the non-digits are, so neither path is a cue),
-    and `val_n` clean digits of its validation slice (for the threshold). uint8 (n, 28, 28) each."""
+    and `val_n` clean digits of its validation slice (for the threshold). Images uint8 (n, 28, 28), labels int64."""
     from retrieval.data.corrupt import corrupt
     from retrieval.data.nondigits import CANVAS_SHARE, PHOTO_SHARE
     from retrieval.data.specs import load_dataset
@@ -266,7 +288,8 @@ def digit_pictures(meta: dict, root=None, n: int = 20000, seed: int = 0,
     train_pos, val_pos = run_split(meta, ds.labels)
     rng = np.random.default_rng([seed, 26])
     pick = np.sort(rng.choice(len(train_pos), size=min(n, len(train_pos)), replace=False))
-    x = ds.images[train_pos[torch.from_numpy(pick)]].numpy().copy()
+    rows = train_pos[torch.from_numpy(pick)]
+    x, labels = ds.images[rows].numpy().copy(), ds.labels[rows].numpy().astype(np.int64)
     order = rng.permutation(len(x))
     k_canvas, k_photo = int(round(CANVAS_SHARE * len(x))), int(round(PHOTO_SHARE * len(x)))
     c_rows, p_rows = np.sort(order[:k_canvas]), np.sort(order[k_canvas:k_canvas + k_photo])
@@ -274,7 +297,7 @@ def digit_pictures(meta: dict, root=None, n: int = 20000, seed: int = 0,
         for s in range(0, len(rows), 2000):
             x[rows[s:s + 2000]] = corrupt(x[rows[s:s + 2000]], name, seed=seed + 100 + s // 2000)
     vpick = np.sort(rng.choice(len(val_pos), size=min(val_n, len(val_pos)), replace=False))
-    return x, ds.images[val_pos[torch.from_numpy(vpick)]].numpy()
+    return x, labels, ds.images[val_pos[torch.from_numpy(vpick)]].numpy()
 
 
 DIGIT_CLASSES = frozenset("0123456789")

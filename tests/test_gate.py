@@ -111,7 +111,7 @@ def tiny_gate(untrained_run, data_root):
     from retrieval.gate import GateRecipe, digit_pictures, train_gate
 
     ckpt = load_checkpoint(untrained_run)
-    positives, validation = digit_pictures(ckpt.meta, root=data_root, n=400, seed=0, val_n=200)
+    positives, _, validation = digit_pictures(ckpt.meta, root=data_root, n=400, seed=0, val_n=200)
     gate = train_gate(ckpt.tower, positives, _letters(data_root, 200, seed=0),
                       GateRecipe(steps=120, batch_size=64, lr=0.005), log_every=0)
     return ckpt, gate, validation
@@ -383,3 +383,26 @@ def test_the_page_answers_drawn_digits_and_refuses_a_letter_a_star_and_a_smiley(
                 assert label == "unknown" and "does not look like a digit" in why, (what, label, why)
         finally:
             browser.close()
+
+
+def test_a_gate_with_digit_classes_trains_ships_and_exports(untrained_run, data_root, tmp_path):
+    """`gate train --digit-classes`: eleven outputs (each digit, no digit) trained on the digits' labels; the score is
+    still one digit probability, in the checkpoint, after reloading it and in the ONNX graph."""
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.export import check_images, export_tower, run_exported
+    from retrieval.gate import digit_scores, tower_gate
+
+    run = tmp_path / "run"
+    _cli_json("gate", "train", "--checkpoint", untrained_run, "--out", run, "--steps", 20, "--digit-classes",
+              "--digits", 300, "--non-digits", 30,
+              "--root", data_root, "--device", "cpu", "--json")
+    ckpt = load_checkpoint(run)
+    gate = tower_gate(ckpt.tower)
+    assert ckpt.meta["gate"]["classes"] == 10 and gate.classes == 10 and gate.net[-1].out_features == 11
+    x = check_images()
+    images = (x[:, 0] * 255).round().byte()
+    scores = digit_scores(ckpt.tower, images)
+    assert scores.shape == (len(x),) and ((scores > 0) & (scores < 1)).all()
+    sidecar = export_tower(ckpt, "onnx", tmp_path / "tower.onnx")
+    _, exported = run_exported(tmp_path / sidecar["file"], "onnx", x.numpy(), all_outputs=True)
+    np.testing.assert_allclose(exported, scores, atol=2e-2)  # the uint8 round trip of the check images

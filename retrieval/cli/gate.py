@@ -24,6 +24,12 @@ def train(
     degrade_p: float = typer.Option(0.3, "--degrade-p", help="Each degradation on this share of the pictures."),
     accept: float = typer.Option(0.99, "--accept", help="The gate's own threshold answers this share of the "
                                  "validation digits (`calibrate` sets an index's)."),
+    digits: int = typer.Option(20000, "--digits", min=1, help="Digits of the tower's training slice to train on."),
+    non_digits: int = typer.Option(6000, "--non-digits", min=1, help="Pictures of each non-digit training source."),
+    digit_classes: bool = typer.Option(
+        False, "--digit-classes", help="An output per digit class and one for 'no digit' (trained on the digits' "
+        "labels) instead of one digit-or-not output: refuses more letters and silhouettes, answers fewer "
+        "zigzagged, rotated and scaled digits (benchmarks/README.md)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the pictures, the weights and the batches."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that already holds files."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all "
@@ -46,8 +52,10 @@ def train(
         import torch
 
         torch.set_num_threads(threads)
-    recipe = GateRecipe(form=form, steps=int(steps), degrade_p=float(degrade_p), seed=int(seed), accept=float(accept))
-    sidecar = train_digit_gate(checkpoint, out, recipe=recipe, root=root, device=device, overwrite=overwrite)
+    recipe = GateRecipe(form=form, steps=int(steps), degrade_p=float(degrade_p), seed=int(seed), accept=float(accept),
+                        classes=10 if digit_classes else 0)
+    sidecar = train_digit_gate(checkpoint, out, recipe=recipe, digits=digits, non_digits=non_digits, root=root,
+                               device=device, overwrite=overwrite)
     if json_out:
         print_json(sidecar)
     else:

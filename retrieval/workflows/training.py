@@ -104,11 +104,11 @@ def train_digit_gate(
     ckpt = load_checkpoint(source, device=device)
     attach_gate(ckpt.tower, None)  # a gate already there is replaced
     root = data_root(root)
-    positives, validation = digit_pictures(ckpt.meta, root=root, n=int(digits), seed=recipe.seed)
+    positives, labels, validation = digit_pictures(ckpt.meta, root=root, n=int(digits), seed=recipe.seed)
     sets = load_split("train", int(non_digits), seed=recipe.seed, root=root)
     negatives = np.concatenate([s.images for s in sets.values()])
     start = time.perf_counter()
-    gate = train_gate(ckpt.tower, positives, negatives, recipe, device=device)
+    gate = train_gate(ckpt.tower, positives, negatives, recipe, device=device, positive_labels=labels)
     seconds = time.perf_counter() - start
     attach_gate(ckpt.tower, gate)
     gate.threshold = gate_acceptance(digit_scores(ckpt.tower, validation, device=device), recipe.accept)
