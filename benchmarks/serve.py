@@ -316,26 +316,43 @@ def wrk_load(host: str, port: int, pictures, clients: int, seconds: float, workd
 
 
 # -- the server -------------------------------------------------------------------------------------------------------
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a server's worker processes, with --workers)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out += process_tree(int(child))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process and its descendants (all their threads)."""
+    total = 0
+    for p in process_tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of a process and its descendants."""
+    total = 0
+    for p in process_tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
 
 
 class Server:
     """`python -m retrieval serve --index DIR --port 0` run from the source tree `src` (environment `env`: None,
     this process's), its URL read from its log."""
 
-    def __init__(self, index: Path, src: Path = REPO, env: dict | None = None):
+    def __init__(self, index: Path, src: Path = REPO, env: dict | None = None, workers: int = 1):
         self.t_start = time.perf_counter()
-        self.proc = subprocess.Popen([*RETRIEVAL, "serve", "--index", str(index), "--port", "0"], cwd=src, env=env,
+        extra = ["--workers", str(workers)] if workers > 1 else []
+        self.proc = subprocess.Popen([*RETRIEVAL, "serve", "--index", str(index), "--port", "0", *extra], cwd=src,
+                                     env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
             m = re.search(r"listening on http://([\d.]+):(\d+)/", line)
@@ -414,6 +431,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of each loaded run (wrk)")
     ap.add_argument("--no-wrk", action="store_true", help="use the asyncio client even when wrk is installed")
     ap.add_argument("--baseline-src", help="also measure the server of this source tree, side by side")
+    ap.add_argument("--workers", type=int, default=1, help="`retrieval serve --workers` of this tree's server (the "
+                    "baseline's runs one process)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every payload on every server this many times, in turn (medians reported)")
     ap.add_argument("--requests", type=int, default=3000, help="requests per concurrency level (mnist payload)")
@@ -452,7 +471,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         try:
             for variant, src in variants.items():  # all started first; each measured in turn, the others idle
-                servers[variant] = Server(index, src)
+                servers[variant] = Server(index, src, workers=args.workers if variant == "this tree" else 1)
                 asyncio.run(load(servers[variant].host, servers[variant].port,
                                  http_requests(payloads[names[0]][:1]), 1, 1))
                 if variant == "this tree":
@@ -505,7 +524,8 @@ def main() -> None:
         f"## Serving: `retrieval serve` under load on loopback, by payload ({dt.date.today().isoformat()}, CPU)",
         "",
         f"Machine: {machine()}. `benchmarks/serve.py --payloads {args.payloads} --pictures {args.pictures} "
-        f"--duration {args.duration:g} --rounds {args.rounds}`. Tower: {how}. One picture per POST /query "
+        f"--duration {args.duration:g} --rounds {args.rounds}"
+        + (f" --workers {args.workers}" if args.workers > 1 else "") + f"`. Tower: {how}. One picture per POST /query "
         f"(multipart, k=5), {args.pictures} distinct pictures per payload in rotation; 1 client: {args.one_client} "
         f"sequential requests on one keep-alive connection; {args.many} clients: "
         + ("wrk -t2 --latency (a Lua script rotating the bodies)" if shutil.which("wrk") and not args.no_wrk

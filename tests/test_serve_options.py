@@ -231,3 +231,44 @@ def test_uploads(server):
     sources = {index.sources[p] for p in index.positions_of(np.array(resp.json()["ids"]))}
     assert sources == {str(p.resolve()) for p in stored}
     assert all(Image.open(io.BytesIO(p.read_bytes())).size == (28, 28) for p in stored)
+
+
+# ------------------------------------------------------------------ --workers
+def test_workers_share_the_port_and_each_answers_as_one_server_does(artifacts, pictures):
+    """--workers 2: two processes accept on the one port (/health names the one that answered), each answers a
+    query as the service in this process does, and SIGTERM stops both."""
+    import os
+    import torch
+
+    from retrieval.serve import Service, library
+
+    folder = artifacts / "index"
+    service = Service.open(folder)
+    images = torch.stack([library.decode_upload(p, f"d{i}.png") for i, p in enumerate(pictures[:4])])
+    want = library.answer_queries(service.searcher, library.embed(service.searcher, images), 3,
+                                  [f"d{i}.png" for i in range(4)])
+    with ServerProcess(folder, "--workers", 2) as server:
+        assert "2 worker processes" in server.log
+        pids, deadline = set(), time.time() + 60
+        while len(pids) < 2 and time.time() < deadline:  # each request on a new connection
+            pids.add(get_json(server.url + "/health")["pid"])
+        assert len(pids) == 2 and server.proc.pid not in pids, pids
+        for _ in range(4):  # whichever worker takes the connection
+            files = [("images", (f"d{i}.png", p, "image/png")) for i, p in enumerate(pictures[:4])]
+            got = httpx.post(server.url + "/query", files=files, data={"k": "3"}, timeout=60).json()
+            for g, w in zip(got, want):
+                assert_same_answer(g, w)
+        assert server.stop() == 0
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), pid  # stopped and reaped
+
+
+def test_workers_refuse_adding(artifacts):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "retrieval", "serve", "--index", str(artifacts / "index"),
+                           "--workers", "2", "--token-file", str(artifacts / "token.txt"), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "listening" not in done.stderr
+    assert "--workers: adding images (--token-file) needs one worker" in done.stderr, done.stderr

@@ -42,6 +42,12 @@ def serve(
         1, "--threads", min=1,
         help="Threads for the tower and Faiss in the compute thread (1 suits a few cores; more for big batches).",
     ),
+    workers: int = typer.Option(
+        1, "--workers", min=1,
+        help="Server processes sharing the port, each with its own copy of the index and tower: more queries per "
+             "second where there are cores for them (one per core), the memory of that many servers. Adding "
+             "images (--token-file) needs one.",
+    ),
     read_timeout: float = typer.Option(
         30.0, "--read-timeout", min=0.001,
         help="Seconds a request's body may take to arrive after its head; then 408 and the connection is closed.",
@@ -73,4 +79,4 @@ def serve(
                     batch_wait=batch_wait_ms / 1000.0, threads=threads, read_timeout=read_timeout)
     raise typer.Exit(run(index, host=host, port=port, token_file=token_file, device=resolve_device(device),
                          checkpoint=checkpoint, max_distance=max_distance, uploads=uploads,
-                         root=root_or_default(root), limits=limits, access_log=access_log))
+                         root=root_or_default(root), limits=limits, access_log=access_log, workers=workers))

@@ -15,6 +15,7 @@ import gc
 import inspect
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -179,7 +180,7 @@ def register_item_routes(app: FastAPI, service: Service) -> None:
 
 def health_report(service: Service) -> dict:
     s = service.searcher
-    return {"status": "ok", "items": len(s.index), "classes": len(s.index.label_counts()),
+    return {"status": "ok", "pid": os.getpid(), "items": len(s.index), "classes": len(s.index.label_counts()),
             "max_distance": s.max_distance, "uptime_s": round(time.time() - service.started, 1),
             "adding": service.token is not None, "max_k": service.limits.max_k,
             "in_flight": service.in_flight - 1,  # not counting the /health request itself

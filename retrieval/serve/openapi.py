@@ -116,6 +116,8 @@ def schemas(limits) -> dict:
                                "nearest": {"anyOf": [_ref("Neighbor"), {"type": "null"}]}, **_GATE_FIELDS}},
         "Health": {"type": "object", "required": ["status", "items"], "properties": {
             "status": {"type": "string"}, "items": {"type": "integer"}, "classes": {"type": "integer"},
+            "pid": {"type": "integer", "description": "the server process that answered (one of them, with "
+                    "--workers)"},
             "max_distance": {"type": ["number", "null"]}, "uptime_s": {"type": "number"},
             "adding": {"type": "boolean"}, "max_k": {"type": "integer", "description": "the largest k a query may ask"},
             "in_flight": {"type": "integer", "description": "other requests being read or answered"},
