@@ -158,8 +158,10 @@ def digit_scores(tower, images, embeddings: np.ndarray | None = None, batch_size
     images = torch.as_tensor(images)
     if images.ndim == 2:
         images = images.unsqueeze(0)
-    was = gate.training
-    gate.eval()
+    # (a gate already in eval mode is left as it is: toggling every module costs a lone query more than the gate)
+    was_training = any(m.training for m in gate.modules())
+    if was_training:
+        gate.eval()
     device = torch.device(device)
     out = []
     try:
@@ -171,8 +173,11 @@ def digit_scores(tower, images, embeddings: np.ndarray | None = None, batch_size
                        else tower(x).float())
             out.append(torch.sigmoid(gate(x, emb)).float().cpu())
     finally:
-        gate.train(was)
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        if was_training:
+            gate.train()
+    if not out:
+        return np.zeros(0, np.float32)
+    return (out[0] if len(out) == 1 else torch.cat(out)).numpy()
 
 
 # ---------------------------------------------------------------------------------------------- training
