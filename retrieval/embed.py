@@ -3,6 +3,7 @@ bf16 autocast (retrieval.precision)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -21,6 +22,21 @@ def images_to_input(images: torch.Tensor, device: torch.device | str = "cpu") ->
     return images.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
 
 
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """`module` in eval mode for the block, each submodule's own mode restored after it. Only the submodules in
+    training mode are touched: for a module already in eval mode (a served tower) this costs a lone query nothing,
+    where module.eval() and .train() would walk every submodule twice."""
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield module
+    finally:
+        for m in training:
+            m.training = True
+
+
 @torch.inference_mode()
 def embed_images(
     tower: Tower,
@@ -37,28 +53,22 @@ def embed_images(
     device = torch.device(device) if device is not None else next(tower.parameters()).device
     if precision not in ("fp32", "bf16"):  # auto (resolved ones pass as they are: a warning once, not per call)
         precision = resolve_precision(precision, device)
-    # (a tower already in eval mode is left as it is: toggling every module costs a lone query more than its
-    # convolutions do)
-    was_training = any(m.training for m in tower.modules())
-    if was_training:
-        tower.eval()
     out = np.empty((len(images), tower.embedding_size), dtype=np.float32)
     bar = tqdm(total=len(images), desc=desc, unit="img", leave=False) if show_progress(progress) else None
     try:
-        for start in range(0, len(images), batch_size):
-            # channels-last, as the towers' weights are (retrieval.towers.build_tower)
-            batch = images_to_input(images[start : start + batch_size], device).contiguous(
-                memory_format=torch.channels_last)
-            with autocast(device, precision):
-                emb = tower(batch)
-            out[start : start + len(batch)] = emb.float().cpu().numpy()
-            if bar is not None:
-                bar.update(len(batch))
+        with evaluating(tower):
+            for start in range(0, len(images), batch_size):
+                # channels-last, as the towers' weights are (retrieval.towers.build_tower)
+                batch = images_to_input(images[start : start + batch_size], device).contiguous(
+                    memory_format=torch.channels_last)
+                with autocast(device, precision):
+                    emb = tower(batch)
+                out[start : start + len(batch)] = emb.float().cpu().numpy()
+                if bar is not None:
+                    bar.update(len(batch))
     finally:
         if bar is not None:
             bar.close()
-        if was_training:
-            tower.train()
     return out
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrieval.embed import evaluating
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.towers import PIXEL_MEAN, PIXEL_STD
 
@@ -158,13 +159,9 @@ def digit_scores(tower, images, embeddings: np.ndarray | None = None, batch_size
     images = torch.as_tensor(images)
     if images.ndim == 2:
         images = images.unsqueeze(0)
-    # (a gate already in eval mode is left as it is: toggling every module costs a lone query more than the gate)
-    was_training = any(m.training for m in gate.modules())
-    if was_training:
-        gate.eval()
     device = torch.device(device)
     out = []
-    try:
+    with evaluating(gate):
         for s in range(0, len(images), batch_size):
             x = images[s:s + batch_size].to(device).float().div_(255).unsqueeze(1)
             emb = None
@@ -172,9 +169,6 @@ def digit_scores(tower, images, embeddings: np.ndarray | None = None, batch_size
                 emb = (torch.as_tensor(embeddings[s:s + batch_size], device=device) if embeddings is not None
                        else tower(x).float())
             out.append(torch.sigmoid(gate(x, emb)).float().cpu())
-    finally:
-        if was_training:
-            gate.train()
     if not out:
         return np.zeros(0, np.float32)
     return (out[0] if len(out) == 1 else torch.cat(out)).numpy()

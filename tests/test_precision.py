@@ -300,3 +300,19 @@ def test_precision_reaches_the_tower(command, runs, small_index, tmp_path, monke
     code, out, err = run_cli(capsys, *args, "--device", "cpu", "--precision", "bf16")
     assert code == 0, err
     assert [m for m in log_messages() if "emulated" in m]
+
+
+def test_embedding_leaves_each_module_in_the_mode_it_found_it(runs, data_root):
+    """embed_images runs the tower in eval mode and gives every submodule back its own mode (training, or eval
+    inside a training tower, as the trunk gate's frozen trunk is)."""
+    tower = load_checkpoint(runs["fp32"], device="cpu").tower
+    images = load_dataset("mnist:test", root=data_root, subset=8, seed=3).images
+    tower.train()
+    frozen = tower.backbone[1]  # a batch norm kept in eval mode inside a training tower
+    frozen.eval()
+    modes = [m.training for m in tower.modules()]
+    expected = embed_images(tower.eval(), images, precision="fp32")
+    tower.train()
+    frozen.eval()
+    assert np.array_equal(embed_images(tower, images, precision="fp32"), expected)  # in eval mode meanwhile
+    assert [m.training for m in tower.modules()] == modes
