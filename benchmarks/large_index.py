@@ -18,6 +18,12 @@ Sharded: IVF4096,PQ16x4fs,RFlat over --shard-images of the data, 1 process (2 th
 
     .venv/bin/python benchmarks/large_index.py --checkpoint runs/mnist-default
     .venv/bin/python benchmarks/large_index.py --images 200000 --shard-images 50000 --no-readme   # a quick look
+
+--precisions fp32,bf16 measures only this: the build of IVF1024,Flat over the same images in each precision
+(`retrieval index build --precision P`), the precisions alternating over --repeats rounds, each its own CLI process;
+wall time and the build's own phases, medians, and each precision's ratio to the first.
+
+    .venv/bin/python benchmarks/large_index.py --precisions fp32,bf16 --repeats 2
 """
 
 from __future__ import annotations
@@ -260,12 +266,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--precisions", default="", help="only the builds in each of these precisions, side by side")
     args = parser.parse_args()
     t_all = time.perf_counter()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     args.work.mkdir(parents=True, exist_ok=True)
     folders = make_data(args.work, args.images, args.seed)
     print(f"[start] {machine()}, load {load()}", file=sys.stderr)
+    if args.precisions:
+        lines = precision_builds(args, folders["index"], [p for p in args.precisions.split(",") if p])
+        print("\n".join(lines))
+        if not args.no_readme:
+            append_section(lines)
+        return
 
     builds = {
         "compressed": run_build(args, args.work / "ix-compressed", COMPRESSED, folders["index"]),
@@ -333,6 +346,29 @@ def main() -> None:
     print("\n".join(lines))
     if not args.no_readme:
         append_section(lines)
+
+
+def precision_builds(args, data: Path, precisions: list[str]) -> list[str]:
+    """The same IVF1024,Flat build in each precision, alternating over args.repeats rounds -> the report's lines."""
+    runs: dict[str, list[dict]] = {p: [] for p in precisions}
+    for r in range(args.repeats):
+        for p in (precisions if r % 2 == 0 else precisions[::-1]):
+            runs[p].append(run_build(args, args.work / f"ix-{p}", ON_DISK, data, ["--precision", p]))
+    med = {p: {"wall": statistics.median(b["wall"] for b in bs),
+               "embed": statistics.median(b["phases"]["embed"] for b in bs)} for p, bs in runs.items()}
+    base = precisions[0]
+    lines = [f"## Indexes of a million: the build in each precision ({dt.date.today().isoformat()}, CPU)", "",
+             f"`benchmarks/large_index.py --images {args.images} --precisions {','.join(precisions)} --repeats "
+             f"{args.repeats}`: `retrieval index build --data idx:DIR --factory {ON_DISK} --precision P` of "
+             f"{args.images:,} images (MNIST train+test and seeded affine+elastic copies), checkpoint "
+             f"{args.checkpoint}, each build its own CLI process (2 threads), the precisions alternating; medians. "
+             f"{machine()}; load at the end {load()}.", "",
+             f"| precision | wall | the build's embedding phase (read + embed) | wall / {base}'s | embedding / {base}'s |",
+             "|---|---|---|---|---|"]
+    for p in precisions:
+        lines.append(f"| {p} | {med[p]['wall']:.1f} s | {med[p]['embed']:.1f} s | "
+                     f"{med[p]['wall'] / med[base]['wall']:.2f}x | {med[p]['embed'] / med[base]['embed']:.2f}x |")
+    return lines
 
 
 def summarize(r: dict) -> list[str]:
