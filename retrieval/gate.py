@@ -221,6 +221,7 @@ def train_gate(tower, positives: np.ndarray, negatives: np.ndarray, recipe: Gate
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.15)
     aug = recipe.augmentation()
     pos = torch.as_tensor(positives)
+    pos_classes = torch.as_tensor(positive_labels).long() if recipe.classes else None
     neg = torch.as_tensor(negatives)
     half = recipe.batch_size // 2
     y = torch.cat([torch.ones(half), torch.zeros(recipe.batch_size - half)]).to(device)
@@ -242,7 +243,7 @@ def train_gate(tower, positives: np.ndarray, negatives: np.ndarray, recipe: Gate
                 with torch.no_grad():
                     emb = tower(x).float()
             if recipe.classes:
-                classes = torch.cat([torch.as_tensor(positive_labels)[pi].long(),
+                classes = torch.cat([pos_classes[pi],
                                      torch.full((recipe.batch_size - half,), recipe.classes)])
                 loss = F.cross_entropy(gate.outputs(x, emb), classes[order].to(device))
             else:

@@ -150,13 +150,11 @@ def _reduced_gray(img: Image.Image, factor: int) -> np.ndarray:
         img = img.convert("RGBA")
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _to_gray(img.convert("F").reduce(factor))
-    if img.mode == "RGBA" and _opaque(img):  # the page's canvas export: a grey picture
-        return np.asarray(img.convert("L").reduce(factor), dtype=np.float32)
     if img.mode in ("LA", "RGBA"):
+        if _opaque(img):  # opaque everywhere (the page's canvas export): a grey picture
+            return np.asarray(img.convert("L").reduce(factor), dtype=np.float32)
         alpha = img.getchannel("A")
         gray = img.convert("L") if img.mode != "LA" else img.getchannel("L")
-        if alpha.getextrema()[0] == 255:  # opaque everywhere: a grey picture
-            return np.asarray(gray.reduce(factor), dtype=np.float32)
         a = np.asarray(alpha.reduce(factor), dtype=np.float32) / 255.0
         premultiplied = np.asarray(ImageChops.multiply(gray, alpha).reduce(factor), dtype=np.float32)
         opaque = a > 0.5
@@ -168,10 +166,12 @@ def _reduced_gray(img: Image.Image, factor: int) -> np.ndarray:
     return np.asarray(img.reduce(factor), dtype=np.float32)
 
 
-def _opaque(rgba: Image.Image) -> bool:
-    """Whether every pixel of an RGBA picture is opaque: its pixels read as little-endian 32-bit words hold alpha
-    in the top byte, so the smallest word is at least 0xFF000000 exactly then (one pass, no channel copied)."""
-    return int(np.asarray(rgba).view("<u4").min()) >= 0xFF000000
+def _opaque(img: Image.Image) -> bool:
+    """Whether every pixel of an RGBA or LA picture is opaque: its pixels read as little-endian words (32-bit,
+    16-bit) hold alpha in the top byte, so the smallest word has that byte at 255 exactly then (one pass, no
+    channel copied)."""
+    word = 4 if img.mode == "RGBA" else 2
+    return int(np.asarray(img).view(f"<u{word}").min()) >= 0xFF << (8 * (word - 1))
 
 
 def _working_gray(img: Image.Image) -> tuple[np.ndarray, bool]:
