@@ -431,8 +431,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of each loaded run (wrk)")
     ap.add_argument("--no-wrk", action="store_true", help="use the asyncio client even when wrk is installed")
     ap.add_argument("--baseline-src", help="also measure the server of this source tree, side by side")
-    ap.add_argument("--workers", type=int, default=1, help="`retrieval serve --workers` of this tree's server (the "
-                    "baseline's runs one process)")
+    ap.add_argument("--workers", type=int, default=1, help="`retrieval serve --workers` of this tree's server")
+    ap.add_argument("--baseline-workers", type=int, default=1,
+                    help="`retrieval serve --workers` of the baseline's server (a tree that has the option)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every payload on every server this many times, in turn (medians reported)")
     ap.add_argument("--requests", type=int, default=3000, help="requests per concurrency level (mnist payload)")
@@ -471,7 +472,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         try:
             for variant, src in variants.items():  # all started first; each measured in turn, the others idle
-                servers[variant] = Server(index, src, workers=args.workers if variant == "this tree" else 1)
+                servers[variant] = Server(index, src, workers=args.workers if variant == "this tree"
+                                          else args.baseline_workers)
                 asyncio.run(load(servers[variant].host, servers[variant].port,
                                  http_requests(payloads[names[0]][:1]), 1, 1))
                 if variant == "this tree":
@@ -525,7 +527,8 @@ def main() -> None:
         "",
         f"Machine: {machine()}. `benchmarks/serve.py --payloads {args.payloads} --pictures {args.pictures} "
         f"--duration {args.duration:g} --rounds {args.rounds}"
-        + (f" --workers {args.workers}" if args.workers > 1 else "") + f"`. Tower: {how}. One picture per POST /query "
+        + (f" --workers {args.workers}" if args.workers > 1 else "")
+        + (f" --baseline-workers {args.baseline_workers}" if args.baseline_workers > 1 else "") + f"`. Tower: {how}. One picture per POST /query "
         f"(multipart, k=5), {args.pictures} distinct pictures per payload in rotation; 1 client: {args.one_client} "
         f"sequential requests on one keep-alive connection; {args.many} clients: "
         + ("wrk -t2 --latency (a Lua script rotating the bodies)" if shutil.which("wrk") and not args.no_wrk

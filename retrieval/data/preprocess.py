@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,11 @@ import torch
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import RetrievalError
+
+try:  # libspng: a PNG's pixels as Pillow decodes them, in about half the time (benchmarks/README.md)
+    import pyspng
+except ImportError:  # no wheel for this platform: Pillow decodes every PNG
+    pyspng = None
 
 # Refuse pictures over this many pixels before decoding them (decompression bombs).
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -62,6 +68,9 @@ def decode_image(img: Image.Image, source="image") -> Image.Image:
     resolution the preprocessing uses: a large JPEG at 1/2, 1/4 or 1/8 scale and straight to grey. Checks the
     pixel budget on the declared size first; Pillow's errors pass through (callers name the file)."""
     check_pixel_budget(*img.size, source)
+    plain = _plain_png(img)
+    if plain is not None:
+        return plain
     w, h = img.size
     if getattr(img, "format", None) == "JPEG" and min(w, h) >= 2 * DRAFT_MIN_SIDE:
         scale = min(w, h) // DRAFT_MIN_SIDE
@@ -69,6 +78,44 @@ def decode_image(img: Image.Image, source="image") -> Image.Image:
     img.load()
     ImageOps.exif_transpose(img, in_place=True)
     return img
+
+
+_PLAIN_PNG_MODES = ("L", "RGB", "RGBA")  # (libspng has no grey+alpha output)
+
+
+def _plain_png(img: Image.Image) -> Image.Image | None:
+    """An opened 8-bit grey, RGB or RGBA PNG with no transparency key and no EXIF chunk (a canvas export, a scan, a
+    screenshot), decoded by libspng (pyspng): the same pixels as Pillow's decoder (lossless both). None for any
+    other picture, and where pyspng is missing or fails on the bytes: Pillow then decodes it (and names what is
+    wrong)."""
+    if (pyspng is None or getattr(img, "format", None) != "PNG" or not img.tile or img.mode not in _PLAIN_PNG_MODES
+            or "transparency" in img.info or min(img.size) < ROBUST_MIN_SIDE):  # (small ones: as fast in Pillow)
+        return None
+    img.fp.seek(0)
+    data = img.fp.read()
+    if data[12:16] != b"IHDR" or data[24] != 8 or not _sound_png_chunks(data):  # (IHDR's bit depth)
+        return None
+    try:
+        plain = Image.fromarray(pyspng.load(data))
+    except Exception:  # noqa: BLE001 (untrusted bytes: Pillow's decoder gives the error)
+        return None
+    return plain if plain.mode == img.mode and plain.size == img.size else None
+
+
+def _sound_png_chunks(data: bytes) -> bool:
+    """Whether a PNG's chunks all hold their CRC up to IEND, with no eXIf among them (EXIF may turn the picture).
+    libspng decodes a damaged IDAT where Pillow refuses it; a damaged file goes to Pillow, which names the damage."""
+    view, pos = memoryview(data), 8
+    while pos + 12 <= len(data):
+        end = pos + 12 + int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
+        if end > len(data) or kind == b"eXIf" or zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(
+                view[end - 4 : end], "big"):
+            return False
+        if kind == b"IEND":
+            return True
+        pos = end
+    return False
 
 
 def load_image_file(path: str | os.PathLike) -> torch.Tensor:

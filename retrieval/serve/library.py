@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import faiss
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from retrieval.data.preprocess import PREPROCESSING, check_pixel_budget, preprocess_image
 from retrieval.errors import RetrievalError
@@ -101,11 +101,7 @@ def open_upload(data: bytes, name: str) -> Image.Image:
 def preprocess_upload(img: Image.Image, name: str) -> torch.Tensor:
     """Decode an opened upload and turn it into the uint8 28x28 image the tower sees (the CLI's recipe). Safe to
     run in several threads at once (the pixel budget was checked when the upload was opened)."""
-    try:
-        # A photo is turned upright by its EXIF orientation; otherwise decoding is left to the preprocessing, which
-        # may decode a large JPEG at a reduced size (exif_transpose would decode every picture in full first).
-        if img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
-            img = ImageOps.exif_transpose(img)
+    try:  # decoded as the CLI decodes a file: at the resolution needed, then turned upright by its EXIF orientation
         return preprocess_image(img, source=name)
     except RetrievalError as e:
         raise ServiceError(str(e), 413 if "pixel budget" in str(e) else 400) from None
