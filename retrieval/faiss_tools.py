@@ -358,12 +358,35 @@ def write_lists(index: faiss.Index, path: Path, sources: Sequence | None = None)
     return path.stat().st_size
 
 
+# Faiss scores queries against flat vectors (a flat index, an IVF index's quantizer) one query at a time with its
+# own kernels while the batch is below faiss.cvar.distance_compute_blas_threshold, and through BLAS from there on.
+# Faiss 1.15 counts the batch in floats (queries x dimension) and starts BLAS at 128,000 (2,000 64-d queries), but
+# BLAS is the cheaper per query from a few queries up (benchmarks/README.md): from this many, searches use it. A
+# batch's scores may then differ from one-at-a-time ones in the last bits of a float (as a batched tower forward's
+# embeddings may).
+BLAS_FROM_QUERIES = 4
+
+
 def faiss_search(index: faiss.Index, x: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
-    """index.search, with SearchParameters when given. faiss.contrib.torch_utils (imported by pytorch-metric-learning)
-    replaces Index.search by a torch-aware one without `params`, keeping the numpy one as search_numpy."""
-    if params is None:
-        return index.search(x, k)
-    return getattr(index, "search_numpy", index.search)(x, k, params=params)
+    """index.search, with SearchParameters when given, through BLAS from BLAS_FROM_QUERIES queries.
+    faiss.contrib.torch_utils (imported by pytorch-metric-learning) replaces Index.search by a torch-aware one
+    without `params`, keeping the numpy one as search_numpy."""
+    with blas_threshold(BLAS_FROM_QUERIES * x.shape[1]):
+        if params is None:
+            return index.search(x, k)
+        return getattr(index, "search_numpy", index.search)(x, k, params=params)
+
+
+@contextlib.contextmanager
+def blas_threshold(floats: int):
+    """Faiss's distance_compute_blas_threshold at most `floats` inside the block (a process-wide setting: restored
+    after it, so that other work, k-means training among it, keeps Faiss's own)."""
+    before = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = min(before, floats)
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = before
 
 
 @contextlib.contextmanager

@@ -87,6 +87,40 @@ def test_distances_are_euclidean_for_both_metrics(embedded, test_subset):
         assert ids[:, 0].tolist() == list(range(5))  # each vector finds itself first
 
 
+def test_a_batch_of_queries_is_searched_through_blas_and_faiss_keeps_its_own_setting():
+    """From BLAS_FROM_QUERIES queries a flat search goes through Faiss's BLAS kernels (cheaper per query there), a
+    lone query through Faiss's one-at-a-time ones; the process-wide setting is Faiss's own again after the search."""
+    import faiss
+
+    from retrieval.embedding_index import as_unit_float32
+    from retrieval.faiss_tools import BLAS_FROM_QUERIES
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = build_index(x, np.zeros(5000, np.int64), ["a"], [None] * 5000)
+    queries = x[:BLAS_FROM_QUERIES] + 0.1 * rng.standard_normal((BLAS_FROM_QUERIES, 64)).astype(np.float32)
+    own = faiss.cvar.distance_compute_blas_threshold
+
+    def raw(q, threshold):  # Faiss itself, its path forced; distances as EmbeddingIndex gives them
+        faiss.cvar.distance_compute_blas_threshold = threshold
+        try:
+            scores, ids = index.index.search(as_unit_float32(q), 5)  # (the queries as EmbeddingIndex.search scales them)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = own
+        return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * scores)).astype(np.float32), ids
+
+    blas, one_by_one = raw(queries, 1), raw(queries, 2**30)
+    assert not np.array_equal(blas[0], one_by_one[0])  # the two paths round differently: the test can tell them
+    batch = index.search(queries, 5)
+    lone = [index.search(q[None], 5) for q in queries]
+    np.testing.assert_array_equal(batch[0], blas[0])
+    np.testing.assert_array_equal(batch[1], blas[1])
+    np.testing.assert_array_equal(np.concatenate([d for d, _ in lone]), one_by_one[0])
+    np.testing.assert_array_equal(np.concatenate([i for _, i in lone]), one_by_one[1])
+    assert faiss.cvar.distance_compute_blas_threshold == own
+
+
 def test_k_beyond_index_size_pads_with_missing(embedded, test_subset):
     _, emb = embedded
     index = build_index(emb[:6], test_subset.labels.numpy()[:6], test_subset.classes, test_subset.sources[:6])
