@@ -105,7 +105,7 @@ def test_a_batch_of_queries_is_searched_through_blas_and_faiss_keeps_its_own_set
     def raw(q, threshold):  # Faiss itself, its path forced; distances as EmbeddingIndex gives them
         faiss.cvar.distance_compute_blas_threshold = threshold
         try:
-            scores, ids = index.index.search(as_unit_float32(q), 5)  # (the queries as EmbeddingIndex.search scales them)
+            scores, ids = index.index.search(as_unit_float32(q), 5)  # (scaled as EmbeddingIndex.search does)
         finally:
             faiss.cvar.distance_compute_blas_threshold = own
         return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * scores)).astype(np.float32), ids

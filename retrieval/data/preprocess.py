@@ -25,10 +25,11 @@ from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 from retrieval.errors import RetrievalError
 
-try:  # libspng: a PNG's pixels as Pillow decodes them, in about half the time (benchmarks/README.md)
-    import pyspng
-except ImportError:  # no wheel for this platform: Pillow decodes every PNG
-    pyspng = None
+try:  # libpng through imagecodecs: a PNG's pixels as Pillow decodes them, in about half the time, and without
+    # holding the interpreter lock (benchmarks/README.md)
+    from imagecodecs import png_decode
+except ImportError:  # not installed: Pillow decodes every PNG
+    png_decode = None
 
 # Refuse pictures over this many pixels before decoding them (decompression bombs).
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -80,15 +81,15 @@ def decode_image(img: Image.Image, source="image") -> Image.Image:
     return img
 
 
-_PLAIN_PNG_MODES = ("L", "RGB", "RGBA")  # (libspng has no grey+alpha output)
+_PLAIN_PNG_MODES = ("L", "LA", "RGB", "RGBA")
 
 
 def _plain_png(img: Image.Image) -> Image.Image | None:
-    """An opened 8-bit grey, RGB or RGBA PNG with no transparency key and no EXIF chunk (a canvas export, a scan, a
-    screenshot), decoded by libspng (pyspng): the same pixels as Pillow's decoder (lossless both). None for any
-    other picture, and where pyspng is missing or fails on the bytes: Pillow then decodes it (and names what is
-    wrong)."""
-    if (pyspng is None or getattr(img, "format", None) != "PNG" or not img.tile or img.mode not in _PLAIN_PNG_MODES
+    """An opened 8-bit grey or colour PNG, with or without alpha, no transparency key and no EXIF chunk (a canvas
+    export, a scan, a screenshot), decoded by libpng (imagecodecs): the same pixels as Pillow's decoder (lossless
+    both). None for any other picture, and where imagecodecs is missing or fails on the bytes: Pillow then
+    decodes it (and names what is wrong)."""
+    if (png_decode is None or getattr(img, "format", None) != "PNG" or not img.tile or img.mode not in _PLAIN_PNG_MODES
             or "transparency" in img.info or min(img.size) < ROBUST_MIN_SIDE):  # (small ones: as fast in Pillow)
         return None
     img.fp.seek(0)
@@ -96,15 +97,15 @@ def _plain_png(img: Image.Image) -> Image.Image | None:
     if data[12:16] != b"IHDR" or data[24] != 8 or not _sound_png_chunks(data):  # (IHDR's bit depth)
         return None
     try:
-        plain = Image.fromarray(pyspng.load(data))
+        plain = Image.fromarray(png_decode(data))
     except Exception:  # noqa: BLE001 (untrusted bytes: Pillow's decoder gives the error)
         return None
     return plain if plain.mode == img.mode and plain.size == img.size else None
 
 
 def _sound_png_chunks(data: bytes) -> bool:
-    """Whether a PNG's chunks all hold their CRC up to IEND, with no eXIf among them (EXIF may turn the picture).
-    libspng decodes a damaged IDAT where Pillow refuses it; a damaged file goes to Pillow, which names the damage."""
+    """Whether a PNG's chunks all hold their CRC up to IEND, with no eXIf among them (EXIF may turn the picture). A
+    damaged file goes to Pillow, which names the damage."""
     view, pos = memoryview(data), 8
     while pos + 12 <= len(data):
         end = pos + 12 + int.from_bytes(view[pos : pos + 4], "big")
