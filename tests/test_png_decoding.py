@@ -8,9 +8,10 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from retrieval.data.preprocess import _plain_png, load_image_file
+from retrieval.data.preprocess import _plain_png, load_image_file, preprocess_image
 from retrieval.errors import RetrievalError
 
 
@@ -55,6 +56,17 @@ def test_plain_pngs_decode_to_pillows_pixels(drawing, mode, params):
         want = _pillow(variant)
         assert decoded.mode == want.mode and decoded.size == want.size
         assert np.array_equal(np.asarray(decoded), np.asarray(want))
+
+
+@pytest.mark.parametrize("size", [(150, 120), (100, 90)])  # reduced before the ink is looked for, and not
+def test_an_opaque_rgba_png_is_its_colour_and_preprocessed_as_pillows(drawing, size):
+    opaque = drawing.resize(size)
+    opaque.putalpha(255)
+    data = _png(opaque)
+    decoded, want = _plain_png(Image.open(io.BytesIO(data))), _pillow(data)
+    assert decoded.mode == "RGBX" and want.mode == "RGBA"
+    assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(want.convert("RGB")))
+    assert torch.equal(preprocess_image(decoded), preprocess_image(want))
 
 
 def test_other_pngs_are_left_to_pillow(drawing):

@@ -87,8 +87,9 @@ _PLAIN_PNG_MODES = ("L", "LA", "RGB", "RGBA")
 def _plain_png(img: Image.Image) -> Image.Image | None:
     """An opened 8-bit grey or colour PNG, with or without alpha, no transparency key and no EXIF chunk (a canvas
     export, a scan, a screenshot), decoded by libpng (imagecodecs): the same pixels as Pillow's decoder (lossless
-    both). None for any other picture, and where imagecodecs is missing or fails on the bytes: Pillow then
-    decodes it (and names what is wrong)."""
+    both; an RGBA PNG opaque everywhere as its RGBX colour, which preprocesses as the RGBA does). None for any
+    other picture, and where imagecodecs is missing or fails on the bytes: Pillow then decodes it (and names what
+    is wrong)."""
     if (png_decode is None or getattr(img, "format", None) != "PNG" or not img.tile or img.mode not in _PLAIN_PNG_MODES
             or "transparency" in img.info or min(img.size) < ROBUST_MIN_SIDE):  # (small ones: as fast in Pillow)
         return None
@@ -97,9 +98,13 @@ def _plain_png(img: Image.Image) -> Image.Image | None:
     if data[12:16] != b"IHDR" or data[24] != 8 or not _sound_png_chunks(data):  # (IHDR's bit depth)
         return None
     try:
-        plain = Image.fromarray(png_decode(data))
+        pixels = png_decode(data)
     except Exception:  # noqa: BLE001 (untrusted bytes: Pillow's decoder gives the error)
         return None
+    if img.mode == "RGBA" and pixels.shape == (img.height, img.width, 4) and _opaque(pixels):
+        # opaque everywhere (the page's canvas export): its colour alone, the pixels not copied
+        return Image.frombuffer("RGBX", img.size, pixels, "raw", "RGBX", 0, 1)
+    plain = Image.fromarray(pixels)
     return plain if plain.mode == img.mode and plain.size == img.size else None
 
 
@@ -199,7 +204,7 @@ def _reduced_gray(img: Image.Image, factor: int) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _to_gray(img.convert("F").reduce(factor))
     if img.mode in ("LA", "RGBA"):
-        if _opaque(img):  # opaque everywhere (the page's canvas export): a grey picture
+        if _opaque(np.asarray(img)):  # opaque everywhere (the page's canvas export): a grey picture
             return np.asarray(img.convert("L").reduce(factor), dtype=np.float32)
         alpha = img.getchannel("A")
         gray = img.convert("L") if img.mode != "LA" else img.getchannel("L")
@@ -214,12 +219,12 @@ def _reduced_gray(img: Image.Image, factor: int) -> np.ndarray:
     return np.asarray(img.reduce(factor), dtype=np.float32)
 
 
-def _opaque(img: Image.Image) -> bool:
-    """Whether every pixel of an RGBA or LA picture is opaque: its pixels read as little-endian words (32-bit,
-    16-bit) hold alpha in the top byte, so the smallest word has that byte at 255 exactly then (one pass, no
-    channel copied)."""
-    word = 4 if img.mode == "RGBA" else 2
-    return int(np.asarray(img).view(f"<u{word}").min()) >= 0xFF << (8 * (word - 1))
+def _opaque(pixels: np.ndarray) -> bool:
+    """Whether every pixel of RGBA or LA pixels (h, w, 4 or 2 uint8) is opaque: read as little-endian words
+    (32-bit, 16-bit) they hold alpha in the top byte, so the smallest word has that byte at 255 exactly then (one
+    pass, no channel copied)."""
+    word = pixels.shape[-1]
+    return int(np.ascontiguousarray(pixels).view(f"<u{word}").min()) >= 0xFF << (8 * (word - 1))
 
 
 def _working_gray(img: Image.Image) -> tuple[np.ndarray, bool]:
