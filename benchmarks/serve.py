@@ -528,9 +528,10 @@ def main() -> None:
         f"Machine: {machine()}. `benchmarks/serve.py --payloads {args.payloads} --pictures {args.pictures} "
         f"--duration {args.duration:g} --rounds {args.rounds}"
         + (f" --workers {args.workers}" if args.workers > 1 else "")
-        + (f" --baseline-workers {args.baseline_workers}" if args.baseline_workers > 1 else "") + f"`. Tower: {how}. One picture per POST /query "
-        f"(multipart, k=5), {args.pictures} distinct pictures per payload in rotation; 1 client: {args.one_client} "
-        f"sequential requests on one keep-alive connection; {args.many} clients: "
+        + (f" --baseline-workers {args.baseline_workers}" if args.baseline_workers > 1 else "")
+        + f"`. Tower: {how}. One picture per POST /query (multipart, k=5), {args.pictures} distinct pictures per "
+        f"payload in rotation; 1 client: {args.one_client} sequential requests on one keep-alive connection; "
+        f"{args.many} clients: "
         + ("wrk -t2 --latency (a Lua script rotating the bodies)" if shutil.which("wrk") and not args.no_wrk
            else "the asyncio client") +
         f", {args.duration:g} s. Decode + preprocess: the service's decode_upload on 60 of the pictures twice, one "
