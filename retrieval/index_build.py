@@ -10,7 +10,7 @@ dataset specs and the tower that embeds them, or vectors already embedded), in n
    in both. The index's training sample (`train_size` rows of all, retrieval.faiss_tools.training_sample) is
    chosen and checked before anything is embedded.
 2. embed: each rank reads and embeds its chunks one at a time (a folder's pictures are decoded and preprocessed
-   on a thread per core, retrieval.data.preprocess.load_image_files; reading is timed apart, "read" in the
+   by a process or thread per core, retrieval.data.preprocess.load_image_files; reading is timed apart, "read" in the
    build's seconds). An index without training (Flat, HNSW) is filled as the chunks come; a trained one (IVF, PQ,
    OPQ, ...) spools the embeddings to a temp file and keeps the rows of the training sample.
 3. train: the sample is gathered on rank 0 in row order; rank 0 trains the empty index once (seeded k-means) and
@@ -44,7 +44,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from retrieval.data.preprocess import decode_workers
+from retrieval.data.preprocess import decode_workers, decoding_pool
 from retrieval.embedding_index import EmbeddingIndex, new_index_meta, normalize_factory, prototypes_from_sums
 from retrieval.errors import RetrievalError, UsageError
 from retrieval.faiss_tools import (
@@ -220,8 +220,10 @@ def embed_shares(state: BuildState) -> None:
     state.seconds["embed"] = time.perf_counter() - t0 - reading
     if state.rank == 0 and rows.pictures:
         where = f" (this process's {stop - start:,} rows)" if state.world > 1 else ""
+        pool = decoding_pool(min(rows.chunk_size, stop - start), decode_workers())
+        decoders = f"{decode_workers()} {pool}" if pool else "1 thread"
         logger.info(f"decoded and preprocessed {stop - start:,} pictures in {reading:.1f}s "
-                    f"({(stop - start) / max(reading, 1e-9):,.0f} images/s, {decode_workers()} threads){where}")
+                    f"({(stop - start) / max(reading, 1e-9):,.0f} images/s, {decoders}){where}")
 
 
 def count_rows(state: BuildState) -> None:

@@ -234,6 +234,27 @@ def test_folder_pictures_load_in_order_on_several_threads(tmp_path, pictures):
             assert torch.equal(a, b) and torch.equal(b, load_image_file(p))
 
 
+def test_many_folder_pictures_load_in_order_in_worker_processes(tmp_path, pictures):
+    """From PROCESS_MIN_PICTURES pictures on (Linux), forked processes decode them: the same images, in order, a
+    broken file's error in its place."""
+    from retrieval.data.preprocess import PROCESS_MIN_PICTURES, decoding_pool
+
+    files = pictures["canvas"] + [data for _, data in pictures["scan"]]
+    paths = []
+    for i in range(PROCESS_MIN_PICTURES):
+        paths.append(tmp_path / f"p{i:03d}.png")
+        paths[-1].write_bytes(files[i % len(files)])
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    paths.insert(7, tmp_path / "broken.png")
+    if decoding_pool(len(paths), 2) != "processes":
+        pytest.skip("worker processes decode pictures on Linux only")
+    many = load_image_files(paths, workers=2)
+    assert isinstance(many[7], RetrievalError) and "broken.png: not a readable image" in str(many[7])
+    for got, path in zip(many, paths):
+        if path.name != "broken.png":
+            assert torch.equal(got, load_image_file(path))
+
+
 # -- through `retrieval query` ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_index(untrained_run, tmp_path_factory):

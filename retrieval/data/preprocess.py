@@ -12,10 +12,12 @@ as soon as they are grey. There the background is flattened and the ink found ro
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 import warnings
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -147,30 +149,59 @@ def load_image_file(path: str | os.PathLike) -> torch.Tensor:
     return preprocess_image(img, source=str(path))
 
 
+# A picture's preprocessing is dozens of small numpy calls, each giving up the interpreter lock and taking it back:
+# decoding threads mostly wait for one another (two decode a folder of canvas PNGs slower than one,
+# benchmarks/README.md). From this many pictures on, they are decoded in forked worker processes instead (Linux:
+# a fork costs milliseconds and shares the parent's memory; the workers run no torch or OpenMP code, as
+# torch's DataLoader workers do not).
+PROCESS_MIN_PICTURES = 256
+
+
 def decode_workers() -> int:
-    """Threads for decoding many pictures: the CPUs this process may use."""
+    """Decoders (processes or threads) for many pictures: the CPUs this process may use."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
 
 
+def decoding_pool(count: int, workers: int) -> str | None:
+    """How load_image_files decodes `count` pictures with `workers` decoders: "processes", "threads" or None
+    (in this thread)."""
+    if workers == 1 or count < 2 * workers:
+        return None
+    if count >= PROCESS_MIN_PICTURES and sys.platform.startswith("linux"):
+        return "processes"
+    return "threads"
+
+
+def _loaded(path) -> torch.Tensor | RetrievalError:
+    try:
+        return load_image_file(path)
+    except RetrievalError as e:
+        return e
+
+
+def _loaded_array(path) -> np.ndarray | RetrievalError:
+    loaded = _loaded(path)
+    return loaded.numpy() if isinstance(loaded, torch.Tensor) else loaded
+
+
 def load_image_files(paths: Sequence[str | os.PathLike], workers: int | None = None
                      ) -> list[torch.Tensor | RetrievalError]:
-    """load_image_file of every path, in order, on a pool of `workers` threads (default: decode_workers(); the
-    decoders and most of the array work release the GIL). A file that cannot be read gives its RetrievalError in
-    its place instead of stopping the others."""
-    def one(path):
-        try:
-            return load_image_file(path)
-        except RetrievalError as e:
-            return e
-
+    """load_image_file of every path, in order, on `workers` decoders (default: decode_workers()): forked
+    processes for many pictures, threads for a few (decoding_pool). A file that cannot be read gives its
+    RetrievalError in its place instead of stopping the others."""
     workers = decode_workers() if workers is None else max(1, int(workers))
-    if workers == 1 or len(paths) < 2 * workers:
-        return [one(p) for p in paths]
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
-        return list(pool.map(one, paths, chunksize=16))
+    pool = decoding_pool(len(paths), workers)
+    if pool is None:
+        return [_loaded(p) for p in paths]
+    if pool == "threads":
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as threads:
+            return list(threads.map(_loaded, paths, chunksize=16))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as processes:
+        return [torch.from_numpy(r) if isinstance(r, np.ndarray) else r
+                for r in processes.map(_loaded_array, paths, chunksize=32)]
 
 
 # -- grey levels -----------------------------------------------------------------------------------------------------
