@@ -18,6 +18,7 @@ renders them); a refused picture counts as a miss. Families HELD_OUT there are r
     .venv/bin/python benchmarks/pictures.py --quality --runs runs/mnist-default runs/mnist-robust --subset 1000
     git archive <commit> | tar -x -C /tmp/base-src     # the speed against another tree's picture path:
     .venv/bin/python benchmarks/pictures.py --baseline-src /tmp/base-src --repeats 8
+    .venv/bin/python benchmarks/pictures.py --baseline-src /tmp/base-src --folder 4000 --payloads canvas,photo
 """
 
 from __future__ import annotations
@@ -138,6 +139,33 @@ def speed(files, repeats: int, baseline_src: Path | None = None) -> dict:
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
+def folder_speed(files, count: int, rounds: int, baseline_src: Path) -> dict:
+    """Pictures/s of load_image_files over `count` files (the payload's pictures in turn, in a temporary folder):
+    this tree's on its default decoders and on one, and the baseline tree's on its default decoders; the three
+    in turn, `rounds` times (medians)."""
+    import tempfile
+
+    from retrieval.data.preprocess import decode_workers, load_image_files
+
+    before = baseline_module(baseline_src)
+    with tempfile.TemporaryDirectory(prefix="pictures-folder-") as tmp:
+        paths = []
+        for i in range(count):
+            data = files[i % len(files)][1]
+            suffix = ".jpg" if data[:2] == b"\xff\xd8" else ".png"
+            paths.append(Path(tmp) / f"{i:06d}{suffix}")
+            paths[-1].write_bytes(data)
+        ways = {"now": lambda: load_image_files(paths), "now, 1 decoder": lambda: load_image_files(paths, workers=1),
+                "before": lambda: before.load_image_files(paths)}
+        rates = {k: [] for k in ways}
+        for r in range(rounds):
+            for key, fn in (list(ways.items()) if r % 2 == 0 else list(ways.items())[::-1]):
+                t0 = time.perf_counter()
+                fn()
+                rates[key].append(count / (time.perf_counter() - t0))
+    return {**{k: statistics.median(v) for k, v in rates.items()}, "decoders": decode_workers()}
+
+
 # -- quality ----------------------------------------------------------------------------------------------------------
 def quality(run: Path, families: list[str], subset: int, root, device: str) -> dict:
     """{family: {"before": (precision@1, refused), "now": (...)}} on the run's selection split."""
@@ -198,6 +226,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--baseline-src", type=Path, help="speed: compare with the picture path of this source tree "
                     "(e.g. `git archive <commit> | tar -x -C DIR`) instead of the path before issue 25")
+    ap.add_argument("--folder", type=int, default=0, metavar="N",
+                    help="speed: instead, pictures/s of load_image_files over N files of each payload (a folder, as "
+                    "`index build --data folder:DIR` reads it), against --baseline-src's")
+    ap.add_argument("--rounds", type=int, default=3, help="--folder: rounds (medians reported)")
     ap.add_argument("--write", action="store_true", help="append the table to benchmarks/history.md")
     args = ap.parse_args()
 
@@ -233,6 +265,25 @@ def main() -> None:
         if unknown:
             ap.error(f"--payloads: unknown {sorted(unknown)}; expected some of {', '.join(PAYLOADS)}")
         files = payloads(args.pictures, names, args.root)
+        if args.folder:
+            if not args.baseline_src:
+                ap.error("--folder needs --baseline-src (a tree whose preprocess.py has load_image_files)")
+            lines = [f"## Picture folders decoded, this tree vs another ({today}, CPU)", "",
+                     f"Machine: {machine()}. `benchmarks/pictures.py --folder {args.folder} --rounds {args.rounds} "
+                     f"--pictures {args.pictures}`: load_image_files over {args.folder:,} files of each payload (its "
+                     f"{args.pictures} distinct pictures in turn), pictures/s, medians of {args.rounds} rounds, the "
+                     f"three ways in turn. Before: the source tree {args.baseline_src}.", "",
+                     "| payload | now, default decoders | now, 1 decoder | before, default decoders | now / before |",
+                     "|---|---:|---:|---:|---:|"]
+            for name in names:
+                r = folder_speed(files[name], args.folder, args.rounds, args.baseline_src)
+                lines.append(f"| {name} | {r['now']:,.0f} ({r['decoders']}) | {r['now, 1 decoder']:,.0f} | "
+                             f"{r['before']:,.0f} | {r['now'] / r['before']:.2f}x |")
+                print(lines[-1], flush=True)
+            print("\n".join(lines))
+            if args.write:
+                append_section(lines)
+            return
         lines = [f"## Picture path speed, before and after issue 25 ({today}, CPU, one thread)", "",
                  f"Machine: {machine()}. `benchmarks/pictures.py --pictures {args.pictures} --repeats {args.repeats}`: "
                  "decode + preprocess of one picture file's bytes, median ms over the payload's distinct pictures x "
