@@ -170,7 +170,8 @@ def decoding_pool(count: int, workers: int) -> str | None:
     (in this thread)."""
     if workers == 1 or count < 2 * workers:
         return None
-    if count >= PROCESS_MIN_PICTURES and sys.platform.startswith("linux"):
+    if (count >= PROCESS_MIN_PICTURES and sys.platform.startswith("linux")
+            and not multiprocessing.current_process().daemon):  # (a daemon process may not have children)
         return "processes"
     return "threads"
 
