@@ -152,8 +152,8 @@ def load_image_file(path: str | os.PathLike) -> torch.Tensor:
 # A picture's preprocessing is dozens of small numpy calls, each giving up the interpreter lock and taking it back:
 # decoding threads mostly wait for one another (two decode a folder of canvas PNGs slower than one,
 # benchmarks/README.md). From this many pictures on, they are decoded in forked worker processes instead (Linux:
-# a fork costs milliseconds and shares the parent's memory; the workers run no torch or OpenMP code, as
-# torch's DataLoader workers do not).
+# a fork costs milliseconds and shares the parent's memory, as torch's DataLoader workers do; the workers only
+# decode and preprocess, which starts none of torch's thread pools).
 PROCESS_MIN_PICTURES = 256
 
 
