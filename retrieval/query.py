@@ -32,6 +32,7 @@ from retrieval.faiss_tools import search_parameters
 from retrieval.gate import DIGIT_CLASSES, FAR_FROM_EVERY_CLASS, NOT_A_DIGIT, digit_scores, gate_threshold
 from retrieval.index import EmbeddingIndex, load_index, load_index_tower
 from retrieval.precision import matching_precision
+from retrieval.towers import Tower
 
 logger = logging.getLogger(__name__)
 
@@ -173,10 +174,13 @@ def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache
 class Searcher:
     """An index with the tower that built it: embeds query images and answers nearest-neighbour queries.
 
-    precision: the queries' (retrieval.precision); auto follows the index's where this device runs it natively."""
+    precision: the queries' (retrieval.precision); auto follows the index's where this device runs it natively.
+    prepared: (precision, tower as retrieval.embed.inference_tower prepared it for that precision) of another
+    Searcher of the same tower: reused when this one embeds in that precision (prepared here otherwise)."""
 
     def __init__(self, index: EmbeddingIndex, tower, device="cpu", max_distance: float | None = None,
-                 batch_size: int | None = None, search_params: str | None = None, precision: str | None = "auto"):
+                 batch_size: int | None = None, search_params: str | None = None, precision: str | None = "auto",
+                 prepared: tuple[str, Tower] | None = None):
         if max_distance is not None and not max_distance >= 0:
             raise UsageError(f"`max_distance` must be a distance >= 0, got {max_distance}")
         if search_params:
@@ -189,7 +193,8 @@ class Searcher:
             index.use_device(self.device)  # Faiss on the GPU too, where its build has GPU support (asked once)
         self.batch_size = batch_size if batch_size is not None else default_batch_size(self.device)
         self.precision = matching_precision(precision, self.device, index.meta.get("precision"), "queries")
-        self.embedding_tower = inference_tower(tower, self.precision)
+        self.embedding_tower = (prepared[1] if prepared is not None and prepared[0] == self.precision
+                                else inference_tower(tower, self.precision))
         if max_distance is None:
             max_distance = (index.meta.get("calibration") or {}).get("max_distance")
         self.max_distance = None if max_distance is None else float(max_distance)

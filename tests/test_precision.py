@@ -238,6 +238,26 @@ def test_index_records_its_precision_and_queries_and_additions_follow_it(tmp_pat
     assert Searcher.open(tmp_path / "bf16").precision == "fp32"
 
 
+def test_a_searcher_view_reuses_the_tower_prepared_for_its_precision(tmp_path, runs, monkeypatch, data_root):
+    """The service's per-threshold view of its searcher (serve.library.searcher_for) embeds with the tower the
+    searcher prepared, not a copy made for every batch; in another precision it prepares its own. Either way it
+    embeds as a Searcher of its own precision does."""
+    from retrieval.serve.library import searcher_for
+
+    monkeypatch.delenv("RETRIEVAL_PRECISION", raising=False)
+    build_index(runs["fp32"], Selection(["mnist:test"], subset=100), tmp_path / "ix",
+                compute=Compute(device="cpu", precision="bf16"))
+    simulate_cpu(monkeypatch, bf16_units=True)
+    images = load_dataset("mnist:test", root=data_root, subset=8, seed=4).images
+    for precision in ("auto", "fp32"):
+        searcher = Searcher.open(tmp_path / "ix", precision=precision)
+        view = searcher_for(searcher, max_distance=0.5)
+        assert view.precision == "bf16" and view.max_distance == 0.5
+        assert (view.embedding_tower is searcher.embedding_tower) == (searcher.precision == "bf16")
+        own = Searcher(view.index, view.tower, precision="bf16")
+        assert np.array_equal(view.embed(images), own.embed(images))
+
+
 def test_cli_index_build_records_the_precision(tmp_path, runs, capsys):
     code, out, err = run_cli(capsys, "index", "build", "--checkpoint", runs["bf16"], "--data", "mnist:test",
                              "--subset", "50", "--out", tmp_path / "index", "--precision", "fp32", "--device", "cpu",

@@ -55,9 +55,11 @@ def open_index(folder, *, device: str = "cpu", checkpoint=None, max_distance: fl
 
 def searcher_for(searcher, index=None, max_distance: float | None = None):
     """A Searcher sharing `searcher`'s tower, on `index` (default: the same index) with the distance threshold
-    `max_distance` (None: the index's calibrated threshold, if any)."""
+    `max_distance` (None: the index's calibrated threshold, if any); the tower `searcher` prepared for embedding
+    is reused, not copied again for every batch that names a threshold."""
     return Searcher(searcher.index if index is None else index, searcher.tower, device=searcher.device,
-                    max_distance=max_distance, batch_size=searcher.batch_size)
+                    max_distance=max_distance, batch_size=searcher.batch_size,
+                    prepared=(searcher.precision, searcher.embedding_tower))
 
 
 def set_compute_threads(threads: int) -> dict:
