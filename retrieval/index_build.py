@@ -220,8 +220,9 @@ def embed_shares(state: BuildState) -> None:
     state.seconds["embed"] = time.perf_counter() - t0 - reading
     if state.rank == 0 and rows.pictures:
         where = f" (this process's {stop - start:,} rows)" if state.world > 1 else ""
-        pool = decoding_pool(min(rows.chunk_size, stop - start), decode_workers())
-        decoders = f"{decode_workers()} {pool}" if pool else "1 thread"
+        workers = decode_workers()
+        pool = decoding_pool(min(rows.chunk_size, stop - start), workers)
+        decoders = f"{workers} {pool}" if pool else "1 thread"
         logger.info(f"decoded and preprocessed {stop - start:,} pictures in {reading:.1f}s "
                     f"({(stop - start) / max(reading, 1e-9):,.0f} images/s, {decoders}){where}")
 
