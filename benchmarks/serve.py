@@ -295,8 +295,9 @@ def wrk_load(host: str, port: int, pictures, clients: int, seconds: float, workd
     script = workdir / "rotate.lua"
     script.write_text(WRK_SCRIPT)
     env = {**os.environ, "BENCH_DIR": str(bodies), "BENCH_N": str(len(pictures)), "BENCH_BOUNDARY": BOUNDARY}
-    proc = subprocess.run(["wrk", f"-t{min(2, clients)}", f"-c{clients}", f"-d{seconds:g}s", "--latency", "--timeout", "10s",
-                           "-s", str(script), f"http://{host}:{port}"], capture_output=True, text=True, env=env)
+    proc = subprocess.run(["wrk", f"-t{min(2, clients)}", f"-c{clients}", f"-d{seconds:g}s", "--latency",
+                           "--timeout", "10s", "-s", str(script), f"http://{host}:{port}"],
+                          capture_output=True, text=True, env=env)
     text = proc.stdout
     if proc.returncode != 0 or "Requests/sec" not in text:
         sys.exit(f"wrk failed ({proc.returncode}):\n{text}\n{proc.stderr}")
