@@ -356,3 +356,31 @@ def test_light_ink_on_a_light_background_is_not_inverted(digits, references):
             (64, 64), Image.Resampling.BILINEAR), np.float32)).astype(np.uint8)))
         assert _similarity(references[i], _both(dark_on_grey)[1]) > 0.8, i
     assert old_wrong >= len(digits) // 2
+
+
+def _with_dark_margins(digit: np.ndarray, widths: tuple[int, int], axis: int) -> bytes:
+    """A black-on-white 112 px drawing of the digit whose two opposite margins (left and right: axis 1; top and
+    bottom: axis 0) are dark bands `widths` px wide, as a scanner leaves them (JPEG)."""
+    page = 255.0 - np.asarray(Image.fromarray(digit).resize((112, 112), Image.Resampling.BILINEAR), np.float32)
+    page = page if axis == 1 else page.T
+    page[:, :widths[0]] = 25.0
+    page[:, 112 - widths[1]:] = 25.0
+    return _jpeg(Image.fromarray((page if axis == 1 else page.T).astype(np.uint8)), 90)
+
+
+def test_margin_bands_are_levelled_onto_the_paper(digits, references):
+    """Two opposite margins of another level than the paper (MNIST-C's stripes: inverted bands, the digit's ink
+    crossing into them; a scanner's dark margins) were read as the background, and the paper between them as one
+    block of ink; now the bands are brought to the paper's level first. Pictures without them are untouched (the
+    tests above)."""
+    from retrieval.data.pictures import render
+
+    old_wrong = 0
+    for i, d in enumerate(digits):
+        before, now = _both(render(d, "mnistc-stripe", seed=i).data)
+        assert now is not None and _similarity(references[i], now) > 0.8, i
+        old_wrong += before is None or _similarity(references[i], before) < 0.5
+        for axis in (0, 1):
+            margins = _with_dark_margins(d, (10 + i % 5, 14 - i % 3), axis)
+            assert _similarity(references[i], _both(margins)[1]) > 0.8, (i, axis)
+    assert old_wrong >= len(digits) // 2

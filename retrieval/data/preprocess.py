@@ -7,7 +7,9 @@
 Pictures smaller than ROBUST_MIN_SIDE on their short side are taken as they are (the ink is what differs from
 the border's colour). Larger ones (photos, scans, canvas exports) are worked on at about WORK_SIDE pixels, the
 resolution a 20x20 digit needs: JPEGs are decoded at a reduced scale (Image.draft), other pictures are box-reduced
-as soon as they are grey. There the background is flattened and the ink found robustly (`_robust_ink`).
+as soon as they are grey. There the background is flattened and the ink found robustly (`robust_ink`). Two
+opposite margin bands of another level than the paper (a scanner's dark margins) are first brought to the paper's
+level (`margins_levelled`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
+from retrieval.data.ink import (MARGIN_MIN_SIDE, border, margins_levelled, marks, median, percentiles,
+                                robust_ink)
 from retrieval.errors import RetrievalError
 
 try:  # libpng through imagecodecs: a PNG's pixels as Pillow decodes them, in about half the time, and without
@@ -50,8 +54,8 @@ def check_pixel_budget(w: int, h: int, source) -> None:
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
-PREPROCESSING = ("mnist-28x28: gray, invert light background, flatten uneven background, drop noise and specks, "
-                 "crop ink, fit 20x20, centre of mass in 28x28")
+PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background, flatten uneven background, "
+                 "drop noise and specks, crop ink, fit 20x20, centre of mass in 28x28")
 
 # Pictures at least this many pixels on their short side get the background flattened and the ink found robustly
 # (photos, scans, canvases); smaller ones are taken as they are (icons, already-small digits).
@@ -61,8 +65,6 @@ ROBUST_MIN_SIDE = 32
 WORK_SIDE = 112
 # JPEGs are decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) as long as the short side stays at least this.
 DRAFT_MIN_SIDE = 64
-# The background is estimated on a copy of about this short side (it varies slowly).
-BACKGROUND_SIDE = 32
 
 
 # -- decoding --------------------------------------------------------------------------------------------------------
@@ -269,158 +271,6 @@ def _working_gray(img: Image.Image) -> tuple[np.ndarray, bool]:
     return (_reduced_gray(img, factor) if factor > 1 else _to_gray(img)), True
 
 
-# -- finding the ink -------------------------------------------------------------------------------------------------
-def _otsu(values: np.ndarray, bins: int = 64) -> float:
-    """Otsu's threshold of `values` (the level that best splits them into two classes)."""
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return hi
-    hist = np.bincount(np.minimum(((values - lo) * (bins / (hi - lo))).astype(np.int64), bins - 1).ravel(),
-                       minlength=bins).astype(np.float64)
-    p = hist / hist.sum()
-    mids = lo + (np.arange(bins) + 0.5) * ((hi - lo) / bins)
-    w0 = np.cumsum(p)
-    m0 = np.cumsum(p * mids)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (m0[-1] * w0 - m0) ** 2 / (w0 * (1.0 - w0))
-    between[~np.isfinite(between)] = 0.0
-    return lo + (int(np.argmax(between)) + 1) * ((hi - lo) / bins)
-
-
-def median(values: np.ndarray) -> float:
-    """float(np.median(values)) (the same number) from a partial sort: a fraction of its overhead on the few
-    hundred border pixels of one picture."""
-    flat = np.asarray(values).ravel()
-    half = flat.size // 2
-    if flat.size % 2:
-        return float(np.partition(flat, half)[half])
-    part = np.partition(flat, (half - 1, half))
-    return float((part[half - 1] + part[half]) / 2)
-
-
-def percentiles(values: np.ndarray, qs) -> np.ndarray:
-    """np.percentile(values, qs) (its default, linear method; the same numbers) from a partial sort of the two
-    order statistics around each q: a fraction of its overhead on the small arrays of one picture."""
-    flat = np.asarray(values).ravel()
-    pos = np.asarray(qs, dtype=np.float64) / 100.0 * (flat.size - 1)
-    below = np.floor(pos).astype(np.int64)
-    above = np.minimum(below + 1, flat.size - 1)
-    part = np.partition(flat, sorted({*below.tolist(), *above.tolist()}))
-    a, b, t = part[below], part[above], pos - below
-    diff = b - a
-    return np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)  # numpy's own interpolation, both halves
-
-
-def _border(gray: np.ndarray) -> np.ndarray:
-    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-
-
-def _resized(a: np.ndarray, size: tuple[int, int], method=Image.Resampling.BILINEAR) -> np.ndarray:
-    return np.asarray(Image.fromarray(np.asarray(a, dtype=np.float32), mode="F").resize(size, method))
-
-
-def _opened(small: np.ndarray, k: int) -> np.ndarray:
-    """Grey opening with a k x k square, smoothed by a k x k mean (separable filters)."""
-    from scipy import ndimage
-
-    opened = ndimage.maximum_filter(ndimage.minimum_filter(small, size=k, mode="nearest"), size=k, mode="nearest")
-    return ndimage.uniform_filter(opened, size=k, mode="nearest")
-
-
-def _stroke_width(mask: np.ndarray) -> float:
-    """Mean width of the strokes of a mask: twice its area over its boundary (a w-wide stroke of length L has
-    area wL and about 2L boundary pixels)."""
-    inner = mask.copy()
-    inner[1:] &= mask[:-1]
-    inner[:-1] &= mask[1:]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    boundary = int(mask.sum() - inner.sum())
-    return 2.0 * float(mask.sum()) / max(boundary, 1)
-
-
-def _grown(mask: np.ndarray, r: int) -> np.ndarray:
-    """`mask` dilated r times by the 4-neighbour cross (a diamond of radius r, as ndimage.binary_dilation with
-    `iterations=r` gives; shifted ORs: faster than a filter on small pictures)."""
-    out = mask
-    for _ in range(r):
-        prev, out = out, out.copy()
-        out[1:] |= prev[:-1]
-        out[:-1] |= prev[1:]
-        out[:, 1:] |= prev[:, :-1]
-        out[:, :-1] |= prev[:, 1:]
-    return out
-
-
-def _robust_ink(gray: np.ndarray) -> np.ndarray:
-    """Light ink on a dark background that may be uneven (a photo's lighting, grey paper, shadows) and noisy ->
-    the ink alone.
-
-    The background is a grey opening wider than any stroke, on a copy of about BACKGROUND_SIDE px: a third of the
-    short side, or wider where the strokes are wide (3x their width, measured on the ink Otsu's threshold finds
-    once a third-wide opening is taken off): thick strokes of a blurry scan that fills its frame are not taken for
-    background; when the opening would span the picture, the background is one level (the border's). The noise
-    level (median and median absolute deviation) is measured on the background pixels only, below Otsu's
-    threshold (ink covering half of a scan is not noise), and taken off. Then `_marks`: small marks and faint ones
-    (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few hot pixels
-    do not dim the digit)."""
-    h, w = gray.shape
-    f = max(1, min(h, w) // BACKGROUND_SIDE)
-    small = _resized(gray, (max(1, w // f), max(1, h // f)), Image.Resampling.BOX)
-    short = min(small.shape)
-    k = max(3, short // 3) | 1
-    residual = gray - np.minimum(_resized(_opened(small, k), (w, h)), gray)
-    threshold = _otsu(residual)
-    wide = int(3.0 * _stroke_width(residual > threshold) / f) | 1
-    if wide > k:  # strokes too wide for a third-wide opening: a wider one, or one background level
-        if wide >= short:
-            residual = np.clip(gray - median(_border(gray)), 0, None)
-        else:
-            residual = gray - np.minimum(_resized(_opened(small, wide), (w, h)), gray)
-        threshold = _otsu(residual)
-    background = residual[::2, ::2] if residual.size > 4096 else residual  # a sample is enough for the levels
-    background = background[background <= threshold]
-    if background.size < 16:
-        background = residual
-    centre = median(background)
-    sigma = 1.4826 * median(np.abs(background - centre))
-    return _marks(np.clip(residual - centre - 2.0 * sigma, 0, None), sigma)
-
-
-_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
-
-
-def _marks(ink: np.ndarray, sigma: float, lone_mark_alone: bool = True) -> np.ndarray:
-    """The ink of the marks that count: marks much smaller than the largest one, or much fainter than the ink,
-    are dropped, keeping what lies next to a kept mark; the brightest 1% saturates. With `lone_mark_alone` false
-    (a noise-free drawing), a single mark keeps all the faint ink (its anti-aliased rim): a drawing has no noise
-    to drop."""
-    from scipy import ndimage
-
-    peak = float(ink.max())
-    if peak <= 0:
-        return ink
-    mask = ink > max(0.15 * peak, min(2.0 * sigma, 0.5 * peak))  # (the brightest ink is always a mark)
-    labels, count = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
-    if count > 1 or lone_mark_alone:
-        ink = _near_kept_marks(ink, labels, count, peak)
-    inked = ink[ink > 0]
-    top = float(percentiles(inked, (99,))[0]) if inked.size else 0.0
-    return np.minimum(ink, top) if top > 0 else ink
-
-
-def _near_kept_marks(ink: np.ndarray, labels: np.ndarray, count: int, peak: float) -> np.ndarray:
-    """`ink` where it belongs to a mark that counts or lies next to one (_marks)."""
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    bright = np.bincount(labels[ink >= 0.5 * peak], minlength=count + 1) > 0  # the brightest mark is one
-    bright[0] = False
-    keep = bright & (sizes >= max(3.0, 0.05 * float(sizes[bright].max())))
-    # faint ink counts only next to a kept mark (with one mark too: a shadow's edge far from the digit in a photo is
-    # not ink)
-    h, w = ink.shape
-    return np.where(_grown(keep[labels], max(1, min(h, w) // 64)), ink, 0.0)
-
-
 # -- the recipe ------------------------------------------------------------------------------------------------------
 def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     """The MNIST recipe: white-on-black, ink cropped, fitted into 20x20, centred by mass in 28x28 (uint8).
@@ -429,8 +279,10 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     if getattr(img, "tile", None):  # not decoded yet: at the resolution needed
         img = decode_image(img, source)
     gray, robust = _working_gray(img)
+    if min(gray.shape) >= MARGIN_MIN_SIDE:
+        gray = margins_levelled(gray)
     if min(gray.shape) > 2:
-        background = median(_border(gray))
+        background = median(border(gray))
     else:  # no interior (1-pixel, 2-pixel-high...): the pixels are the ink, on the contrasting background
         background = 255.0 if gray.mean() < 128 else 0.0
     # Dark ink (a light background: paper, a canvas) is inverted to MNIST's white-on-black, unless the picture
@@ -450,9 +302,9 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     if robust and not flat and np.count_nonzero(gray == background) * 2 >= gray.size:
         # most of the picture is exactly the background's level (a drawing, the page's canvas): nothing to
         # flatten and no noise to measure
-        ink = _marks(np.clip(gray - background, 0, None), 0.0, lone_mark_alone=False)
+        ink = marks(np.clip(gray - background, 0, None), 0.0, lone_mark_alone=False)
     elif robust and not flat:
-        ink = _robust_ink(gray)
+        ink = robust_ink(gray)
     else:
         ink = np.clip(gray - background, 0, None)
     peak = float(ink.max())

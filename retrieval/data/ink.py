@@ -1,0 +1,220 @@
+"""Finding the ink of a grey picture (float levels 0..255, white ink on black once retrieval.data.preprocess has
+decided which way the ink goes): margin bands levelled onto the paper, an uneven background flattened, noise
+measured and taken off, stray and faint marks dropped. Small pictures' helpers (median, percentiles) are numpy's
+own figures from partial sorts."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# The background is estimated on a copy of about this short side (it varies slowly).
+BACKGROUND_SIDE = 32
+
+# -- margin bands -----------------------------------------------------------------------------------------------------
+# Two opposite margins count as bands of another level than the paper when they differ from it by this many grey
+# levels at least (a scanner's dark margins, inverted edge bands).
+MARGIN_MIN_STEP = 64.0
+# ... and are each at most this share of the picture's width (or height).
+MARGIN_MAX_SHARE = 0.35
+# Pictures narrower than this are not looked at for margins.
+MARGIN_MIN_SIDE = 16
+
+
+def margins_levelled(gray: np.ndarray) -> np.ndarray:
+    """`gray` with two opposite margin bands (left and right, or top and bottom) brought to the paper's level, or
+    `gray` itself when it has none. A band is read as inverted (a scanner's dark margins on white paper, MNIST-C's
+    stripes): each of its columns is reflected about its own median onto the paper's level, so ink that crosses
+    into a band is kept, and a band's blurred edge leaves no ridge. Without this the paper between the bands is
+    taken for one block of ink."""
+    for axis in (1, 0):  # bands of columns, then of rows
+        g = gray if axis == 1 else gray.T
+        levelled = _column_bands_levelled(g)
+        if levelled is not None:
+            return levelled if axis == 1 else levelled.T
+    return gray
+
+
+def _column_bands_levelled(g: np.ndarray) -> np.ndarray | None:
+    """margins_levelled for left and right bands of columns (None when `g` has no such pair)."""
+    h, w = g.shape
+    third = w // 3
+    margin = median(np.concatenate([g[:, 0], g[:, -1]]))
+    paper = median(np.concatenate([g[0, third:w - third], g[-1, third:w - third]]))
+    step = abs(margin - paper)
+    if step < MARGIN_MIN_STEP:
+        return None
+    near_margin = np.abs(g - margin) < 0.25 * step
+    if near_margin[:, 0].mean() < 0.9 or near_margin[:, -1].mean() < 0.9:  # each side a band all along
+        return None
+    middle = np.concatenate([g[0, third:w - third], g[-1, third:w - third]])
+    if np.mean(np.abs(middle - paper) < 0.25 * step) < 0.8:  # the paper between them one level
+        return None
+    # each band's width: where the top and the bottom rows reach the paper (a band's edge is straight)
+    off_paper = np.abs(g[[0, -1]] - paper) > 0.1 * step
+    left, right = (off_paper.argmin(axis=1), off_paper[:, ::-1].argmin(axis=1))
+    if max(abs(int(left[0]) - int(left[1])), abs(int(right[0]) - int(right[1]))) > max(2, w // 20):
+        return None
+    left, right = int(left.max()), int(right.max())
+    if max(left, right) > MARGIN_MAX_SHARE * w:
+        return None
+    levels = np.median(g, axis=0)  # each column's own level
+    out = g.copy()
+    for cols in (slice(0, left), slice(w - right, w)):
+        col_levels = levels[cols]
+        inverted = np.abs(col_levels - margin) < np.abs(col_levels - paper)
+        sign = np.where(inverted, -1.0, 1.0)
+        out[:, cols] = np.clip(paper + sign * (g[:, cols] - col_levels), 0.0, 255.0)
+    return out
+
+
+# -- finding the ink -------------------------------------------------------------------------------------------------
+def _otsu(values: np.ndarray, bins: int = 64) -> float:
+    """Otsu's threshold of `values` (the level that best splits them into two classes)."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return hi
+    hist = np.bincount(np.minimum(((values - lo) * (bins / (hi - lo))).astype(np.int64), bins - 1).ravel(),
+                       minlength=bins).astype(np.float64)
+    p = hist / hist.sum()
+    mids = lo + (np.arange(bins) + 0.5) * ((hi - lo) / bins)
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * mids)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m0[-1] * w0 - m0) ** 2 / (w0 * (1.0 - w0))
+    between[~np.isfinite(between)] = 0.0
+    return lo + (int(np.argmax(between)) + 1) * ((hi - lo) / bins)
+
+
+def median(values: np.ndarray) -> float:
+    """float(np.median(values)) (the same number) from a partial sort: a fraction of its overhead on the few
+    hundred border pixels of one picture."""
+    flat = np.asarray(values).ravel()
+    half = flat.size // 2
+    if flat.size % 2:
+        return float(np.partition(flat, half)[half])
+    part = np.partition(flat, (half - 1, half))
+    return float((part[half - 1] + part[half]) / 2)
+
+
+def percentiles(values: np.ndarray, qs) -> np.ndarray:
+    """np.percentile(values, qs) (its default, linear method; the same numbers) from a partial sort of the two
+    order statistics around each q: a fraction of its overhead on the small arrays of one picture."""
+    flat = np.asarray(values).ravel()
+    pos = np.asarray(qs, dtype=np.float64) / 100.0 * (flat.size - 1)
+    below = np.floor(pos).astype(np.int64)
+    above = np.minimum(below + 1, flat.size - 1)
+    part = np.partition(flat, sorted({*below.tolist(), *above.tolist()}))
+    a, b, t = part[below], part[above], pos - below
+    diff = b - a
+    return np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)  # numpy's own interpolation, both halves
+
+
+def border(gray: np.ndarray) -> np.ndarray:
+    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+
+
+def _resized(a: np.ndarray, size: tuple[int, int], method=Image.Resampling.BILINEAR) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.asarray(a, dtype=np.float32), mode="F").resize(size, method))
+
+
+def _opened(small: np.ndarray, k: int) -> np.ndarray:
+    """Grey opening with a k x k square, smoothed by a k x k mean (separable filters)."""
+    from scipy import ndimage
+
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(small, size=k, mode="nearest"), size=k, mode="nearest")
+    return ndimage.uniform_filter(opened, size=k, mode="nearest")
+
+
+def _stroke_width(mask: np.ndarray) -> float:
+    """Mean width of the strokes of a mask: twice its area over its boundary (a w-wide stroke of length L has
+    area wL and about 2L boundary pixels)."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    boundary = int(mask.sum() - inner.sum())
+    return 2.0 * float(mask.sum()) / max(boundary, 1)
+
+
+def _grown(mask: np.ndarray, r: int) -> np.ndarray:
+    """`mask` dilated r times by the 4-neighbour cross (a diamond of radius r, as ndimage.binary_dilation with
+    `iterations=r` gives; shifted ORs: faster than a filter on small pictures)."""
+    out = mask
+    for _ in range(r):
+        prev, out = out, out.copy()
+        out[1:] |= prev[:-1]
+        out[:-1] |= prev[1:]
+        out[:, 1:] |= prev[:, :-1]
+        out[:, :-1] |= prev[:, 1:]
+    return out
+
+
+def robust_ink(gray: np.ndarray) -> np.ndarray:
+    """Light ink on a dark background that may be uneven (a photo's lighting, grey paper, shadows) and noisy ->
+    the ink alone.
+
+    The background is a grey opening wider than any stroke, on a copy of about BACKGROUND_SIDE px: a third of the
+    short side, or wider where the strokes are wide (3x their width, measured on the ink Otsu's threshold finds
+    once a third-wide opening is taken off): thick strokes of a blurry scan that fills its frame are not taken for
+    background; when the opening would span the picture, the background is one level (the border's). The noise
+    level (median and median absolute deviation) is measured on the background pixels only, below Otsu's
+    threshold (ink covering half of a scan is not noise), and taken off. Then `marks`: small marks and faint ones
+    (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few hot pixels
+    do not dim the digit)."""
+    h, w = gray.shape
+    f = max(1, min(h, w) // BACKGROUND_SIDE)
+    small = _resized(gray, (max(1, w // f), max(1, h // f)), Image.Resampling.BOX)
+    short = min(small.shape)
+    k = max(3, short // 3) | 1
+    residual = gray - np.minimum(_resized(_opened(small, k), (w, h)), gray)
+    threshold = _otsu(residual)
+    wide = int(3.0 * _stroke_width(residual > threshold) / f) | 1
+    if wide > k:  # strokes too wide for a third-wide opening: a wider one, or one background level
+        if wide >= short:
+            residual = np.clip(gray - median(border(gray)), 0, None)
+        else:
+            residual = gray - np.minimum(_resized(_opened(small, wide), (w, h)), gray)
+        threshold = _otsu(residual)
+    background = residual[::2, ::2] if residual.size > 4096 else residual  # a sample is enough for the levels
+    background = background[background <= threshold]
+    if background.size < 16:
+        background = residual
+    centre = median(background)
+    sigma = 1.4826 * median(np.abs(background - centre))
+    return marks(np.clip(residual - centre - 2.0 * sigma, 0, None), sigma)
+
+
+_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+
+
+def marks(ink: np.ndarray, sigma: float, lone_mark_alone: bool = True) -> np.ndarray:
+    """The ink of the marks that count: marks much smaller than the largest one, or much fainter than the ink,
+    are dropped, keeping what lies next to a kept mark; the brightest 1% saturates. With `lone_mark_alone` false
+    (a noise-free drawing), a single mark keeps all the faint ink (its anti-aliased rim): a drawing has no noise
+    to drop."""
+    from scipy import ndimage
+
+    peak = float(ink.max())
+    if peak <= 0:
+        return ink
+    mask = ink > max(0.15 * peak, min(2.0 * sigma, 0.5 * peak))  # (the brightest ink is always a mark)
+    labels, count = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
+    if count > 1 or lone_mark_alone:
+        ink = _near_kept_marks(ink, labels, count, peak)
+    inked = ink[ink > 0]
+    top = float(percentiles(inked, (99,))[0]) if inked.size else 0.0
+    return np.minimum(ink, top) if top > 0 else ink
+
+
+def _near_kept_marks(ink: np.ndarray, labels: np.ndarray, count: int, peak: float) -> np.ndarray:
+    """`ink` where it belongs to a mark that counts or lies next to one (marks)."""
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    bright = np.bincount(labels[ink >= 0.5 * peak], minlength=count + 1) > 0  # the brightest mark is one
+    bright[0] = False
+    keep = bright & (sizes >= max(3.0, 0.05 * float(sizes[bright].max())))
+    # faint ink counts only next to a kept mark (with one mark too: a shadow's edge far from the digit in a photo is
+    # not ink)
+    h, w = ink.shape
+    return np.where(_grown(keep[labels], max(1, min(h, w) // 64)), ink, 0.0)
