@@ -39,15 +39,14 @@ def _column_bands_levelled(g: np.ndarray) -> np.ndarray | None:
     """margins_levelled for left and right bands of columns (None when `g` has no such pair)."""
     h, w = g.shape
     third = w // 3
-    margin = median(np.concatenate([g[:, 0], g[:, -1]]))
-    paper = median(np.concatenate([g[0, third:w - third], g[-1, third:w - third]]))
+    middle = np.concatenate([g[0, third:w - third], g[-1, third:w - third]])
+    margin, paper = median(np.concatenate([g[:, 0], g[:, -1]])), median(middle)
     step = abs(margin - paper)
     if step < MARGIN_MIN_STEP:
         return None
-    near_margin = np.abs(g - margin) < 0.25 * step
-    if near_margin[:, 0].mean() < 0.9 or near_margin[:, -1].mean() < 0.9:  # each side a band all along
+    near_margin = np.abs(g[:, [0, -1]] - margin) < 0.25 * step
+    if near_margin.mean(axis=0).min() < 0.9:  # each side a band all along
         return None
-    middle = np.concatenate([g[0, third:w - third], g[-1, third:w - third]])
     if np.mean(np.abs(middle - paper) < 0.25 * step) < 0.8:  # the paper between them one level
         return None
     # each band's width: where the top and the bottom rows reach the paper (a band's edge is straight)
@@ -58,10 +57,9 @@ def _column_bands_levelled(g: np.ndarray) -> np.ndarray | None:
     left, right = int(left.max()), int(right.max())
     if max(left, right) > MARGIN_MAX_SHARE * w:
         return None
-    levels = np.median(g, axis=0)  # each column's own level
     out = g.copy()
     for cols in (slice(0, left), slice(w - right, w)):
-        col_levels = levels[cols]
+        col_levels = np.median(g[:, cols], axis=0)  # each column's own level
         inverted = np.abs(col_levels - margin) < np.abs(col_levels - paper)
         sign = np.where(inverted, -1.0, 1.0)
         out[:, cols] = np.clip(paper + sign * (g[:, cols] - col_levels), 0.0, 255.0)
