@@ -265,14 +265,15 @@ def small_index(untrained_run, tmp_path_factory):
     return folder
 
 
-def test_query_and_the_service_answer_a_frame_filling_scan_a_wide_soft_stroke_and_a_canvas_export(
+def test_query_and_the_service_answer_a_frame_filling_scan_a_wide_soft_stroke_a_canvas_and_margins(
         tmp_path, small_index, digits, capsys):
     from retrieval.data.pictures import render
 
     scan = next(r for r in (render(d, "scan-thick", seed=s).data for s in range(40) for d in digits[:3])
                 if _both(r)[0] is None)  # one the old path refused
     files = {"scan.jpg": scan, "ring.png": _png(_wide_soft_ring(64)),
-             "canvas.png": render(digits[1], "canvas-mouse", seed=0).data}
+             "canvas.png": render(digits[1], "canvas-mouse", seed=0).data,
+             "margins.jpg": _with_dark_margins(digits[2], (12, 10), axis=1)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     code, out, err = run_cli(capsys, "query", "--index", small_index, "--k", "3", "--json",
