@@ -385,3 +385,27 @@ def test_margin_bands_are_levelled_onto_the_paper(digits, references):
             margins = _with_dark_margins(d, (10 + i % 5, 14 - i % 3), axis)
             assert _similarity(references[i], _both(margins)[1]) > 0.8, (i, axis)
     assert old_wrong >= len(digits) // 2
+
+
+def _soft_ring(size: int, width: float, blur: float, noise: float) -> Image.Image:
+    """A thick, soft '0' (stroke `width` of the picture, Gaussian blur `blur` of it) in dark ink on even grey
+    paper, with sensor noise of std `noise` (none: a noise-free drawing)."""
+    img = Image.new("L", (size, size), 200)
+    ImageDraw.Draw(img).ellipse([size * 0.12, 0, size * 0.88, size - 1], outline=40, width=int(size * width))
+    a = np.asarray(img.filter(ImageFilter.GaussianBlur(size * blur)), np.float32)
+    a = a + np.random.default_rng(size).normal(0, noise, a.shape) if noise else a
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def test_a_thick_soft_stroke_on_even_paper_keeps_its_ink():
+    """On even paper (a scan), the background is one level: a grey opening, even one wider than the strokes, takes
+    part of a thick, soft stroke for background (on these rings it kept 0.92 of the ink on average, down to 0.86).
+    The noisy scan of each ring keeps about the ink its noise-free drawing gives (which skips the flattening)."""
+    kept = []
+    for size in (48, 64, 96, 160):
+        for width in (0.15, 0.25):
+            for blur in (0.03, 0.06):
+                drawn = preprocess_image(_soft_ring(size, width, blur, 0.0)).numpy().astype(np.float64)
+                scanned = preprocess_image(_soft_ring(size, width, blur, 4.0)).numpy().astype(np.float64)
+                kept.append(scanned.sum() / drawn.sum())
+    assert np.mean(kept) >= 0.95 and min(kept) >= 0.88, np.round(kept, 3)

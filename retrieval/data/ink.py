@@ -10,6 +10,9 @@ from PIL import Image
 
 # The background is estimated on a copy of about this short side (it varies slowly).
 BACKGROUND_SIDE = 32
+# A background counts as even (one level, no flattening) when three corners differ by at most this share of the
+# ink's contrast.
+EVEN_CORNERS = 0.1
 
 # -- margin bands -----------------------------------------------------------------------------------------------------
 # Two opposite margins count as bands of another level than the paper when they differ from it by this many grey
@@ -149,18 +152,18 @@ def _grown(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def robust_ink(gray: np.ndarray) -> np.ndarray:
-    """Light ink on a dark background that may be uneven (a photo's lighting, grey paper, shadows) and noisy ->
-    the ink alone.
+def _even_background(gray: np.ndarray) -> bool:
+    """Whether three of the picture's corners (an eighth of each side) lie at one level, within EVEN_CORNERS of the
+    ink's contrast (the brightest 0.5% against the border): one corner may hold ink."""
+    h, w = gray.shape
+    a, b = max(2, h // 8), max(2, w // 8)
+    c = sorted(median(corner) for corner in (gray[:a, :b], gray[:a, -b:], gray[-a:, :b], gray[-a:, -b:]))
+    contrast = float(percentiles(gray, (99.5,))[0]) - median(border(gray))
+    return min(c[2] - c[0], c[3] - c[1]) <= EVEN_CORNERS * max(contrast, 1.0)
 
-    The background is a grey opening wider than any stroke, on a copy of about BACKGROUND_SIDE px: a third of the
-    short side, or wider where the strokes are wide (3x their width, measured on the ink Otsu's threshold finds
-    once a third-wide opening is taken off): thick strokes of a blurry scan that fills its frame are not taken for
-    background; when the opening would span the picture, the background is one level (the border's). The noise
-    level (median and median absolute deviation) is measured on the background pixels only, below Otsu's
-    threshold (ink covering half of a scan is not noise), and taken off. Then `marks`: small marks and faint ones
-    (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few hot pixels
-    do not dim the digit)."""
+
+def _flattened(gray: np.ndarray) -> tuple[np.ndarray, float]:
+    """(gray less its background, Otsu's threshold of that) for an uneven background (robust_ink)."""
     h, w = gray.shape
     f = max(1, min(h, w) // BACKGROUND_SIDE)
     small = _resized(gray, (max(1, w // f), max(1, h // f)), Image.Resampling.BOX)
@@ -175,6 +178,28 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
         else:
             residual = gray - np.minimum(_resized(_opened(small, wide), (w, h)), gray)
         threshold = _otsu(residual)
+    return residual, threshold
+
+
+def robust_ink(gray: np.ndarray) -> np.ndarray:
+    """Light ink on a dark background that may be uneven (a photo's lighting, grey paper, shadows) and noisy ->
+    the ink alone.
+
+    An even background (three of the picture's corners at one level, within EVEN_CORNERS of the ink's contrast: a
+    scan on plain paper) is one level, the border's: an opening would take part of a thick, soft stroke for
+    background. Otherwise the background is a grey opening wider than any stroke, on a copy of about
+    BACKGROUND_SIDE px: a third of the short side, or wider where the strokes are wide (3x their width, measured
+    on the ink Otsu's threshold finds once a third-wide opening is taken off); when the opening would span the
+    picture, the background is one level too. The noise
+    level (median and median absolute deviation) is measured on the background pixels only, below Otsu's
+    threshold (ink covering half of a scan is not noise), and taken off. Then `marks`: small marks and faint ones
+    (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few hot pixels
+    do not dim the digit)."""
+    if _even_background(gray):
+        residual = np.clip(gray - median(border(gray)), 0, None)
+        threshold = _otsu(residual)
+    else:
+        residual, threshold = _flattened(gray)
     background = residual[::2, ::2] if residual.size > 4096 else residual  # a sample is enough for the levels
     background = background[background <= threshold]
     if background.size < 16:
