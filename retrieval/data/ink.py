@@ -190,11 +190,10 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
     background. Otherwise the background is a grey opening wider than any stroke, on a copy of about
     BACKGROUND_SIDE px: a third of the short side, or wider where the strokes are wide (3x their width, measured
     on the ink Otsu's threshold finds once a third-wide opening is taken off); when the opening would span the
-    picture, the background is one level too. The noise
-    level (median and median absolute deviation) is measured on the background pixels only, below Otsu's
-    threshold (ink covering half of a scan is not noise), and taken off. Then `marks`: small marks and faint ones
-    (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few hot pixels
-    do not dim the digit)."""
+    picture, the background is one level too. The noise level (median and median absolute deviation) is
+    measured on the background pixels only, below Otsu's threshold (ink covering half of a scan is not noise),
+    and taken off. Then `marks`: small marks and faint ones (what is left of a shadow's edge) are dropped; the
+    brightest 1% of the ink saturates (so that a few hot pixels do not dim the digit)."""
     if _even_background(gray):
         residual = np.clip(gray - median(border(gray)), 0, None)
         threshold = _otsu(residual)

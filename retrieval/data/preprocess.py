@@ -7,9 +7,9 @@
 Pictures smaller than ROBUST_MIN_SIDE on their short side are taken as they are (the ink is what differs from
 the border's colour). Larger ones (photos, scans, canvas exports) are worked on at about WORK_SIDE pixels, the
 resolution a 20x20 digit needs: JPEGs are decoded at a reduced scale (Image.draft), other pictures are box-reduced
-as soon as they are grey. There the background is flattened and the ink found robustly (`robust_ink`). Two
-opposite margin bands of another level than the paper (a scanner's dark margins) are first brought to the paper's
-level (`margins_levelled`).
+as soon as they are grey. There the ink is found robustly (retrieval.data.ink: an uneven background flattened,
+noise and stray marks dropped). Two opposite margin bands of another level than the paper (a scanner's dark
+margins) are first brought to the paper's level (from MARGIN_MIN_SIDE px on).
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ def check_pixel_budget(w: int, h: int, source) -> None:
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
-PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background, flatten uneven background, "
-                 "drop noise and specks, crop ink, fit 20x20, centre of mass in 28x28")
+PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background, one level for an even background "
+                 "and flatten an uneven one, drop noise and specks, crop ink, fit 20x20, centre of mass in 28x28")
 
-# Pictures at least this many pixels on their short side get the background flattened and the ink found robustly
-# (photos, scans, canvases); smaller ones are taken as they are (icons, already-small digits).
+# Pictures at least this many pixels on their short side get their ink found robustly (photos, scans, canvases);
+# smaller ones are taken as they are (icons, already-small digits).
 ROBUST_MIN_SIDE = 32
 # Larger pictures are reduced (by a whole factor) to at most this short side before the ink is looked for: the
 # digit ends up 20 px high, and the strokes of a digit that fills a quarter of a photo are still a few pixels wide.
