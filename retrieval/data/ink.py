@@ -30,6 +30,9 @@ def margins_levelled(gray: np.ndarray) -> np.ndarray:
     stripes): each of its columns is reflected about its own median onto the paper's level, so ink that crosses
     into a band is kept, and a band's blurred edge leaves no ridge. Without this the paper between the bands is
     taken for one block of ink."""
+    edge = border(gray)
+    if float(edge.max()) - float(edge.min()) < MARGIN_MIN_STEP:  # both levels would lie on the border
+        return gray
     for axis in (1, 0):  # bands of columns, then of rows
         g = gray if axis == 1 else gray.T
         levelled = _column_bands_levelled(g)
