@@ -57,7 +57,7 @@ def _column_bands_levelled(g: np.ndarray) -> np.ndarray | None:
         return None
     # each band's width: where the top and the bottom rows reach the paper (a band's edge is straight)
     off_paper = np.abs(g[[0, -1]] - paper) > 0.1 * step
-    left, right = (off_paper.argmin(axis=1), off_paper[:, ::-1].argmin(axis=1))
+    left, right = off_paper.argmin(axis=1), off_paper[:, ::-1].argmin(axis=1)
     if max(abs(int(left[0]) - int(left[1])), abs(int(right[0]) - int(right[1]))) > max(2, w // 20):
         return None
     left, right = int(left.max()), int(right.max())
