@@ -284,7 +284,8 @@ def main() -> None:
             if args.write:
                 append_section(lines)
             return
-        lines = [f"## Picture path speed, before and after issue 25 ({today}, CPU, one thread)", "",
+        against = "this tree vs another" if args.baseline_src else "before and after issue 25"
+        lines = [f"## Picture path speed, {against} ({today}, CPU, one thread)", "",
                  f"Machine: {machine()}. `benchmarks/pictures.py --pictures {args.pictures} --repeats {args.repeats}`: "
                  "decode + preprocess of one picture file's bytes, median ms over the payload's distinct pictures x "
                  "repeats, both paths interleaved picture by picture in one process. Before: "
