@@ -409,3 +409,19 @@ def test_a_thick_soft_stroke_on_even_paper_keeps_its_ink():
                 scanned = preprocess_image(_soft_ring(size, width, blur, 4.0)).numpy().astype(np.float64)
                 kept.append(scanned.sum() / drawn.sum())
     assert np.mean(kept) >= 0.95 and min(kept) >= 0.88, np.round(kept, 3)
+
+
+def test_a_fogged_light_digit_is_read_from_its_strokes(data_root):
+    """MNIST-C's fog as pictures: a light digit in light, patchy fog. Where the fog's dark patches reach as far
+    below the background as the digit above it, the levels alone took the patches for dark ink (the digit lost);
+    there the strokes decide (top-hats), and these come out as the digit."""
+    from retrieval.data.pictures import render
+    from retrieval.data.specs import load_dataset
+
+    test = load_dataset("mnist:test", root=data_root).images.numpy()
+    for i in (42, 76, 149, 224, 360):  # fogs whose levels leave the ink's direction open
+        reference = preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(test[i]).resize(
+            (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64)
+        before, now = _both(render(test[i], "mnistc-fog", seed=i).data)
+        assert _similarity(reference, now) > 0.9, i
+        assert before is None or _similarity(reference, before) < 0.7, i

@@ -13,6 +13,8 @@ BACKGROUND_SIDE = 32
 # A background counts as even (one level, no flattening) when three corners differ by at most this share of the
 # ink's contrast.
 EVEN_CORNERS = 0.1
+# Top-hats for the ink's direction look at features narrower than this fraction of the picture's short side.
+TOPHAT_DIVISOR = 6
 
 # -- margin bands -----------------------------------------------------------------------------------------------------
 # Two opposite margins count as bands of another level than the paper when they differ from it by this many grey
@@ -182,6 +184,19 @@ def _flattened(gray: np.ndarray) -> tuple[np.ndarray, float]:
             residual = gray - np.minimum(_resized(_opened(small, wide), (w, h)), gray)
         threshold = _otsu(residual)
     return residual, threshold
+
+
+def light_ink(gray: np.ndarray) -> bool:
+    """Whether the ink of a picture on a light background is lighter than it (a fogged, brightened digit) rather
+    than darker: the side whose thin features (narrower than 1/TOPHAT_DIVISOR of the picture: top-hats) stand out
+    more. For the pictures whose levels alone leave it open."""
+    from scipy import ndimage
+
+    k = max(3, min(gray.shape) // TOPHAT_DIVISOR) | 1
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
+    closed = ndimage.minimum_filter(ndimage.maximum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
+    bright, dark = percentiles(gray - opened, (99,))[0], percentiles(closed - gray, (99,))[0]
+    return float(bright) >= float(dark)
 
 
 def robust_ink(gray: np.ndarray) -> np.ndarray:

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
-from retrieval.data.ink import (MARGIN_MIN_SIDE, border, margins_levelled, marks, median, percentiles,
-                                robust_ink)
+from retrieval.data.ink import (MARGIN_MIN_SIDE, border, light_ink, margins_levelled, marks, median,
+                                percentiles, robust_ink)
 from retrieval.errors import RetrievalError
 
 try:  # libpng through imagecodecs: a PNG's pixels as Pillow decodes them, in about half the time, and without
@@ -54,8 +54,9 @@ def check_pixel_budget(w: int, h: int, source) -> None:
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
-PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background, one level for an even background "
-                 "and flatten an uneven one, drop noise and specks, crop ink, fit 20x20, centre of mass in 28x28")
+PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background (strokes decide where levels do not), "
+                 "one level for an even background and flatten an uneven one, drop noise and specks, crop ink, "
+                 "fit 20x20, centre of mass in 28x28")
 
 # Pictures at least this many pixels on their short side get their ink found robustly (photos, scans, canvases);
 # smaller ones are taken as they are (icons, already-small digits).
@@ -288,11 +289,14 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     # Dark ink (a light background: paper, a canvas) is inverted to MNIST's white-on-black, unless the picture
     # reaches much further above the background than below it: light ink on a light background (a brightened or
     # fogged digit); the other way round on a dark background. (Not the nearer extreme alone: a photo's lighting
-    # spreads its paper further than its ink.)
+    # spreads its paper further than its ink.) Between once and twice as far above, the strokes decide (light_ink:
+    # a fogged digit's patches reach as far below its background as its ink above).
     lo, hi = (percentiles(gray, (0.5, 99.5)) if gray.size >= 64 else (gray.min(), gray.max()))
     dark_ink = background > 127
     if dark_ink and hi - background > 2 * (background - lo):
         dark_ink = False
+    elif dark_ink and robust and hi - background > background - lo:
+        dark_ink = not light_ink(gray)
     elif not dark_ink and background - lo > 2 * (hi - background):
         dark_ink = True
     if dark_ink:
