@@ -157,18 +157,19 @@ def _grown(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def _even_background(gray: np.ndarray) -> bool:
+def _even_background(gray: np.ndarray, level: float) -> bool:
     """Whether three of the picture's corners (an eighth of each side) lie at one level, within EVEN_CORNERS of the
-    ink's contrast (the brightest 0.5% against the border): one corner may hold ink."""
+    ink's contrast (the brightest 0.5% against the border's `level`): one corner may hold ink."""
     h, w = gray.shape
     a, b = max(2, h // 8), max(2, w // 8)
     c = sorted(median(corner) for corner in (gray[:a, :b], gray[:a, -b:], gray[-a:, :b], gray[-a:, -b:]))
-    contrast = float(percentiles(gray, (99.5,))[0]) - median(border(gray))
+    contrast = float(percentiles(gray, (99.5,))[0]) - level
     return min(c[2] - c[0], c[3] - c[1]) <= EVEN_CORNERS * max(contrast, 1.0)
 
 
-def _flattened(gray: np.ndarray) -> tuple[np.ndarray, float]:
-    """(gray less its background, Otsu's threshold of that) for an uneven background (robust_ink)."""
+def _flattened(gray: np.ndarray, level: float) -> tuple[np.ndarray, float]:
+    """(gray less its background, Otsu's threshold of that) for an uneven background (robust_ink; `level`: the
+    border's, the background where an opening would span the picture)."""
     h, w = gray.shape
     f = max(1, min(h, w) // BACKGROUND_SIDE)
     small = _resized(gray, (max(1, w // f), max(1, h // f)), Image.Resampling.BOX)
@@ -179,7 +180,7 @@ def _flattened(gray: np.ndarray) -> tuple[np.ndarray, float]:
     wide = int(3.0 * _stroke_width(residual > threshold) / f) | 1
     if wide > k:  # strokes too wide for a third-wide opening: a wider one, or one background level
         if wide >= short:
-            residual = np.clip(gray - median(border(gray)), 0, None)
+            residual = np.clip(gray - level, 0, None)
         else:
             residual = gray - np.minimum(_resized(_opened(small, wide), (w, h)), gray)
         threshold = _otsu(residual)
@@ -212,11 +213,12 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
     measured on the background pixels only, below Otsu's threshold (ink covering half of a scan is not noise),
     and taken off. Then `marks`: small marks and faint ones (what is left of a shadow's edge) are dropped; the
     brightest 1% of the ink saturates (so that a few hot pixels do not dim the digit)."""
-    if _even_background(gray):
-        residual = np.clip(gray - median(border(gray)), 0, None)
+    level = median(border(gray))
+    if _even_background(gray, level):
+        residual = np.clip(gray - level, 0, None)
         threshold = _otsu(residual)
     else:
-        residual, threshold = _flattened(gray)
+        residual, threshold = _flattened(gray, level)
     background = residual[::2, ::2] if residual.size > 4096 else residual  # a sample is enough for the levels
     background = background[background <= threshold]
     if background.size < 16:
