@@ -5,8 +5,8 @@ Selection (--selection): for each candidate (form, degrade_p, steps, width), a g
 (positives: its training slice of mnist:train; negatives: retrieval.data.nondigits' TRAIN sources), its threshold
 answers --accept of 2,000 clean digits of the run's validation slice, and it is measured on that slice corrupted
 with seed 1 (every corruption of retrieval.data.corrupt: answered) and on the SELECTION sources (held-out handwriting
-fonts, held-out KanjiVG characters, Animal-MNIST) and Fashion-MNIST train (refused). Nothing of the test split is
-read.
+fonts, held-out KanjiVG characters and LaTeX symbols, Animal-MNIST) and Fashion-MNIST train (refused). Nothing of
+the test split is read. --train-sources trains on other sources than TRAIN (e.g. TRAIN and handtex-train).
 
 Test (--test RUN): RUN is a gated run (`retrieval gate train`). A Flat index of mnist:train; `calibrate` on clean
 mnist:test (2,000, seed 0) sets the gate threshold (answer --accept) and, for the side-by-side column, today's
@@ -47,10 +47,6 @@ from retrieval.data.corrupt import CORRUPTIONS, KIND, corrupt  # noqa: E402
 from retrieval.workflows import Compute, Selection
 
 
-def _concat(sets) -> np.ndarray:
-    return np.concatenate([s.images for s in sets.values()])
-
-
 def _nearest_distances(ckpt, run: Path, val: np.ndarray, sets: dict, root, device: str) -> tuple[np.ndarray, dict]:
     """Each picture's distance to its nearest digit of the run's training slice (the references an index of the
     run's own training data holds), for the validation digits and every set: what the distance threshold reads."""
@@ -87,13 +83,14 @@ def _with_distance(res: dict, scores: dict, threshold: float, val_dist: np.ndarr
 
 
 def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, n_neg: int,
-              gated: Path | None = None, distance_accepts: tuple[float, ...] = ()) -> dict:
+              gated: Path | None = None, distance_accepts: tuple[float, ...] = (),
+              train_sources: tuple[str, ...] | None = None) -> dict:
     """Selection figures of a gate trained here for each recipe, or (`gated`: a run of `retrieval gate train` from
     `run`) of that run's own gate, measured without training; with `distance_accepts`, also the gate and a distance
     threshold answering each of those shares of the validation digits, together."""
     from retrieval.checkpoint import load_checkpoint
     from retrieval.data.fetch import dataset_files_present
-    from retrieval.data.nondigits import load_split
+    from retrieval.data.nondigits import SPLITS, load_source, load_split
     from retrieval.data.specs import default_data_root, load_dataset
     from retrieval.gate import acceptance_threshold, digit_pictures, digit_scores, attach_gate, train_gate
 
@@ -113,7 +110,9 @@ def selection(run: Path, recipes, root, device: str, accept: float, n_pos: int, 
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, pos=pos, pos_labels=pos_labels, val=val,
                  **{f"c_{k.split(' ')[0]}": v for k, v in sets.items()})
-    negatives = _concat(load_split("train", n_neg, seed=0, root=root)) if gated is None else np.zeros((0, 28, 28))
+    negatives = (np.concatenate([load_source(s, n_neg, seed=0, root=root).images
+                                 for s in (train_sources or SPLITS["train"])])
+                 if gated is None else np.zeros((0, 28, 28)))
     held_out = load_split("selection", 2000, seed=1, root=root)
     for s, nd in held_out.items():
         sets[f"{s} refused"] = nd.images
@@ -360,6 +359,8 @@ def main(argv=None) -> int:
                    "per digit class and one for no digit)")
     p.add_argument("--n-pos", type=int, default=20000)
     p.add_argument("--n-neg", type=int, default=6000, help="pictures per training source")
+    p.add_argument("--train-sources", default="", help="--selection: the gate's training sources, comma-separated "
+                   "(default: retrieval.data.nondigits.SPLITS['train'])")
     p.add_argument("--test", type=Path, help="a gated run: the test table")
     p.add_argument("--cost", type=Path, help="a gated run: its service's query time beside --base-run's")
     p.add_argument("--base-run", type=Path, help="the run the --cost run's gate was trained for (no gate)")
@@ -389,7 +390,8 @@ def main(argv=None) -> int:
                    for w in a.widths.split(",") for c in a.classes.split(",")]
         for run in a.runs:
             res[run.name] = selection(run, recipes, a.root, a.device, a.accept, a.n_pos, a.n_neg, a.gated,
-                                      tuple(float(x) for x in a.distance_accepts.split(",") if x))
+                                      tuple(float(x) for x in a.distance_accepts.split(",") if x),
+                                      tuple(s for s in a.train_sources.split(",") if s) or None)
     if a.test:
         res["test"] = test_table(a.test, a.root, a.device, a.accept, a.references, a.subset, a.non_digits,
                                  a.index_dir, a.distance_accept)

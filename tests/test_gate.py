@@ -56,6 +56,55 @@ def test_svg_paths_of_kanjivg_become_polylines():
     np.testing.assert_allclose(lines[1], [[0, 0], [5, 0], [5, 5], [0, 0]])
 
 
+def test_latex_symbols_that_are_written_like_a_digit_are_left_out():
+    for command in ("\\mathbb{1}", "\\mathds{7}", "\\mathcal{O}", "\\mathfrak{S}", "\\circ", "\\bigcirc",
+                    "\\bigodot", "\\oplus", "\\varnothing", "\\textonehalf", "\\texttwosuperior", "\\mid",
+                    "\\vert", "|", "/", "\\lbrace", "\\backslash", "\\prime", "\\theta", "\\ell", "\\O"):
+        assert not nd.allowed_command(command), command
+    for command in ("\\alpha", "\\infty", "\\rightarrow", "\\mathcal{A}", "\\sqrt{}", "\\omega", "+", "*",
+                    "\\bigstar", "\\pitchfork"):
+        assert nd.allowed_command(command), command
+
+
+def test_glyph_svgs_become_outlines_where_their_uses_place_them():
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" viewBox="0 0 4 4">'
+           '<defs><g id="a"><path d="m0 0h2v2h-2z"/></g></defs>'
+           '<g transform="translate(-10 -20)"><use x="11" y="21" xlink:href="#a"/><use x="10" y="20" '
+           'xlink:href="#a"/></g></svg>')
+    outlines = nd.svg_outlines(svg)
+    assert len(outlines) == 2
+    np.testing.assert_allclose(outlines[0], [[1, 1], [3, 1], [3, 3], [1, 3], [1, 1]])
+    np.testing.assert_allclose(outlines[1], [[0, 0], [2, 0], [2, 2], [0, 2], [0, 0]])
+
+
+def test_outlines_fill_by_the_nonzero_rule():
+    from retrieval.data.hand_drawing import draw_outlines
+
+    def square(x0, y0, side, clockwise=True):
+        pts = np.array([[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side]], np.float32)
+        return pts if clockwise else pts[::-1]
+
+    def ink(outlines) -> np.ndarray:
+        return 255.0 - draw_outlines(outlines, np.random.default_rng(0)).astype(np.float32)
+
+    def middle(a: np.ndarray) -> float:  # the ink at the picture's middle, 0 the paper's, 1 the darkest
+        h, w = a.shape
+        paper = float(np.median(np.r_[a[0], a[-1], a[:, 0], a[:, -1]]))
+        return (float(a[h // 2 - 1:h // 2 + 2, w // 2 - 1:w // 2 + 2].mean()) - paper) / (float(a.max()) - paper)
+
+    # a hole runs the other way round: the middle is paper; two squares that overlap running the same way round:
+    # the overlap is ink (an even-odd fill would leave it empty)
+    assert middle(ink([square(0, 0, 10), square(2, 2, 6, clockwise=False)])) < 0.2
+    assert middle(ink([square(0, 0, 7), square(3, 3, 7)])) > 0.6
+
+
+def test_latex_symbols_split_by_command(data_root):
+    train = {c for c, _ in nd.handtex_part(data_root, "train")}
+    selection = {c for c, _ in nd.handtex_part(data_root, "selection")}
+    assert len(train) > 500 and len(selection) > 500 and not train & selection
+    assert all(nd.allowed_command(c) for c in train | selection)
+
+
 @pytest.mark.parametrize("source", nd.SOURCES)
 def test_sources_render_deterministically_for_a_seed_and_hold_no_digit(source, data_root):
     folder = data_root / nd.FOLDER
@@ -64,7 +113,9 @@ def test_sources_render_deterministically_for_a_seed_and_hold_no_digit(source, d
     first = nd.load_source(source, 12, seed=5, root=data_root)
     assert first.images.shape == (12, 28, 28) and first.images.dtype == np.uint8
     assert (first.images.reshape(12, -1).max(1) > 0).sum() >= 6  # ink (synthetic blank pages have none)
-    if source not in ("synthetic", "animal-mnist"):
+    if source.startswith("handtex-"):
+        assert all(nd.allowed_command(m) for m in first.marks), first.marks
+    elif source not in ("synthetic", "animal-mnist"):
         assert all(nd.allowed_char(m) for m in first.marks), first.marks
     cached = nd.load_source(source, 12, seed=5, root=data_root)
     np.testing.assert_array_equal(cached.images, first.images)

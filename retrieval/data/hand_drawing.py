@@ -85,7 +85,7 @@ def draw_strokes(strokes, rng: np.random.Generator) -> np.ndarray:
 def draw_glyph(font_path: Path, ch: str, rng: np.random.Generator) -> np.ndarray:
     """One character of a font as handwriting in that hand: random size, hand transform, stroke weight thinner or
     bolder, elastic distortion (dark ink on light paper, uint8)."""
-    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    from PIL import Image, ImageDraw, ImageFont
 
     size = int(rng.integers(48, 113))
     paper = float(rng.uniform(170, 256))
@@ -94,6 +94,37 @@ def draw_glyph(font_path: Path, ch: str, rng: np.random.Generator) -> np.ndarray
     font = ImageFont.truetype(str(font_path), int(size * rng.uniform(0.5, 0.75)))
     img = Image.new("L", (big, big), 255)
     ImageDraw.Draw(img).text((big / 2, big / 2), ch, fill=0, font=font, anchor="mm")
+    return _in_hand(img, size, paper, ink, rng)
+
+
+def draw_outlines(outlines, rng: np.random.Generator) -> np.ndarray:
+    """A glyph given by its closed outlines ((k, 2) points, y down; filled by the nonzero rule, as fonts are: a
+    hole runs the other way round) drawn as draw_glyph draws a font's character (dark ink on light paper, uint8)."""
+    from PIL import Image, ImageDraw
+
+    size = int(rng.integers(48, 113))
+    paper = float(rng.uniform(170, 256))
+    ink = float(rng.uniform(0, max(1.0, paper - 90)))
+    big = 2 * size
+    pts = np.concatenate(outlines)
+    lo, hi = pts.min(0), pts.max(0)
+    scale = size * rng.uniform(0.4, 0.65) / float(max((hi - lo).max(), 1e-3))
+    winding = np.zeros((big, big), np.int16)
+    for outline in outlines:
+        p = (outline - (lo + hi) / 2) * scale + big / 2
+        turn = np.sign(np.sum(p[:, 0] * np.roll(p[:, 1], -1) - np.roll(p[:, 0], -1) * p[:, 1]))  # (shoelace)
+        layer = Image.new("1", (big, big), 0)
+        ImageDraw.Draw(layer).polygon([tuple(v) for v in p], fill=1)
+        winding += np.asarray(layer).astype(np.int16) * int(turn)
+    return _in_hand(Image.fromarray(np.where(winding != 0, 0, 255).astype(np.uint8)), size, paper, ink, rng)
+
+
+def _in_hand(img, size: int, paper: float, ink: float, rng: np.random.Generator) -> np.ndarray:
+    """A glyph drawn black on white in the middle of a square twice `size` -> in a hand's slant and weight, on
+    paper (draw_glyph, draw_outlines)."""
+    from PIL import Image, ImageFilter
+
+    big = img.size[0]
     weight = int(rng.integers(-1, 3))  # thinner, as is, or bolder by 1-2 px
     if weight > 0:
         img = img.filter(ImageFilter.MinFilter(2 * weight + 1))

@@ -10,12 +10,15 @@ LOOK_ALIKES (written like a digit) and TINY marks.
 from __future__ import annotations
 
 import functools
+import io
+import json
 import logging
 import os
 import re
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import unicodedata
 import zipfile
@@ -98,6 +101,7 @@ class Wheel:
 
 
 KANJIVG = Wheel("kanjivg==20260714", "5190e7ec4eb513dbe6865b2ed52c58287fc10ea514b9409e4cf66ce7db41644d")
+HANDTEX = Wheel("handtex==1.0.5", "633e55a28f0242c0d7fd216d67baf4aa1d0b6afcc384cb6cac4ee40575a24989")
 ANIMAL_MNIST = Wheel("animal-mnist==0.4", "aeebf3d9de4552d6fd2d5701424e1a5b9020f8e5115d68df9db252f2f53ce2ce")
 
 
@@ -343,6 +347,95 @@ def kanjivg_strokes(root: str, name: str) -> tuple[np.ndarray, ...]:
 def kanjivg_part(root: Path, part: str) -> list[tuple[str, str]]:
     keep = 0 if part == "train" else 1  # by code point: every other character
     return [(ch, name) for ch, name in kanjivg_files(str(root)) if ord(ch) % 2 == keep]
+
+
+# ---------------------------------------------------------------------------------------------- LaTeX symbols
+
+# LaTeX symbols written like a digit, by their command's name: circles, circled operators and ellipses (0), bars,
+# brackets, slashes, primes and the letters of LOOK_ALIKES (1, 0, 6, 8 ...), and the few that hold a digit
+# (fractions, superiors, a crossed two). Matched anywhere in the name: a few more are left out than need be.
+HANDTEX_LOOK_ALIKES = re.compile(
+    r"^\\(big|var)?o(?!mega|pposition|rigof|wns|e$|penJoin)|sun$|diameter|solidus|ring|"
+    r"circ|Circle|moon|degree|vert|mid|bar$|paren|brack|brace|group|moustache|angle$|slash|setminus|prime|"
+    r"ell$|imath|jmath|eth$|esh$|theta|Theta|delta|beta|zeta|iota|sigma|Sigma|omicron|nothing|emptyset|flat|"
+    r"^\\[Oo]$|^\\ss$|half|quarter|superior|crtwo|subtwo|modtwo|oldstyle|numero|ceil|floor|int$|smallint")
+HANDTEX_MIN_SIDE = 2.5  # points: smaller outlines are dots, primes and accents
+HANDTEX_MAX_ASPECT = 4.0  # longer and thinner outlines are bars, rules and dashes (1 or -)
+
+
+def allowed_command(command: str) -> bool:
+    """A LaTeX symbol the gate may be trained to refuse: no look-alike by name, no letter argument that is a digit
+    or a look-alike (\\mathbb{1}, \\mathcal{O})."""
+    arg = re.search(r"\{(.*)\}", command)
+    if arg and (len(arg.group(1)) != 1 or not allowed_char(arg.group(1))):
+        return arg.group(1) == "" and not HANDTEX_LOOK_ALIKES.search(command)  # (\\sqrt{})
+    bare = command.lstrip("\\")
+    if len(bare) == 1 or not command.startswith("\\"):
+        return allowed_char(bare[:1]) and len(bare) == 1
+    return not HANDTEX_LOOK_ALIKES.search(command)
+
+
+_SVG = "{http://www.w3.org/2000/svg}"
+_HREF = "{http://www.w3.org/1999/xlink}href"
+
+
+def svg_outlines(svg: str) -> list[np.ndarray]:
+    """The closed outlines of a glyph SVG as dvisvgm writes them (paths in <defs>, placed by <use x y> inside
+    translated groups), in the SVG's coordinates (y down)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(svg)
+    defs = {el.get("id"): [p.get("d") for p in el.iter(f"{_SVG}path")]
+            for d in root.iter(f"{_SVG}defs") for el in d if el.get("id")}
+    out: list[np.ndarray] = []
+
+    def walk(el, offset):
+        for child in el:
+            at = offset
+            m = re.match(r"translate\(\s*([-\d.eE]+)[\s,]*([-\d.eE]*)", child.get("transform", ""))
+            if m:
+                at = at + np.array([float(m.group(1)), float(m.group(2) or 0)])
+            if child.tag == f"{_SVG}use":
+                at = at + np.array([float(child.get("x", 0)), float(child.get("y", 0))])
+                out.extend(o + at for d in defs.get(child.get(_HREF, "").lstrip("#"), []) for o in svg_path_points(d))
+            elif child.tag == f"{_SVG}path":
+                out.extend(o + at for o in svg_path_points(child.get("d", "")))
+            elif child.tag == f"{_SVG}g":
+                walk(child, at)
+
+    walk(root, np.zeros(2))
+    return [o.astype(np.float32) for o in out if len(o) > 2]
+
+
+@functools.lru_cache(maxsize=4)
+def handtex_symbols(root: str) -> tuple[tuple[str, tuple[np.ndarray, ...]], ...]:
+    """(command, outlines) of every allowed LaTeX symbol of handtex's symbol set (PyPI wheel handtex: the SVG glyph
+    of each symbol of 25 LaTeX packages; a command may have a glyph in several), from the wheel: no look-alike by
+    name (allowed_command), no tiny mark, no bar."""
+    wheel = fetch_wheel(HANDTEX, Path(root))
+    with zipfile.ZipFile(wheel) as zf:
+        entries = json.loads(zf.read("handtex/data/symbol_metadata/symbols.json"))
+        blob = zf.read("handtex/data/symbols.tar.xz")
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:xz") as tf:  # read in memory, nothing extracted
+        svgs = {m.name: tf.extractfile(m).read().decode("utf-8") for m in tf.getmembers() if m.isfile()}
+    out = []
+    for entry in sorted(entries, key=lambda e: (e["command"], e["filename"])):
+        svg = svgs.get(f"{entry['filename']}.svg")
+        if svg is None or not allowed_command(entry["command"]):
+            continue
+        outlines = svg_outlines(svg)
+        if not outlines:
+            continue
+        pts = np.concatenate(outlines)
+        w, h = pts.max(0) - pts.min(0)
+        if max(w, h) >= HANDTEX_MIN_SIDE and max(w, h) <= HANDTEX_MAX_ASPECT * max(min(w, h), 1e-3):
+            out.append((entry["command"], tuple(outlines)))
+    return tuple(out)
+
+
+def handtex_part(root: Path, part: str) -> list[tuple[str, tuple[np.ndarray, ...]]]:
+    keep = 0 if part == "train" else 1  # by command: every glyph of a symbol on one side
+    return [s for s in handtex_symbols(str(root)) if zlib.crc32(s[0].encode()) % 2 == keep]
 
 
 # ---------------------------------------------------------------------------------------------- fonts

@@ -15,6 +15,8 @@ Sources, held out by source (SPLITS):
                      split by package (FONT_PACKAGES)
   synthetic          the synthetic marks of retrieval.augment.draw_non_digits (scribbles, shapes, crossing lines,
                      speckle, noise, blank pages)
+  handtex-train|-selection   LaTeX symbols of 25 packages (PyPI wheel handtex: their glyph outlines), split by
+                     command; -train is no default training source (benchmarks/gate.py --train-sources tries it)
   animal-mnist       Animal-MNIST's silhouettes (PyPI wheel animal-mnist), 28x28 as they come
 The system fonts DejaVu and Liberation are never a source here: they are for measurement (benchmarks/gate.py).
 Where the marks come from and which characters may be one: retrieval.data.nondigit_sources; how they are drawn:
@@ -36,11 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.data.hand_drawing import draw_glyph, draw_strokes
+from retrieval.data.hand_drawing import draw_glyph, draw_outlines, draw_strokes
 # the characters' rules and the sources' readers are re-exported too: the gate's tests and benchmarks use them here
 from retrieval.data.nondigit_sources import (  # noqa: F401
-    FOLDER, FONT_SPLIT, LOOK_ALIKES, allowed_char, animal_mnist_images, font_chars, font_files, hershey_glyphs,
-    is_digit_char, kanjivg_part, kanjivg_strokes, parse_jhf, svg_path_points,
+    FOLDER, FONT_SPLIT, LOOK_ALIKES, allowed_char, allowed_command, animal_mnist_images, font_chars, font_files,
+    handtex_part, hershey_glyphs, is_digit_char, kanjivg_part, kanjivg_strokes, parse_jhf, svg_outlines,
+    svg_path_points,
 )
 from retrieval.errors import RetrievalError, UsageError
 
@@ -48,11 +51,11 @@ logger = logging.getLogger(__name__)
 
 VERSION = 1  # raised whenever rendering changes, so cached sets are made again
 
-SOURCES = ("hershey", "kanjivg-train", "fonts-train", "synthetic", "kanjivg-selection", "fonts-selection",
-           "animal-mnist")
+SOURCES = ("hershey", "kanjivg-train", "fonts-train", "synthetic", "handtex-train", "kanjivg-selection",
+           "fonts-selection", "handtex-selection", "animal-mnist")
 SPLITS = {
     "train": ("hershey", "kanjivg-train", "fonts-train", "synthetic"),
-    "selection": ("kanjivg-selection", "fonts-selection", "animal-mnist"),
+    "selection": ("kanjivg-selection", "fonts-selection", "handtex-selection", "animal-mnist"),
 }
 CANVAS_SHARE, PHOTO_SHARE = 0.15, 0.15  # of each stroke or font source, redrawn through those paths
 
@@ -88,6 +91,9 @@ def _drawers(source: str, root: Path):
     if source.startswith("kanjivg-"):
         glyphs = kanjivg_part(root, source.split("-", 1)[1])
         return [g[0] for g in glyphs], lambda i, rng: draw_strokes(kanjivg_strokes(str(root), glyphs[i][1]), rng)
+    if source.startswith("handtex-"):
+        symbols = handtex_part(root, source.split("-", 1)[1])
+        return [s[0] for s in symbols], lambda i, rng: draw_outlines(symbols[i][1], rng)
     if source.startswith("fonts-"):
         # a package first, then one of its font files, then a character: every hand counts alike, however many
         # files or characters it has
