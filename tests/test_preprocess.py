@@ -425,3 +425,37 @@ def test_a_fogged_light_digit_is_read_from_its_strokes(data_root):
         before, now = _both(render(test[i], "mnistc-fog", seed=i).data)
         assert _similarity(reference, now) > 0.9, i
         assert before is None or _similarity(reference, before) < 0.7, i
+
+
+def _with_grey_blotch(digit: np.ndarray, i: int) -> bytes:
+    """The digit drawn clean (black on white, 112 px) with a faint grey blotch (a smudge: a fifth of the ink's
+    darkness) over its outermost stroke to the left, right, top or bottom in turn, reaching well past its box (PNG)."""
+    ink = np.asarray(Image.fromarray(digit).resize((112, 112), Image.Resampling.BILINEAR), np.float32) / 255
+    ys, xs = np.nonzero(ink > 0.5)
+    k = (np.argmin(xs), np.argmax(xs), np.argmin(ys), np.argmax(ys))[i % 4]
+    dy, dx = ((0, -8), (0, 8), (-8, 0), (8, 0))[i % 4]
+    yy, xx = np.mgrid[0:112, 0:112]
+    blotch = 0.2 * (np.hypot(yy - ys[k] - dy, xx - xs[k] - dx) < 14)
+    return _png(Image.fromarray((255 * (1 - np.maximum(ink, blotch))).astype(np.uint8)))
+
+
+def test_a_faint_blotch_touching_the_digit_does_not_shrink_it(digits, references):
+    """A faint blotch touching the digit (MNIST-C's spatter, a smudge) widened the crop, which took every pixel over
+    a tenth of the ink's peak: the digit shrank into a corner of its box. Now a larger picture's crop reaches as far
+    as its stronger ink and a rim: the blotch's part inside that box stays, the digit keeps its size."""
+    from retrieval.data import preprocess
+
+    gains = []
+    for i, d in enumerate(digits):
+        data = _with_grey_blotch(d, i)
+        now = _similarity(references[i], preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
+        level, preprocess.CROP_LEVEL = preprocess.CROP_LEVEL, 0.1  # the crop of every pixel over a tenth
+        try:
+            wide = preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
+        finally:
+            preprocess.CROP_LEVEL = level
+        wide = _similarity(references[i], wide)
+        assert now > 0.85 and now > wide - 0.02, (i, now, wide)
+        if i % 4 >= 2:  # above or below: the digit's height is what the crop fits (to the side it rarely is)
+            gains.append(now - wide)
+    assert np.mean(gains) > 0.08 and sum(g > 0.05 for g in gains) >= len(gains) // 2, np.round(gains, 3)

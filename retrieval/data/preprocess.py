@@ -55,7 +55,7 @@ def check_pixel_budget(w: int, h: int, source) -> None:
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background (strokes decide where levels do not), "
-                 "one level for an even background and flatten an uneven one, drop noise and specks, crop ink, "
+                 "one level for an even background and flatten an uneven one, drop noise and specks, crop the stronger ink, "
                  "fit 20x20, centre of mass in 28x28")
 
 # Pictures at least this many pixels on their short side get their ink found robustly (photos, scans, canvases);
@@ -66,6 +66,10 @@ ROBUST_MIN_SIDE = 32
 WORK_SIDE = 112
 # JPEGs are decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) as long as the short side stays at least this.
 DRAFT_MIN_SIDE = 64
+# The crop of a larger picture reaches as far as its ink over this share of the peak, and a rim of CROP_RIM of that
+# box's longer side (a stroke's soft edge): fainter ink touching the digit (a grey blotch, a smudge) is not cropped in.
+CROP_LEVEL = 0.3
+CROP_RIM = 0.04
 
 
 # -- decoding --------------------------------------------------------------------------------------------------------
@@ -273,6 +277,19 @@ def _working_gray(img: Image.Image) -> tuple[np.ndarray, bool]:
 
 
 # -- the recipe ------------------------------------------------------------------------------------------------------
+def ink_box(ink: np.ndarray, robust: bool) -> tuple[slice, slice]:
+    """The rows and columns to crop (ink scaled to 0-255 peak): as far as the ink over a tenth of the peak reaches;
+    where the ink was found robustly, no further than the stronger ink (CROP_LEVEL) and its rim."""
+    ys, xs = np.nonzero(ink > 0.1 * 255.0)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    if robust:
+        ys, xs = np.nonzero(ink > CROP_LEVEL * 255.0)
+        rim = int(np.ceil(CROP_RIM * max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)))
+        y0, y1 = max(y0, ys.min() - rim), min(y1, ys.max() + 1 + rim)
+        x0, x1 = max(x0, xs.min() - rim), min(x1, xs.max() + 1 + rim)
+    return slice(y0, y1), slice(x0, x1)
+
+
 def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     """The MNIST recipe: white-on-black, ink cropped, fitted into 20x20, centred by mass in 28x28 (uint8).
     `img` may be opened and not yet decoded (then it is decoded as decode_image does)."""
@@ -317,8 +334,7 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
             raise RetrievalError(f"{source}: no ink found (the picture is a single flat colour)")
         raise RetrievalError(f"{source}: no ink found (nothing stands out from the background and its noise)")
     ink *= 255.0 / peak
-    ys, xs = np.nonzero(ink > 0.1 * 255.0)
-    ink = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    ink = ink[ink_box(ink, robust)]
     ch, cw = ink.shape
     scale = 20.0 / max(ch, cw)
     nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
