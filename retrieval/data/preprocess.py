@@ -277,16 +277,20 @@ def _working_gray(img: Image.Image) -> tuple[np.ndarray, bool]:
 
 
 # -- the recipe ------------------------------------------------------------------------------------------------------
+def _extent(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(first row, last row + 1, first column, last column + 1) holding a True of a 2-D mask with one."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
 def ink_box(ink: np.ndarray, robust: bool) -> tuple[slice, slice]:
     """The rows and columns to crop (ink scaled to 0-255 peak): as far as the ink over a tenth of the peak reaches;
     where the ink was found robustly, no further than the stronger ink (CROP_LEVEL) and its rim."""
-    ys, xs = np.nonzero(ink > 0.1 * 255.0)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    y0, y1, x0, x1 = _extent(ink > 0.1 * 255.0)
     if robust:
-        ys, xs = np.nonzero(ink > CROP_LEVEL * 255.0)
-        rim = int(np.ceil(CROP_RIM * max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)))
-        y0, y1 = max(y0, ys.min() - rim), min(y1, ys.max() + 1 + rim)
-        x0, x1 = max(x0, xs.min() - rim), min(x1, xs.max() + 1 + rim)
+        sy0, sy1, sx0, sx1 = _extent(ink > CROP_LEVEL * 255.0)
+        rim = int(np.ceil(CROP_RIM * max(sy1 - sy0, sx1 - sx0)))
+        y0, y1, x0, x1 = max(y0, sy0 - rim), min(y1, sy1 + rim), max(x0, sx0 - rim), min(x1, sx1 + rim)
     return slice(y0, y1), slice(x0, x1)
 
 
