@@ -459,3 +459,62 @@ def test_a_faint_blotch_touching_the_digit_does_not_shrink_it(digits, references
         if i % 4 >= 2:  # above or below: the digit's height is what the crop fits (to the side it rarely is)
             gains.append(now - wide)
     assert np.mean(gains) > 0.08 and sum(g > 0.05 for g in gains) >= len(gains) // 2, np.round(gains, 3)
+
+
+def _drawn_clean(digit: np.ndarray) -> np.ndarray:
+    """The digit's ink (0-1) as drawn clean at 112 px."""
+    return np.asarray(Image.fromarray(digit).resize((112, 112), Image.Resampling.BILINEAR), np.float32) / 255
+
+
+def _crossed_by_dashes(digit: np.ndarray, i: int) -> bytes:
+    """The digit drawn clean (black on white, 112 px) crossed by a dashed line from one side of the picture to the
+    other (as MNIST-C's dotted line: 3 px dashes and gaps at 28 px), at a slant that changes with `i` (PNG)."""
+    img = Image.new("L", (112, 112), 0)
+    draw = ImageDraw.Draw(img)
+    y0, y1 = 40 + 5 * (i % 5), 72 - 6 * (i % 4)
+    for x in range(0, 112, 24):
+        draw.line([(x, y0 + (y1 - y0) * x / 112), (x + 12, y0 + (y1 - y0) * (x + 12) / 112)], fill=255, width=6)
+    ink = np.maximum(_drawn_clean(digit), np.asarray(img, np.float32) / 255)
+    return _png(Image.fromarray((255 * (1 - ink)).astype(np.uint8)))
+
+
+def test_the_dashes_of_a_line_across_the_picture_do_not_shrink_the_digit(data_root):
+    """A dashed line across the picture (MNIST-C's dotted line) widened the crop to the picture's width: a narrow
+    digit (a 1, whose dashes are not small beside it) shrank to a cross. Now the crop reaches only as far as the
+    marks of at least a fifth of the largest one's size: the dashes over the digit stay, those beside it are cut
+    off."""
+    from retrieval.data import preprocess
+    from retrieval.data.specs import load_dataset
+
+    test = load_dataset("mnist:test", root=data_root)
+    ones = test.images.numpy()[np.flatnonzero(test.labels.numpy() == 1)[:8]]
+    gains = []
+    for i, d in enumerate(ones):
+        reference = preprocess_image(Image.fromarray((255 * (1 - _drawn_clean(d))).astype(np.uint8)))
+        reference = reference.numpy().astype(np.float64)
+        data = _crossed_by_dashes(d, i)
+        now = _similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
+        share, preprocess.CROP_MARK_SHARE = preprocess.CROP_MARK_SHARE, 0.0  # every mark widens the crop
+        try:
+            wide = preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
+        finally:
+            preprocess.CROP_MARK_SHARE = share
+        wide = _similarity(reference, wide)
+        assert now > 0.8 and now > wide - 0.02, (i, now, wide)
+        gains.append(now - wide)
+    assert sum(g > 0.1 for g in gains) >= 5, np.round(gains, 3)  # (the others' outer dashes were specks already)
+
+
+def test_a_detached_part_of_the_digit_stays_in_the_crop(digits):
+    """A digit's detached part (a 5's bar, a 4's second stroke) is larger than a fifth of the rest: it is kept."""
+    ink = _drawn_clean(digits[0])
+    ys, xs = np.nonzero(ink > 0.1)
+    area = int((ink > 0.1).sum())
+    bar = np.zeros_like(ink)
+    width = max(8, int(0.3 * area / 6))  # a bar 6 px high and about 0.3 of the digit's area, 6 px above it
+    x0 = int(xs.min())
+    bar[ys.min() - 12:ys.min() - 6, x0:x0 + width] = 1.0
+    picture = Image.fromarray((255 * (1 - np.maximum(ink, bar))).astype(np.uint8))
+    out = preprocess_image(picture).numpy()
+    rows = np.flatnonzero(out.max(1) > 128)
+    assert out[rows[0]:rows[0] + 2].max() > 200 and (out[rows[0]:rows[0] + 2] > 128).sum() >= 0.5 * width * 20 / 112

@@ -55,8 +55,8 @@ def check_pixel_budget(w: int, h: int, source) -> None:
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background (strokes decide where levels do not), "
-                 "one level for an even background and flatten an uneven one, drop noise and specks, crop the stronger ink, "
-                 "fit 20x20, centre of mass in 28x28")
+                 "one level for an even background and flatten an uneven one, drop noise and specks, "
+                 "crop the larger marks' stronger ink, fit 20x20, centre of mass in 28x28")
 
 # Pictures at least this many pixels on their short side get their ink found robustly (photos, scans, canvases);
 # smaller ones are taken as they are (icons, already-small digits).
@@ -70,6 +70,9 @@ DRAFT_MIN_SIDE = 64
 # box's longer side (a stroke's soft edge): fainter ink touching the digit (a grey blotch, a smudge) is not cropped in.
 CROP_LEVEL = 0.3
 CROP_RIM = 0.04
+# ... and as far as its marks (8-connected) of at least this share of the largest one's size: the dashes of a line
+# across the picture do not widen the crop (a digit's detached bar is larger).
+CROP_MARK_SHARE = 0.2
 
 
 # -- decoding --------------------------------------------------------------------------------------------------------
@@ -285,8 +288,20 @@ def _extent(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 def ink_box(ink: np.ndarray, robust: bool) -> tuple[slice, slice]:
     """The rows and columns to crop (ink scaled to 0-255 peak): as far as the ink over a tenth of the peak reaches;
-    where the ink was found robustly, no further than the stronger ink (CROP_LEVEL) and its rim."""
-    y0, y1, x0, x1 = _extent(ink > 0.1 * 255.0)
+    where the ink was found robustly, only as far as its larger marks (CROP_MARK_SHARE) reach, and of those no
+    further than their stronger ink (CROP_LEVEL) and its rim."""
+    inked = ink > 0.1 * 255.0
+    if robust:
+        from scipy import ndimage
+
+        labels, count = ndimage.label(inked, structure=np.ones((3, 3), dtype=bool))
+        if count > 1:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            larger = (sizes >= CROP_MARK_SHARE * sizes.max())[labels]
+            if (ink[larger] > CROP_LEVEL * 255.0).any():  # (else the strong ink is all in small marks: all count)
+                ink, inked = np.where(larger, ink, 0.0), larger
+    y0, y1, x0, x1 = _extent(inked)
     if robust:
         sy0, sy1, sx0, sx1 = _extent(ink > CROP_LEVEL * 255.0)
         rim = int(np.ceil(CROP_RIM * max(sy1 - sy0, sx1 - sx0)))
