@@ -280,13 +280,15 @@ def _working_gray(img: Image.Image) -> tuple[np.ndarray, bool]:
 
 
 # -- the recipe ------------------------------------------------------------------------------------------------------
+
+
 def _extent(mask: np.ndarray) -> tuple[int, int, int, int]:
     """(first row, last row + 1, first column, last column + 1) holding a True of a 2-D mask with one."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def ink_box(ink: np.ndarray, robust: bool) -> tuple[slice, slice]:
+def _crop_box(ink: np.ndarray, robust: bool) -> tuple[slice, slice]:
     """The rows and columns to crop (ink scaled to 0-255 peak): as far as the ink over a tenth of the peak reaches;
     where the ink was found robustly, only as far as its larger marks (CROP_MARK_SHARE) reach, and of those no
     further than their stronger ink (CROP_LEVEL) and its rim."""
@@ -353,7 +355,7 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
             raise RetrievalError(f"{source}: no ink found (the picture is a single flat colour)")
         raise RetrievalError(f"{source}: no ink found (nothing stands out from the background and its noise)")
     ink *= 255.0 / peak
-    ink = ink[ink_box(ink, robust)]
+    ink = ink[_crop_box(ink, robust)]
     ch, cw = ink.shape
     scale = 20.0 / max(ch, cw)
     nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
