@@ -518,3 +518,62 @@ def test_a_detached_part_of_the_digit_stays_in_the_crop(digits):
     out = preprocess_image(picture).numpy()
     rows = np.flatnonzero(out.max(1) > 128)
     assert out[rows[0]:rows[0] + 2].max() > 200 and (out[rows[0]:rows[0] + 2] > 128).sum() >= 0.5 * width * 20 / 112
+
+
+def _crossed_by_line(digit: np.ndarray, i: int) -> bytes:
+    """The digit drawn clean (black on white, 112 px) crossed by a ruled line 5 px wide from near one side of the
+    picture to near the other (8 px from each), through the digit or above or below it, at a slant, as `i` changes
+    (PNG)."""
+    img = Image.new("L", (112, 112), 0)
+    y = (12, 40, 64, 100)[i % 4]
+    slant = (i % 3 - 1) * 8
+    ImageDraw.Draw(img).line([(8, y - slant), (104, y + slant)], fill=255, width=5)
+    ink = np.maximum(_drawn_clean(digit), np.asarray(img, np.float32) / 255)
+    return _png(Image.fromarray((255 * (1 - ink)).astype(np.uint8)))
+
+
+def _without_line_rule(data: bytes) -> np.ndarray:
+    from retrieval.data import preprocess
+
+    beyond, preprocess.LINE_BEYOND = preprocess.LINE_BEYOND, 2.0  # no line is that long: the crop along it
+    try:
+        return preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
+    finally:
+        preprocess.LINE_BEYOND = beyond
+
+
+def test_a_line_drawn_across_the_picture_does_not_shrink_the_digit(data_root):
+    """A solid line across the picture (a ruled line, MNIST-C's zigzag) touching the digit is one mark with it: the
+    crop reached the picture's sides, and a narrow digit (a 1) shrank into the middle. Now where the crop reaches
+    both sides through one thin run of ink per column, well beyond the rest on each side and level at both ends, it
+    starts where the line meets the digit."""
+    from retrieval.data.specs import load_dataset
+
+    test = load_dataset("mnist:test", root=data_root)
+    labels = test.labels.numpy()
+    ones = test.images.numpy()[np.flatnonzero(labels == 1)[:8]]
+    gains = []
+    for i, d in enumerate(ones):
+        reference = preprocess_image(Image.fromarray((255 * (1 - _drawn_clean(d))).astype(np.uint8)))
+        reference = reference.numpy().astype(np.float64)
+        data = _crossed_by_line(d, i)
+        now = _similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
+        wide = _similarity(reference, _without_line_rule(data))
+        assert now > 0.85 and now > wide - 0.02, (i, now, wide)
+        gains.append(now - wide)
+    assert sum(g > 0.1 for g in gains) >= 6, np.round(gains, 3)
+
+
+@pytest.mark.parametrize("strokes", [
+    [[(0, 6), (111, 6)], [(60, 6), (108, 111)]],  # a 7 whose bar spans the picture, its stem down to the right
+    [[(50, 5), (111, 5)], [(52, 5), (48, 55), (90, 70), (70, 108), (0, 108)]],  # a 5: bar right, tail left
+])
+def test_a_digits_own_bar_across_the_picture_is_no_line(strokes):
+    """A tight scan of a 7 or a 5: its bar reaches the side, and so does its stem or tail on the other side, but the
+    two ends are far from level: it is no line across the picture, the crop is the digit's."""
+    img = Image.new("L", (112, 112), 255)
+    for points in strokes:
+        ImageDraw.Draw(img).line(points, fill=0, width=9)
+    data = _png(img)
+    assert np.array_equal(preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64),
+                          _without_line_rule(data))

@@ -56,7 +56,7 @@ def check_pixel_budget(w: int, h: int, source) -> None:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background (strokes decide where levels do not), "
                  "one level for an even background and flatten an uneven one, drop noise and specks, "
-                 "crop the larger marks' stronger ink, fit 20x20, centre of mass in 28x28")
+                 "crop the larger marks' stronger ink short of a line across, fit 20x20, centre of mass in 28x28")
 
 # Pictures at least this many pixels on their short side get their ink found robustly (photos, scans, canvases);
 # smaller ones are taken as they are (icons, already-small digits).
@@ -73,6 +73,14 @@ CROP_RIM = 0.04
 # ... and as far as its marks (8-connected) of at least this share of the largest one's size: the dashes of a line
 # across the picture do not widen the crop (a digit's detached bar is larger).
 CROP_MARK_SHARE = 0.2
+# ... and not along a line drawn across the picture (a ruled line, a stroke through the digit): where the crop reaches
+# within LINE_EDGE of both side edges through a single run of ink per column, no higher than LINE_THIN of the crop,
+# each run continuing the one before, for at least LINE_BEYOND of the width on both sides, and its two inner ends on
+# one near-level straight line, the crop starts where those runs end. (A digit's own bar or tail seldom reaches that
+# far beyond the rest on both sides, or its two ends are far from level: the digit is kept.)
+LINE_EDGE = 0.12
+LINE_THIN = 0.3
+LINE_BEYOND = 0.15
 
 
 # -- decoding --------------------------------------------------------------------------------------------------------
@@ -288,10 +296,52 @@ def _extent(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
+def _walked(single: np.ndarray, follows: np.ndarray) -> int:
+    """How many columns from the first hold a single thin run (`single`) each following the one before (`follows[i]`:
+    column i's run touches column i - 1's)."""
+    ok = single.copy()
+    ok[1:] &= follows[1:]
+    return len(ok) if ok.all() else int(np.argmin(ok))
+
+
+def _line_across(inked: np.ndarray, width: int) -> tuple[slice, slice] | None:
+    """Where a crop's mask `inked` is crossed by a line (LINE_*) in a picture `width` wide: the crop without it (the
+    columns between the line's two ends, the rows of the rest of the ink and of the line there unless it stands
+    apart from the rest); None where no line crosses it."""
+    h, w = inked.shape
+    count = inked.sum(0)
+    first = inked.argmax(0)
+    last = h - 1 - inked[::-1].argmax(0)
+    single = (count > 0) & (last - first + 1 == count) & (count <= max(2.0, LINE_THIN * h))
+    step = max(1, round(0.02 * width))  # how far one column's run may step from the one before
+    follows = np.ones(w, dtype=bool)
+    follows[1:] = (first[1:] <= last[:-1] + step) & (last[1:] >= first[:-1] - step)
+    left = _walked(single, follows)
+    right = _walked(single[::-1], np.concatenate([[True], follows[:0:-1]]))
+    if min(left, right) < LINE_BEYOND * width or left + right >= w - 2:
+        return None
+    end = w - right  # the first column of the line's right part
+    y_left, y_right = (first[left - 1] + last[left - 1]) / 2, (first[end] + last[end]) / 2
+    if abs(y_left - y_right) > 0.25 * (end - left + 1) + 0.15 * width:  # not one near-level line
+        return None
+    middle = inked[:, left:end]
+    half = max(int((last[:left] - first[:left]).max()), int((last[end:] - first[end:]).max())) / 2 + 1 + 2 * step
+    line_rows = y_left + (np.arange(left, end) - (left - 1)) * (y_right - y_left) / (end - left + 1)
+    rest = middle & (np.abs(np.arange(h)[:, None] - line_rows[None, :]) > half)
+    if not rest.any():
+        return None
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(middle, structure=np.ones((3, 3), dtype=bool))
+    apart = not np.intersect1d(labels[middle & ~rest], labels[rest]).size
+    rows = np.flatnonzero((rest if apart else middle).any(1))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(left, end)
+
+
 def _crop_box(ink: np.ndarray, robust: bool) -> tuple[slice, slice]:
     """The rows and columns to crop (ink scaled to 0-255 peak): as far as the ink over a tenth of the peak reaches;
     where the ink was found robustly, only as far as its larger marks (CROP_MARK_SHARE) reach, and of those no
-    further than their stronger ink (CROP_LEVEL) and its rim."""
+    further than their stronger ink (CROP_LEVEL) and its rim, and not along a line across the picture (LINE_*)."""
     inked = ink > 0.1 * 255.0
     if robust:
         from scipy import ndimage
@@ -308,6 +358,12 @@ def _crop_box(ink: np.ndarray, robust: bool) -> tuple[slice, slice]:
         sy0, sy1, sx0, sx1 = _extent(ink > CROP_LEVEL * 255.0)
         rim = int(np.ceil(CROP_RIM * max(sy1 - sy0, sx1 - sx0)))
         y0, y1, x0, x1 = max(y0, sy0 - rim), min(y1, sy1 + rim), max(x0, sx0 - rim), min(x1, sx1 + rim)
+        width = ink.shape[1]
+        if x0 <= LINE_EDGE * width and x1 >= (1 - LINE_EDGE) * width:
+            without = _line_across(inked[y0:y1, x0:x1], width)
+            if without is not None:
+                rows, cols = without
+                return slice(y0 + rows.start, y0 + rows.stop), slice(x0 + cols.start, x0 + cols.stop)
     return slice(y0, y1), slice(x0, x1)
 
 
