@@ -317,7 +317,7 @@ def _line_across(inked: np.ndarray, width: int) -> tuple[slice, slice] | None:
     follows = np.ones(w, dtype=bool)
     follows[1:] = (first[1:] <= last[:-1] + step) & (last[1:] >= first[:-1] - step)
     left = _walked(single, follows)
-    right = _walked(single[::-1], np.concatenate([[True], follows[:0:-1]]))
+    right = _walked(single[::-1], np.concatenate([[True], follows[:0:-1]]))  # (the same pairs, from the right)
     if min(left, right) < LINE_BEYOND * width or left + right >= w - 2:
         return None
     end = w - right  # the first column of the line's right part
