@@ -260,3 +260,36 @@ def _near_kept_marks(ink: np.ndarray, labels: np.ndarray, count: int, peak: floa
     # not ink)
     h, w = ink.shape
     return np.where(_grown(keep[labels], max(1, min(h, w) // 64)), ink, 0.0)
+
+
+# -- ruled lines ------------------------------------------------------------------------------------------------------
+# Lined paper: bands of rows the ink crosses over at least RULED_SPAN of the picture's width (a row or one beside it,
+# for a line a little off level), each no higher than RULED_THIN of the picture, at least two of them (a single one
+# may be a 7's bar in a tight scan; the crop's line rule in retrieval.data.preprocess looks at those).
+RULED_SPAN = 0.9
+RULED_THIN = 0.1
+
+
+def ruled_lines_removed(ink: np.ndarray) -> np.ndarray:
+    """`ink` (0-255 peak) less the ruled lines of lined paper (RULED_*), where there are any: a line's pixels stay
+    only where a stroke crosses it (ink just above and just below, give or take a column)."""
+    inked = ink > 0.1 * 255.0
+    h, w = inked.shape
+    near = inked.copy()
+    near[1:] |= inked[:-1]
+    near[:-1] |= inked[1:]
+    across = near.mean(1) >= RULED_SPAN
+    if np.count_nonzero(across) < 2:
+        return ink
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], across.astype(np.int8), [0]])))
+    bands = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b - a <= max(3.0, RULED_THIN * h)]
+    if len(bands) < 2:
+        return ink
+    out = ink.copy()
+    no_ink = np.zeros(w, dtype=bool)
+    for a, b in bands:
+        a, b = max(0, a - 1), min(h, b + 1)  # the line's soft edges
+        crossing = (inked[a - 1] if a > 0 else no_ink) & (inked[b] if b < h else no_ink)
+        crossing = _grown(crossing[None], 1)[0]
+        out[a:b, ~crossing] = 0.0
+    return out

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 from retrieval.data.ink import (MARGIN_MIN_SIDE, border, light_ink, margins_levelled, marks, median,
-                                percentiles, robust_ink)
+                                percentiles, robust_ink, ruled_lines_removed)
 from retrieval.errors import RetrievalError
 
 try:  # libpng through imagecodecs: a PNG's pixels as Pillow decodes them, in about half the time, and without
@@ -55,7 +55,7 @@ def check_pixel_budget(w: int, h: int, source) -> None:
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background (strokes decide where levels do not), "
-                 "one level for an even background and flatten an uneven one, drop noise and specks, "
+                 "one level for an even background and flatten an uneven one, drop noise and specks and ruled lines, "
                  "crop the larger marks' stronger ink short of a line across, fit 20x20, centre of mass in 28x28")
 
 # Pictures at least this many pixels on their short side get their ink found robustly (photos, scans, canvases);
@@ -367,6 +367,18 @@ def _crop_box(ink: np.ndarray, robust: bool) -> tuple[slice, slice]:
     return slice(y0, y1), slice(x0, x1)
 
 
+def _unruled(ink: np.ndarray, source) -> np.ndarray:
+    """The ink (0-255 peak) without the ruled lines of lined paper (retrieval.data.ink.ruled_lines_removed), at the
+    same peak."""
+    lined = ruled_lines_removed(ink)
+    if lined is ink:
+        return ink
+    peak = float(lined.max())
+    if peak <= 0:
+        raise RetrievalError(f"{source}: no ink found besides the ruled lines of the paper")
+    return lined * (255.0 / peak)
+
+
 def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     """The MNIST recipe: white-on-black, ink cropped, fitted into 20x20, centred by mass in 28x28 (uint8).
     `img` may be opened and not yet decoded (then it is decoded as decode_image does)."""
@@ -411,6 +423,8 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
             raise RetrievalError(f"{source}: no ink found (the picture is a single flat colour)")
         raise RetrievalError(f"{source}: no ink found (nothing stands out from the background and its noise)")
     ink *= 255.0 / peak
+    if robust:
+        ink = _unruled(ink, source)
     ink = ink[_crop_box(ink, robust)]
     ch, cw = ink.shape
     scale = 20.0 / max(ch, cw)
