@@ -211,8 +211,9 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
     on the ink Otsu's threshold finds once a third-wide opening is taken off); when the opening would span the
     picture, the background is one level too. The noise level (median and median absolute deviation) is
     measured on the background pixels only, below Otsu's threshold (ink covering half of a scan is not noise),
-    and taken off. Then `marks`: small marks and faint ones (what is left of a shadow's edge) are dropped; the
-    brightest 1% of the ink saturates (so that a few hot pixels do not dim the digit)."""
+    and taken off, and so are the ruled lines of lined paper (ruled_lines_removed). Then `marks`: small marks and
+    faint ones (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few
+    hot pixels do not dim the digit)."""
     level = median(border(gray))
     if _even_background(gray, level):
         residual = np.clip(gray - level, 0, None)
@@ -225,7 +226,7 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
         background = residual
     centre = median(background)
     sigma = 1.4826 * median(np.abs(background - centre))
-    return marks(np.clip(residual - centre - 2.0 * sigma, 0, None), sigma)
+    return marks(ruled_lines_removed(np.clip(residual - centre - 2.0 * sigma, 0, None)), sigma)
 
 
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
@@ -263,17 +264,19 @@ def _near_kept_marks(ink: np.ndarray, labels: np.ndarray, count: int, peak: floa
 
 
 # -- ruled lines ------------------------------------------------------------------------------------------------------
-# Lined paper: bands of rows the ink crosses over at least RULED_SPAN of the picture's width (a row or one beside it,
-# for a line a little off level), each no higher than RULED_THIN of the picture, at least two of them (a single one
-# may be a 7's bar in a tight scan; the crop's line rule in retrieval.data.preprocess looks at those).
+# Lined paper: bands of rows the ink (over a tenth of its peak) crosses over at least RULED_SPAN of the picture's
+# width (a row or one beside it, for a line a little off level), each no higher than RULED_THIN of the picture, at
+# least two of them (a single one may be a 7's bar in a tight scan; the crop's line rule in retrieval.data.preprocess
+# looks at those).
 RULED_SPAN = 0.9
 RULED_THIN = 0.1
 
 
 def ruled_lines_removed(ink: np.ndarray) -> np.ndarray:
-    """`ink` (0-255 peak) less the ruled lines of lined paper (RULED_*), where there are any: a line's pixels stay
+    """`ink` less the ruled lines of lined paper (RULED_*), where there are any (before `marks`: a faint line that
+    crosses no stroke would be dropped as a faint mark, and the part that touches one kept): a line's pixels stay
     only where a stroke crosses it (ink just above and just below, give or take a column)."""
-    inked = ink > 0.1 * 255.0
+    inked = ink > 0.1 * float(ink.max())
     h, w = inked.shape
     near = inked.copy()
     near[1:] |= inked[:-1]

@@ -367,18 +367,6 @@ def _crop_box(ink: np.ndarray, robust: bool) -> tuple[slice, slice]:
     return slice(y0, y1), slice(x0, x1)
 
 
-def _unruled(ink: np.ndarray, source) -> np.ndarray:
-    """The ink (0-255 peak) without the ruled lines of lined paper (retrieval.data.ink.ruled_lines_removed), at the
-    same peak."""
-    lined = ruled_lines_removed(ink)
-    if lined is ink:
-        return ink
-    peak = float(lined.max())
-    if peak <= 0:
-        raise RetrievalError(f"{source}: no ink found besides the ruled lines of the paper")
-    return lined * (255.0 / peak)
-
-
 def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     """The MNIST recipe: white-on-black, ink cropped, fitted into 20x20, centred by mass in 28x28 (uint8).
     `img` may be opened and not yet decoded (then it is decoded as decode_image does)."""
@@ -412,7 +400,7 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     if robust and not flat and np.count_nonzero(gray == background) * 2 >= gray.size:
         # most of the picture is exactly the background's level (a drawing, the page's canvas): nothing to
         # flatten and no noise to measure
-        ink = marks(np.clip(gray - background, 0, None), 0.0, lone_mark_alone=False)
+        ink = marks(ruled_lines_removed(np.clip(gray - background, 0, None)), 0.0, lone_mark_alone=False)
     elif robust and not flat:
         ink = robust_ink(gray)
     else:
@@ -421,10 +409,9 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     if peak <= 0:
         if flat:
             raise RetrievalError(f"{source}: no ink found (the picture is a single flat colour)")
-        raise RetrievalError(f"{source}: no ink found (nothing stands out from the background and its noise)")
+        raise RetrievalError(f"{source}: no ink found (nothing stands out from the background, its noise and any "
+                             "ruled lines)")
     ink *= 255.0 / peak
-    if robust:
-        ink = _unruled(ink, source)
     ink = ink[_crop_box(ink, robust)]
     ch, cw = ink.shape
     scale = 20.0 / max(ch, cw)
