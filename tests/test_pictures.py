@@ -32,8 +32,8 @@ def test_every_family_is_deterministic_for_a_seed_and_differs_between_seeds(rend
         assert a.data != b.data, family
 
 
-FORMATS = {"scan": ("JPEG", "L"), "canvas": ("PNG", "RGBA"), "photo": ("JPEG", "RGB"), "screenshot": ("PNG", "RGB"),
-           "mnist-c": ("PNG", "L")}
+FORMATS = {"scan": ("JPEG", "L"), "canvas": ("PNG", "RGBA"), "photo": ("JPEG", "RGB"), "lined": ("JPEG", "L"),
+           "screenshot": ("PNG", "RGB"), "mnist-c": ("PNG", "L")}
 
 
 def test_each_family_is_the_file_it_says(rendered):
@@ -56,6 +56,8 @@ def test_each_family_is_the_file_it_says(rendered):
                 assert (w, h) == (1024, 768)
             elif family == "photo-3000":
                 assert (w, h) == (3000, 4000)
+            elif family == "lined":
+                assert w == h and 200 <= w <= 320
             elif family.startswith("mnistc-"):
                 assert w == h and w % 28 == 0 and 56 <= w <= 280, family
     sizes = {rendered[f][i].size for f in pictures.FAMILIES if f.startswith("scan-") for i in (0, 1)}

@@ -18,6 +18,8 @@ such a file would look, deterministically for a seed, and encodes it as that kin
   photo-1024        a phone photo of the digit written on paper, 1024x768 JPEG (RGB): paper texture, perspective,
                     a lighting gradient, a soft shadow, defocus blur, sensor noise
   photo-3000        the same at 3000x4000 (portrait)
+  lined             the digit written on lined paper (lines 1-1.5% of the picture wide every 12-20% of it, 0.2-0.8
+                    as dark as the ink, a little off level), a square of 200-320 px, grey JPEG (quality 70-90)
   screenshot        a printed digit as a screenshot (DejaVu or Liberation, light or dark theme), RGB PNG; it draws
                     the digit's LABEL, not the array, so it needs `label`
   mnistc-NAME       the MNIST-C corruption NAME (retrieval.data.corrupt) of the digit, as a picture 2-10 times the
@@ -50,6 +52,7 @@ FAMILIES: dict[str, str] = {  # name -> group
     "scan-thick": "scan",
     "canvas-mouse": "canvas", "canvas-finger": "canvas", "canvas-560": "canvas",
     "photo-1024": "photo", "photo-3000": "photo",
+    "lined": "lined",
     "screenshot": "screenshot",
     **{f"mnistc-{name}": "mnist-c" for name in MNIST_C},
 }
@@ -57,7 +60,7 @@ HELD_OUT = frozenset({"screenshot", "photo-3000"})
 ARRAY_COUNTERPART: dict[str, str | None] = {
     "scan-8": "lowres-8", "scan-10": "lowres-10", "scan-14": "lowres-14", "scan-20": None, "scan-thick": "thick",
     "canvas-mouse": "canvas", "canvas-finger": "canvas", "canvas-560": "canvas",
-    "photo-1024": "photo", "photo-3000": "photo", "screenshot": None,
+    "photo-1024": "photo", "photo-3000": "photo", "lined": None, "screenshot": None,
     **{f"mnistc-{name}": name for name in MNIST_C},
 }
 NEEDS_LABEL = frozenset({"screenshot"})
@@ -305,6 +308,29 @@ def _screenshot(digit: np.ndarray, rng: np.random.Generator, label: str) -> Pict
     return _encode(img, "PNG")
 
 
+# ----------------------------------------------------------------------------------------------- lined paper
+
+def _lined(digit: np.ndarray, rng: np.random.Generator) -> Picture:
+    side = int(rng.integers(200, 321))
+    paper, ink_level = rng.uniform(200, 245), rng.uniform(10, 60)
+    line_share, spacing = rng.uniform(0.2, 0.8), rng.uniform(0.12, 0.2) * side
+    lines = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(lines)
+    tilt = rng.uniform(-0.01, 0.01) * side
+    width = max(1, int(rng.uniform(0.01, 0.015) * side))
+    y = rng.uniform(0, spacing)
+    while y < side:
+        draw.line([(0, y - tilt), (side - 1, y + tilt)], fill=255, width=width)
+        y += spacing
+    size = int(side * rng.uniform(0.6, 0.85))
+    ink = np.zeros((side, side), np.float32)
+    x0, y0 = rng.integers(0, side - size + 1, 2)
+    ink[y0:y0 + size, x0:x0 + size] = _resized(digit / 255.0, (size, size), Image.Resampling.BILINEAR)
+    ink = np.maximum(ink, np.asarray(lines, np.float32) / 255 * line_share)
+    page = paper - (paper - ink_level) * ink + rng.normal(0, 2.0, ink.shape)
+    return _encode(_grey(page), "JPEG", quality=int(rng.integers(70, 91)))
+
+
 # ----------------------------------------------------------------------------------------------- MNIST-C
 
 def _mnistc(name: str):
@@ -327,6 +353,7 @@ _RENDER = {
     "canvas-560": _canvas(560, (4.0, 12.0), 0.8),
     "photo-1024": _photo(1024, 768, (1024, 768)),
     "photo-3000": _photo(3000, 4000, (750, 1000)),
+    "lined": _lined,
     **{f"mnistc-{name}": _mnistc(name) for name in MNIST_C},
 }
 
