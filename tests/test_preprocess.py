@@ -616,3 +616,25 @@ def test_ruled_lines_of_lined_paper_are_not_ink(digits):
     assert sum(b < 0.5 for b in befores) >= 10, np.round(befores, 2)
     with pytest.raises(RetrievalError, match="no ink found .* ruled lines"):
         preprocess_image(Image.open(io.BytesIO(_on_lined_paper(digits[0], 0.6, with_digit=False))), "page.png")
+
+
+def test_a_stroke_along_a_ruled_line_stays(monkeypatch):
+    """A 7 whose bar lies on a ruled line (0.4 as dark as the ink): the bar is darker than the line, so it stays
+    where the line is taken off (without that, the 7 lost its bar and read as a 1)."""
+    from retrieval.data import ink as ink_module
+
+    def page(line_level: float) -> Image.Image:
+        strokes = Image.new("L", (240, 240), 0)
+        draw = ImageDraw.Draw(strokes)
+        draw.line([(60, 60), (180, 60)], fill=255, width=7)
+        draw.line([(180, 60), (110, 200)], fill=255, width=7)
+        lines = Image.new("L", (240, 240), 0)
+        for y in range(20, 240, 40):
+            ImageDraw.Draw(lines).line([(0, y), (239, y)], fill=255, width=3)
+        ink = np.maximum(np.asarray(strokes, np.float32) / 255, np.asarray(lines, np.float32) / 255 * line_level)
+        return Image.fromarray((235 * (1 - ink)).astype(np.uint8))
+
+    reference = preprocess_image(page(0.0)).numpy().astype(np.float64)
+    assert _similarity(reference, preprocess_image(page(0.4)).numpy().astype(np.float64)) > 0.9
+    monkeypatch.setattr(ink_module, "RULED_STRONGER", 1e9)  # every pixel of a line goes where no stroke crosses it
+    assert _similarity(reference, preprocess_image(page(0.4)).numpy().astype(np.float64)) < 0.8

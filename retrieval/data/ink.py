@@ -270,13 +270,17 @@ def _near_kept_marks(ink: np.ndarray, labels: np.ndarray, count: int, peak: floa
 # looks at those).
 RULED_SPAN = 0.9
 RULED_THIN = 0.1
+# ... and of a line's columns, those holding over RULED_STRONGER times the line's own ink hold a stroke along it.
+RULED_STRONGER = 1.5
 
 
 def ruled_lines_removed(ink: np.ndarray) -> np.ndarray:
     """`ink` less the ruled lines of lined paper (RULED_*), where there are any (before `marks`: a faint line that
     crosses no stroke would be dropped as a faint mark, and the part that touches one kept): a line's pixels stay
-    only where a stroke crosses it (ink just above and just below, give or take a column)."""
-    inked = ink > 0.1 * float(ink.max())
+    only where a stroke crosses it (ink just above and just below, give or take a column) or runs along it (more ink
+    in the line's column than the line has: RULED_STRONGER)."""
+    floor = 0.1 * float(ink.max())
+    inked = ink > floor
     h, w = inked.shape
     near = inked.copy()
     near[1:] |= inked[:-1]
@@ -294,5 +298,7 @@ def ruled_lines_removed(ink: np.ndarray) -> np.ndarray:
         a, b = max(0, a - 1), min(h, b + 1)  # the line's soft edges
         crossing = (inked[a - 1] if a > 0 else no_ink) & (inked[b] if b < h else no_ink)
         crossing = _grown(crossing[None], 1)[0]
-        out[a:b, ~crossing] = 0.0
+        column_ink = ink[a:b].sum(0)  # (a line a little off level splits its ink between two rows)
+        line_ink = float(np.percentile(column_ink[column_ink > floor], 25))  # a stroke along it covers less
+        out[a:b, ~(crossing | (column_ink > RULED_STRONGER * line_ink))] = 0.0
     return out
