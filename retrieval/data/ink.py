@@ -282,6 +282,8 @@ def ruled_lines_removed(ink: np.ndarray) -> np.ndarray:
     floor = 0.1 * float(ink.max())
     inked = ink > floor
     h, w = inked.shape
+    if np.count_nonzero(inked.sum(1) >= RULED_SPAN * w / 3) < 2:  # (a band's rows: one of three holds a third)
+        return ink
     near = inked.copy()
     near[1:] |= inked[:-1]
     near[:-1] |= inked[1:]
