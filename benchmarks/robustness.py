@@ -12,10 +12,10 @@ mnist:train, queries its validation slice (the 5,000 images the trainer held out
 (test sets use seed 0); nothing from mnist:test is read.
 
 Pictures (--pictures, with --selection or on the test split): every family of retrieval/data/pictures.py (scans,
-canvas exports, phone photos, screenshots, MNIST-C as pictures) rendered from the query digits as picture files,
-written and read back with load_image_file (the code `retrieval query FILE` and folder specs run), beside the
-family's 28x28 array counterpart (retrieval/data/corrupt.py); a refused picture counts as a miss. Held-out families
-(retrieval.data.pictures.HELD_OUT) are reported apart.
+canvas exports, phone photos, lined paper, screenshots, MNIST-C as pictures) rendered from the query digits as
+picture files, written and read back with load_image_file (the code `retrieval query FILE` and folder specs run),
+beside the family's 28x28 array counterpart (retrieval/data/corrupt.py); a refused picture counts as a miss.
+Held-out families (retrieval.data.pictures.HELD_OUT) are reported apart.
 
 `--references N` takes a seeded subset of N references instead of all (a quick look; the tests use it with an
 untrained tower); `--index-dir DIR` builds the test mode's indexes in DIR/RUN and keeps them.

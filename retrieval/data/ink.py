@@ -282,7 +282,8 @@ def ruled_lines_removed(ink: np.ndarray) -> np.ndarray:
     floor = 0.1 * float(ink.max())
     inked = ink > floor
     h, w = inked.shape
-    if np.count_nonzero(inked.sum(1) >= RULED_SPAN * w / 3) < 2:  # (a band's rows: one of three holds a third)
+    # a row or one beside it inked over RULED_SPAN of the width: one of the three holds a third of that at least
+    if np.count_nonzero(inked.sum(1) >= RULED_SPAN * w / 3) < 2:
         return ink
     near = inked.copy()
     near[1:] |= inked[:-1]
