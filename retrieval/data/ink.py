@@ -267,7 +267,8 @@ def _near_kept_marks(ink: np.ndarray, labels: np.ndarray, count: int, peak: floa
 # Lined paper: bands of rows the ink (over a tenth of its peak) crosses over at least RULED_SPAN of the picture's
 # width (a row or one beside it, for a line a little off level), each no higher than RULED_THIN of the picture, at
 # least two of them (a single one may be a 7's bar in a tight scan; the crop's line rule in retrieval.data.preprocess
-# looks at those).
+# looks at those); squared paper: bands of columns too, at least three (a tight scan of a 0 or a 4 touches the top
+# and the bottom: two strokes may cross it from top to bottom).
 RULED_SPAN = 0.9
 RULED_THIN = 0.1
 # ... and of a line's columns, those holding over RULED_STRONGER times the line's own ink hold a stroke along it.
@@ -275,25 +276,30 @@ RULED_STRONGER = 1.5
 
 
 def ruled_lines_removed(ink: np.ndarray) -> np.ndarray:
-    """`ink` less the ruled lines of lined paper (RULED_*), where there are any (before `marks`: a faint line that
-    crosses no stroke would be dropped as a faint mark, and the part that touches one kept): a line's pixels stay
-    only where a stroke crosses it (ink just above and just below, give or take a column) or runs along it (more ink
-    in the line's column than the line has: RULED_STRONGER)."""
+    """`ink` less the ruled lines of lined or squared paper (RULED_*), where there are any (before `marks`: a faint
+    line that crosses no stroke would be dropped as a faint mark, and the part that touches one kept): a line's
+    pixels stay only where a stroke crosses it (ink on both sides of it, give or take a pixel) or runs along it
+    (more ink across the line than the line has: RULED_STRONGER)."""
+    return _level_lines_removed(_level_lines_removed(ink, 2).T, 3).T
+
+
+def _level_lines_removed(ink: np.ndarray, fewest: int) -> np.ndarray:
+    """ruled_lines_removed for the lines along the rows, where there are `fewest` of them at least."""
     floor = 0.1 * float(ink.max())
     inked = ink > floor
     h, w = inked.shape
     # a row or one beside it inked over RULED_SPAN of the width: one of the three holds a third of that at least
-    if np.count_nonzero(inked.sum(1) >= RULED_SPAN * w / 3) < 2:
+    if np.count_nonzero(inked.sum(1) >= RULED_SPAN * w / 3) < fewest:
         return ink
     near = inked.copy()
     near[1:] |= inked[:-1]
     near[:-1] |= inked[1:]
     across = near.mean(1) >= RULED_SPAN
-    if np.count_nonzero(across) < 2:
+    if np.count_nonzero(across) < fewest:
         return ink
     edges = np.flatnonzero(np.diff(np.concatenate([[0], across.astype(np.int8), [0]])))
     bands = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b - a <= max(3.0, RULED_THIN * h)]
-    if len(bands) < 2:
+    if len(bands) < fewest:
         return ink
     out = ink.copy()
     no_ink = np.zeros(w, dtype=bool)

@@ -18,8 +18,9 @@ such a file would look, deterministically for a seed, and encodes it as that kin
   photo-1024        a phone photo of the digit written on paper, 1024x768 JPEG (RGB): paper texture, perspective,
                     a lighting gradient, a soft shadow, defocus blur, sensor noise
   photo-3000        the same at 3000x4000 (portrait)
-  lined             the digit written on lined paper (lines 1-1.5% of the picture wide every 12-20% of it, 0.2-0.8
-                    as dark as the ink, a little off level), a square of 200-320 px, grey JPEG (quality 70-90)
+  lined             the digit written on lined paper, squared one time in three (lines 1-1.5% of the picture wide
+                    every 12-20% of it, 0.2-0.8 as dark as the ink, a little off level), a square of 200-320 px, grey
+                    JPEG (quality 70-90)
   screenshot        a printed digit as a screenshot (DejaVu or Liberation, light or dark theme), RGB PNG; it draws
                     the digit's LABEL, not the array, so it needs `label`
   mnistc-NAME       the MNIST-C corruption NAME (retrieval.data.corrupt) of the digit, as a picture 2-10 times the
@@ -322,6 +323,11 @@ def _lined(digit: np.ndarray, rng: np.random.Generator) -> Picture:
     while y < side:
         draw.line([(0, y - tilt), (side - 1, y + tilt)], fill=255, width=width)
         y += spacing
+    if rng.random() < 1 / 3:  # squared paper
+        x = rng.uniform(0, spacing)
+        while x < side:
+            draw.line([(x + tilt, 0), (x - tilt, side - 1)], fill=255, width=width)
+            x += spacing
     size = int(side * rng.uniform(0.6, 0.85))
     ink = np.zeros((side, side), np.float32)
     x0, y0 = rng.integers(0, side - size + 1, 2)
