@@ -280,7 +280,25 @@ def ruled_lines_removed(ink: np.ndarray) -> np.ndarray:
     line that crosses no stroke would be dropped as a faint mark, and the part that touches one kept): a line's
     pixels stay only where a stroke crosses it (ink on both sides of it, give or take a pixel) or runs along it
     (more ink across the line than the line has: RULED_STRONGER)."""
-    return _level_lines_removed(_level_lines_removed(ink, 2).T, 3).T
+    inked = ink > 0.1 * float(ink.max())
+    if _ends_inked(inked, 2):
+        ink = _level_lines_removed(ink, 2)
+    if _ends_inked(inked.T, 3):
+        ink = _level_lines_removed(ink.T, 3).T
+    return ink
+
+
+def _ends_inked(inked: np.ndarray, fewest: int) -> bool:
+    """A first look (most pictures end here): whether `fewest` rows, or rows beside them, are inked at both ends of
+    the picture (a row inked over RULED_SPAN of the width is, within 1 - RULED_SPAN of each side)."""
+    k = int(inked.shape[1] * (1 - RULED_SPAN)) + 1
+    ends = []
+    for side in (inked[:, :k].any(1), inked[:, -k:].any(1)):
+        near = side.copy()
+        near[1:] |= side[:-1]
+        near[:-1] |= side[1:]
+        ends.append(near)
+    return np.count_nonzero(ends[0] & ends[1]) >= fewest
 
 
 def _level_lines_removed(ink: np.ndarray, fewest: int) -> np.ndarray:
@@ -288,9 +306,6 @@ def _level_lines_removed(ink: np.ndarray, fewest: int) -> np.ndarray:
     floor = 0.1 * float(ink.max())
     inked = ink > floor
     h, w = inked.shape
-    # a row or one beside it inked over RULED_SPAN of the width: one of the three holds a third of that at least
-    if np.count_nonzero(inked.sum(1) >= RULED_SPAN * w / 3) < fewest:
-        return ink
     near = inked.copy()
     near[1:] |= inked[:-1]
     near[:-1] |= inked[1:]
