@@ -439,6 +439,29 @@ def _with_grey_blotch(digit: np.ndarray, i: int) -> bytes:
     return _png(Image.fromarray((255 * (1 - np.maximum(ink, blotch))).astype(np.uint8)))
 
 
+def _preprocessed_with(module, constant: str, value, data: bytes) -> np.ndarray:
+    """The picture file `data` through the picture path with `module.constant` set to `value` (a rule turned off)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, constant, value)
+        return preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
+
+
+def _ones_against_their_clean_drawing(data_root, crossed, module, constant: str, value) -> list[tuple[float, float]]:
+    """For the first 8 1s of mnist:test: (similarity to the 1 drawn clean now, and with `module.constant` set to
+    `value`) of the picture `crossed(digit, i)` makes."""
+    from retrieval.data.specs import load_dataset
+
+    test = load_dataset("mnist:test", root=data_root)
+    out = []
+    for i, d in enumerate(test.images.numpy()[np.flatnonzero(test.labels.numpy() == 1)[:8]]):
+        reference = preprocess_image(Image.fromarray((255 * (1 - _drawn_clean(d))).astype(np.uint8)))
+        reference = reference.numpy().astype(np.float64)
+        data = crossed(d, i)
+        now = _similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
+        out.append((now, _similarity(reference, _preprocessed_with(module, constant, value, data))))
+    return out
+
+
 def test_a_faint_blotch_touching_the_digit_does_not_shrink_it(digits, references):
     """A faint blotch touching the digit (MNIST-C's spatter, a smudge) widened the crop, which took every pixel over
     a tenth of the ink's peak: the digit shrank into a corner of its box. Now a larger picture's crop reaches as far
@@ -449,12 +472,8 @@ def test_a_faint_blotch_touching_the_digit_does_not_shrink_it(digits, references
     for i, d in enumerate(digits):
         data = _with_grey_blotch(d, i)
         now = _similarity(references[i], preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
-        level, preprocess.CROP_LEVEL = preprocess.CROP_LEVEL, 0.1  # the crop of every pixel over a tenth
-        try:
-            wide = preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
-        finally:
-            preprocess.CROP_LEVEL = level
-        wide = _similarity(references[i], wide)
+        # CROP_LEVEL 0.1: the crop of every pixel over a tenth of the peak
+        wide = _similarity(references[i], _preprocessed_with(preprocess, "CROP_LEVEL", 0.1, data))
         assert now > 0.85 and now > wide - 0.02, (i, now, wide)
         if i % 4 >= 2:  # above or below: the digit's height is what the crop fits (to the side it rarely is)
             gains.append(now - wide)
@@ -484,22 +503,10 @@ def test_the_dashes_of_a_line_across_the_picture_do_not_shrink_the_digit(data_ro
     marks of at least a fifth of the largest one's size: the dashes over the digit stay, those beside it are cut
     off."""
     from retrieval.data import preprocess
-    from retrieval.data.specs import load_dataset
 
-    test = load_dataset("mnist:test", root=data_root)
-    ones = test.images.numpy()[np.flatnonzero(test.labels.numpy() == 1)[:8]]
-    gains = []
-    for i, d in enumerate(ones):
-        reference = preprocess_image(Image.fromarray((255 * (1 - _drawn_clean(d))).astype(np.uint8)))
-        reference = reference.numpy().astype(np.float64)
-        data = _crossed_by_dashes(d, i)
-        now = _similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
-        share, preprocess.CROP_MARK_SHARE = preprocess.CROP_MARK_SHARE, 0.0  # every mark widens the crop
-        try:
-            wide = preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
-        finally:
-            preprocess.CROP_MARK_SHARE = share
-        wide = _similarity(reference, wide)
+    gains = []  # with CROP_MARK_SHARE 0, every mark widens the crop
+    for i, (now, wide) in enumerate(_ones_against_their_clean_drawing(data_root, _crossed_by_dashes, preprocess,
+                                                                      "CROP_MARK_SHARE", 0.0)):
         assert now > 0.8 and now > wide - 0.02, (i, now, wide)
         gains.append(now - wide)
     assert sum(g > 0.1 for g in gains) >= 5, np.round(gains, 3)  # (the others' outer dashes were specks already)
@@ -535,11 +542,7 @@ def _crossed_by_line(digit: np.ndarray, i: int) -> bytes:
 def _without_line_rule(data: bytes) -> np.ndarray:
     from retrieval.data import preprocess
 
-    beyond, preprocess.LINE_BEYOND = preprocess.LINE_BEYOND, 2.0  # no line is that long: the crop along it
-    try:
-        return preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
-    finally:
-        preprocess.LINE_BEYOND = beyond
+    return _preprocessed_with(preprocess, "LINE_BEYOND", 2.0, data)  # no line is that long: the crop along it
 
 
 def test_a_line_drawn_across_the_picture_does_not_shrink_the_digit(data_root):
@@ -547,18 +550,11 @@ def test_a_line_drawn_across_the_picture_does_not_shrink_the_digit(data_root):
     crop reached the picture's sides, and a narrow digit (a 1) shrank into the middle. Now where the crop reaches
     both sides through one thin run of ink per column, well beyond the rest on each side and level at both ends, it
     starts where the line meets the digit."""
-    from retrieval.data.specs import load_dataset
+    from retrieval.data import preprocess
 
-    test = load_dataset("mnist:test", root=data_root)
-    labels = test.labels.numpy()
-    ones = test.images.numpy()[np.flatnonzero(labels == 1)[:8]]
     gains = []
-    for i, d in enumerate(ones):
-        reference = preprocess_image(Image.fromarray((255 * (1 - _drawn_clean(d))).astype(np.uint8)))
-        reference = reference.numpy().astype(np.float64)
-        data = _crossed_by_line(d, i)
-        now = _similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
-        wide = _similarity(reference, _without_line_rule(data))
+    for i, (now, wide) in enumerate(_ones_against_their_clean_drawing(data_root, _crossed_by_line, preprocess,
+                                                                      "LINE_BEYOND", 2.0)):
         assert now > 0.85 and now > wide - 0.02, (i, now, wide)
         gains.append(now - wide)
     assert sum(g > 0.1 for g in gains) >= 6, np.round(gains, 3)
@@ -608,11 +604,7 @@ def test_ruled_lines_of_lined_paper_are_not_ink(digits):
         for level, squared in ((0.4, False), (1.0, False), (0.6, True)):
             data = _on_lined_paper(d, level, squared=squared)
             now = _similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
-            span, ink_module.RULED_SPAN = ink_module.RULED_SPAN, 2.0  # no line spans twice the picture: none found
-            try:
-                before = preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
-            finally:
-                ink_module.RULED_SPAN = span
+            before = _preprocessed_with(ink_module, "RULED_SPAN", 2.0, data)  # no line spans twice the picture
             assert now > 0.75, (i, level, now)
             befores.append(_similarity(reference, before))
     assert sum(b < 0.5 for b in befores) >= 15, np.round(befores, 2)

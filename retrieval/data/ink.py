@@ -292,13 +292,16 @@ def _ends_inked(inked: np.ndarray, fewest: int) -> bool:
     """A first look (most pictures end here): whether `fewest` rows, or rows beside them, are inked at both ends of
     the picture (a row inked over RULED_SPAN of the width is, within 1 - RULED_SPAN of each side)."""
     k = int(inked.shape[1] * (1 - RULED_SPAN)) + 1
-    ends = []
-    for side in (inked[:, :k].any(1), inked[:, -k:].any(1)):
-        near = side.copy()
-        near[1:] |= side[:-1]
-        near[:-1] |= side[1:]
-        ends.append(near)
-    return np.count_nonzero(ends[0] & ends[1]) >= fewest
+    left, right = _with_rows_beside(inked[:, :k].any(1)), _with_rows_beside(inked[:, -k:].any(1))
+    return np.count_nonzero(left & right) >= fewest
+
+
+def _with_rows_beside(mask: np.ndarray) -> np.ndarray:
+    """`mask` (rows first) or'ed with the rows above and below: a line a little off level is in one of the three."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    return out
 
 
 def _level_lines_removed(ink: np.ndarray, fewest: int) -> np.ndarray:
@@ -306,10 +309,7 @@ def _level_lines_removed(ink: np.ndarray, fewest: int) -> np.ndarray:
     floor = 0.1 * float(ink.max())
     inked = ink > floor
     h, w = inked.shape
-    near = inked.copy()
-    near[1:] |= inked[:-1]
-    near[:-1] |= inked[1:]
-    across = near.mean(1) >= RULED_SPAN
+    across = _with_rows_beside(inked).mean(1) >= RULED_SPAN
     if np.count_nonzero(across) < fewest:
         return ink
     edges = np.flatnonzero(np.diff(np.concatenate([[0], across.astype(np.int8), [0]])))
