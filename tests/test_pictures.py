@@ -52,7 +52,7 @@ def test_each_family_is_the_file_it_says(rendered):
                 assert (w, h) == (280, 280)
             elif family == "canvas-560":
                 assert (w, h) == (560, 560)
-            elif family == "photo-1024":
+            elif family in ("photo-1024", "photo-far"):
                 assert (w, h) == (1024, 768)
             elif family == "photo-3000":
                 assert (w, h) == (3000, 4000)
@@ -94,7 +94,7 @@ def test_canvas_exports_are_the_pages_round_pen(digits, family, pen):
 
 
 def test_photos_are_light_paper_with_dark_ink_and_uneven_light(rendered):
-    for family in ("photo-1024", "photo-3000"):
+    for family in ("photo-1024", "photo-3000", "photo-far"):
         grey = np.asarray(rendered[family][0].open().convert("L").reduce(8), float)
         assert grey.min() < 0.6 * np.median(grey)  # the ink
         blocks = [b.mean() for row in np.array_split(grey, 4) for b in np.array_split(row, 4, axis=1)]

@@ -632,3 +632,26 @@ def test_a_stroke_along_a_ruled_line_stays(monkeypatch):
     assert _similarity(reference, preprocess_image(page(0.4)).numpy().astype(np.float64)) > 0.9
     monkeypatch.setattr(ink_module, "RULED_STRONGER", 1e9)  # every pixel of a line goes where no stroke crosses it
     assert _similarity(reference, preprocess_image(page(0.4)).numpy().astype(np.float64)) < 0.8
+
+
+def test_a_digit_seen_from_afar_in_a_photo_keeps_its_ink_direction(digits, references):
+    """A phone photo whose digit's frame is 6-18% of its short side (photo-far): the digit is under half a percent
+    of the picture, so which way the ink goes is read from the extreme tenth of a percent of its pixels (INK_TAIL;
+    the top-hats' half percent, TOPHAT_TAIL). Read from the extreme half percent and the top-hats' 1% (the tails
+    before), the lighting and the paper's grain decided it: the picture was inverted and its texture taken for the
+    digit."""
+    from retrieval.data import ink
+    from retrieval.data.pictures import render
+
+    files = [render(d, "photo-far", seed=i).data for i, d in enumerate(digits)]
+
+    def close_to_the_digit() -> int:
+        return sum(_similarity(references[i], preprocess_image(decode_image(Image.open(io.BytesIO(data))))
+                               .numpy().astype(np.float64)) > 0.7 for i, data in enumerate(files))
+
+    now = close_to_the_digit()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ink, "INK_TAIL", 0.5)
+        patch.setattr(ink, "TOPHAT_TAIL", 1.0)
+        wider_tails = close_to_the_digit()
+    assert now >= len(files) - 2 and wider_tails <= now - 2, (now, wider_tails)

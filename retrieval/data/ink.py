@@ -15,6 +15,12 @@ BACKGROUND_SIDE = 32
 EVEN_CORNERS = 0.1
 # Top-hats for the ink's direction look at features narrower than this fraction of the picture's short side.
 TOPHAT_DIVISOR = 6
+# The ink's direction is read from this percentage of the pixels at each extreme: how far the picture reaches above
+# and below its background (retrieval.data.preprocess), and which side's top-hats stand out more (light_ink). A
+# digit seen from afar in a photo is under half a percent of the picture: wider tails read the lighting and the
+# paper's grain instead. (The top-hats' tail is wider: at a tenth of a percent a fog's darker patches win more often.)
+INK_TAIL = 0.1
+TOPHAT_TAIL = 0.5
 
 # -- margin bands -----------------------------------------------------------------------------------------------------
 # Two opposite margins count as bands of another level than the paper when they differ from it by this many grey
@@ -187,6 +193,15 @@ def _flattened(gray: np.ndarray, level: float) -> tuple[np.ndarray, float]:
     return residual, threshold
 
 
+def extremes(gray: np.ndarray) -> tuple[float, float]:
+    """The picture's darkest and lightest levels, each read INK_TAIL percent in from its end (a few stray pixels do
+    not count; the ink of a digit seen from afar does); a picture of under 64 pixels: its minimum and maximum."""
+    if gray.size < 64:
+        return float(gray.min()), float(gray.max())
+    lo, hi = percentiles(gray, (INK_TAIL, 100 - INK_TAIL))
+    return float(lo), float(hi)
+
+
 def light_ink(gray: np.ndarray) -> bool:
     """Whether the ink of a picture on a light background is lighter than it (a fogged, brightened digit) rather
     than darker: the side whose thin features (narrower than 1/TOPHAT_DIVISOR of the picture: top-hats) stand out
@@ -196,7 +211,7 @@ def light_ink(gray: np.ndarray) -> bool:
     k = max(3, min(gray.shape) // TOPHAT_DIVISOR) | 1
     opened = ndimage.maximum_filter(ndimage.minimum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
     closed = ndimage.minimum_filter(ndimage.maximum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
-    bright, dark = percentiles(gray - opened, (99,))[0], percentiles(closed - gray, (99,))[0]
+    bright, dark = percentiles(gray - opened, (100 - TOPHAT_TAIL,))[0], percentiles(closed - gray, (100 - TOPHAT_TAIL,))[0]
     return float(bright) >= float(dark)
 
 

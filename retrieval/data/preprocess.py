@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
-from retrieval.data.ink import (MARGIN_MIN_SIDE, border, light_ink, margins_levelled, marks, median,
-                                percentiles, robust_ink, ruled_lines_removed)
+from retrieval.data.ink import (MARGIN_MIN_SIDE, border, extremes, light_ink, margins_levelled, marks, median,
+                                robust_ink, ruled_lines_removed)
 from retrieval.errors import RetrievalError
 
 try:  # libpng through imagecodecs: a PNG's pixels as Pillow decodes them, in about half the time, and without
@@ -385,7 +385,7 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     # fogged digit); the other way round on a dark background. (Not the nearer extreme alone: a photo's lighting
     # spreads its paper further than its ink.) Between once and twice as far above, the strokes decide (light_ink:
     # a fogged digit's patches reach as far below its background as its ink above).
-    lo, hi = (percentiles(gray, (0.5, 99.5)) if gray.size >= 64 else (gray.min(), gray.max()))
+    lo, hi = extremes(gray)
     dark_ink = background > 127
     if dark_ink and hi - background > 2 * (background - lo):
         dark_ink = False
