@@ -211,7 +211,8 @@ def light_ink(gray: np.ndarray) -> bool:
     k = max(3, min(gray.shape) // TOPHAT_DIVISOR) | 1
     opened = ndimage.maximum_filter(ndimage.minimum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
     closed = ndimage.minimum_filter(ndimage.maximum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
-    bright, dark = percentiles(gray - opened, (100 - TOPHAT_TAIL,))[0], percentiles(closed - gray, (100 - TOPHAT_TAIL,))[0]
+    tail = (100 - TOPHAT_TAIL,)
+    bright, dark = percentiles(gray - opened, tail)[0], percentiles(closed - gray, tail)[0]
     return float(bright) >= float(dark)
 
 
