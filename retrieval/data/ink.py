@@ -339,6 +339,6 @@ def _level_lines_removed(ink: np.ndarray, fewest: int) -> np.ndarray:
         crossing = (inked[a - 1] if a > 0 else no_ink) & (inked[b] if b < h else no_ink)
         crossing = _grown(crossing[None], 1)[0]
         column_ink = ink[a:b].sum(0)  # (a line a little off level splits its ink between two rows)
-        line_ink = float(percentiles(column_ink[column_ink > floor], (25,))[0])  # a stroke along it covers less
+        line_ink = float(np.percentile(column_ink[column_ink > floor], 25))  # a stroke along it covers less
         out[a:b, ~(crossing | (column_ink > RULED_STRONGER * line_ink))] = 0.0
     return out
