@@ -13,14 +13,10 @@ BACKGROUND_SIDE = 32
 # A background counts as even (one level, no flattening) when three corners differ by at most this share of the
 # ink's contrast.
 EVEN_CORNERS = 0.1
-# Top-hats for the ink's direction look at features narrower than this fraction of the picture's short side.
-TOPHAT_DIVISOR = 6
-# The ink's direction is read from this percentage of the pixels at each extreme: how far the picture reaches above
-# and below its background (retrieval.data.preprocess), and which side's top-hats stand out more (light_ink). A
-# digit seen from afar in a photo is under half a percent of the picture: wider tails read the lighting and the
-# paper's grain instead. (The top-hats' tail is wider: at a tenth of a percent a fog's darker patches win more often.)
+# How far the picture reaches above and below its background (retrieval.data.preprocess: the ink's direction) is read
+# from this percentage of the pixels at each extreme. A digit seen from afar in a photo is under half a percent of the
+# picture: wider tails read the lighting and the paper's grain instead.
 INK_TAIL = 0.1
-TOPHAT_TAIL = 0.5
 
 # -- margin bands -----------------------------------------------------------------------------------------------------
 # Two opposite margins count as bands of another level than the paper when they differ from it by this many grey
@@ -204,16 +200,10 @@ def extremes(gray: np.ndarray) -> tuple[float, float]:
 
 def light_ink(gray: np.ndarray) -> bool:
     """Whether the ink of a picture on a light background is lighter than it (a fogged, brightened digit) rather
-    than darker: the side whose thin features (narrower than 1/TOPHAT_DIVISOR of the picture: top-hats) stand out
-    more. For the pictures whose levels alone leave it open."""
-    from scipy import ndimage
-
-    k = max(3, min(gray.shape) // TOPHAT_DIVISOR) | 1
-    opened = ndimage.maximum_filter(ndimage.minimum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
-    closed = ndimage.minimum_filter(ndimage.maximum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
-    tail = (100 - TOPHAT_TAIL,)
-    bright, dark = percentiles(gray - opened, tail)[0], percentiles(closed - gray, tail)[0]
-    return float(bright) >= float(dark)
+    than darker: the direction in which the ink stands further above its background's noise (contrast_to_noise of
+    the picture and of its negative; a digit's strokes stand far above the paper's grain, and a fog's patches do
+    not stand out of it). For the pictures whose levels alone leave it open."""
+    return contrast_to_noise(gray) > contrast_to_noise(255.0 - gray)
 
 
 def robust_ink(gray: np.ndarray) -> np.ndarray:
@@ -230,6 +220,13 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
     and taken off, and so are the ruled lines of lined paper (ruled_lines_removed). Then `marks`: small marks and
     faint ones (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few
     hot pixels do not dim the digit)."""
+    residual, centre, sigma = _residual_and_noise(gray)
+    return marks(ruled_lines_removed(np.clip(residual - centre - 2.0 * sigma, 0, None)), sigma)
+
+
+def _residual_and_noise(gray: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(the picture less its background, the level and the noise (MAD sigma) of that residual's background pixels):
+    robust_ink's first steps."""
     level = median(border(gray))
     if _even_background(gray, level):
         residual = np.clip(gray - level, 0, None)
@@ -241,8 +238,14 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
     if background.size < 16:
         background = residual
     centre = median(background)
-    sigma = 1.4826 * median(np.abs(background - centre))
-    return marks(ruled_lines_removed(np.clip(residual - centre - 2.0 * sigma, 0, None)), sigma)
+    return residual, centre, 1.4826 * median(np.abs(background - centre))
+
+
+def contrast_to_noise(gray: np.ndarray) -> float:
+    """How far the lightest ink stands above its background, in the background's noise (robust_ink's residual and
+    noise; a noise under one grey level counts as one)."""
+    residual, centre, sigma = _residual_and_noise(gray)
+    return (float(residual.max()) - centre) / max(sigma, 1.0)
 
 
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)

@@ -383,8 +383,9 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     # Dark ink (a light background: paper, a canvas) is inverted to MNIST's white-on-black, unless the picture
     # reaches much further above the background than below it: light ink on a light background (a brightened or
     # fogged digit); the other way round on a dark background. (Not the nearer extreme alone: a photo's lighting
-    # spreads its paper further than its ink.) Between once and twice as far above, the strokes decide (light_ink:
-    # a fogged digit's patches reach as far below its background as its ink above).
+    # spreads its paper further than its ink.) Between once and twice as far above, the ink that stands further
+    # above its background's noise decides (light_ink: a small digit in a photo reaches less far than the paper's
+    # lighting, and a fog's patches as far as its ink).
     lo, hi = extremes(gray)
     dark_ink = background > 127
     if dark_ink and hi - background > 2 * (background - lo):
