@@ -10,6 +10,11 @@ from PIL import Image
 
 # The background is estimated on a copy of about this short side (it varies slowly).
 BACKGROUND_SIDE = 32
+# An uneven background is also taken off at a finer scale, an opening this many times narrower than the short side,
+# where the ink away from the picture's edges is thin and holds the residual's peak, within NEAR_PEAK of it
+# (_near_residual): a shadow's edge along the picture's side, narrower than the wide opening, outshone a small digit.
+NEAR_DIVISOR = 12
+NEAR_PEAK = 0.9
 # A background counts as even (one level, no flattening) when three corners differ by at most this share of the
 # ink's contrast.
 EVEN_CORNERS = 0.1
@@ -186,7 +191,28 @@ def _flattened(gray: np.ndarray, level: float) -> tuple[np.ndarray, float]:
         else:
             residual = gray - np.minimum(_resized(_opened(small, wide), (w, h)), gray)
         threshold = _otsu(residual)
-    return residual, threshold
+    near = _near_residual(gray, residual, threshold)
+    return (residual, threshold) if near is None else (near, _otsu(near))
+
+
+def _near_residual(gray: np.ndarray, residual: np.ndarray, threshold: float) -> np.ndarray | None:
+    """`residual` where it also stands out of a finer background (a grey opening NEAR_DIVISOR times narrower than
+    the picture's short side, at full resolution), when the ink away from the picture's edges (the marks over
+    `threshold` touching no edge) has strokes under a third of that opening and holds the residual's peak (within
+    NEAR_PEAK): a band along the picture's side narrower than the wide opening (a shadow's edge) is then
+    background. None otherwise: wider strokes would lose their middle, and where only specks lie apart from the
+    edges (JPEG artefacts, the digit joined to the edges' marks) so would the digit."""
+    from scipy import ndimage
+
+    k = max(3, min(gray.shape) // NEAR_DIVISOR) | 1
+    mask = residual > threshold
+    labels, _ = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
+    inner = mask & ~np.isin(labels, border(labels))
+    if (not inner.any() or 3.0 * _stroke_width(inner) > k
+            or float(residual[inner].max()) < NEAR_PEAK * float(residual.max())):
+        return None
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
+    return np.minimum(residual, gray - np.minimum(opened, gray))
 
 
 def extremes(gray: np.ndarray) -> tuple[float, float]:
