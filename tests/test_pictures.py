@@ -52,7 +52,7 @@ def test_each_family_is_the_file_it_says(rendered):
                 assert (w, h) == (280, 280)
             elif family == "canvas-560":
                 assert (w, h) == (560, 560)
-            elif family in ("photo-1024", "photo-far"):
+            elif family in ("photo-1024", "photo-far", "photo-shadow"):
                 assert (w, h) == (1024, 768)
             elif family == "photo-3000":
                 assert (w, h) == (3000, 4000)
@@ -94,11 +94,24 @@ def test_canvas_exports_are_the_pages_round_pen(digits, family, pen):
 
 
 def test_photos_are_light_paper_with_dark_ink_and_uneven_light(rendered):
-    for family in ("photo-1024", "photo-3000", "photo-far"):
+    for family in ("photo-1024", "photo-3000", "photo-far", "photo-shadow"):
         grey = np.asarray(rendered[family][0].open().convert("L").reduce(8), float)
         assert grey.min() < 0.6 * np.median(grey)  # the ink
         blocks = [b.mean() for row in np.array_split(grey, 4) for b in np.array_split(row, 4, axis=1)]
         assert max(blocks) - min(blocks) > 15  # a gradient or a shadow
+
+
+def test_a_hard_light_casts_a_sharp_shadow():
+    """photo-shadow's shadow changes the paper's level across a few pixels; photo-1024's across 4-10% of the page
+    (the pages drawn without a digit, grain taken off by a median filter, at 1/4 scale)."""
+    blank = np.zeros((28, 28), np.uint8)
+
+    def steepest(family: str) -> float:
+        return float(np.mean([max(np.abs(np.diff(g, axis=0)).max(), np.abs(np.diff(g, axis=1)).max()) for g in (
+            ndimage.median_filter(np.asarray(pictures.render(blank, family, seed).open().convert("L").reduce(4),
+                                             float), 5) for seed in range(6))]))
+
+    assert steepest("photo-shadow") > 2 * steepest("photo-1024")
 
 
 def test_screenshots_draw_the_label_and_need_it(digits):

@@ -758,3 +758,45 @@ def test_the_finer_background_waits_for_the_brightest_ink_away_from_the_edges(da
     assert min(similarities()) > 0.9
     monkeypatch.setattr(ink, "NEAR_PEAK", 0.0)
     assert max(similarities()) < 0.45
+
+
+def test_the_narrow_end_of_a_hard_shadow_is_not_the_digit(data_root, monkeypatch):
+    """photo-shadow: a phone photo under a hard light. Where the shadow's edge runs diagonally, its narrow end, cut
+    off by the picture's side, is narrower than any opening that can follow the lighting: it stayed as ink, often
+    the larger mark, and the crop took it instead of the digit. On an uneven background, marks touching the
+    picture's edges are left out where marks apart from them hold the ink's peak (APART_PEAK)."""
+    from retrieval.data import ink
+    from retrieval.data.pictures import render
+    from retrieval.data.specs import load_dataset
+
+    test = load_dataset("mnist:test", root=data_root).images.numpy()
+    chosen = (111, 159, 178, 188)
+
+    def similarities() -> list[float]:
+        out = []
+        for i in chosen:
+            reference = preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(test[i]).resize(
+                (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64)
+            data = render(test[i], "photo-shadow", seed=i).data
+            out.append(_similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(
+                np.float64)))
+        return out
+
+    assert min(similarities()) > 0.9
+    monkeypatch.setattr(ink, "APART_PEAK", 2.0)  # never: every mark counts
+    assert max(similarities()) < 0.3
+
+
+def test_a_drawing_keeps_a_stroke_that_touches_its_edge():
+    """A drawing (most of it exactly the background's level: the page's canvas) has no shadows: a stroke drawn to
+    the canvas's edge beside another apart from it is kept, as when the same strokes stand clear of the edge."""
+    def drawing(left: int) -> Image.Image:
+        img = Image.new("L", (280, 280), 255)
+        draw = ImageDraw.Draw(img)
+        draw.line([(left, 60), (left + 150, 60)], fill=17, width=18)  # a bar, from the edge when left is 0
+        draw.ellipse((left + 30, 100, left + 170, 240), outline=17, width=18)  # a body apart from it
+        return img
+
+    at_the_edge = preprocess_image(drawing(0)).numpy().astype(np.float64)
+    clear_of_it = preprocess_image(drawing(40)).numpy().astype(np.float64)
+    assert _similarity(clear_of_it, at_the_edge) > 0.95

@@ -15,6 +15,10 @@ BACKGROUND_SIDE = 32
 # (_near_residual): a shadow's edge along the picture's side, narrower than the wide opening, outshone a small digit.
 NEAR_DIVISOR = 12
 NEAR_PEAK = 0.9
+# On an uneven background, marks touching the picture's edges are left out where marks apart from them hold the ink's
+# peak, within this share of it (_apart_from_the_edges): the narrow end of a hard-edged shadow, cut off by the
+# picture's side, is narrower than any opening that follows the lighting, and the crop took it for the digit.
+APART_PEAK = 0.9
 # A background counts as even (one level, no flattening) when three corners differ by at most this share of the
 # ink's contrast.
 EVEN_CORNERS = 0.1
@@ -245,16 +249,36 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
     measured on the background pixels only, below Otsu's threshold (ink covering half of a scan is not noise),
     and taken off, and so are the ruled lines of lined paper (ruled_lines_removed). Then `marks`: small marks and
     faint ones (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few
-    hot pixels do not dim the digit)."""
-    residual, centre, sigma = _residual_and_noise(gray)
-    return marks(ruled_lines_removed(np.clip(residual - centre - 2.0 * sigma, 0, None)), sigma)
+    hot pixels do not dim the digit). On an uneven background, marks touching the picture's edges are left out
+    where marks apart from them hold the peak (_apart_from_the_edges)."""
+    residual, centre, sigma, uneven = _residual_and_noise(gray)
+    ink = marks(ruled_lines_removed(np.clip(residual - centre - 2.0 * sigma, 0, None)), sigma)
+    return _apart_from_the_edges(ink) if uneven else ink
 
 
-def _residual_and_noise(gray: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """(the picture less its background, the level and the noise (MAD sigma) of that residual's background pixels):
-    robust_ink's first steps."""
+def _apart_from_the_edges(ink: np.ndarray) -> np.ndarray:
+    """`ink` less its marks touching the picture's edges, where marks apart from them hold its peak (within
+    APART_PEAK): on an uneven background, the narrow end of a hard-edged shadow cut off by the picture's side."""
+    from scipy import ndimage
+
+    peak = float(ink.max())
+    inked = ink > 0.1 * peak
+    labels, count = ndimage.label(inked, structure=_EIGHT_NEIGHBOURS)
+    if count < 2:
+        return ink
+    at_edges = np.isin(labels, border(labels)) & inked
+    apart = inked & ~at_edges
+    if at_edges.any() and apart.any() and float(ink[apart].max()) >= APART_PEAK * peak:
+        return np.where(at_edges, 0.0, ink)
+    return ink
+
+
+def _residual_and_noise(gray: np.ndarray) -> tuple[np.ndarray, float, float, bool]:
+    """(the picture less its background, the level and the noise (MAD sigma) of that residual's background pixels,
+    whether the background was uneven): robust_ink's first steps."""
     level = median(border(gray))
-    if _even_background(gray, level):
+    uneven = not _even_background(gray, level)
+    if not uneven:
         residual = np.clip(gray - level, 0, None)
         threshold = _otsu(residual)
     else:
@@ -264,13 +288,13 @@ def _residual_and_noise(gray: np.ndarray) -> tuple[np.ndarray, float, float]:
     if background.size < 16:
         background = residual
     centre = median(background)
-    return residual, centre, 1.4826 * median(np.abs(background - centre))
+    return residual, centre, 1.4826 * median(np.abs(background - centre)), uneven
 
 
 def contrast_to_noise(gray: np.ndarray) -> float:
     """How far the lightest ink stands above its background, in the background's noise (robust_ink's residual and
     noise; a noise under one grey level counts as one)."""
-    residual, centre, sigma = _residual_and_noise(gray)
+    residual, centre, sigma, _ = _residual_and_noise(gray)
     return (float(residual.max()) - centre) / max(sigma, 1.0)
 
 

@@ -20,6 +20,8 @@ such a file would look, deterministically for a seed, and encodes it as that kin
   photo-3000        the same at 3000x4000 (portrait)
   photo-far         photo-1024 taken from further away: the digit's 28x28 frame is 6-18% of the short side (not
                     25-50%), so its ink is under half a percent of the picture
+  photo-shadow      photo-1024 under a hard light: the shadow's edge is sharp (a few px, not 4-10% of the page),
+                    and the digit's frame 6-50% of the short side
   lined             the digit written on lined paper, squared one time in three (lines 1-1.5% of the picture wide
                     every 12-20% of it, 0.2-0.8 as dark as the ink, a little off level), a square of 200-320 px, grey
                     JPEG (quality 70-90)
@@ -54,7 +56,7 @@ FAMILIES: dict[str, str] = {  # name -> group
     **{f"scan-{n}": "scan" for n in (8, 10, 14, 20)},
     "scan-thick": "scan",
     "canvas-mouse": "canvas", "canvas-finger": "canvas", "canvas-560": "canvas",
-    "photo-1024": "photo", "photo-3000": "photo", "photo-far": "photo",
+    "photo-1024": "photo", "photo-3000": "photo", "photo-far": "photo", "photo-shadow": "photo",
     "lined": "lined",
     "screenshot": "screenshot",
     **{f"mnistc-{name}": "mnist-c" for name in MNIST_C},
@@ -63,7 +65,8 @@ HELD_OUT = frozenset({"screenshot", "photo-3000"})
 ARRAY_COUNTERPART: dict[str, str | None] = {
     "scan-8": "lowres-8", "scan-10": "lowres-10", "scan-14": "lowres-14", "scan-20": None, "scan-thick": "thick",
     "canvas-mouse": "canvas", "canvas-finger": "canvas", "canvas-560": "canvas",
-    "photo-1024": "photo", "photo-3000": "photo", "photo-far": "photo", "lined": None, "screenshot": None,
+    "photo-1024": "photo", "photo-3000": "photo", "photo-far": "photo", "photo-shadow": "photo", "lined": None,
+    "screenshot": None,
     **{f"mnistc-{name}": name for name in MNIST_C},
 }
 NEEDS_LABEL = frozenset({"screenshot"})
@@ -231,7 +234,8 @@ def _canvas(size: int, step: tuple[float, float], wobble: float):
 
 # ----------------------------------------------------------------------------------------------- photos
 
-def _photo(width: int, height: int, work: tuple[int, int], sides: tuple[float, float] = (0.25, 0.5)):
+def _photo(width: int, height: int, work: tuple[int, int], sides: tuple[float, float] = (0.25, 0.5),
+           shadow_edge: tuple[float, float] = (0.04, 0.1)):
     def render(digit: np.ndarray, rng: np.random.Generator) -> Picture:
         from scipy import ndimage
 
@@ -245,7 +249,7 @@ def _photo(width: int, height: int, work: tuple[int, int], sides: tuple[float, f
         angle, sa = rng.uniform(0, 2 * np.pi, 2)
         light = 1 + rng.uniform(0.15, 0.45) * (np.cos(angle) * xx + np.sin(angle) * yy)
         edge = np.cos(sa) * xx + np.sin(sa) * yy - rng.uniform(0.1, 0.4)
-        light *= 1 - rng.uniform(0.2, 0.45) / (1 + np.exp(-edge / rng.uniform(0.04, 0.1)))
+        light *= 1 - rng.uniform(0.2, 0.45) / (1 + np.exp(-edge / rng.uniform(*shadow_edge)))
         light = _resized(light, (w, h), Image.Resampling.BILINEAR)[..., None]
         page = (paper[None, None, :] + _resized(texture, (w, h), Image.Resampling.BILINEAR)[..., None]) * light
         # the digit in pen: `sides` of the short side (its 28x28 frame), near the centre
@@ -362,6 +366,7 @@ _RENDER = {
     "photo-1024": _photo(1024, 768, (1024, 768)),
     "photo-3000": _photo(3000, 4000, (750, 1000)),
     "photo-far": _photo(1024, 768, (1024, 768), sides=(0.06, 0.18)),
+    "photo-shadow": _photo(1024, 768, (1024, 768), sides=(0.06, 0.5), shadow_edge=(0.003, 0.01)),
     "lined": _lined,
     **{f"mnistc-{name}": _mnistc(name) for name in MNIST_C},
 }
