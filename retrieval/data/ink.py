@@ -135,12 +135,18 @@ def _resized(a: np.ndarray, size: tuple[int, int], method=Image.Resampling.BILIN
     return np.asarray(Image.fromarray(np.asarray(a, dtype=np.float32), mode="F").resize(size, method))
 
 
-def _opened(small: np.ndarray, k: int) -> np.ndarray:
-    """Grey opening with a k x k square, smoothed by a k x k mean (separable filters)."""
+def _grey_opening(a: np.ndarray, k: int) -> np.ndarray:
+    """Grey opening of `a` with a k x k square (separable filters)."""
     from scipy import ndimage
 
-    opened = ndimage.maximum_filter(ndimage.minimum_filter(small, size=k, mode="nearest"), size=k, mode="nearest")
-    return ndimage.uniform_filter(opened, size=k, mode="nearest")
+    return ndimage.maximum_filter(ndimage.minimum_filter(a, size=k, mode="nearest"), size=k, mode="nearest")
+
+
+def _opened(small: np.ndarray, k: int) -> np.ndarray:
+    """Grey opening with a k x k square, smoothed by a k x k mean."""
+    from scipy import ndimage
+
+    return ndimage.uniform_filter(_grey_opening(small, k), size=k, mode="nearest")
 
 
 def _stroke_width(mask: np.ndarray) -> float:
@@ -206,17 +212,13 @@ def _near_residual(gray: np.ndarray, residual: np.ndarray, threshold: float) -> 
     NEAR_PEAK): a band along the picture's side narrower than the wide opening (a shadow's edge) is then
     background. None otherwise: wider strokes would lose their middle, and where only specks lie apart from the
     edges (JPEG artefacts, the digit joined to the edges' marks) so would the digit."""
-    from scipy import ndimage
-
     k = max(3, min(gray.shape) // NEAR_DIVISOR) | 1
     mask = residual > threshold
-    labels, _ = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
-    inner = mask & ~np.isin(labels, border(labels))
+    inner = mask & ~_touching_the_edges(mask)
     if (not inner.any() or 3.0 * _stroke_width(inner) > k
             or float(residual[inner].max()) < NEAR_PEAK * float(residual.max())):
         return None
-    opened = ndimage.maximum_filter(ndimage.minimum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
-    return np.minimum(residual, gray - np.minimum(opened, gray))
+    return np.minimum(residual, gray - np.minimum(_grey_opening(gray, k), gray))
 
 
 def extremes(gray: np.ndarray) -> tuple[float, float]:
@@ -259,18 +261,21 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
 def _apart_from_the_edges(ink: np.ndarray) -> np.ndarray:
     """`ink` less its marks touching the picture's edges, where marks apart from them hold its peak (within
     APART_PEAK): on an uneven background, the narrow end of a hard-edged shadow cut off by the picture's side."""
-    from scipy import ndimage
-
     peak = float(ink.max())
     inked = ink > 0.1 * peak
-    labels, count = ndimage.label(inked, structure=_EIGHT_NEIGHBOURS)
-    if count < 2:
-        return ink
-    at_edges = np.isin(labels, border(labels)) & inked
+    at_edges = _touching_the_edges(inked)
     apart = inked & ~at_edges
     if at_edges.any() and apart.any() and float(ink[apart].max()) >= APART_PEAK * peak:
         return np.where(at_edges, 0.0, ink)
     return ink
+
+
+def _touching_the_edges(mask: np.ndarray) -> np.ndarray:
+    """The marks of `mask` (8-connected) that touch the picture's edges."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
+    return np.isin(labels, border(labels)) & mask
 
 
 def _residual_and_noise(gray: np.ndarray) -> tuple[np.ndarray, float, float, bool]:
