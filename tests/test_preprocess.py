@@ -112,11 +112,21 @@ def pictures(digits):
     return corpus(digits)
 
 
+def _clean_reference(digit: np.ndarray) -> np.ndarray:
+    """The 28x28 image of a digit drawn clean (black on white, 112 px): what a picture of it should give."""
+    return preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(digit).resize(
+        (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64)
+
+
+def _through_the_path(data: bytes) -> np.ndarray:
+    """The picture file `data` through the picture path (its 28x28 image, as floats)."""
+    return preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
+
+
 @pytest.fixture(scope="module")
 def references(digits):
     """The 28x28 image of each digit drawn clean (black on white, 112 px): what a picture of it should give."""
-    return [preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(d).resize(
-        (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64) for d in digits]
+    return [_clean_reference(d) for d in digits]
 
 
 def test_small_pictures_give_the_same_images_as_before(pictures):
@@ -421,8 +431,7 @@ def test_a_fogged_light_digit_is_read_from_its_strokes(data_root):
 
     test = load_dataset("mnist:test", root=data_root).images.numpy()
     for i in (42, 76, 149, 224, 360):  # fogs whose levels leave the ink's direction open
-        reference = preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(test[i]).resize(
-            (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64)
+        reference = _clean_reference(test[i])
         before, now = _both(render(test[i], "mnistc-fog", seed=i).data)
         assert _similarity(reference, now) > 0.9, i
         assert before is None or _similarity(reference, before) < 0.7, i
@@ -444,7 +453,7 @@ def _preprocessed_with(module, constant: str, value, data: bytes) -> np.ndarray:
     """The picture file `data` through the picture path with `module.constant` set to `value` (a rule turned off)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, constant, value)
-        return preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
+        return _through_the_path(data)
 
 
 def _ones_against_their_clean_drawing(data_root, crossed, module, constant: str, value) -> list[tuple[float, float]]:
@@ -458,7 +467,7 @@ def _ones_against_their_clean_drawing(data_root, crossed, module, constant: str,
         reference = preprocess_image(Image.fromarray((255 * (1 - _drawn_clean(d))).astype(np.uint8)))
         reference = reference.numpy().astype(np.float64)
         data = crossed(d, i)
-        now = _similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
+        now = _similarity(reference, _through_the_path(data))
         out.append((now, _similarity(reference, _preprocessed_with(module, constant, value, data))))
     return out
 
@@ -472,7 +481,7 @@ def test_a_faint_blotch_touching_the_digit_does_not_shrink_it(digits, references
     gains = []
     for i, d in enumerate(digits):
         data = _with_grey_blotch(d, i)
-        now = _similarity(references[i], preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
+        now = _similarity(references[i], _through_the_path(data))
         # CROP_LEVEL 0.1: the crop of every pixel over a tenth of the peak
         wide = _similarity(references[i], _preprocessed_with(preprocess, "CROP_LEVEL", 0.1, data))
         assert now > 0.85 and now > wide - 0.02, (i, now, wide)
@@ -572,8 +581,7 @@ def test_a_digits_own_bar_across_the_picture_is_no_line(strokes):
     for points in strokes:
         ImageDraw.Draw(img).line(points, fill=0, width=9)
     data = _png(img)
-    assert np.array_equal(preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64),
-                          _without_line_rule(data))
+    assert np.array_equal(_through_the_path(data), _without_line_rule(data))
 
 
 def _on_lined_paper(digit: np.ndarray, line_level: float, with_digit: bool = True, squared: bool = False) -> bytes:
@@ -604,7 +612,7 @@ def test_ruled_lines_of_lined_paper_are_not_ink(digits):
         reference = preprocess_image(Image.open(io.BytesIO(_on_lined_paper(d, 0.0)))).numpy().astype(np.float64)
         for level, squared in ((0.4, False), (1.0, False), (0.6, True)):
             data = _on_lined_paper(d, level, squared=squared)
-            now = _similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
+            now = _similarity(reference, _through_the_path(data))
             before = _preprocessed_with(ink_module, "RULED_SPAN", 2.0, data)  # no line spans twice the picture
             assert now > 0.75, (i, level, now)
             befores.append(_similarity(reference, before))
@@ -635,15 +643,11 @@ def test_a_stroke_along_a_ruled_line_stays(monkeypatch):
     assert _similarity(reference, preprocess_image(page(0.4)).numpy().astype(np.float64)) < 0.8
 
 
-def _far_photo_similarity(test: np.ndarray, i: int) -> float:
-    """How close mnist:test digit `i`, photographed from afar (photo-far, seed i), comes out to the digit drawn
-    clean."""
+def _photo_similarity(test: np.ndarray, i: int, family: str = "photo-far") -> float:
+    """How close mnist:test digit `i`, as a picture of `family` (seed i), comes out to the digit drawn clean."""
     from retrieval.data.pictures import render
 
-    reference = preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(test[i]).resize(
-        (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64)
-    data = render(test[i], "photo-far", seed=i).data
-    return _similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
+    return _similarity(_clean_reference(test[i]), _through_the_path(render(test[i], family, seed=i).data))
 
 
 def test_a_digit_seen_from_afar_in_a_photo_keeps_its_ink_direction(data_root, monkeypatch):
@@ -656,9 +660,9 @@ def test_a_digit_seen_from_afar_in_a_photo_keeps_its_ink_direction(data_root, mo
 
     test = load_dataset("mnist:test", root=data_root).images.numpy()
     chosen = (29, 51, 85, 100, 103)  # photos whose reach the wider tails misread
-    assert min(_far_photo_similarity(test, i) for i in chosen) > 0.8
+    assert min(_photo_similarity(test, i) for i in chosen) > 0.8
     monkeypatch.setattr(ink, "INK_TAIL", 0.5)
-    assert max(_far_photo_similarity(test, i) for i in chosen) < 0.6
+    assert max(_photo_similarity(test, i) for i in chosen) < 0.6
 
 
 def _tophats_light_ink(gray: np.ndarray) -> bool:
@@ -682,9 +686,9 @@ def test_a_small_digit_in_a_photo_stands_out_of_the_paper_the_right_way_round(da
 
     test = load_dataset("mnist:test", root=data_root).images.numpy()
     chosen = (4, 17, 21, 31, 41, 43)
-    assert min(_far_photo_similarity(test, i) for i in chosen) > 0.8
+    assert min(_photo_similarity(test, i) for i in chosen) > 0.8
     monkeypatch.setattr(preprocess, "light_ink", _tophats_light_ink)
-    assert max(_far_photo_similarity(test, i) for i in chosen) < 0.6
+    assert max(_photo_similarity(test, i) for i in chosen) < 0.6
 
 
 def _shadowed_page(digit: np.ndarray, side: int, frame: int, rng: np.random.Generator) -> bytes:
@@ -711,7 +715,7 @@ def test_a_small_digit_beside_a_shadow_at_the_edge_is_found(digits, references, 
     pages = [(i, _shadowed_page(digits[i], side, 96, rng)) for i in range(4) for side in range(4)]
 
     def similarities() -> list[float]:
-        return [_similarity(references[i], preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64))
+        return [_similarity(references[i], _through_the_path(data))
                 for i, data in pages]
 
     assert min(similarities()) > 0.75
@@ -727,11 +731,10 @@ def test_a_large_thick_digit_beside_a_shadow_keeps_its_strokes(digits):
 
     for i in range(6):
         thick = ndimage.grey_dilation(digits[i], size=(3, 3))
-        reference = preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(thick).resize(
-            (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64)
+        reference = _clean_reference(thick)
         for side in (0, 1):
             data = _shadowed_page(thick, side, 384, np.random.default_rng(i))
-            out = preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(np.float64)
+            out = _through_the_path(data)
             assert _similarity(reference, out) > 0.95, (i, side)
 
 
@@ -748,8 +751,7 @@ def test_the_finer_background_waits_for_the_brightest_ink_away_from_the_edges(da
 
     test = load_dataset("mnist:test", root=data_root).images.numpy()[:128]
     chosen = (108, 116)
-    references = [preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(test[i]).resize(
-        (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64) for i in chosen]
+    references = [_clean_reference(test[i]) for i in chosen]
 
     def similarities() -> list[float]:
         photos = corrupt(test, "photo", seed=0)
@@ -766,21 +768,13 @@ def test_the_narrow_end_of_a_hard_shadow_is_not_the_digit(data_root, monkeypatch
     the larger mark, and the crop took it instead of the digit. On an uneven background, marks touching the
     picture's edges are left out where marks apart from them hold the ink's peak (APART_PEAK)."""
     from retrieval.data import ink
-    from retrieval.data.pictures import render
     from retrieval.data.specs import load_dataset
 
     test = load_dataset("mnist:test", root=data_root).images.numpy()
     chosen = (111, 159, 178, 188)
 
     def similarities() -> list[float]:
-        out = []
-        for i in chosen:
-            reference = preprocess_image(Image.fromarray(255 - np.asarray(Image.fromarray(test[i]).resize(
-                (112, 112), Image.Resampling.BILINEAR)))).numpy().astype(np.float64)
-            data = render(test[i], "photo-shadow", seed=i).data
-            out.append(_similarity(reference, preprocess_image(Image.open(io.BytesIO(data))).numpy().astype(
-                np.float64)))
-        return out
+        return [_photo_similarity(test, i, "photo-shadow") for i in chosen]
 
     assert min(similarities()) > 0.9
     monkeypatch.setattr(ink, "APART_PEAK", 2.0)  # never: every mark counts
