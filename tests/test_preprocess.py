@@ -740,26 +740,23 @@ def test_a_large_thick_digit_beside_a_shadow_keeps_its_strokes(digits):
 
 def test_the_finer_background_waits_for_the_brightest_ink_away_from_the_edges(data_root, monkeypatch):
     """The finer opening is taken only where the ink away from the picture's edges holds the residual's peak (the
-    small digit beside a shadow does). In dim, blurred, heavily compressed photos (the 28x28 'photo' corruption's
-    112 px pictures) the digit may join the marks at the edges, leaving only JPEG artefacts apart: taken on their
-    thin strokes, the finer opening kept only these digits' edges. (It is a trade: in the same 128 photos one
-    other digit, 47, comes out better without the peak's condition; on 300 selection photos the condition lost
-    none and kept 4.)"""
+    small digit beside a shadow does). In these tight scans (an 8x8 digit upscaled: soft strokes touching the
+    frame) all that stands apart from the edges is one JPEG speck, a third of the peak: taken on its thin
+    stroke, the finer opening ate the digit's soft, wide strokes. (Where the background's smoothing could still
+    fall below the opening, the 28x28 'photo' corruption's dim photos showed it too; on 1,000 selection pictures
+    of each family, dropping the condition now costs scan-8 0.005 and moves no other family by more than 0.001.)"""
     from retrieval.data import ink
-    from retrieval.data.corrupt import corrupt
     from retrieval.data.specs import load_dataset
 
-    test = load_dataset("mnist:test", root=data_root).images.numpy()[:128]
-    chosen = (108, 116)
-    references = [_clean_reference(test[i]) for i in chosen]
+    test = load_dataset("mnist:test", root=data_root).images.numpy()
+    chosen = (1, 356)
 
     def similarities() -> list[float]:
-        photos = corrupt(test, "photo", seed=0)
-        return [_similarity(r, photos[i].astype(np.float64)) for r, i in zip(references, chosen)]
+        return [_photo_similarity(test, i, "scan-8") for i in chosen]
 
-    assert min(similarities()) > 0.9
+    assert min(similarities()) > 0.8
     monkeypatch.setattr(ink, "NEAR_PEAK", 0.0)
-    assert max(similarities()) < 0.45
+    assert max(similarities()) < 0.5
 
 
 def test_the_narrow_end_of_a_hard_shadow_is_not_the_digit(data_root, monkeypatch):
@@ -778,6 +775,28 @@ def test_the_narrow_end_of_a_hard_shadow_is_not_the_digit(data_root, monkeypatch
 
     assert min(similarities()) > 0.9
     monkeypatch.setattr(ink, "APART_PEAK", 2.0)  # never: every mark counts
+    assert max(similarities()) < 0.3
+
+
+def test_a_hard_shadow_s_step_beside_the_digit_is_not_ink(data_root, monkeypatch):
+    """photo-shadow pictures whose shadow's step runs through or beside the digit. The background under the ink is
+    a grey opening smoothed by its mean; the mean ramps across the step, and where it fell below the opening it
+    left a band along the step's higher side, joined to the digit or larger than it. The smoothing may now only
+    raise the opening (ink._opened)."""
+    from scipy import ndimage
+
+    from retrieval.data import ink
+    from retrieval.data.specs import load_dataset
+
+    test = load_dataset("mnist:test", root=data_root).images.numpy()
+    chosen = (41, 435, 504, 546)
+
+    def similarities() -> list[float]:
+        return [_photo_similarity(test, i, "photo-shadow") for i in chosen]
+
+    assert min(similarities()) > 0.9
+    monkeypatch.setattr(ink, "_opened", lambda small, k: ndimage.uniform_filter(  # the mean alone, as before
+        ink._grey_opening(small, k), size=k, mode="nearest"))
     assert max(similarities()) < 0.3
 
 
