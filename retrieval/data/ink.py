@@ -10,14 +10,10 @@ from PIL import Image
 
 # The background is estimated on a copy of about this short side (it varies slowly).
 BACKGROUND_SIDE = 32
-# An uneven background is also taken off at a finer scale, an opening this many times narrower than the short side,
-# where the ink away from the picture's edges is thin and holds the residual's peak, within NEAR_PEAK of it
-# (_near_residual): a shadow's edge along the picture's side, narrower than the wide opening, outshone a small digit.
-NEAR_DIVISOR = 12
-NEAR_PEAK = 0.9
 # On an uneven background, marks touching the picture's edges are left out where marks apart from them hold the ink's
-# peak, within this share of it (_apart_from_the_edges): the narrow end of a hard-edged shadow, cut off by the
-# picture's side, is narrower than any opening that follows the lighting, and the crop took it for the digit.
+# peak, within this share of it (_apart_from_the_edges): a shadow's band along the picture's side, or the narrow end
+# of a hard-edged shadow cut off by it, is narrower than any opening that follows the lighting; it outsized a small
+# digit, or the crop took it for the digit.
 APART_PEAK = 0.9
 # A background counts as even (one level, no flattening) when three corners differ by at most this share of the
 # ink's contrast.
@@ -204,24 +200,7 @@ def _flattened(gray: np.ndarray, level: float) -> tuple[np.ndarray, float]:
         else:
             residual = gray - np.minimum(_resized(_opened(small, wide), (w, h)), gray)
         threshold = _otsu(residual)
-    near = _near_residual(gray, residual, threshold)
-    return (residual, threshold) if near is None else (near, _otsu(near))
-
-
-def _near_residual(gray: np.ndarray, residual: np.ndarray, threshold: float) -> np.ndarray | None:
-    """`residual` where it also stands out of a finer background (a grey opening NEAR_DIVISOR times narrower than
-    the picture's short side, at full resolution), when the ink away from the picture's edges (the marks over
-    `threshold` touching no edge) has strokes under a third of that opening and holds the residual's peak (within
-    NEAR_PEAK): a band along the picture's side narrower than the wide opening (a shadow's edge) is then
-    background. None otherwise: wider strokes would lose their middle, and where only specks lie apart from the
-    edges (JPEG artefacts, the digit joined to the edges' marks) so would the digit."""
-    k = max(3, min(gray.shape) // NEAR_DIVISOR) | 1
-    mask = residual > threshold
-    inner = mask & ~_touching_the_edges(mask)
-    if (not inner.any() or 3.0 * _stroke_width(inner) > k
-            or float(residual[inner].max()) < NEAR_PEAK * float(residual.max())):
-        return None
-    return np.minimum(residual, gray - np.minimum(_grey_opening(gray, k), gray))
+    return residual, threshold
 
 
 def extremes(gray: np.ndarray) -> tuple[float, float]:
@@ -252,13 +231,15 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
     on the ink Otsu's threshold finds once a third-wide opening is taken off); when the opening would span the
     picture, the background is one level too. The noise level (median and median absolute deviation) is
     measured on the background pixels only, below Otsu's threshold (ink covering half of a scan is not noise),
-    and taken off, and so are the ruled lines of lined paper (ruled_lines_removed). Then `marks`: small marks and
-    faint ones (what is left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few
-    hot pixels do not dim the digit). On an uneven background, marks touching the picture's edges are left out
-    where marks apart from them hold the peak (_apart_from_the_edges)."""
+    and taken off, and so are the ruled lines of lined paper (ruled_lines_removed). On an uneven background,
+    marks touching the picture's edges are left out where marks apart from them hold the peak
+    (_apart_from_the_edges), before `marks` measures the others against the largest (a shadow's band along the
+    picture's side may be thirty times a small digit's size). Then `marks`: small marks and faint ones (what is
+    left of a shadow's edge) are dropped; the brightest 1% of the ink saturates (so that a few hot pixels do not
+    dim the digit)."""
     residual, centre, sigma, uneven = _residual_and_noise(gray)
-    ink = marks(ruled_lines_removed(np.clip(residual - centre - 2.0 * sigma, 0, None)), sigma)
-    return _apart_from_the_edges(ink) if uneven else ink
+    ink = ruled_lines_removed(np.clip(residual - centre - 2.0 * sigma, 0, None))
+    return marks(_apart_from_the_edges(ink) if uneven else ink, sigma)
 
 
 def _apart_from_the_edges(ink: np.ndarray) -> np.ndarray:
