@@ -129,6 +129,55 @@ def references(digits):
     return [_clean_reference(d) for d in digits]
 
 
+RECIPE_RECORD = Path(__file__).with_name("recipe_outputs.npz")
+# Families whose pictures the later steps act on (direction, shadows, lines, fog, stripes, blotches), beside corpus().
+RECIPE_FAMILIES = ("photo-far", "photo-shadow", "lined", "mnistc-fog", "mnistc-stripe", "mnistc-zigzag",
+                   "mnistc-spatter", "mnistc-dotted_line")
+
+
+def _recipe_outputs(digits: np.ndarray, pictures: dict) -> np.ndarray:
+    """The 28x28 images of the corpus, of two pictures of each of RECIPE_FAMILIES and of two pages with a shadow
+    along one side (a refused picture: all 255)."""
+    from retrieval.data.pictures import render
+
+    files = [item[1] if isinstance(item, tuple) else item for group in pictures.values() for item in group]
+    files += [render(digits[i], family, seed=i, label=i).data for family in RECIPE_FAMILIES for i in (0, 1)]
+    files += [_shadowed_page(digits[i], side, frame, np.random.default_rng(i))
+              for frame, i, side in ((144, 4, 0), (192, 6, 1))]
+    out = []
+    for data in files:
+        try:
+            out.append(preprocess_image(decode_image(Image.open(io.BytesIO(data)))).numpy())
+        except RetrievalError:
+            out.append(np.full((28, 28), 255, np.uint8))
+    return np.stack(out)
+
+
+def test_the_recipe_is_renamed_when_its_outputs_change(digits, pictures):
+    """PREPROCESSING keys the sets cached through the picture path (mnist-c's photo and canvas sets, the gate's
+    non-digit renders): if the path's outputs changed under the same name, those caches would hand back the old
+    recipe's images. tests/recipe_outputs.npz holds the name and the outputs of a fixed corpus; a picture counts as
+    changed where over 2% of its pixels move by more than 16 grey levels (a platform's last-bit float differences
+    and its JPEG decoder's do not). After a deliberate change, rename the recipe (PREPROCESSING) and record it:
+    RETRIEVAL_RECORD_RECIPE=1 pytest tests/test_preprocess.py -k renamed."""
+    import os
+    import zlib
+
+    from retrieval.data.preprocess import PREPROCESSING
+
+    outputs = _recipe_outputs(digits, pictures)
+    if os.environ.get("RETRIEVAL_RECORD_RECIPE"):
+        np.savez_compressed(RECIPE_RECORD, name=np.array(PREPROCESSING), outputs=outputs)
+        pytest.skip(f"recorded {RECIPE_RECORD.name} for this recipe ({zlib.crc32(PREPROCESSING.encode()):08x})")
+    record = np.load(RECIPE_RECORD)
+    assert str(record["name"]) == PREPROCESSING, "PREPROCESSING was renamed: record its outputs (see the docstring)"
+    assert record["outputs"].shape == outputs.shape
+    moved = (np.abs(record["outputs"].astype(np.int16) - outputs.astype(np.int16)) > 16).mean(axis=(1, 2))
+    changed = np.flatnonzero(moved > 0.02)
+    assert not changed.size, (f"pictures {changed.tolist()} of the corpus come out otherwise under the same recipe "
+                              "name: rename PREPROCESSING (cached sets are keyed by it) and record it")
+
+
 def test_small_pictures_give_the_same_images_as_before(pictures):
     """Under ROBUST_MIN_SIDE (28x28 digits, icons) nothing changed: the same bytes."""
     for data in pictures["small"]:

@@ -54,9 +54,14 @@ def check_pixel_budget(w: int, h: int, source) -> None:
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
-PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background (strokes decide where levels do not), "
-                 "one level for an even background and flatten an uneven one, drop noise and specks and ruled lines, "
-                 "crop the larger marks' stronger ink short of a line across, fit 20x20, centre of mass in 28x28")
+# What the picture path does, recorded in indexes and exports; it also keys the cached sets made through it (mnist-c's
+# photo and canvas sets, the gate's non-digit renders), so it changes with the path's outputs
+# (tests/test_preprocess.py: test_the_recipe_is_renamed_when_its_outputs_change).
+PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background (the ink further above its noise "
+                 "decides where levels do not), one level for an even background and flatten an uneven one (an "
+                 "opening raised by its mean; marks at the edges out where marks apart hold the peak), drop noise and "
+                 "specks and ruled lines, crop the larger marks' stronger ink short of a line across, fit 20x20, centre "
+                 "of mass in 28x28")
 
 # Pictures at least this many pixels on their short side get their ink found robustly (photos, scans, canvases);
 # smaller ones are taken as they are (icons, already-small digits).
