@@ -717,11 +717,10 @@ def test_a_digit_seen_from_afar_in_a_photo_keeps_its_ink_direction(data_root, mo
 def _tophats_light_ink(gray: np.ndarray) -> bool:
     """The direction rule before: the side whose top-hats (features under a sixth of the short side) reach further
     at their extreme half percent."""
-    from scipy import ndimage
+    from retrieval.data import ink
 
     k = max(3, min(gray.shape) // 6) | 1
-    opened = ndimage.maximum_filter(ndimage.minimum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
-    closed = ndimage.minimum_filter(ndimage.maximum_filter(gray, size=k, mode="nearest"), size=k, mode="nearest")
+    opened, closed = ink._grey_opening(gray, k), -ink._grey_opening(-gray, k)  # (a closing: the negative's opening)
     return float(np.percentile(gray - opened, 99.5)) >= float(np.percentile(closed - gray, 99.5))
 
 

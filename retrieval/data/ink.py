@@ -244,7 +244,8 @@ def robust_ink(gray: np.ndarray) -> np.ndarray:
 
 def _apart_from_the_edges(ink: np.ndarray) -> np.ndarray:
     """`ink` less its marks touching the picture's edges, where marks apart from them hold its peak (within
-    APART_PEAK): on an uneven background, the narrow end of a hard-edged shadow cut off by the picture's side."""
+    APART_PEAK): on an uneven background, a shadow's band along the picture's side, or the narrow end of a
+    hard-edged shadow cut off by it."""
     peak = float(ink.max())
     inked = ink > 0.1 * peak
     at_edges = _touching_the_edges(inked)
