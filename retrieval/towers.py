@@ -10,6 +10,8 @@ from retrieval.errors import UsageError
 
 # MNIST pixel statistics; the tower normalises its own input so callers pass images scaled to [0, 1].
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
+# Rows (images x shifted views) of one pass of the shift-averaged embedding: the memory of a default batch.
+VIEW_ROWS = 1024
 
 
 def deskew(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,7 @@ class Tower(nn.Module):
     training as well, and never).
 
     test_shifts: in eval mode the embedding is the mean over the image shifted by up to r pixels each way,
-    (2r+1)^2 passes (r=1: 9x the embedding time; its effect on few-shot accuracy is in benchmarks/README.md).
+    (2r+1)^2 views (r=1: 9x the embedding work; its effect on few-shot accuracy is in benchmarks/README.md).
     """
 
     def __init__(self, arch: str, backbone: nn.Module, embedding_size: int, deskew: bool = False,
@@ -65,14 +67,29 @@ class Tower(nn.Module):
             x = deskew(x.float()).contiguous(memory_format=torch.channels_last)
         if not self.test_shifts:
             return self._embed(x)
-        # test-time augmentation: the mean embedding of the image shifted by up to r pixels each way, one view at
-        # a time so memory stays that of one pass. The border is repeated rather than zero-filled: on a grey or
-        # hazy background a black strip would be a mark of its own (identical for black backgrounds)
+        return self._shift_averaged(x)
+
+    def _shift_averaged(self, x: torch.Tensor) -> torch.Tensor:
+        """Test-time augmentation: the mean embedding of the image shifted by up to r pixels each way. The border
+        is repeated rather than zero-filled: on a grey or hazy background a black strip would be a mark of its own
+        (identical for black backgrounds). Every view of up to VIEW_ROWS // views images goes through in one pass
+        (a lone query: one pass instead of nine), summed in the views' order: the embeddings one view at a time
+        gave, at the memory of one pass of VIEW_ROWS images."""
         r, (h, w) = self.test_shifts, x.shape[-2:]
+        shifts = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
         padded = F.pad(x, (r, r, r, r), mode="replicate")
-        total = sum(self._embed(padded[..., r + dy:r + dy + h, r + dx:r + dx + w].contiguous(
-            memory_format=torch.channels_last)) for dy in range(-r, r + 1) for dx in range(-r, r + 1))
-        return F.normalize(total, dim=1)
+        step = max(1, VIEW_ROWS // len(shifts))
+        # an exported graph (traced) takes every image at once: a traced split would keep its sizes
+        parts = [padded] if torch.jit.is_tracing() or len(x) <= step else padded.split(step)
+        out = []
+        for part in parts:
+            views = torch.cat([part[..., r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in shifts])
+            embedded = self._embed(views.contiguous(memory_format=torch.channels_last)).unflatten(0, (len(shifts), -1))
+            total = embedded[0]
+            for view in embedded[1:]:
+                total = total + view
+            out.append(F.normalize(total, dim=1))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def describe(self) -> dict:
         return {"tower": self.arch, "embedding_size": self.embedding_size, "deskew": self.deskew,
