@@ -148,7 +148,7 @@ def _opened(small: np.ndarray, k: int) -> np.ndarray:
     return np.maximum(opening, ndimage.uniform_filter(opening, size=k, mode="nearest"))
 
 
-def _stroke_width(mask: np.ndarray) -> float:
+def stroke_width(mask: np.ndarray) -> float:
     """Mean width of the strokes of a mask: twice its area over its boundary (a w-wide stroke of length L has
     area wL and about 2L boundary pixels)."""
     inner = mask.copy()
@@ -193,7 +193,7 @@ def _flattened(gray: np.ndarray, level: float) -> tuple[np.ndarray, float]:
     k = max(3, short // 3) | 1
     residual = gray - np.minimum(_resized(_opened(small, k), (w, h)), gray)
     threshold = _otsu(residual)
-    wide = int(3.0 * _stroke_width(residual > threshold) / f) | 1
+    wide = int(3.0 * stroke_width(residual > threshold) / f) | 1
     if wide > k:  # strokes too wide for a third-wide opening: a wider one, or one background level
         if wide >= short:
             residual = np.clip(gray - level, 0, None)

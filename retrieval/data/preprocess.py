@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 from retrieval.data.ink import (MARGIN_MIN_SIDE, border, extremes, light_ink, margins_levelled, marks, median,
-                                robust_ink, ruled_lines_removed)
+                                robust_ink, ruled_lines_removed, stroke_width)
 from retrieval.errors import RetrievalError
 
 try:  # libpng through imagecodecs: a PNG's pixels as Pillow decodes them, in about half the time, and without
@@ -60,8 +60,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 PREPROCESSING = ("mnist-28x28: gray, level margin bands, invert light background (the ink further above its noise "
                  "decides where levels do not), one level for an even background and flatten an uneven one (an "
                  "opening raised by its mean; marks at the edges out where marks apart hold the peak), drop noise and "
-                 "specks and ruled lines, crop the larger marks' stronger ink short of a line across, fit 20x20, centre "
-                 "of mass in 28x28")
+                 "specks and ruled lines, crop the larger marks' stronger ink short of a line across, fit 20x20 (thick "
+                 "strokes larger), centre of mass in 28x28")
 
 # Pictures at least this many pixels on their short side get their ink found robustly (photos, scans, canvases);
 # smaller ones are taken as they are (icons, already-small digits).
@@ -86,6 +86,13 @@ CROP_MARK_SHARE = 0.2
 LINE_EDGE = 0.12
 LINE_THIN = 0.3
 LINE_BEYOND = 0.15
+# A larger picture's digit whose fitted strokes are thick (a dilated, soft scan) is fitted larger: where the stroke
+# width of its ink over THICK_LEVEL of the peak, w, exceeds THICK_WIDTH px, into a box of 20 x (20 - THICK_WIDTH) /
+# (20 - w) (at most 28x28), so that its strokes' middle lines span about what a THICK_WIDTH-wide digit's do in
+# 20x20 (squeezed into 20x20, thick strokes crowd the digit's shape; chosen on the selection split,
+# benchmarks/README.md). Measured on the strong ink, a motion or glass blur's soft smear does not count as width.
+THICK_LEVEL = 0.75
+THICK_WIDTH = 2.8
 
 
 # -- decoding --------------------------------------------------------------------------------------------------------
@@ -419,8 +426,18 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
                              "ruled lines)")
     ink *= 255.0 / peak
     ink = ink[_crop_box(ink, robust)]
+    out = _fitted(ink, 20.0, source)
+    if robust:
+        width = stroke_width(out > THICK_LEVEL * float(out.max()))
+        if width > THICK_WIDTH:  # (a box of at most 28: a blob's width would ask for more)
+            out = _fitted(ink, min(28.0, 20.0 * (20.0 - THICK_WIDTH) / max(20.0 - width, 1.0)), source)
+    return torch.from_numpy(out)
+
+
+def _fitted(ink: np.ndarray, side: float, source) -> np.ndarray:
+    """Cropped ink (0-255 peak) fitted into a side x side box (its longer side), centred by mass in 28x28 (uint8)."""
     ch, cw = ink.shape
-    scale = 20.0 / max(ch, cw)
+    scale = side / max(ch, cw)
     nh, nw = max(1, round(ch * scale)), max(1, round(cw * scale))
     fitted = Image.fromarray(ink.astype(np.float32), mode="F").resize((nw, nh), Image.Resampling.LANCZOS)
     fitted = np.clip(np.asarray(fitted), 0, 255)
@@ -433,4 +450,4 @@ def preprocess_image(img: Image.Image, source: str = "image") -> torch.Tensor:
     left = int(min(max(round(14 - cx), 0), 28 - nw))
     out = np.zeros((28, 28), dtype=np.float32)
     out[top : top + nh, left : left + nw] = fitted
-    return torch.from_numpy(np.rint(out).astype(np.uint8))
+    return np.rint(out).astype(np.uint8)
