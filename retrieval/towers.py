@@ -10,8 +10,10 @@ from retrieval.errors import UsageError
 
 # MNIST pixel statistics; the tower normalises its own input so callers pass images scaled to [0, 1].
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
-# Rows (images x shifted views) of one pass of the shift-averaged embedding: the memory of a default batch.
-VIEW_ROWS = 1024
+# The most rows (images x shifted views) that go through the backbone in one pass of the shift-averaged
+# embedding: a service's micro-batch; an embedding batch (256 on a CPU) takes one view at a time, as before, since
+# passes of a thousand rows and more run slower per image there (benchmarks/README.md).
+VIEW_ROWS = 512
 
 
 def deskew(x: torch.Tensor) -> torch.Tensor:
@@ -72,24 +74,21 @@ class Tower(nn.Module):
     def _shift_averaged(self, x: torch.Tensor) -> torch.Tensor:
         """Test-time augmentation: the mean embedding of the image shifted by up to r pixels each way. The border
         is repeated rather than zero-filled: on a grey or hazy background a black strip would be a mark of its own
-        (identical for black backgrounds). Every view of up to VIEW_ROWS // views images goes through in one pass
-        (a lone query: one pass instead of nine), summed in the views' order: the embeddings one view at a time
-        gave, at the memory of one pass of VIEW_ROWS images."""
+        (identical for black backgrounds). A few images (up to VIEW_ROWS rows of views) go through in one pass, all
+        their views together (a lone query: one pass instead of nine); a batch one view at a time. The views are
+        summed in the same order either way, and a pass embeds each image on its own: the same embeddings."""
         r, (h, w) = self.test_shifts, x.shape[-2:]
-        shifts = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
         padded = F.pad(x, (r, r, r, r), mode="replicate")
-        step = max(1, VIEW_ROWS // len(shifts))
-        # an exported graph (traced) takes every image at once: a traced split would keep its sizes
-        parts = [padded] if torch.jit.is_tracing() or len(x) <= step else padded.split(step)
-        out = []
-        for part in parts:
-            views = torch.cat([part[..., r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in shifts])
-            embedded = self._embed(views.contiguous(memory_format=torch.channels_last)).unflatten(0, (len(shifts), -1))
-            total = embedded[0]
-            for view in embedded[1:]:
-                total = total + view
-            out.append(F.normalize(total, dim=1))
-        return out[0] if len(out) == 1 else torch.cat(out)
+        views = [padded[..., r + dy:r + dy + h, r + dx:r + dx + w] for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+        if len(x) * len(views) <= VIEW_ROWS and not torch.jit.is_tracing():  # (a traced graph keeps the batch's size)
+            embedded = self._embed(torch.cat(views).contiguous(memory_format=torch.channels_last))
+            embedded = embedded.unflatten(0, (len(views), -1))
+        else:
+            embedded = [self._embed(view.contiguous(memory_format=torch.channels_last)) for view in views]
+        total = embedded[0]
+        for view in embedded[1:]:
+            total = total + view
+        return F.normalize(total, dim=1)
 
     def describe(self) -> dict:
         return {"tower": self.arch, "embedding_size": self.embedding_size, "deskew": self.deskew,

@@ -299,8 +299,8 @@ def test_test_shifts_average_the_shifted_views_at_inference_only():
 
 
 def test_shifted_views_go_through_together_with_the_one_view_at_a_time_embeddings():
-    """A lone query's nine views take one pass of the backbone (not nine), a large batch one pass per VIEW_ROWS
-    rows, and the embeddings are those of one view at a time."""
+    """A lone query's nine views take one pass of the backbone (not nine), as do a few images' up to VIEW_ROWS rows;
+    a batch goes one view at a time. The embeddings are those of one view at a time either way."""
     import torch
     import torch.nn.functional as F
 
@@ -310,19 +310,19 @@ def test_shifted_views_go_through_together_with_the_one_view_at_a_time_embedding
     tower = build_tower("default", 16, test_shifts=1).eval()
     passes = []
     tower.backbone.register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
-    x = torch.rand(300, 1, 28, 28)
-    per_image = VIEW_ROWS // 9
+    few, many = VIEW_ROWS // 9, VIEW_ROWS // 9 + 1
+    x = torch.rand(many, 1, 28, 28)
+    out = {}
     with torch.no_grad():
-        lone = tower(x[:1])
-        assert passes == [9]
-        passes.clear()
-        together = tower(x)
-        assert passes == [9 * per_image] * (300 // per_image) + [9 * (300 % per_image)]
+        for n in (1, few, many):
+            passes.clear()
+            out[n] = tower(x[:n])
+            assert passes == ([9 * n] if n <= few else [n] * 9), n
         padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
         one_at_a_time = F.normalize(sum(tower._embed(padded[..., 1 + dy:29 + dy, 1 + dx:29 + dx].contiguous(
             memory_format=torch.channels_last)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)), dim=1)
-    assert torch.allclose(together, one_at_a_time, atol=1e-6)
-    assert torch.allclose(lone, one_at_a_time[:1], atol=1e-6)
+    for n, embedded in out.items():
+        assert torch.allclose(embedded, one_at_a_time[:n], atol=1e-6), n
 
 
 def test_elastic_warp_is_seeded_small_and_off_at_zero():
