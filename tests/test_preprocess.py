@@ -199,17 +199,15 @@ def _fitted_as_thin(data: bytes) -> np.ndarray:
     """The picture through today's path with every digit fitted into 20x20 (no stroke fitted larger)."""
     from retrieval.data import preprocess
 
-    saved = preprocess.THICK_WIDTH
-    preprocess.THICK_WIDTH = float("inf")
-    try:
-        return _both(data)[1]
-    finally:
-        preprocess.THICK_WIDTH = saved
+    return _preprocessed_with(preprocess, "THICK_WIDTH", float("inf"), data)
 
 
 def _ink_extent(image: np.ndarray) -> int:
-    rows, cols = np.flatnonzero(image.max(1) > 0), np.flatnonzero(image.max(0) > 0)
-    return int(max(rows[-1] - rows[0], cols[-1] - cols[0])) + 1
+    """The longer side of the box holding an image's ink."""
+    from retrieval.data.preprocess import _extent
+
+    y0, y1, x0, x1 = _extent(image > 0)
+    return max(y1 - y0, x1 - x0)
 
 
 def test_clean_drawings_give_the_same_images_as_before(pictures):
