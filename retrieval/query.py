@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from retrieval.data.preprocess import IMAGE_EXTENSIONS, load_image_file
+from retrieval.data.preprocess import IMAGE_EXTENSIONS, load_image_files
 from retrieval.data.specs import DatasetCache, parse_item_spec
 from retrieval.embed import default_batch_size, embed_images, inference_tower
 from retrieval.errors import RetrievalError, UsageError
@@ -134,10 +134,11 @@ def _image_files(folder: Path) -> tuple[list[Path], int]:
 def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache | None = None) -> list[QueryInput]:
     """Image files, folders (every image in them, recursively) and dataset items (mnist:test[123]) -> inputs.
 
-    Unreadable inputs become QueryInputs with an error, so the others can still be answered.
+    Unreadable inputs become QueryInputs with an error, so the others can still be answered. The image files are
+    decoded together, in parallel where there are many (load_image_files), and keep their places among the rest.
     """
     datasets = datasets or DatasetCache(root)
-    inputs: list[QueryInput] = []
+    inputs: list[QueryInput | str] = []  # a str: an image file, decoded below
     for text in paths:
         text = str(text)
         item = parse_item_spec(text)
@@ -163,12 +164,16 @@ def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache
                 f"{text}: not found (expected an image file, a folder of images or a dataset item like mnist:test[123])"
             )))
             continue
-        for name in targets:
-            try:
-                inputs.append(QueryInput(name, image=load_image_file(name)))
-            except RetrievalError as e:
-                inputs.append(QueryInput(name, error=str(e)))
-    return inputs
+        inputs.extend(targets)
+    decoded = iter(load_image_files([item for item in inputs if isinstance(item, str)]))
+    out = []
+    for item in inputs:
+        if isinstance(item, str):
+            image = next(decoded)
+            item = (QueryInput(item, error=str(image)) if isinstance(image, RetrievalError)
+                    else QueryInput(item, image=image))
+        out.append(item)
+    return out
 
 
 class Searcher:

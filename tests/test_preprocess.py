@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,49 @@ def test_many_folder_pictures_load_in_order_in_worker_processes(tmp_path, pictur
     for got, path in zip(many, paths):
         if path.name != "broken.png":
             assert torch.equal(got, load_image_file(path))
+
+
+_forks_folder: Path | None = None  # while set, each process forked from this one leaves a file there
+
+
+def _note_fork():
+    if _forks_folder is not None:
+        (_forks_folder / str(os.getpid())).touch()
+
+
+def test_a_folder_of_query_pictures_is_decoded_in_worker_processes_in_place(tmp_path, pictures, data_root):
+    """`retrieval query`'s inputs: the files of a large folder are decoded in forked worker processes (as `index
+    build` decodes them), each input keeping its place among dataset items and single files, a broken file its
+    error; the images are those of load_image_file."""
+    from retrieval.data.preprocess import PROCESS_MIN_PICTURES, decoding_pool
+    from retrieval.query import resolve_query_inputs
+
+    global _forks_folder
+    if decoding_pool(PROCESS_MIN_PICTURES, 2) != "processes":
+        pytest.skip("worker processes decode pictures on Linux only")
+    files = pictures["canvas"] + [data for _, data in pictures["scan"]]
+    for i in range(PROCESS_MIN_PICTURES):
+        (tmp_path / "pics" / f"p{i:03d}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "pics" / f"p{i:03d}.png").write_bytes(files[i % len(files)])
+    (tmp_path / "pics" / "p007-broken.png").write_bytes(b"not a picture")
+    (tmp_path / "one.png").write_bytes(files[1])
+    os.register_at_fork(after_in_child=_note_fork)  # (stays registered: inert once _forked is None again)
+    (tmp_path / "forks").mkdir()
+    try:
+        _forks_folder = tmp_path / "forks"
+        inputs = resolve_query_inputs(["mnist:test[3]", str(tmp_path / "pics"), str(tmp_path / "one.png")],
+                                      root=data_root)
+    finally:
+        _forks_folder = None
+    assert list((tmp_path / "forks").iterdir()), "no worker process decoded the folder"
+    folder = sorted((tmp_path / "pics").iterdir())
+    assert [q.name for q in inputs] == ["mnist:test[3]", *map(str, folder), str(tmp_path / "one.png")]
+    assert inputs[0].true_label is not None and inputs[0].image.shape == (28, 28)
+    broken = inputs[1 + folder.index(tmp_path / "pics" / "p007-broken.png")]
+    assert broken.image is None and "p007-broken.png: not a readable image" in broken.error
+    for q in inputs[1:]:
+        if q is not broken:
+            assert q.error is None and torch.equal(q.image, load_image_file(q.name))
 
 
 # -- through `retrieval query` ---------------------------------------------------------------------------------------
