@@ -95,8 +95,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """Load tower (+ pair head) from safetensors, checking the sidecar and the weights' fingerprint."""
-    from retrieval.objectives import PairHead  # the head is part of the pair objective
-
     weights = resolve_checkpoint(path)
     meta = read_json(weights.with_suffix(".json"), "checkpoint metadata")
     if meta.get("format") != FORMAT or "tower" not in meta:
@@ -122,6 +120,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     head = None
     head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
     if head_state:
+        from retrieval.objectives import PairHead  # the head is part of the pair objective (PML comes with it)
+
         head = PairHead(tower.embedding_size)
         head.load_state_dict(head_state)
         head.to(device).eval()

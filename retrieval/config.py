@@ -28,7 +28,6 @@ else:  # pragma: no cover - Python 3.10
 
 from retrieval.data.splits import DEFAULT_VAL_SIZE
 from retrieval.errors import RetrievalError, UsageError
-from retrieval.objectives import OBJECTIVES
 from retrieval.optim import OPTIMIZERS, SCHEDULES
 from retrieval.precision import PRECISIONS
 from retrieval.sampling import SAMPLERS
@@ -362,6 +361,9 @@ def _check_data_and_tower(check: _Checks, c: Config) -> None:
 
 def _check_training(check: _Checks, c: Config) -> None:
     """The objective, the sampler, the training loop and the optimizer."""
+    from retrieval.objectives import OBJECTIVES  # (pytorch-metric-learning and SciPy's statistics: imported when
+    # a config is checked for training, not by every command that reads a config, such as a one-picture query)
+
     fail = check.fail
     check.choice("objective.name", OBJECTIVES)
     check.choice("sampler.name", SAMPLERS)

@@ -4,6 +4,9 @@ Pillow. Real towers (untrained, seeded), real Faiss, real MNIST subsets."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +247,19 @@ def test_a_failed_query_is_logged_by_the_library_and_said_once_by_the_cli(tmp_pa
     code, out, err = run_cli(capsys, "--quiet", "query", "--index", index_dir, missing, "mnist:test[3]")
     assert code == 1 and "mnist:test[3] -> " in out
     assert [line for line in err.splitlines() if str(missing) in line] == [f"error: {answers.failed[0].error}"], err
+
+
+def test_a_query_loads_no_training_library(tmp_path, index_dir, data_root):
+    """`retrieval query` of a picture, in a new process, answers without importing pytorch-metric-learning (and
+    the SciPy statistics it brings): they are training's, and cost a one-picture query's cold start ~0.5 s."""
+    draw_digit(tmp_path / "seven.png", SEVEN)
+    code = ("import sys; from retrieval.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('loaded:', ','.join(m for m in ('pytorch_metric_learning', 'scipy.stats') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, "query", "--index", str(index_dir), str(tmp_path / "seven.png")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "RETRIEVAL_DATA_ROOT": str(data_root)})
+    assert proc.returncode == 0, proc.stderr
+    assert "seven.png -> " in proc.stdout and proc.stdout.strip().splitlines()[-1] == "loaded:", proc.stdout
 
 
 def test_cli_bad_options_and_files(tmp_path, index_dir, run_dir, capsys):
