@@ -165,7 +165,7 @@ def resolve_query_inputs(paths: Sequence[str], root=None, datasets: DatasetCache
             )))
             continue
         inputs.extend(targets)
-    decoded = iter(load_image_files([item for item in inputs if isinstance(item, str)]))
+    decoded = iter(load_image_files([item for item in inputs if isinstance(item, str)], progress=True))
     out = []
     for item in inputs:
         if isinstance(item, str):

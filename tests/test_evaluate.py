@@ -3,16 +3,11 @@ Faiss indexes, checked against pytorch-metric-learning's AccuracyCalculator."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import pty
-import re
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import faiss
@@ -29,7 +24,7 @@ from retrieval.index import load_index
 from retrieval.workflows import build_index, evaluate
 from retrieval.objectives import PairHead
 from retrieval.towers import build_tower
-from cli_helpers import run_cli
+from cli_helpers import BAR, run_cli, run_cli_on_a_terminal
 from figures import assert_tiles_show, grid_tiles, heatmap_fractions
 from retrieval.workflows import Selection
 
@@ -259,9 +254,6 @@ def test_help_defines_the_metrics(capsys):
 
 # -- messages and progress bars (README: bars only on a terminal, --quiet keeps warnings and errors, the
 # library logs and never prints) -----------------------------------------------------------------------------------
-BAR = re.compile(r"\d+%\||\r|it/s|query/s|img/s\]")  # what a tqdm bar writes
-
-
 def test_evaluate_writes_no_bar_into_redirected_stderr_and_quiet_keeps_it_empty(index_dir, capsys):
     args = ["evaluate", "--index", index_dir, "--queries", "mnist:test", "--subset", 120, "--json"]
     code, out, err = run_cli(capsys, *args)  # stderr is pytest's capture: not a terminal
@@ -276,13 +268,6 @@ def _python(code: str, data_root, **popen) -> subprocess.CompletedProcess:
                           env={**os.environ, "RETRIEVAL_DATA_ROOT": str(data_root)}, **popen)
 
 
-def _read_or_nothing(fd: int) -> bytes:
-    try:
-        return os.read(fd, 1 << 16)
-    except OSError:  # EIO: the terminal's other side is closed and everything was read
-        return b""
-
-
 def test_the_library_never_prints_and_the_cli_draws_bars_only_on_a_terminal(index_dir, tmp_path, data_root):
     """workflows.evaluate in a fresh interpreter with no logging set up writes nothing at all to stdout or stderr;
     the same evaluation through the CLI with stderr on a terminal (a pseudo-terminal) draws the bar there."""
@@ -294,25 +279,11 @@ def test_the_library_never_prints_and_the_cli_draws_bars_only_on_a_terminal(inde
     assert library.returncode == 0, library.stderr
     assert (library.stdout, library.stderr) == ("", "") and (report / "metrics.json").is_file()
 
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns (0: no bar drawn)
-    cli = subprocess.Popen([sys.executable, "-m", "retrieval", "evaluate", "--index", str(index_dir), "--queries",
-                            "mnist:test", "--subset", "120"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=follower, env={**os.environ, "RETRIEVAL_DATA_ROOT": str(data_root)})
-    os.close(follower)
-    terminal = b""
-    try:
-        while chunk := _read_or_nothing(leader):  # read as it comes: a full terminal buffer would block the CLI
-            terminal += chunk
-        stdout = cli.stdout.read().decode()
-        cli.wait(timeout=300)
-    finally:
-        os.close(leader)
-        cli.stdout.close()
-        if cli.poll() is None:
-            cli.kill()
-    assert cli.returncode == 0, terminal.decode(errors="replace")
-    assert "recall@k" in stdout and b"neighbours" in terminal and BAR.search(terminal.decode(errors="replace"))
+    code, stdout, terminal = run_cli_on_a_terminal(
+        ["evaluate", "--index", index_dir, "--queries", "mnist:test", "--subset", "120"],
+        {"RETRIEVAL_DATA_ROOT": str(data_root)})
+    assert code == 0, terminal
+    assert "recall@k" in stdout and "neighbours" in terminal and BAR.search(terminal)
 
 
 # -- pair verification ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from retrieval.index import load_index, update_index_meta
 from retrieval.workflows import build_index
 from retrieval.query import UNKNOWN, Searcher, predict_labels, resolve_query_inputs
 from retrieval.towers import build_tower
-from cli_helpers import run_cli
+from cli_helpers import BAR, run_cli, run_cli_on_a_terminal
 from figures import assert_tiles_show, grid_tiles
 from retrieval.workflows import Compute, Selection
 
@@ -260,6 +260,18 @@ def test_a_query_loads_no_training_library(tmp_path, index_dir, data_root):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "RETRIEVAL_DATA_ROOT": str(data_root)})
     assert proc.returncode == 0, proc.stderr
     assert "seven.png -> " in proc.stdout and proc.stdout.strip().splitlines()[-1] == "loaded:", proc.stdout
+
+
+def test_a_folder_query_draws_its_decoding_bar_only_on_a_terminal(tmp_path, index_dir, data_root, capsys):
+    (tmp_path / "pics").mkdir()
+    for i in range(40):
+        draw_digit(tmp_path / "pics" / f"{i:02d}.png", SEVEN if i % 2 else ONE)
+    code, stdout, terminal = run_cli_on_a_terminal(["query", "--index", index_dir, "--json", tmp_path / "pics"],
+                                                   {"RETRIEVAL_DATA_ROOT": str(data_root)})
+    assert code == 0, terminal
+    assert len(json.loads(stdout)) == 40 and "decoding" in terminal and BAR.search(terminal), terminal
+    code, out, err = run_cli(capsys, "query", "--index", index_dir, "--json", tmp_path / "pics")  # not a terminal
+    assert code == 0 and json.loads(out) == json.loads(stdout) and not BAR.search(err), err
 
 
 def test_cli_bad_options_and_files(tmp_path, index_dir, run_dir, capsys):

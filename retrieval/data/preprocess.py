@@ -26,10 +26,12 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from retrieval.data.ink import (MARGIN_MIN_SIDE, border, extremes, light_ink, margins_levelled, marks, median,
                                 robust_ink, ruled_lines_removed, stroke_width)
 from retrieval.errors import RetrievalError
+from retrieval.logs import show_progress
 
 try:  # libpng through imagecodecs: a PNG's pixels as Pillow decodes them, in about half the time, and without
     # holding the interpreter lock (benchmarks/README.md)
@@ -218,21 +220,27 @@ def _loaded_array(path) -> np.ndarray | RetrievalError:
     return loaded.numpy() if isinstance(loaded, torch.Tensor) else loaded
 
 
-def load_image_files(paths: Sequence[str | os.PathLike], workers: int | None = None
+def load_image_files(paths: Sequence[str | os.PathLike], workers: int | None = None, progress: bool = False
                      ) -> list[torch.Tensor | RetrievalError]:
     """load_image_file of every path, in order, on `workers` decoders (default: decode_workers()): forked
     processes for many pictures, threads for a few (decoding_pool). A file that cannot be read gives its
-    RetrievalError in its place instead of stopping the others."""
+    RetrievalError in its place instead of stopping the others. `progress`: a "decoding" bar (retrieval.logs)."""
     workers = decode_workers() if workers is None else max(1, int(workers))
     pool = decoding_pool(len(paths), workers)
-    if pool is None:
-        return [_loaded(p) for p in paths]
-    if pool == "threads":
-        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as threads:
-            return list(threads.map(_loaded, paths, chunksize=16))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as processes:
-        return [torch.from_numpy(r) if isinstance(r, np.ndarray) else r
-                for r in processes.map(_loaded_array, paths, chunksize=32)]
+    with tqdm(total=len(paths), desc="decoding", unit="img", leave=False, disable=not show_progress(progress)) as bar:
+        if pool is None:
+            return [_counted(bar, _loaded(p)) for p in paths]
+        if pool == "threads":
+            with ThreadPoolExecutor(workers, thread_name_prefix="decode") as threads:
+                return [_counted(bar, r) for r in threads.map(_loaded, paths, chunksize=16)]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as processes:
+            return [_counted(bar, torch.from_numpy(r) if isinstance(r, np.ndarray) else r)
+                    for r in processes.map(_loaded_array, paths, chunksize=32)]
+
+
+def _counted(bar, result):
+    bar.update(1)
+    return result
 
 
 # -- grey levels -----------------------------------------------------------------------------------------------------
