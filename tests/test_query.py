@@ -170,6 +170,24 @@ def test_resolve_inputs(tmp_path):
     assert "no image files" in only.error
 
 
+def test_a_folder_s_jfif_and_avif_pictures_are_queries(tmp_path):
+    """Pictures as browsers and phones save them: a JPEG named .jfif, an AVIF (where Pillow reads AVIF)."""
+    from PIL import features
+
+    drawing = draw_digit(tmp_path / "seven.png", SEVEN)
+    (tmp_path / "pics").mkdir()
+    Image.open(drawing).save(tmp_path / "pics" / "seven.jfif", format="JPEG", quality=95)
+    names = ["seven.jfif"]
+    if features.check("avif"):
+        Image.open(drawing).save(tmp_path / "pics" / "seven.avif", quality=95)
+        names.insert(0, "seven.avif")
+    inputs = resolve_query_inputs([str(tmp_path / "pics")])
+    assert [Path(q.name).name for q in inputs] == names and all(q.error is None for q in inputs)
+    clean = load_image_file(drawing).float()
+    for q in inputs:  # the drawing, through lossy compression
+        assert (q.image.float() - clean).abs().mean() < 8, q.name
+
+
 def test_other_tower_is_refused(index_dir, run_dir):
     with pytest.raises(RetrievalError, match="is not the tower this index was built with"):
         Searcher.open(index_dir, checkpoint=run_dir / "b")

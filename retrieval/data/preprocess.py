@@ -55,7 +55,9 @@ def check_pixel_budget(w: int, h: int, source) -> None:
         raise RetrievalError(f"{source}: {w}x{h} pixels is over the pixel budget of {budget:,}")
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
+# what a folder's pictures may be called (.jfif: JPEGs as some browsers save them; .avif: Pillow >= 11.3 reads it)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".pgm",
+                    ".ppm")
 # What the picture path does, recorded in indexes and exports; it also keys the cached sets made through it (mnist-c's
 # photo and canvas sets, the gate's non-digit renders), so it changes with the path's outputs
 # (tests/test_preprocess.py: test_the_recipe_is_renamed_when_its_outputs_change).
