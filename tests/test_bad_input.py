@@ -104,6 +104,9 @@ def copy_index(artifacts: Path, dest: Path) -> Path:
 
 
 # ------------------------------------------------------------------ images
+HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"  # how an iPhone photo's file starts
+
+
 def test_bad_image_files_are_reported_and_the_others_answered(tmp_path, artifacts, data_root):
     good = {m: draw_digit(tmp_path / f"good-{m.replace(';', '')}.png", m) for m in ("RGBA", "P", "I;16", "RGB")}
     good["one-pixel"] = tmp_path / "one-pixel.png"
@@ -114,11 +117,13 @@ def test_bad_image_files_are_reported_and_the_others_answered(tmp_path, artifact
     full = draw_digit(tmp_path / "full.png")
     (tmp_path / "truncated.png").write_bytes(full.read_bytes()[:50])
     write_png_header_only(tmp_path / "huge.png", 9000, 9000)  # refused by its header: decoding it would fail
-    bad = ["empty.png", "text.png", "truncated.png", "huge.png"]
+    (tmp_path / "iphone.heic").write_bytes(HEIC_HEAD + bytes(200))
+    bad = ["empty.png", "text.png", "truncated.png", "huge.png", "iphone.heic"]
     result = cli("query", "--index", artifacts / "index", "--json", "--k", "3", *good.values(),
                  *(tmp_path / b for b in bad), env={"RETRIEVAL_MAX_PIXELS": "150000"}, data_root=data_root)
     assert_clean_failure(result, 1, *bad)
     assert "huge.png: 9000x9000 pixels is over the pixel budget of 150,000" in result.stderr
+    assert "iphone.heic: a HEIC/HEIF picture (as iPhones save photos), which cannot be read here" in result.stderr
     answers = {Path(r["query"]).name: r for r in json.loads(result.stdout)}
     for path in good.values():
         assert answers[path.name]["label"] is not None and len(answers[path.name]["neighbors"]) == 3

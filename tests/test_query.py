@@ -170,22 +170,28 @@ def test_resolve_inputs(tmp_path):
     assert "no image files" in only.error
 
 
-def test_a_folder_s_jfif_and_avif_pictures_are_queries(tmp_path):
-    """Pictures as browsers and phones save them: a JPEG named .jfif, an AVIF (where Pillow reads AVIF)."""
+def test_a_folder_s_pictures_as_browsers_and_phones_save_them(tmp_path):
+    """A JPEG named .jfif and an AVIF (where Pillow reads AVIF) are queries; an iPhone's HEIC photo is listed too,
+    and refused by name with what to do."""
     from PIL import features
 
     drawing = draw_digit(tmp_path / "seven.png", SEVEN)
     (tmp_path / "pics").mkdir()
     Image.open(drawing).save(tmp_path / "pics" / "seven.jfif", format="JPEG", quality=95)
-    names = ["seven.jfif"]
+    (tmp_path / "pics" / "seven.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
+    names = ["seven.heic", "seven.jfif"]
     if features.check("avif"):
         Image.open(drawing).save(tmp_path / "pics" / "seven.avif", quality=95)
         names.insert(0, "seven.avif")
     inputs = resolve_query_inputs([str(tmp_path / "pics")])
-    assert [Path(q.name).name for q in inputs] == names and all(q.error is None for q in inputs)
+    assert [Path(q.name).name for q in inputs] == names
+    heic = inputs[names.index("seven.heic")]
+    assert heic.error.endswith("seven.heic: a HEIC/HEIF picture (as iPhones save photos), which cannot be read "
+                               "here; save it as JPEG or PNG")
     clean = load_image_file(drawing).float()
     for q in inputs:  # the drawing, through lossy compression
-        assert (q.image.float() - clean).abs().mean() < 8, q.name
+        if q is not heic:
+            assert q.error is None and (q.image.float() - clean).abs().mean() < 8, q.name
 
 
 def test_other_tower_is_refused(index_dir, run_dir):

@@ -193,6 +193,8 @@ def bad_requests(good: bytes, tmp_path: Path):
     return [
         ("empty upload", dict(files=upload(("empty.png", b""))), 400, "empty.png: empty file"),
         ("text upload", dict(files=upload(("notes.png", text))), 400, "notes.png: not a readable image"),
+        ("HEIC upload", dict(files=upload(("IMG_0001.HEIC", b"\x00\x00\x00\x18ftypheic" + bytes(100)))), 400,
+         "IMG_0001.HEIC: a HEIC/HEIF picture (as iPhones save photos)"),
         ("truncated PNG", dict(files=upload(("cut.png", good[:60]))), 400, "cut.png"),
         ("inkless image", dict(files=upload(("blank.png", flat.getvalue()))), 400, "no ink"),
         ("one bad among good", dict(files=upload(("a.png", good), ("b.png", text))), 400, "b.png"),

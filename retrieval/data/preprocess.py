@@ -55,9 +55,10 @@ def check_pixel_budget(w: int, h: int, source) -> None:
         raise RetrievalError(f"{source}: {w}x{h} pixels is over the pixel budget of {budget:,}")
 
 
-# what a folder's pictures may be called (.jfif: JPEGs as some browsers save them; .avif: Pillow >= 11.3 reads it)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".pgm",
-                    ".ppm")
+# What a folder's pictures may be called (.jfif: JPEGs as some browsers save them; .avif: Pillow >= 11.3 reads it;
+# .heic/.heif are listed so that each one is refused by name, with what to do, rather than skipped unread).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".avif", ".heic", ".heif", ".tif",
+                    ".tiff", ".pgm", ".ppm")
 # What the picture path does, recorded in indexes and exports; it also keys the cached sets made through it (mnist-c's
 # photo and canvas sets, the gate's non-digit renders), so it changes with the path's outputs
 # (tests/test_preprocess.py: test_the_recipe_is_renamed_when_its_outputs_change).
@@ -177,10 +178,24 @@ def load_image_file(path: str | os.PathLike) -> torch.Tensor:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RetrievalError(f"{path}: over the pixel budget (decompression bomb?)") from None
     except UnidentifiedImageError:
-        raise RetrievalError(f"{path}: not a readable image (unknown format)") from None
+        with path.open("rb") as f:
+            raise RetrievalError(unreadable_message(path, f.read(12))) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise RetrievalError(f"{path}: cannot decode image ({e})") from None
     return preprocess_image(img, source=str(path))
+
+
+# The brands of HEIF files (HEIC: the photos iPhones take), which Pillow does not read: named in the error, since
+# "unknown format" would leave the user guessing about a photo that opens everywhere else.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+def unreadable_message(source, head: bytes) -> str:
+    """The error for a picture that no decoder here identifies, from its first 12 bytes."""
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return (f"{source}: a HEIC/HEIF picture (as iPhones save photos), which cannot be read here; save it as JPEG "
+                "or PNG")
+    return f"{source}: not a readable image (unknown format)"
 
 
 # A picture's preprocessing is dozens of small numpy calls, each giving up the interpreter lock and taking it back:

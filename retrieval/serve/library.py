@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from retrieval.data.preprocess import PREPROCESSING, check_pixel_budget, preprocess_image
+from retrieval.data.preprocess import PREPROCESSING, check_pixel_budget, preprocess_image, unreadable_message
 from retrieval.errors import RetrievalError
 from retrieval.faiss_tools import search_parameters
 from retrieval.fsutil import atomic_write_bytes, exclusive_lock
@@ -94,7 +94,7 @@ def open_upload(data: bytes, name: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ServiceError(f"{name}: over the pixel budget (decompression bomb?)", 413) from None
     except UnidentifiedImageError:
-        raise ServiceError(f"{name}: not a readable image (unknown format)") from None
+        raise ServiceError(unreadable_message(name, data[:12])) from None
     except Exception as e:  # any other failure to read untrusted bytes is the upload's, not the server's
         raise ServiceError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
     return img
