@@ -40,6 +40,7 @@ def write_png_header_only(path, width: int, height: int):
     return path
 
 
+HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"  # how an iPhone photo's file starts
 BAR = re.compile(r"\d+%\||\r|it/s|query/s|img/s\]")  # what a tqdm bar writes
 
 

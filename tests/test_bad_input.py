@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from retrieval.checkpoint import save_checkpoint
 from retrieval.towers import build_tower
 
-from cli_helpers import write_png_header_only
+from cli_helpers import HEIC_HEAD, write_png_header_only
 from retrieval.workflows import Selection
 
 
@@ -104,9 +104,6 @@ def copy_index(artifacts: Path, dest: Path) -> Path:
 
 
 # ------------------------------------------------------------------ images
-HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"  # how an iPhone photo's file starts
-
-
 def test_bad_image_files_are_reported_and_the_others_answered(tmp_path, artifacts, data_root):
     good = {m: draw_digit(tmp_path / f"good-{m.replace(';', '')}.png", m) for m in ("RGBA", "P", "I;16", "RGB")}
     good["one-pixel"] = tmp_path / "one-pixel.png"

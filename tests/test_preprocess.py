@@ -364,7 +364,7 @@ def test_a_folder_of_query_pictures_is_decoded_in_worker_processes_in_place(tmp_
         (tmp_path / "pics" / f"p{i:03d}.png").write_bytes(files[i % len(files)])
     (tmp_path / "pics" / "p007-broken.png").write_bytes(b"not a picture")
     (tmp_path / "one.png").write_bytes(files[1])
-    os.register_at_fork(after_in_child=_note_fork)  # (stays registered: inert once _forked is None again)
+    os.register_at_fork(after_in_child=_note_fork)  # (stays registered: inert once _forks_folder is None)
     (tmp_path / "forks").mkdir()
     try:
         _forks_folder = tmp_path / "forks"

@@ -23,7 +23,7 @@ from retrieval.index import load_index, update_index_meta
 from retrieval.workflows import build_index
 from retrieval.query import UNKNOWN, Searcher, predict_labels, resolve_query_inputs
 from retrieval.towers import build_tower
-from cli_helpers import BAR, run_cli, run_cli_on_a_terminal
+from cli_helpers import BAR, HEIC_HEAD, run_cli, run_cli_on_a_terminal
 from figures import assert_tiles_show, grid_tiles
 from retrieval.workflows import Compute, Selection
 
@@ -178,7 +178,7 @@ def test_a_folder_s_pictures_as_browsers_and_phones_save_them(tmp_path):
     drawing = draw_digit(tmp_path / "seven.png", SEVEN)
     (tmp_path / "pics").mkdir()
     Image.open(drawing).save(tmp_path / "pics" / "seven.jfif", format="JPEG", quality=95)
-    (tmp_path / "pics" / "seven.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
+    (tmp_path / "pics" / "seven.heic").write_bytes(HEIC_HEAD + bytes(100))
     names = ["seven.heic", "seven.jfif"]
     if features.check("avif"):
         Image.open(drawing).save(tmp_path / "pics" / "seven.avif", quality=95)
@@ -281,7 +281,8 @@ def test_a_query_loads_no_training_library(tmp_path, index_dir, data_root):
             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print('loaded:', ','.join(m for m in ('pytorch_metric_learning', 'scipy.stats') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, "query", "--index", str(index_dir), str(tmp_path / "seven.png")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "RETRIEVAL_DATA_ROOT": str(data_root)})
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RETRIEVAL_DATA_ROOT": str(data_root)})
     assert proc.returncode == 0, proc.stderr
     assert "seven.png -> " in proc.stdout and proc.stdout.strip().splitlines()[-1] == "loaded:", proc.stdout
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import run_cli
+from cli_helpers import HEIC_HEAD, run_cli
 from serve_helpers import (
     SEVEN, STAR, TOKEN, RawRequest, ServerProcess, assert_same_answer, copy_index, drawing, get_json, serve_artifacts,
     wait_in_flight,
@@ -193,7 +193,7 @@ def bad_requests(good: bytes, tmp_path: Path):
     return [
         ("empty upload", dict(files=upload(("empty.png", b""))), 400, "empty.png: empty file"),
         ("text upload", dict(files=upload(("notes.png", text))), 400, "notes.png: not a readable image"),
-        ("HEIC upload", dict(files=upload(("IMG_0001.HEIC", b"\x00\x00\x00\x18ftypheic" + bytes(100)))), 400,
+        ("HEIC upload", dict(files=upload(("IMG_0001.HEIC", HEIC_HEAD + bytes(100)))), 400,
          "IMG_0001.HEIC: a HEIC/HEIF picture (as iPhones save photos)"),
         ("truncated PNG", dict(files=upload(("cut.png", good[:60]))), 400, "cut.png"),
         ("inkless image", dict(files=upload(("blank.png", flat.getvalue()))), 400, "no ink"),
