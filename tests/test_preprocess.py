@@ -161,7 +161,6 @@ def test_the_recipe_is_renamed_when_its_outputs_change(digits, pictures):
     changed where over 2% of its pixels move by more than 16 grey levels (a platform's last-bit float differences
     and its JPEG decoder's do not). After a deliberate change, rename the recipe (PREPROCESSING) and record it:
     RETRIEVAL_RECORD_RECIPE=1 pytest tests/test_preprocess.py -k renamed."""
-    import os
     import zlib
 
     from retrieval.data.preprocess import PREPROCESSING
@@ -359,8 +358,8 @@ def test_a_folder_of_query_pictures_is_decoded_in_worker_processes_in_place(tmp_
     if decoding_pool(PROCESS_MIN_PICTURES, 2) != "processes":
         pytest.skip("worker processes decode pictures on Linux only")
     files = pictures["canvas"] + [data for _, data in pictures["scan"]]
+    (tmp_path / "pics").mkdir()
     for i in range(PROCESS_MIN_PICTURES):
-        (tmp_path / "pics" / f"p{i:03d}.png").parent.mkdir(exist_ok=True)
         (tmp_path / "pics" / f"p{i:03d}.png").write_bytes(files[i % len(files)])
     (tmp_path / "pics" / "p007-broken.png").write_bytes(b"not a picture")
     (tmp_path / "one.png").write_bytes(files[1])
