@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import HEIC_HEAD
 from serve_helpers import SEVEN as DRAWN_SEVEN
 from serve_helpers import TOKEN, ServerProcess, cli, copy_index, drawing, get_json, serve_artifacts
 
@@ -166,6 +167,14 @@ def test_drawing_k_unknown_and_a_dropped_picture(browser, server, seven_png, tmp
                            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; "
                            "for (let i = 0; i < d.length; i += 4) if (d[i] < 128) return true; return false; })()")
     assert page.problems == [], page.problems
+
+    # a phone's HEIC photo is refused by name: the last answer's label, explanation and neighbours all go
+    page.set_input_files("#file", files=[{"name": "IMG_0001.HEIC", "mimeType": "image/heic",
+                                          "buffer": HEIC_HEAD + bytes(200)}])
+    page.wait_for_function("document.getElementById('status').textContent.includes('HEIC')")
+    assert "IMG_0001.HEIC: a HEIC/HEIF picture" in page.locator("#status").text_content()
+    assert page.locator("#answer-label").text_content().strip() == "?" and thumbs(page) == 0
+    assert page.locator("#answer-why").text_content().strip() == ""
     page.close()
 
 
